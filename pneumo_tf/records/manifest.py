@@ -1,0 +1,57 @@
+"""The manifest: what a records folder holds. Written last by the converter, read by every reader.
+
+Layout of `manifest.json`:
+  format_version, created (package versions), options (the conversion's options),
+  splits: {split: {records, positive, boxes, classes: {name: n},
+                   shards: [{name, records, bytes, sha256}]}},
+  rejects, labeled_without_dicom, elapsed_seconds, files_per_second.
+"""
+from __future__ import annotations
+
+import json
+import os
+
+from pneumo_tf.errors import UserError
+
+MANIFEST_NAME = "manifest.json"
+REJECTS_NAME = "rejects.csv"
+FORMAT_VERSION = 1
+
+
+def write_json_atomic(path: str, payload) -> None:
+    """Writes JSON under a temporary name and renames it, so readers never see half a file."""
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with open(tmp, "w") as handle:
+        json.dump(payload, handle, indent=2, sort_keys=True)
+        handle.write("\n")
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(tmp, path)
+
+
+def read_manifest(records_dir: str) -> dict:
+    """The manifest of a records folder, with a clear error when there is none or it is foreign."""
+    path = os.path.join(records_dir, MANIFEST_NAME)
+    if not os.path.isdir(records_dir):
+        raise UserError(f"records folder not found: {records_dir}")
+    if not os.path.isfile(path):
+        raise UserError(f"{records_dir} holds no {MANIFEST_NAME}: convert DICOMs first (python -m pneumo_tf.convert)")
+    try:
+        with open(path) as handle:
+            manifest = json.load(handle)
+    except json.JSONDecodeError as error:
+        raise UserError(f"{path} is not valid JSON: {error}") from error
+    if not isinstance(manifest, dict) or manifest.get("format_version") != FORMAT_VERSION:
+        raise UserError(
+            f"{path} is not a pneumo_tf records manifest of format version {FORMAT_VERSION}: reconvert the DICOMs"
+        )
+    return manifest
+
+
+def shard_paths(records_dir: str, split: str, manifest: dict | None = None) -> list[str]:
+    """Full paths of one split's shards, in manifest order."""
+    manifest = manifest if manifest is not None else read_manifest(records_dir)
+    splits = manifest["splits"]
+    if split not in splits or not splits[split]["shards"]:
+        raise UserError(f"{records_dir} has no records in split '{split}' (it has: {', '.join(sorted(splits))})")
+    return [os.path.join(records_dir, shard["name"]) for shard in splits[split]["shards"]]

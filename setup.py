@@ -1,0 +1,28 @@
+"""pneumo_tf: train chest X-ray pneumonia detectors in TensorFlow from RSNA-layout DICOM folders."""
+from setuptools import find_packages, setup
+
+setup(
+    name="pneumo_tf",
+    version="0.1.0",
+    description="TFRecord conversion, tf.data pipelines and training for RSNA pneumonia detection",
+    packages=find_packages(include=["pneumo_tf", "pneumo_tf.*"]),
+    python_requires=">=3.11",
+    install_requires=[
+        "tensorflow>=2.21,<2.22",
+        "pydicom>=3",
+        "pylibjpeg>=2",
+        "pylibjpeg-libjpeg>=2",
+        "pylibjpeg-openjpeg>=2",
+        "numpy",
+        "pandas",
+        "scikit-learn",
+        "scipy",
+        "absl-py",
+        "tensorboard",
+        "pillow",
+    ],
+    extras_require={
+        "dev": ["pytest"],
+        "gpu": ["tensorflow[and-cuda]>=2.21,<2.22"],
+    },
+)
