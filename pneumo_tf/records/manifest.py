@@ -12,21 +12,11 @@ import json
 import os
 
 from pneumo_tf.errors import UserError
+from pneumo_tf.fileio import write_json_atomic  # noqa: F401  (re-exported for writers of manifests)
 
 MANIFEST_NAME = "manifest.json"
 REJECTS_NAME = "rejects.csv"
 FORMAT_VERSION = 1
-
-
-def write_json_atomic(path: str, payload) -> None:
-    """Writes JSON under a temporary name and renames it, so readers never see half a file."""
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w") as handle:
-        json.dump(payload, handle, indent=2, sort_keys=True)
-        handle.write("\n")
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
 
 
 def read_manifest(records_dir: str) -> dict:

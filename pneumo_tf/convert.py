@@ -1,0 +1,64 @@
+"""Convert an RSNA-layout DICOM folder into TFRecord shards with a manifest.
+
+    python -m pneumo_tf.convert --dicom_dir=stage_2_train_images \\
+        --labels_csv=stage_2_train_labels.csv --class_info_csv=stage_2_detailed_class_info.csv \\
+        --test_dicom_dir=stage_2_test_images --output_dir=records
+"""
+import sys
+
+from absl import app, flags
+
+from pneumo_tf.errors import UserError
+from pneumo_tf.records import convert
+
+FLAGS = flags.FLAGS
+flags.DEFINE_string("dicom_dir", None, "Folder of training DICOM files (every file in it is converted or rejected).")
+flags.DEFINE_string("labels_csv", None, "stage_2_train_labels.csv (patientId,x,y,width,height,Target). "
+                    "Without it every readable image goes to the 'test' split with target and class -1.")
+flags.DEFINE_string("class_info_csv", None, "stage_2_detailed_class_info.csv (patientId,class): the three-way "
+                    "class used for stratification and stored in label/class.")
+flags.DEFINE_string("test_dicom_dir", None, "A second folder converted as the unlabeled 'test' split in the same run.")
+flags.DEFINE_string("output_dir", None, "Where shards, manifest.json and rejects.csv go. Rerunning into it with "
+                    "the same options resumes (finished shards are kept).")
+flags.DEFINE_float("val_fraction", 0.2, "Share of labeled patients in the 'val' split, stratified by class.")
+flags.DEFINE_integer("seed", 0, "Seed of the train/val split and of the record order within shards.")
+flags.DEFINE_integer("num_shards", 0, "Shards per split; 0 picks a count giving ~128 MB shards.")
+flags.DEFINE_integer("workers", 0, "Worker processes building examples; 0 uses all cores.")
+flags.DEFINE_integer("image_size", 0, "0 keeps source pixels and copies JPEG Baseline 8-bit grey frames byte for "
+                     "byte; N stores every image as an N x N PNG (boxes stay normalised).")
+flags.DEFINE_integer("bit_depth", 8, "8, or 16 to keep 16-bit precision in transcoded (non-passthrough) PNGs.")
+flags.DEFINE_integer("num_workers", 1, "Machines sharing this conversion: each writes its share of the shards "
+                     "into the same --output_dir; then run once with --finalize to write the manifest.")
+flags.DEFINE_integer("worker_index", 0, "This machine's index in [0, --num_workers).")
+flags.DEFINE_bool("finalize", False, "With --num_workers > 1: write manifest.json and rejects.csv once every "
+                  "machine has written its shards.")
+flags.mark_flags_as_required(["dicom_dir", "output_dir"])
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+    options = convert.ConvertOptions(
+        image_size=FLAGS.image_size, bit_depth=FLAGS.bit_depth, val_fraction=FLAGS.val_fraction,
+        seed=FLAGS.seed, num_shards=FLAGS.num_shards,
+    )
+    try:
+        manifest = convert.convert(
+            FLAGS.dicom_dir, FLAGS.output_dir, FLAGS.labels_csv, FLAGS.class_info_csv, FLAGS.test_dicom_dir,
+            options, workers=FLAGS.workers or None, num_machines=FLAGS.num_workers,
+            machine_index=FLAGS.worker_index, finalize=FLAGS.finalize or FLAGS.num_workers == 1,
+        )
+    except UserError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    if manifest is None:
+        print(f"worker {FLAGS.worker_index} of {FLAGS.num_workers}: shards written to {FLAGS.output_dir}")
+        return 0
+    counts = ", ".join(f"{split} {entry['records']}" for split, entry in manifest["splits"].items())
+    print(f"{manifest['records']} records ({counts}), {manifest['rejects']} rejects -> {FLAGS.output_dir} "
+          f"({manifest['files_per_second']} files/s)")
+    return 0
+
+
+if __name__ == "__main__":
+    app.run(main)

@@ -1,0 +1,196 @@
+"""Reading DICOM radiographs: header facts, the JPEG passthrough frame, and grey pixels.
+
+The converter, predict and the web page all read DICOMs through this module, so a file
+gives the same pixels everywhere. No TensorFlow here: converter workers stay light.
+"""
+from __future__ import annotations
+
+import dataclasses
+import re
+import struct
+
+import numpy as np
+import pydicom
+import pydicom.config
+import pydicom.encaps
+import pydicom.pixels
+
+# JPEG Baseline (Process 1): the RSNA transfer syntax, copied into records unchanged.
+JPEG_BASELINE = "1.2.840.10008.1.2.4.50"
+
+_SOF_MARKERS = {0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF}
+_STANDALONE_MARKERS = {0x01, *range(0xD0, 0xD8)}
+
+
+def quiet_pydicom() -> None:
+    """Stops pydicom warning about non-standard values (RSNA writes ages as "51"), once per process.
+
+    Converter and generator workers call it: thousands of identical warnings would bury the
+    progress bar, and the values are parsed leniently here anyway.
+    """
+    pydicom.config.settings.reading_validation_mode = pydicom.config.IGNORE
+    pydicom.config.settings.writing_validation_mode = pydicom.config.IGNORE
+
+
+class RejectedFile(Exception):
+    """A file that cannot become a record; the message is the reason written to rejects.csv."""
+
+
+@dataclasses.dataclass(frozen=True)
+class HeaderFacts:
+    rows: int
+    columns: int
+    frames: int
+    view: str  # ViewPosition: PA / AP / ...
+    age: int  # whole years, -1 when absent
+    sex: str  # M / F / O, "" when absent
+    pixel_spacing: tuple[float, float]  # (row, column) mm, (0, 0) when absent
+
+
+def read(source) -> pydicom.Dataset:
+    """Parses a DICOM file (path or binary file object), raising RejectedFile for non-DICOM input."""
+    try:
+        ds = pydicom.dcmread(source)
+    except Exception as error:  # pydicom raises many types for corrupt input; all mean "unreadable"
+        raise RejectedFile(f"unreadable DICOM: {type(error).__name__}: {error}") from error
+    if "PixelData" not in ds:
+        raise RejectedFile("no pixel data")
+    for keyword in ("Rows", "Columns"):
+        if not ds.get(keyword):
+            raise RejectedFile(f"missing {keyword}")
+    return ds
+
+
+def _age_in_years(value) -> int:
+    # Age String is nnnD/W/M/Y; RSNA writes plain numbers ("51").
+    match = re.fullmatch(r"\s*(\d+)\s*([DWMY]?)\s*", str(value or ""))
+    if not match:
+        return -1
+    number, unit = int(match.group(1)), match.group(2) or "Y"
+    per_year = {"D": 365, "W": 52, "M": 12, "Y": 1}[unit]
+    return number // per_year
+
+
+def header_facts(ds: pydicom.Dataset) -> HeaderFacts:
+    spacing = ds.get("PixelSpacing") or ds.get("ImagerPixelSpacing") or (0.0, 0.0)
+    try:
+        spacing = (float(spacing[0]), float(spacing[1]))
+    except (TypeError, ValueError, IndexError):
+        spacing = (0.0, 0.0)
+    return HeaderFacts(
+        rows=int(ds.Rows),
+        columns=int(ds.Columns),
+        frames=int(ds.get("NumberOfFrames") or 1),
+        view=str(ds.get("ViewPosition") or ""),
+        age=_age_in_years(ds.get("PatientAge")),
+        sex=str(ds.get("PatientSex") or ""),
+        pixel_spacing=spacing,
+    )
+
+
+def _jpeg_frame_shape(frame: bytes) -> tuple[int, int, int]:
+    """(height, width, components) from a JPEG's SOF segment, checking the stream's framing."""
+    if not frame.startswith(b"\xff\xd8") or b"\xff\xd9" not in frame[-4:]:
+        raise RejectedFile("JPEG frame truncated or corrupt (no SOI/EOI marker)")
+    position = 2
+    while position + 4 <= len(frame):
+        if frame[position] != 0xFF:
+            raise RejectedFile("JPEG frame corrupt (bad marker)")
+        marker = frame[position + 1]
+        if marker == 0xFF:  # fill byte
+            position += 1
+            continue
+        if marker in _STANDALONE_MARKERS:
+            position += 2
+            continue
+        (length,) = struct.unpack(">H", frame[position + 2 : position + 4])
+        if marker in _SOF_MARKERS:
+            if position + 10 > len(frame):
+                break
+            height, width = struct.unpack(">HH", frame[position + 5 : position + 9])
+            return height, width, frame[position + 9]
+        position += 2 + length
+    raise RejectedFile("JPEG frame corrupt (no frame header)")
+
+
+def passthrough_frame(ds: pydicom.Dataset) -> bytes | None:
+    """The encapsulated JPEG Baseline frame when the stored bytes ARE the image, else None.
+
+    That holds for one 8-bit MONOCHROME2 grey frame with no rescale or VOI transform:
+    decoding the bytes then gives exactly what a viewer shows, so they are copied as-is.
+    """
+    if ds.file_meta.get("TransferSyntaxUID") != JPEG_BASELINE:
+        return None
+    simple = (
+        int(ds.get("SamplesPerPixel", 1)) == 1
+        and str(ds.get("PhotometricInterpretation", "")) == "MONOCHROME2"
+        and int(ds.get("BitsStored", 8)) == 8
+        and int(ds.get("NumberOfFrames") or 1) == 1
+        and float(ds.get("RescaleSlope", 1) or 1) == 1
+        and float(ds.get("RescaleIntercept", 0) or 0) == 0
+        and "WindowCenter" not in ds
+        and "VOILUTSequence" not in ds
+        and "ModalityLUTSequence" not in ds
+    )
+    if not simple:
+        return None
+    try:
+        frame = next(pydicom.encaps.generate_frames(ds.PixelData, number_of_frames=1))
+    except Exception as error:
+        raise RejectedFile(f"encapsulated pixel data unreadable: {type(error).__name__}: {error}") from error
+    height, width, components = _jpeg_frame_shape(frame)
+    if (height, width, components) != (int(ds.Rows), int(ds.Columns), 1):
+        raise RejectedFile(f"JPEG frame is {height}x{width}x{components}, header says {ds.Rows}x{ds.Columns}x1")
+    return frame
+
+
+def grey_pixels(ds: pydicom.Dataset, bit_depth: int = 8) -> np.ndarray:
+    """The first frame as display-ready grey pixels: uint8, or uint16 when bit_depth is 16.
+
+    Applies the Modality LUT / rescale and the VOI window or LUT when present, reduces
+    colour to luminance (ITU-R BT.601), inverts MONOCHROME1. Values already within the
+    target range with no transform are kept exactly; anything else is stretched linearly
+    from its minimum to its maximum.
+    """
+    if bit_depth not in (8, 16):
+        raise ValueError(f"bit_depth must be 8 or 16, not {bit_depth}")
+    try:
+        frame = pydicom.pixels.pixel_array(ds, index=0)
+    except Exception as error:
+        raise RejectedFile(f"undecodable pixels: {type(error).__name__}: {error}") from error
+    if frame.ndim not in (2, 3) or frame.shape[0] != int(ds.Rows) or frame.shape[1] != int(ds.Columns):
+        raise RejectedFile(f"pixel data of shape {frame.shape} does not match {ds.Rows}x{ds.Columns}")
+
+    transformed = False
+    if frame.ndim == 3:  # pydicom converts YBR to RGB by default
+        values = frame[..., :3].astype(np.float64) @ np.array([0.299, 0.587, 0.114])
+        transformed = True
+    else:
+        values = frame
+        if "ModalityLUTSequence" in ds or float(ds.get("RescaleSlope", 1) or 1) != 1 or float(
+            ds.get("RescaleIntercept", 0) or 0
+        ) != 0:
+            values = pydicom.pixels.apply_modality_lut(values, ds)
+            transformed = True
+        if "WindowCenter" in ds or "VOILUTSequence" in ds:
+            values = pydicom.pixels.apply_voi_lut(values, ds, index=0)
+            transformed = True
+
+    top = 255 if bit_depth == 8 else 65535
+    out_type = np.uint8 if bit_depth == 8 else np.uint16
+    if (
+        not transformed
+        and np.issubdtype(values.dtype, np.integer)
+        and values.size
+        and values.min() >= 0
+        and values.max() <= top
+    ):
+        grey = values.astype(out_type)
+    else:
+        values = np.asarray(values, dtype=np.float64)
+        low, high = float(values.min()), float(values.max())
+        scale = top / (high - low) if high > low else 0.0
+        grey = np.round((values - low) * scale).astype(out_type)
+    if str(ds.get("PhotometricInterpretation", "")) == "MONOCHROME1":
+        grey = (top - grey).astype(out_type)
+    return grey

@@ -1,0 +1,202 @@
+"""Synthetic RSNA-layout data: the built-in data of the demo, the tests and the benchmarks.
+
+Writes `<output_dir>/stage_2_train_images/*.dcm`, `stage_2_test_images/*.dcm`,
+`stage_2_train_labels.csv` and `stage_2_detailed_class_info.csv` shaped like the
+challenge's: 8-bit MONOCHROME2 radiographs in one JPEG Baseline frame, Secondary
+Capture, CR, CHEST, PA/AP, age, sex and pixel spacing. The pictures are chest-like
+(torso, dark lung fields, spine, ribs, noise), and every labelled box holds a soft
+bright opacity inside a lung field, so a detector can learn to find them.
+
+    python -m pneumo_tf.records.synthetic --output_dir=/tmp/rsna --num_images=200
+"""
+from __future__ import annotations
+
+import concurrent.futures
+import io
+import multiprocessing
+import os
+import uuid
+
+import numpy as np
+import pydicom
+import pydicom.encaps
+from PIL import Image
+from pydicom.dataset import FileMetaDataset
+from pydicom.uid import ExplicitVRLittleEndian, JPEGBaseline8Bit, SecondaryCaptureImageStorage, generate_uid
+
+from pneumo_tf.fileio import write_csv_atomic
+from pneumo_tf.progress import Progress
+from pneumo_tf.records import dicom, schema
+
+TRAIN_DIR = "stage_2_train_images"
+TEST_DIR = "stage_2_test_images"
+LABELS_CSV = "stage_2_train_labels.csv"
+CLASS_INFO_CSV = "stage_2_detailed_class_info.csv"
+
+# RSNA's shares: 33% Normal, 44% No Lung Opacity / Not Normal, 23% Lung Opacity.
+CLASS_SHARES = (0.33, 0.44, 0.23)
+LUNG_OPACITY = schema.CLASS_NAMES.index("Lung Opacity")
+
+
+def _ellipse(u, v, cu, cv, ru, rv):
+    return ((u - cu) / ru) ** 2 + ((v - cv) / rv) ** 2
+
+
+def sample_boxes(rng: np.random.Generator, size: int) -> list[tuple[int, int, int, int]]:
+    """One to three (x, y, width, height) pixel boxes centred inside lung fields."""
+    count = rng.choice([1, 2, 3], p=[0.45, 0.5, 0.05])
+    lungs = rng.permutation([0.3, 0.7])
+    boxes = []
+    for index in range(count):
+        centre_x = lungs[index % 2] + rng.uniform(-0.05, 0.05)
+        centre_y = rng.uniform(0.35, 0.62)
+        width, height = rng.uniform(0.12, 0.22), rng.uniform(0.15, 0.3)
+        x0 = int(np.clip(centre_x - width / 2, 0.02, 0.98 - width) * size)
+        y0 = int(np.clip(centre_y - height / 2, 0.05, 0.95 - height) * size)
+        boxes.append((x0, y0, int(width * size), int(height * size)))
+    return boxes
+
+
+def make_radiograph(rng: np.random.Generator, boxes, size: int = 1024) -> np.ndarray:
+    """A chest-like uint8 picture of size x size with an opacity in each (x, y, w, h) box."""
+    axis = (np.arange(size, dtype=np.float32) + 0.5) / size
+    u, v = axis[None, :], axis[:, None]
+    shift_u, shift_v = rng.uniform(-0.02, 0.02, size=2)
+    lung_scale = rng.uniform(0.9, 1.1)
+    image = np.full((size, size), 20.0, dtype=np.float32)
+    image += 130.0 * (_ellipse(u, v, 0.5 + shift_u, 0.55 + shift_v, 0.46, 0.6) < 1)  # torso
+    lungs = np.zeros((size, size), dtype=bool)
+    for centre in (0.3, 0.7):
+        lungs |= _ellipse(u, v, centre + shift_u, 0.47 + shift_v, 0.15 * lung_scale, 0.29 * lung_scale) < 1
+    image[lungs] -= 85.0
+    ribs = np.maximum(0.0, np.sin(v * 45.0 + 8.0 * (u - 0.5) ** 2 + rng.uniform(0, 6.3)))
+    image += 14.0 * ribs * lungs
+    image += 45.0 * (np.abs(u - 0.5 - shift_u) < 0.045) * (v > 0.12)  # spine
+    for x, y, w, h in boxes:
+        # A flat-topped bump that fills the box and fades at its edges.
+        du = (u - (x + w / 2) / size) / (w / 2 / size)
+        dv = (v - (y + h / 2) / size) / (h / 2 / size)
+        image += 70.0 * np.exp(-(du**4 + dv**4) * 1.5)
+    image = image * rng.uniform(0.9, 1.1) + rng.uniform(-10, 10)
+    image += rng.normal(0.0, 6.0, size=(size, size)).astype(np.float32)
+    return np.clip(image, 0, 255).astype(np.uint8)
+
+
+def encode_dicom(pixels: np.ndarray, patient_id: str, view: str, age: int, sex: str) -> pydicom.Dataset:
+    """A Secondary Capture CR chest DICOM holding `pixels` as one JPEG Baseline frame, as RSNA's."""
+    buffer = io.BytesIO()
+    Image.fromarray(pixels, mode="L").save(buffer, format="JPEG", quality=90)
+    file_meta = FileMetaDataset()
+    file_meta.MediaStorageSOPClassUID = SecondaryCaptureImageStorage
+    file_meta.TransferSyntaxUID = JPEGBaseline8Bit
+    ds = pydicom.Dataset()
+    ds.file_meta = file_meta
+    instance = generate_uid(entropy_srcs=[patient_id])
+    file_meta.MediaStorageSOPInstanceUID = instance
+    ds.SOPClassUID, ds.SOPInstanceUID = SecondaryCaptureImageStorage, instance
+    ds.StudyInstanceUID = generate_uid(entropy_srcs=[patient_id, "study"])
+    ds.SeriesInstanceUID = generate_uid(entropy_srcs=[patient_id, "series"])
+    ds.Modality, ds.ConversionType, ds.BodyPartExamined = "CR", "WSD", "CHEST"
+    ds.SeriesDescription = f"view: {view}"
+    ds.PatientName = ds.PatientID = patient_id
+    ds.PatientSex, ds.PatientAge, ds.ViewPosition = sex, str(age), view
+    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+    ds.Rows, ds.Columns = pixels.shape
+    ds.PixelSpacing = [0.143, 0.143]
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 8, 8, 7, 0
+    ds.LossyImageCompression, ds.LossyImageCompressionMethod = "01", "ISO_10918_1"
+    ds.PixelData = pydicom.encaps.encapsulate([buffer.getvalue()])
+    ds["PixelData"].VR = "OB"
+    return ds
+
+
+def _write_one(job) -> None:
+    path, patient_id, boxes, seed, size = job
+    dicom.quiet_pydicom()
+    rng = np.random.default_rng(seed)
+    pixels = make_radiograph(rng, boxes, size)
+    view = "AP" if rng.random() < 0.47 else "PA"
+    ds = encode_dicom(pixels, patient_id, view, int(rng.integers(18, 90)), "M" if rng.random() < 0.57 else "F")
+    tmp = f"{path}.tmp"
+    ds.save_as(tmp, enforce_file_format=True)
+    os.replace(tmp, path)
+
+
+def write_dataset(
+    output_dir: str,
+    num_images: int = 200,
+    num_test_images: int = 0,
+    seed: int = 0,
+    image_size: int = 1024,
+    workers: int | None = None,
+    progress=None,
+) -> dict[str, str]:
+    """Writes an RSNA-layout folder; returns the paths of its parts (train_dir, test_dir, CSVs)."""
+    rng = np.random.default_rng(seed)
+    train_dir, test_dir = os.path.join(output_dir, TRAIN_DIR), os.path.join(output_dir, TEST_DIR)
+    os.makedirs(train_dir, exist_ok=True)
+    if num_test_images:
+        os.makedirs(test_dir, exist_ok=True)
+    label_rows, class_rows, jobs = [], [], []
+    for index in range(num_images + num_test_images):
+        patient_id = str(uuid.UUID(bytes=rng.bytes(16), version=4))
+        job_seed = int(rng.integers(2**32))
+        if index >= num_images:
+            jobs.append((os.path.join(test_dir, f"{patient_id}.dcm"), patient_id, [], job_seed, image_size))
+            continue
+        label_class = int(rng.choice(3, p=CLASS_SHARES))
+        boxes = sample_boxes(rng, image_size) if label_class == LUNG_OPACITY else []
+        for box in boxes or [None]:
+            coords = [f"{float(c):.1f}" for c in box] if box else ["", "", "", ""]
+            label_rows.append([patient_id, *coords, int(bool(boxes))])
+            class_rows.append([patient_id, schema.CLASS_NAMES[label_class]])
+        jobs.append((os.path.join(train_dir, f"{patient_id}.dcm"), patient_id, boxes, job_seed, image_size))
+
+    workers = workers or os.cpu_count() or 1
+    if workers > 1 and len(jobs) > 1:
+        context = multiprocessing.get_context("spawn")
+        with concurrent.futures.ProcessPoolExecutor(workers, mp_context=context) as pool:
+            for _ in pool.map(_write_one, jobs, chunksize=8):
+                progress and progress.update(1)
+    else:
+        for job in jobs:
+            _write_one(job)
+            progress and progress.update(1)
+
+    paths = {"train_dir": train_dir, "test_dir": test_dir if num_test_images else None}
+    for name, header, rows in (
+        (LABELS_CSV, ["patientId", "x", "y", "width", "height", "Target"], label_rows),
+        (CLASS_INFO_CSV, ["patientId", "class"], class_rows),
+    ):
+        path = os.path.join(output_dir, name)
+        write_csv_atomic(path, header, rows)
+        paths[name.removeprefix("stage_2_").removesuffix(".csv")] = path
+    return paths
+
+
+def main(argv):
+    from absl import flags
+
+    del argv
+    FLAGS = flags.FLAGS
+    total = FLAGS.num_images + FLAGS.num_test_images
+    with Progress(total, "synthesise") as progress:
+        paths = write_dataset(
+            FLAGS.output_dir, FLAGS.num_images, FLAGS.num_test_images, FLAGS.seed, FLAGS.image_size,
+            FLAGS.workers or None, progress,
+        )
+    for name, path in paths.items():
+        print(f"{name}: {path}")
+
+
+if __name__ == "__main__":
+    from absl import app, flags
+
+    flags.DEFINE_string("output_dir", None, "Folder to write the RSNA-layout data set into.")
+    flags.DEFINE_integer("num_images", 200, "Labeled training images (about 23% with opacities).")
+    flags.DEFINE_integer("num_test_images", 0, "Unlabeled images in stage_2_test_images.")
+    flags.DEFINE_integer("seed", 0, "Seed: the same seed writes the same files.")
+    flags.DEFINE_integer("image_size", 1024, "Width and height of the radiographs in pixels.")
+    flags.DEFINE_integer("workers", 0, "Processes writing files; 0 uses all cores.")
+    flags.mark_flag_as_required("output_dir")
+    app.run(main)
