@@ -1,0 +1,388 @@
+"""The converter: exact contents of records, rejects, determinism, resume, CLI errors."""
+import csv
+import io
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pandas as pd
+import pydicom
+import pydicom.data
+import pydicom.encaps
+import pytest
+import tensorflow as tf
+from PIL import Image
+from pydicom.dataset import FileMetaDataset
+from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage
+
+from pneumo_tf import boxes as box_lib
+from pneumo_tf.errors import UserError
+from pneumo_tf.records import convert, dicom, labels as labels_lib, manifest as manifest_lib, schema, synthetic
+
+
+def read_records(records_dir):
+    """{image id: {key: value}} for every record of every shard the manifest lists, with its split."""
+    manifest = manifest_lib.read_manifest(records_dir)
+    records = {}
+    for split in manifest["splits"]:
+        for path in manifest_lib.shard_paths(records_dir, split, manifest):
+            for raw in tf.data.TFRecordDataset(path).as_numpy_iterator():
+                feature = tf.train.Example.FromString(raw).features.feature
+                values = {}
+                for key, value in feature.items():
+                    kind = value.WhichOneof("kind")
+                    values[key] = list(getattr(value, kind).value)
+                image_id = values[schema.IMAGE_ID][0].decode()
+                assert image_id not in records
+                records[image_id] = {"split": split, **values}
+    return records
+
+
+def decode_png(data: bytes) -> np.ndarray:
+    return np.asarray(Image.open(io.BytesIO(data)))
+
+
+def run_cli(*args, timeout=300):
+    return subprocess.run(
+        [sys.executable, "-m", "pneumo_tf.convert", *args], capture_output=True, text=True, timeout=timeout
+    )
+
+
+def synthetic_args(data, output_dir, *extra):
+    return [
+        f"--dicom_dir={data['train_dir']}", f"--labels_csv={data['train_labels']}",
+        f"--class_info_csv={data['detailed_class_info']}", f"--test_dicom_dir={data['test_dir']}",
+        f"--output_dir={output_dir}", *extra,
+    ]
+
+
+@pytest.fixture(scope="module")
+def converted(synthetic_rsna, tmp_path_factory):
+    output = tmp_path_factory.mktemp("records") / "passthrough"
+    manifest = convert.convert(
+        synthetic_rsna["train_dir"], str(output), synthetic_rsna["train_labels"],
+        synthetic_rsna["detailed_class_info"], synthetic_rsna["test_dir"],
+        convert.ConvertOptions(num_shards=2), workers=2,
+    )
+    return output, manifest, read_records(str(output))
+
+
+def test_synthetic_records_match_labels_and_dicoms(synthetic_rsna, converted):
+    output, manifest, records = converted
+    labels = labels_lib.read_labels(synthetic_rsna["train_labels"], synthetic_rsna["detailed_class_info"])
+    test_ids = {name[:-4] for name in os.listdir(synthetic_rsna["test_dir"])}
+    assert set(records) == set(labels) | test_ids
+    assert len(records) == 27 and manifest["records"] == 27 and manifest["rejects"] == 0
+    for image_id, record in records.items():
+        path = os.path.join(synthetic_rsna["test_dir" if image_id in test_ids else "train_dir"], f"{image_id}.dcm")
+        ds = pydicom.dcmread(path)
+        frame = next(pydicom.encaps.generate_frames(ds.PixelData, number_of_frames=1))
+        assert record[schema.IMAGE_ENCODED][0] == frame  # passthrough: the DICOM's bytes, unchanged
+        assert record[schema.IMAGE_FORMAT] == [b"jpeg"]
+        assert record[schema.IMAGE_HEIGHT] == record[schema.SOURCE_HEIGHT] == [1024]
+        assert record[schema.VIEW][0].decode() == ds.ViewPosition
+        assert record[schema.AGE] == [int(ds.PatientAge)]
+        assert record[schema.SEX][0].decode() == ds.PatientSex
+        np.testing.assert_allclose(record[schema.PIXEL_SPACING], [0.143, 0.143], rtol=1e-6)
+        if image_id in test_ids:
+            assert record["split"] == "test"
+            assert record[schema.TARGET] == [-1] and record[schema.CLASS] == [-1] and not record[schema.XMIN]
+            expected_boxes = []
+        else:
+            assert record["split"] in ("train", "val")
+            label = labels[image_id]
+            assert record[schema.TARGET] == [label.target] and record[schema.CLASS] == [label.label_class]
+            expected_boxes = [box_lib.xywh_to_normalised(b, 1024, 1024) for b in label.boxes]
+            got = list(zip(*(record[k] for k in schema.BOX_KEYS)))
+            np.testing.assert_allclose(got, expected_boxes, atol=1e-7)
+            assert len(got) == len(label.boxes)
+        mask = decode_png(record[schema.MASK_ENCODED][0])
+        np.testing.assert_array_equal(mask.astype(bool), box_lib.rasterize(expected_boxes, 1024, 1024))
+
+
+def test_manifest_counts(converted):
+    output, manifest, records = converted
+    by_split = {}
+    for record in records.values():
+        by_split.setdefault(record["split"], []).append(record)
+    for split, members in by_split.items():
+        entry = manifest["splits"][split]
+        assert entry["records"] == len(members) == sum(s["records"] for s in entry["shards"])
+        assert entry["positive"] == sum(r[schema.TARGET][0] == 1 for r in members)
+        assert entry["boxes"] == sum(len(r[schema.XMIN]) for r in members)
+        for shard in entry["shards"]:
+            path = os.path.join(output, shard["name"])
+            assert "tfrecord" in shard["name"] and os.path.getsize(path) == shard["bytes"]
+            assert convert._sha256(path) == shard["sha256"]
+    # 2 shards asked for in each split, but a split never gets more shards than files.
+    assert [len(manifest["splits"][s]["shards"]) for s in ("train", "val", "test")] == [2, 2, 2]
+    assert manifest["passthrough_records"] == 27 and manifest["options"]["image_size"] == 0
+    assert sorted(os.listdir(output)) == sorted(
+        ["manifest.json", "rejects.csv"] + [s["name"] for e in manifest["splits"].values() for s in e["shards"]]
+    )
+
+
+def test_val_split_is_stratified_by_class():
+    labels = {f"id{i:03d}": labels_lib.PatientLabels(int(i % 10 < 2), (0 if i % 10 >= 6 else 1) if i % 10 >= 2 else 2, ())
+              for i in range(100)}
+    train, val = convert.split_ids(labels, list(labels), 0.2, seed=3)
+    assert len(val) == 20 and len(train) == 80 and not set(train) & set(val)
+    counts = pd.Series([labels[i].label_class for i in val]).value_counts().to_dict()
+    assert counts == {0: 8, 1: 8, 2: 4}  # 40 / 40 / 20 patients per class, 20% of each
+    assert convert.split_ids(labels, list(labels), 0.2, seed=3) == (train, val)
+    assert convert.split_ids(labels, list(labels), 0.2, seed=4) != (train, val)
+
+
+def test_real_csvs_facts(shared_rsna):
+    labels = labels_lib.read_labels(
+        str(shared_rsna / "stage_2_train_labels.csv"), str(shared_rsna / "stage_2_detailed_class_info.csv")
+    )
+    assert len(labels) == 26684
+    assert sum(label.target for label in labels.values()) == 6012
+    assert sum(len(label.boxes) for label in labels.values()) == 9555
+    assert pd.Series([l.label_class for l in labels.values()]).value_counts().to_dict() == {1: 11821, 0: 8851, 2: 6012}
+    per_positive = pd.Series([len(l.boxes) for l in labels.values() if l.target]).value_counts().to_dict()
+    assert per_positive == {1: 2614, 2: 3266, 3: 119, 4: 13}
+
+
+def test_real_dicoms_convert_exactly(shared_rsna, tmp_path):
+    manifest = convert.convert(
+        str(shared_rsna / "dicom"), str(tmp_path / "out"), str(shared_rsna / "stage_2_train_labels.csv"),
+        str(shared_rsna / "stage_2_detailed_class_info.csv"), options=convert.ConvertOptions(val_fraction=0.3),
+        workers=1,
+    )
+    records = read_records(str(tmp_path / "out"))
+    assert manifest["records"] == 10 and manifest["rejects"] == 0
+    assert manifest["labeled_without_dicom"] == 26684 - 10
+    raw = pd.read_csv(shared_rsna / "stage_2_train_labels.csv")
+    expected_positive = {"00436515", "00704310", "00aecb01"}
+    assert {i[:8] for i, r in records.items() if r[schema.TARGET] == [1]} == expected_positive
+    for image_id, record in records.items():
+        ds = pydicom.dcmread(shared_rsna / "dicom" / f"{image_id}.dcm")
+        assert image_id == ds.PatientID
+        frame = next(pydicom.encaps.generate_frames(ds.PixelData, number_of_frames=1))
+        assert record[schema.IMAGE_ENCODED][0] == frame
+        rows = raw[raw.patientId == image_id].dropna()
+        expected = sorted((r.x / 1024, r.y / 1024, (r.x + r.width) / 1024, (r.y + r.height) / 1024) for r in rows.itertuples())
+        got = sorted(zip(*(record[k] for k in schema.BOX_KEYS)))
+        assert len(got) == len(expected) == (2 if image_id[:8] in expected_positive else 0)
+        np.testing.assert_allclose(np.reshape(got, (-1, 4)), np.reshape(expected, (-1, 4)), atol=1e-7)
+        mask = decode_png(record[schema.MASK_ENCODED][0]).astype(bool)
+        np.testing.assert_array_equal(mask, box_lib.rasterize(expected, 1024, 1024))
+        # Decoding the passed-through bytes with TensorFlow matches pydicom's decoder within
+        # the libjpeg-turbo / libjpeg difference (up to 6 grey levels, mean ~0.5).
+        decoded = tf.io.decode_jpeg(frame).numpy()[..., 0].astype(int)
+        difference = np.abs(decoded - ds.pixel_array.astype(int))
+        assert difference.max() <= 8 and difference.mean() < 1.0
+
+
+def _uncompressed_dicom(path, pixels, photometric="MONOCHROME2", bits_stored=None, **elements):
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = SecondaryCaptureImageStorage
+    meta.MediaStorageSOPInstanceUID = pydicom.uid.generate_uid()
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds = pydicom.Dataset()
+    ds.file_meta = meta
+    ds.SOPClassUID, ds.SOPInstanceUID = meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID
+    frames = pixels.shape[0] if pixels.ndim == 3 and photometric != "RGB" else 1
+    rows, columns = pixels.shape[-2:] if photometric != "RGB" else pixels.shape[:2]
+    ds.Rows, ds.Columns = rows, columns
+    ds.SamplesPerPixel = 3 if photometric == "RGB" else 1
+    if photometric == "RGB":
+        ds.PlanarConfiguration = 0
+    if frames > 1:
+        ds.NumberOfFrames = frames
+    ds.PhotometricInterpretation = photometric
+    allocated = pixels.dtype.itemsize * 8
+    ds.BitsAllocated, ds.BitsStored = allocated, bits_stored or allocated
+    ds.HighBit, ds.PixelRepresentation = ds.BitsStored - 1, 0
+    for key, value in elements.items():
+        setattr(ds, key, value)
+    ds.PixelData = pixels.tobytes()
+    ds.save_as(path, enforce_file_format=True)
+
+
+def test_transcoded_pixels_equal_pydicoms(tmp_path):
+    rng = np.random.default_rng(0)
+    folder = tmp_path / "dicoms"
+    folder.mkdir()
+    grey8 = rng.integers(0, 256, (48, 40), dtype=np.uint8)
+    grey12 = rng.integers(0, 4096, (32, 32), dtype=np.uint16)
+    rgb = rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)
+    frames = rng.integers(0, 256, (3, 16, 16), dtype=np.uint8)
+    _uncompressed_dicom(folder / "mono2.dcm", grey8)
+    _uncompressed_dicom(folder / "mono1.dcm", grey8, photometric="MONOCHROME1")
+    _uncompressed_dicom(folder / "twelve.dcm", grey12, bits_stored=12)
+    _uncompressed_dicom(folder / "window.dcm", grey12, bits_stored=12, WindowCenter=1000, WindowWidth=1000)
+    _uncompressed_dicom(folder / "rgb.dcm", rgb, photometric="RGB")
+    _uncompressed_dicom(folder / "frames.dcm", frames)
+    (folder / "notes.txt").write_text("not a DICOM")
+
+    def stored(bit_depth):
+        out = tmp_path / f"out{bit_depth}"
+        manifest = convert.convert(str(folder), str(out), options=convert.ConvertOptions(bit_depth=bit_depth), workers=1)
+        records = read_records(str(out))
+        pixels = {}
+        for image_id, record in records.items():
+            assert record[schema.IMAGE_FORMAT] == [b"png"]
+            pixels[image_id] = np.asarray(Image.open(io.BytesIO(record[schema.IMAGE_ENCODED][0])))
+        return manifest, pixels, out
+
+    manifest, pixels, out = stored(8)
+    assert manifest["splits"]["test"]["records"] == 6 and manifest["multi_frame_first_frame_only"] == 1
+    with open(out / "rejects.csv") as handle:
+        rejects = list(csv.DictReader(handle))
+    assert [os.path.basename(r["file"]) for r in rejects] == ["notes.txt"]
+    assert rejects[0]["reason"].startswith("unreadable DICOM")
+    np.testing.assert_array_equal(pixels["mono2"], grey8)
+    np.testing.assert_array_equal(pixels["mono1"], 255 - grey8)
+    np.testing.assert_array_equal(pixels["frames"], frames[0])
+    # 12-bit to 8-bit: a linear stretch from the image's minimum to its maximum.
+    stretch = np.round((grey12 - grey12.min()) * 255.0 / (grey12.max() - grey12.min())).astype(np.uint8)
+    np.testing.assert_array_equal(pixels["twelve"], stretch)
+    luminance = rgb.astype(np.float64) @ [0.299, 0.587, 0.114]
+    lum8 = np.round((luminance - luminance.min()) * 255 / (luminance.max() - luminance.min())).astype(np.uint8)
+    np.testing.assert_array_equal(pixels["rgb"], lum8)
+    ds = pydicom.dcmread(folder / "window.dcm")
+    windowed = pydicom.pixels.apply_voi_lut(ds.pixel_array, ds)
+    expected = np.round((windowed - windowed.min()) * 255.0 / (windowed.max() - windowed.min())).astype(np.uint8)
+    np.testing.assert_array_equal(pixels["window"], expected)
+
+    _, pixels16, _ = stored(16)
+    assert pixels16["twelve"].dtype == np.uint16
+    np.testing.assert_array_equal(pixels16["twelve"], grey12)  # within 16 bits: kept exactly
+
+
+def test_resized_records(synthetic_rsna, tmp_path):
+    manifest = convert.convert(
+        synthetic_rsna["train_dir"], str(tmp_path / "out"), synthetic_rsna["train_labels"],
+        synthetic_rsna["detailed_class_info"], options=convert.ConvertOptions(image_size=64), workers=1,
+    )
+    records = read_records(str(tmp_path / "out"))
+    assert manifest["passthrough_records"] == 0 and len(records) == 24
+    for image_id, record in records.items():
+        image = decode_png(record[schema.IMAGE_ENCODED][0])
+        assert image.shape == (64, 64) and image.dtype == np.uint8
+        assert record[schema.IMAGE_HEIGHT] == [64] and record[schema.SOURCE_HEIGHT] == [1024]
+        source = dicom.grey_pixels(pydicom.dcmread(os.path.join(synthetic_rsna["train_dir"], f"{image_id}.dcm")))
+        block_means = source.reshape(64, 16, 64, 16).mean(axis=(1, 3))
+        assert np.abs(image - block_means).mean() < 3.0
+        boxes = list(zip(*(record[k] for k in schema.BOX_KEYS)))
+        np.testing.assert_array_equal(decode_png(record[schema.MASK_ENCODED][0]).astype(bool), box_lib.rasterize(boxes, 64, 64))
+
+
+def test_pydicom_corpus_each_file_one_record_or_one_reject(tmp_path):
+    corpus = os.path.join(os.path.dirname(pydicom.data.__file__), "test_files")
+    folder = tmp_path / "corpus"
+    folder.mkdir()
+    names = sorted(n for n in os.listdir(corpus) if os.path.isfile(os.path.join(corpus, n)))
+    for index, name in enumerate(names):
+        shutil.copy(os.path.join(corpus, name), folder / f"{index:03d}_{name}")
+    manifest = convert.convert(str(folder), str(tmp_path / "out"), workers=2)
+    records = read_records(str(tmp_path / "out"))
+    with open(tmp_path / "out" / "rejects.csv") as handle:
+        rejects = list(csv.DictReader(handle))
+    record_files = {image_id for image_id in records}
+    reject_files = {os.path.basename(r["file"]) for r in rejects}
+    all_files = {f"{i:03d}_{n}" for i, n in enumerate(names)}
+    assert len(records) + len(rejects) == len(names) == manifest["records"] + manifest["rejects"]
+    assert {convert.image_id_of(f) for f in reject_files} | record_files == {convert.image_id_of(f) for f in all_files}
+    assert all(r["reason"] for r in rejects)
+    assert len(records) >= 40  # most of pydicom's corpus holds decodable pixels
+
+
+@pytest.mark.slow
+def test_two_processes_give_identical_shards_and_resume_after_kill(tmp_path):
+    # 300 small images transcoded to 128 px: each shard takes long enough (tens of ms) to
+    # kill the run between two shards.
+    data = synthetic.write_dataset(str(tmp_path / "data"), num_images=300, num_test_images=8, seed=3, image_size=256)
+    first, second, killed = tmp_path / "first", tmp_path / "second", tmp_path / "killed"
+    options = ("--num_shards=8", "--image_size=128")
+    assert run_cli(*synthetic_args(data, first, *options, "--workers=2")).returncode == 0
+    assert run_cli(*synthetic_args(data, second, *options, "--workers=1")).returncode == 0
+    shard_names = sorted(n for n in os.listdir(first) if "tfrecord" in n)
+    assert len(shard_names) == 8 + 8 + 8
+    for name in shard_names:
+        assert (first / name).read_bytes() == (second / name).read_bytes(), name
+
+    # Kill -9 once the first shard is complete, then rerun: finished shards are kept, the
+    # rest are written, and the folder ends byte-identical with no temporary files.
+    process = subprocess.Popen(
+        [sys.executable, "-m", "pneumo_tf.convert", *synthetic_args(data, killed, *options, "--workers=1")],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    deadline = time.time() + 120
+    while time.time() < deadline and not any(n.endswith(".tfrecord") for n in (os.listdir(killed) if killed.exists() else [])):
+        time.sleep(0.001)
+    os.kill(process.pid, signal.SIGKILL)
+    process.wait()
+    assert not (killed / "manifest.json").exists()
+    finished_before = {n: (killed / n).stat().st_mtime_ns for n in os.listdir(killed) if n.endswith(".tfrecord")}
+    assert 1 <= len(finished_before) < len(shard_names)
+    result = run_cli(*synthetic_args(data, killed, *options, "--workers=1"))
+    assert result.returncode == 0, result.stderr
+    assert sorted(os.listdir(killed)) == sorted(os.listdir(first))
+    for name in shard_names:
+        assert (killed / name).read_bytes() == (first / name).read_bytes(), name
+    for name, mtime in finished_before.items():
+        assert (killed / name).stat().st_mtime_ns == mtime  # skipped, not rewritten
+    assert (killed / "rejects.csv").read_bytes() == (first / "rejects.csv").read_bytes()
+
+
+def test_machines_write_shares_then_finalize(synthetic_rsna, tmp_path):
+    common = (synthetic_rsna["train_dir"], str(tmp_path / "out"), synthetic_rsna["train_labels"],
+              synthetic_rsna["detailed_class_info"], synthetic_rsna["test_dir"])
+    options = convert.ConvertOptions(num_shards=3)
+    assert convert.convert(*common, options=options, workers=1, num_machines=2, machine_index=1) is None
+    with pytest.raises(UserError, match="not written yet"):
+        convert.convert(*common, options=options, workers=1, num_machines=2, finalize=True)
+    assert convert.convert(*common, options=options, workers=1, num_machines=2, machine_index=0) is None
+    manifest = convert.convert(*common, options=options, workers=1, num_machines=2, finalize=True)
+    single = convert.convert(*common[:1], str(tmp_path / "single"), *common[2:], options=options, workers=1)
+    assert manifest["splits"] == single["splits"]
+
+
+@pytest.mark.parametrize(
+    "case, message",
+    [
+        ("missing_dir", "DICOM folder not found"),
+        ("bad_columns", "lacks column(s) Target"),
+        ("other_options", "holds a conversion made with other options (image_size: 0 there, 64 now)"),
+        ("bad_size", "--image_size must be"),
+    ],
+)
+def test_cli_errors_are_one_line_and_write_nothing(case, message, synthetic_rsna, converted, tmp_path):
+    output = tmp_path / "out"
+    args = synthetic_args(synthetic_rsna, output)
+    if case == "missing_dir":
+        args[0] = f"--dicom_dir={tmp_path / 'nowhere'}"
+    elif case == "bad_columns":
+        bad = tmp_path / "labels.csv"
+        bad.write_text("patientId,x,y,width,height\nabc,1,2,3,4\n")
+        args[1] = f"--labels_csv={bad}"
+    elif case == "other_options":
+        output = converted[0]
+        args = synthetic_args(synthetic_rsna, output, "--image_size=64", "--num_shards=2")
+        before = sorted(os.listdir(output))
+    else:
+        args.append("--image_size=3")
+    result = run_cli(*args)
+    assert result.returncode != 0
+    error_lines = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(error_lines) == 1 and message in error_lines[0], result.stderr
+    if case == "other_options":
+        assert sorted(os.listdir(output)) == before
+    else:
+        assert not output.exists()
+
+
+def test_cli_help_explains_every_flag():
+    result = subprocess.run([sys.executable, "-m", "pneumo_tf.convert", "--helpshort"], capture_output=True, text=True)
+    for flag in ("dicom_dir", "labels_csv", "class_info_csv", "test_dicom_dir", "output_dir", "val_fraction", "seed",
+                 "num_shards", "workers", "image_size", "bit_depth", "num_workers", "worker_index", "finalize"):
+        assert f"--{flag}" in result.stdout
