@@ -1,0 +1,247 @@
+"""Training: `train_and_evaluate(config)` builds the model under the strategy, fits it on the
+records' input pipeline with on-device augmentation, and exports it.
+
+Layout of `config.model_dir` after a run:
+  logs/           TensorBoard events (train/, validation/, hparams, profiler trace)
+  backup/         BackupAndRestore state: a killed run resumes from its last finished epoch
+  checkpoints/    weights after every epoch and the best by the monitored metric
+  model.keras     the exported network (Keras format; predict, evaluate and serve load it)
+  saved_model/    the same network as a TensorFlow SavedModel for TF Serving
+  pneumo_tf.json  what a reader needs: model name, image size, decision threshold, metrics
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+import time
+
+import keras
+import tensorflow as tf
+
+from pneumo_tf import augment, callbacks as callbacks_lib, distribute, models, pipeline
+from pneumo_tf.errors import UserError
+from pneumo_tf.fileio import write_json_atomic
+
+MODEL_FILE = "model.keras"
+SAVED_MODEL_DIR = "saved_model"
+INFO_FILE = "pneumo_tf.json"
+# --learning_rate is given for this global batch and scaled linearly with the real one.
+REFERENCE_BATCH_SIZE = 16  # the seed report's batch: flagfiles carry its learning rates as they were
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    records_dir: str
+    model_dir: str
+    model: str = "mask_resnet"
+    model_options: dict = dataclasses.field(default_factory=dict)
+    image_size: int = 256
+    batch_size: int = 16  # global: split across replicas
+    epochs: int = 25
+    steps_per_epoch: int = 0  # 0: one pass over the train split
+    validation_steps: int = 0  # 0: the whole val split
+    learning_rate: float = 7e-4  # for a global batch of REFERENCE_BATCH_SIZE; cosine-decayed
+    strategy: str = "auto"
+    cpu_replicas: int = 0
+    tpu: str | None = None
+    precision: str = "float32"
+    positive_fraction: float | None = None
+    cache: bool = False
+    augment: bool = True
+    early_stopping_patience: int = 15
+    seed: int = 0
+    log_every_steps: int = 10
+    profile_steps: tuple[int, int] | None = None
+    max_validation_images: int = 4
+
+    def validate(self) -> None:
+        for name in ("image_size", "batch_size", "epochs"):
+            if getattr(self, name) < 1:
+                raise UserError(f"--{name} must be at least 1, not {getattr(self, name)}")
+        if self.steps_per_epoch < 0 or self.validation_steps < 0:
+            raise UserError("--steps_per_epoch and --validation_steps must be >= 0")
+        if self.learning_rate <= 0:
+            raise UserError(f"--learning_rate must be positive, not {self.learning_rate}")
+        if self.model not in models.BUILDERS:
+            raise UserError(f"unknown model {self.model!r}; known models: {', '.join(sorted(models.BUILDERS))}")
+
+
+@keras.saving.register_keras_serializable(package="pneumo_tf")
+class AugmentingTrainer(keras.Model):
+    """Wraps a network so each training step augments its batch on the device first.
+
+    Batches are dicts; the network's output names say which batch keys are its labels.
+    Only the inner `network` is exported: the wrapper exists for fit().
+    """
+
+    def __init__(self, network: keras.Model, augment_config: augment.AugmentConfig, seed: int = 0, **kwargs):
+        super().__init__(**kwargs)
+        self.network = network
+        self.augment_config = augment_config
+        self.seed = seed
+
+    def call(self, inputs, training=False):
+        if isinstance(inputs, dict):
+            inputs = {"image": inputs["image"]}
+        return self.network(inputs, training=training)
+
+    def _inputs_and_labels(self, batch):
+        labels = {}
+        for name in self.network.output_names:
+            value = tf.cast(batch[name], tf.float32)
+            labels[name] = value[:, None] if name == "target" else value
+        return {"image": batch["image"]}, labels
+
+    def train_step(self, batch):
+        # The optimizer's step makes every step's draw different and a resumed run repeat it.
+        step_seed = tf.stack([tf.constant(self.seed, tf.int64), tf.cast(self.optimizer.iterations, tf.int64)])
+        batch = augment.augment_batch(batch, augment.replica_seed(step_seed), self.augment_config)
+        return super().train_step(self._inputs_and_labels(batch))
+
+    def test_step(self, batch):
+        return super().test_step(self._inputs_and_labels(batch))
+
+    def predict_step(self, batch):
+        return self(batch, training=False)
+
+
+def _learning_rate(config: TrainConfig, total_steps: int):
+    peak = config.learning_rate * config.batch_size / REFERENCE_BATCH_SIZE
+    # The seed's cosine annealing, per step instead of per epoch.
+    return peak, keras.optimizers.schedules.CosineDecay(peak, decay_steps=max(total_steps, 1))
+
+
+def _is_chief(strategy) -> bool:
+    resolver = getattr(strategy, "cluster_resolver", None)
+    if resolver is None or not resolver.task_type:
+        return True
+    return resolver.task_type == "chief" or (resolver.task_type == "worker" and resolver.task_id == 0)
+
+
+def _worker_dir(model_dir: str, strategy) -> str:
+    """Where this worker writes: the chief writes model_dir, others a scratch folder (MWMS rule)."""
+    if _is_chief(strategy):
+        return model_dir
+    resolver = strategy.cluster_resolver
+    return os.path.join(model_dir, "workers", f"{resolver.task_type}_{resolver.task_id}")
+
+
+def train_and_evaluate(config: TrainConfig) -> dict:
+    """Trains `config.model` on `config.records_dir` and exports it to `config.model_dir`."""
+    config.validate()
+    train_examples = pipeline.num_examples(config.records_dir, "train")
+    val_examples = pipeline.num_examples(config.records_dir, "val")
+    distribute.set_precision(config.precision)
+    strategy = distribute.make_strategy(config.strategy, config.cpu_replicas, config.tpu)
+    replicas = strategy.num_replicas_in_sync
+    if config.batch_size % replicas:
+        raise UserError(f"--batch_size {config.batch_size} must be a multiple of the {replicas} replicas")
+    steps_per_epoch = config.steps_per_epoch or max(1, train_examples // config.batch_size)
+    validation_steps = config.validation_steps or max(1, -(-val_examples // config.batch_size))
+    peak_rate, schedule = _learning_rate(config, steps_per_epoch * config.epochs)
+    output_dir = _worker_dir(config.model_dir, strategy)
+    log_dir = os.path.join(output_dir, "logs")
+    os.makedirs(log_dir, exist_ok=True)
+
+    with strategy.scope():
+        network = models.build_model(config.model, config.image_size, **config.model_options)
+        trainer = AugmentingTrainer(
+            network, augment.AugmentConfig() if config.augment else augment.AugmentConfig.off(), config.seed
+        )
+        trainer.compile(optimizer=keras.optimizers.Adam(schedule), **models.compile_args(network))
+        trainer.build({"image": (None, config.image_size, config.image_size, 1)})
+
+    train_data = pipeline.distributed_dataset(
+        strategy, config.records_dir, "train", config.batch_size, config.image_size, training=True,
+        positive_fraction=config.positive_fraction, cache=config.cache, seed=config.seed,
+    )
+    val_data = pipeline.distributed_dataset(
+        strategy, config.records_dir, "val", config.batch_size, config.image_size, training=False,
+        cache=config.cache,
+    )
+    # The epoch-end report streams the val split once, on the chief's own pipeline.
+    report_data = pipeline.make_dataset(config.records_dir, "val", config.batch_size, config.image_size, training=False)
+    has_mask = "mask" in network.output_names
+    monitor = "val_map" if has_mask else "val_loss"
+    mode = "max" if has_mask else "min"
+    checkpoints = os.path.join(output_dir, "checkpoints")
+    fit_callbacks = [
+        keras.callbacks.TerminateOnNaN(),
+        keras.callbacks.BackupAndRestore(os.path.join(output_dir, "backup")),
+        callbacks_lib.StepScalars(log_dir, config.batch_size, every_n_steps=config.log_every_steps),
+        # Before the checkpoint and early stopping callbacks: it adds val_map to the logs.
+        callbacks_lib.EpochEvaluation(
+            report_data, log_dir, max_images=config.max_validation_images, compute_map=has_mask
+        ),
+        keras.callbacks.TensorBoard(
+            log_dir, update_freq="epoch", profile_batch=config.profile_steps or 0, write_graph=False
+        ),
+        keras.callbacks.ModelCheckpoint(os.path.join(checkpoints, "epoch-{epoch:03d}.weights.h5"), save_weights_only=True),
+        keras.callbacks.ModelCheckpoint(
+            os.path.join(checkpoints, "best.weights.h5"), monitor=monitor, mode=mode, save_best_only=True,
+            save_weights_only=True,
+        ),
+        keras.callbacks.EarlyStopping(
+            monitor=monitor, mode=mode, patience=config.early_stopping_patience, min_delta=0.0005,
+        ),
+    ]
+    hparams = {
+        "model": config.model, "image_size": config.image_size, "batch_size": config.batch_size,
+        "learning_rate": peak_rate, "precision": config.precision, "replicas": replicas,
+        "positive_fraction": config.positive_fraction or 0.0, "augment": config.augment,
+    }
+    callbacks_lib.log_hparams(log_dir, hparams)
+
+    started = time.perf_counter()
+    history = trainer.fit(
+        train_data, epochs=config.epochs, steps_per_epoch=steps_per_epoch, validation_data=val_data,
+        validation_steps=validation_steps, callbacks=fit_callbacks, verbose=2,
+    )
+    seconds = time.perf_counter() - started
+    steps_run = len(history.epoch) * steps_per_epoch
+    summary = {
+        "model": config.model,
+        "model_options": config.model_options,
+        "image_size": config.image_size,
+        "threshold": 0.5,
+        "epochs_run": len(history.epoch),
+        "steps_per_epoch": steps_per_epoch,
+        "train_seconds": round(seconds, 3),
+        "images_per_second": round(steps_run * config.batch_size / seconds, 2) if seconds > 0 else None,
+        "replicas": replicas,
+        "precision": config.precision,
+        "learning_rate": peak_rate,
+        "history": {k: [float(v) for v in values] for k, values in history.history.items()},
+    }
+    if _is_chief(strategy):
+        export(network, config.model_dir, summary)
+    return summary
+
+
+def export(network: keras.Model, model_dir: str, info: dict) -> None:
+    """Writes model.keras, saved_model/ and pneumo_tf.json (last, so its presence means complete)."""
+    os.makedirs(model_dir, exist_ok=True)
+    path = os.path.join(model_dir, MODEL_FILE)
+    network.save(f"{path}.tmp.keras")
+    os.replace(f"{path}.tmp.keras", path)
+    saved = os.path.join(model_dir, SAVED_MODEL_DIR)
+    network.export(f"{saved}.tmp", format="tf_saved_model", verbose=False)
+    if os.path.isdir(saved):
+        shutil.rmtree(saved)
+    os.replace(f"{saved}.tmp", saved)
+    write_json_atomic(os.path.join(model_dir, INFO_FILE), info)
+
+
+def load_exported(model_dir: str) -> tuple[keras.Model, dict]:
+    """The exported network and its info, with a clear error for a folder that holds none."""
+    info_path = os.path.join(model_dir, INFO_FILE)
+    if not os.path.isdir(model_dir):
+        raise UserError(f"model folder not found: {model_dir}")
+    if not os.path.isfile(info_path):
+        raise UserError(f"{model_dir} holds no exported pneumo_tf model (no {INFO_FILE}): train one first")
+    with open(info_path) as handle:
+        info = json.load(handle)
+    network = keras.models.load_model(os.path.join(model_dir, MODEL_FILE), compile=False)
+    return network, info
