@@ -12,7 +12,6 @@ import json
 import os
 
 from pneumo_tf.errors import UserError
-from pneumo_tf.fileio import write_json_atomic  # noqa: F401  (re-exported for writers of manifests)
 
 MANIFEST_NAME = "manifest.json"
 REJECTS_NAME = "rejects.csv"

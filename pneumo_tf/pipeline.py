@@ -1,0 +1,304 @@
+"""The input pipeline: TFRecord shards -> batches of images, masks, boxes and labels.
+
+`make_dataset` yields dicts of
+  image      float32 [B, S, S, 1] in [0, 1]
+  mask       float32 [B, S, S, 1] in {0, 1} (union of the boxes)
+  boxes      float32 [B, MAX_BOXES, 4] normalised (ymin, xmin, ymax, xmax), zero padded
+  num_boxes  int32 [B];  target int32 [B];  class int32 [B] (-1 both when unlabeled)
+  id         string [B] (patientId)
+  source_height, source_width  int32 [B] (the DICOM's pixels, to map boxes back)
+
+It is assembled from small dataset -> dataset (or tensor -> tensor) functions that
+training and evaluation share:
+
+  shards (manifest) -> read_records -> [split_by_target] -> shuffle -> repeat
+    -> [sample_from_datasets] -> decode_records -> batch -> prefetch
+
+Shuffling and class sampling act on raw serialised records (small, cheap to hold
+in a buffer); `decode_records` then parses them a batch at a time with
+`tf.io.parse_example` and decodes each image in a parallel map. With `cache=True`
+decode_records moves before the shuffle and its output is kept in memory, so later
+epochs skip reading and decoding altogether.
+
+Distribution: under a `tf.distribute.InputContext` each input pipeline reads its
+own shards (or, with fewer shards than pipelines, its own records of every shard)
+and batches at the per-replica batch size; `distributed_dataset` wires that up.
+"""
+from __future__ import annotations
+
+import os
+
+import tensorflow as tf
+
+from pneumo_tf.boxes import MAX_BOXES
+from pneumo_tf.errors import UserError
+from pneumo_tf.records import schema
+from pneumo_tf.records.manifest import read_manifest, shard_paths
+
+# Scales `tf.io.decode_jpeg` can decode at directly (libjpeg's DCT scaling).
+JPEG_RATIOS = (1, 2, 4, 8)
+
+LABEL_KEYS = ("boxes", "num_boxes", "target", "class")
+# Per-image facts that training steps never need; strings cannot enter an XLA-compiled step.
+METADATA_KEYS = ("id", "source_height", "source_width")
+
+DEFAULT_SHUFFLE_BUFFER = 1024
+DEFAULT_INTERLEAVE_CYCLE = 16
+
+
+def num_examples(records_dir: str, split: str) -> int:
+    """Records in one split according to the manifest (for steps per epoch)."""
+    manifest = read_manifest(records_dir)
+    shard_paths(records_dir, split, manifest)  # a missing or empty split is a UserError there
+    return int(manifest["splits"][split]["records"])
+
+
+def jpeg_ratio_index(source_size, image_size):
+    """Index into JPEG_RATIOS of the largest ratio that still decodes to >= image_size pixels.
+
+    Works on Python ints and on tensors. 0 (ratio 1) when even the full size is
+    smaller than image_size: the resize then upsamples.
+    """
+    ratios = tf.constant(JPEG_RATIOS, tf.int64)
+    fits = tf.cast(tf.cast(source_size, tf.int64) >= ratios * image_size, tf.int32)
+    # `fits` is monotone (larger ratios fail first), so its sum is one past the answer.
+    return tf.maximum(tf.reduce_sum(fits) - 1, 0)
+
+
+def read_records(paths, *, training: bool, cycle_length: int, seed=None, input_context=None) -> tf.data.Dataset:
+    """Serialised records of the given shard files, this input pipeline's share only."""
+    files = tf.data.Dataset.from_tensor_slices(list(paths))
+    pipelines = input_context.num_input_pipelines if input_context else 1
+    pipeline_id = input_context.input_pipeline_id if input_context else 0
+    shard_records = pipelines > 1 and len(paths) < pipelines
+    if pipelines > 1 and not shard_records:
+        files = files.shard(pipelines, pipeline_id)
+    if training:
+        # After sharding, so pipelines with different seeds still read disjoint files.
+        files = files.shuffle(len(paths), seed=seed, reshuffle_each_iteration=True)
+
+    def records_of(path):
+        records = tf.data.TFRecordDataset(path)
+        # Sharding each file by record position (not the interleaved stream, whose
+        # order is non-deterministic in training) keeps the pipelines disjoint.
+        return records.shard(pipelines, pipeline_id) if shard_records else records
+
+    return files.interleave(
+        records_of,
+        cycle_length=cycle_length,
+        num_parallel_calls=tf.data.AUTOTUNE,
+        deterministic=not training,
+    )
+
+
+def is_positive(serialized):
+    """Whether one serialised record has label/target 1, parsing only that key."""
+    spec = {schema.TARGET: schema.parse_features()[schema.TARGET]}
+    return tf.equal(tf.io.parse_single_example(serialized, spec)[schema.TARGET], 1)
+
+
+def split_by_target(records: tf.data.Dataset) -> tuple[tf.data.Dataset, tf.data.Dataset]:
+    """(positive, negative) streams of raw records, for class-balanced sampling.
+
+    Each stream reads every record and keeps its own, so shards are read twice; the
+    extra cost is the light one-key parse per record, not decoding, which only
+    happens for the records that are sampled.
+    """
+    return records.filter(is_positive), records.filter(lambda serialized: tf.logical_not(is_positive(serialized)))
+
+
+def parse_batch(serialized):
+    """A batch of serialised records -> batched fields, still encoded, boxes already dense.
+
+    Everything vectorisable happens here, once per batch: the parse itself, the box
+    reordering and padding, the label casts.
+    """
+    features = tf.io.parse_example(serialized, schema.parse_features())
+    # Records hold (xmin, ymin, xmax, ymax); batches use TensorFlow's (ymin, xmin, ymax, xmax).
+    boxes = tf.stack([features[schema.YMIN], features[schema.XMIN], features[schema.YMAX], features[schema.XMAX]], -1)
+    return {
+        "image_encoded": features[schema.IMAGE_ENCODED],
+        "image_format": features[schema.IMAGE_FORMAT],
+        "stored_size": tf.minimum(features[schema.IMAGE_HEIGHT], features[schema.IMAGE_WIDTH]),
+        "mask_encoded": features[schema.MASK_ENCODED],
+        "boxes": boxes.to_tensor(default_value=0.0, shape=[None, MAX_BOXES, 4]),
+        "num_boxes": tf.cast(tf.minimum(boxes.row_lengths(), MAX_BOXES), tf.int32),
+        "target": tf.cast(features[schema.TARGET], tf.int32),
+        "class": tf.cast(features[schema.CLASS], tf.int32),
+        "id": features[schema.IMAGE_ID],
+        # Predictions map boxes back to the source image's pixels for the challenge's format.
+        "source_height": tf.cast(features[schema.SOURCE_HEIGHT], tf.int32),
+        "source_width": tf.cast(features[schema.SOURCE_WIDTH], tf.int32),
+    }
+
+
+def _resize(pixels, image_size: int):
+    """Area-resizes an [h, w, 1] float image to image_size x image_size; a no-op when it already is."""
+    shape = tf.shape(pixels)
+    already = tf.logical_and(tf.equal(shape[0], image_size), tf.equal(shape[1], image_size))
+    resized = tf.cond(already, lambda: pixels, lambda: tf.image.resize(pixels, [image_size, image_size], "area"))
+    return tf.ensure_shape(resized, [image_size, image_size, 1])
+
+
+def decode_image(encoded, image_format, stored_size, image_size: int, bit_depth: int):
+    """One encoded image -> float32 [S, S, 1] in [0, 1].
+
+    JPEG (8-bit passthrough frames) decodes at the largest DCT ratio that keeps at
+    least S pixels, so a 1024-pixel frame wanted at 256 never exists at full size.
+    PNG decodes at the stored depth and is scaled by that depth's maximum.
+    """
+
+    def jpeg():
+        branches = [
+            lambda ratio=ratio: tf.io.decode_jpeg(encoded, channels=1, ratio=ratio) for ratio in JPEG_RATIOS
+        ]
+        return tf.cast(tf.switch_case(jpeg_ratio_index(stored_size, image_size), branches), tf.float32) / 255.0
+
+    def png():
+        dtype = tf.uint16 if bit_depth == 16 else tf.uint8
+        return tf.cast(tf.io.decode_png(encoded, channels=1, dtype=dtype), tf.float32) / float(dtype.max)
+
+    pixels = tf.cond(tf.equal(image_format, schema.JPEG), jpeg, png)
+    return _resize(pixels, image_size)
+
+
+def decode_mask(encoded, image_size: int):
+    """A 1-bit box-mask PNG -> float32 [S, S, 1] in {0, 1}.
+
+    Thresholding the area-resized mask at 0.5 keeps it binary: a pixel is in a box
+    when at least half of it was.
+    """
+    mask = tf.cast(tf.io.decode_png(encoded, channels=1), tf.float32) / 255.0
+    return tf.cast(_resize(mask, image_size) >= 0.5, tf.float32)
+
+
+def decode_example(fields, image_size: int, bit_depth: int):
+    """One example's parsed fields -> the example dict the models consume."""
+    example = {key: fields[key] for key in (*LABEL_KEYS, *METADATA_KEYS)}
+    example["image"] = decode_image(
+        fields["image_encoded"], fields["image_format"], fields["stored_size"], image_size, bit_depth
+    )
+    example["mask"] = decode_mask(fields["mask_encoded"], image_size)
+    return example
+
+
+def decode_records(records: tf.data.Dataset, parse_batch_size: int, image_size: int, bit_depth: int, *,
+                   deterministic: bool) -> tf.data.Dataset:
+    """Serialised records -> decoded examples: a batched parse, then a parallel per-image decode.
+
+    Decoders are not vectorised, so the parsed batch is unbatched and every image
+    decodes in its own autotuned parallel map call. Measured side by side (2 shared
+    cores, 1024-px JPEG -> 256 plus its mask, batches of 16) this gave a median 1.5x
+    the images/s of a tf.map_fn over the parsed batch (parallel_iterations=16), which
+    in turn tied with a per-record parse + decode.
+    """
+    return (
+        records.batch(parse_batch_size)
+        .map(parse_batch, num_parallel_calls=tf.data.AUTOTUNE, deterministic=deterministic)
+        .unbatch()
+        .map(
+            lambda fields: decode_example(fields, image_size, bit_depth),
+            num_parallel_calls=tf.data.AUTOTUNE,
+            deterministic=deterministic,
+        )
+    )
+
+
+def make_dataset(
+    records_dir: str,
+    split: str,
+    batch_size: int,
+    image_size: int,
+    training: bool,
+    *,
+    positive_fraction: float | None = None,
+    cache: bool = False,
+    shuffle_buffer: int = DEFAULT_SHUFFLE_BUFFER,
+    seed: int | None = None,
+    input_context: tf.distribute.InputContext | None = None,
+    repeat: bool | None = None,
+    drop_remainder: bool | None = None,
+    interleave_cycle: int = DEFAULT_INTERLEAVE_CYCLE,
+) -> tf.data.Dataset:
+    """Batches of one split of a records folder (see the module docstring for their layout).
+
+    training: shuffles shards and records (seeded by `seed`), reads out of order,
+      and by default repeats forever and drops the last partial batch; evaluation
+      reads every record once in manifest order.
+    positive_fraction: training only; samples label/target == 1 records with this
+      probability (the negatives with the rest), whatever the split's balance.
+    cache: keeps the decoded, resized examples in memory (about 8 * S * S bytes
+      each: 3.5 GB for RSNA's 26,684 images at S = 128); for small S only.
+    input_context: this input pipeline's share of the records, at the per-replica
+      batch size (`distributed_dataset` passes it).
+    """
+    repeat = training if repeat is None else repeat
+    drop_remainder = training if drop_remainder is None else drop_remainder
+    manifest = read_manifest(records_dir)
+    paths = shard_paths(records_dir, split, manifest)
+    missing = [path for path in paths if not os.path.isfile(path)]
+    if missing:
+        raise UserError(f"{records_dir} lacks shards its manifest lists ({', '.join(missing)}): reconvert")
+    if positive_fraction is not None:
+        _check_positive_fraction(positive_fraction, training, repeat, manifest["splits"][split], split)
+    bit_depth = int(manifest["options"]["bit_depth"])
+    if input_context is not None:
+        batch_size = input_context.get_per_replica_batch_size(batch_size)
+
+    records = read_records(
+        paths, training=training, cycle_length=interleave_cycle, seed=seed, input_context=input_context
+    )
+    streams = split_by_target(records) if positive_fraction is not None else (records,)
+
+    def prepare(stream):
+        if cache:
+            # Decode before the cache so later epochs only shuffle and batch.
+            stream = decode_records(stream, batch_size, image_size, bit_depth, deterministic=not training).cache()
+        if training:
+            stream = stream.shuffle(shuffle_buffer, seed=seed, reshuffle_each_iteration=True)
+        return stream.repeat() if repeat else stream
+
+    streams = [prepare(stream) for stream in streams]
+    if positive_fraction is None:
+        dataset = streams[0]
+    else:
+        # Stopping on an empty stream (one pipeline's share without positives) ends the
+        # data visibly instead of silently sampling only the other class.
+        dataset = tf.data.Dataset.sample_from_datasets(
+            streams, weights=[positive_fraction, 1.0 - positive_fraction], seed=seed, stop_on_empty_dataset=True
+        )
+    if not cache:
+        dataset = decode_records(dataset, batch_size, image_size, bit_depth, deterministic=not training)
+    dataset = dataset.batch(batch_size, drop_remainder=drop_remainder)
+    options = tf.data.Options()
+    # Autotune picks the AUTOTUNE parallelism and prefetch buffer sizes above.
+    options.autotune.enabled = True
+    options.deterministic = not training
+    return dataset.prefetch(tf.data.AUTOTUNE).with_options(options)
+
+
+def _check_positive_fraction(positive_fraction, training, repeat, split_entry, split):
+    if not training or not repeat:
+        raise UserError("positive_fraction samples an endless training stream: use it with training and repeat")
+    if not 0.0 < positive_fraction < 1.0:
+        raise UserError(f"positive_fraction must be between 0 and 1 (exclusive), got {positive_fraction}")
+    # Checked up front: with one class missing the sampled stream would end at once.
+    if not 0 < split_entry["positive"] < split_entry["records"]:
+        raise UserError(
+            f"positive_fraction needs positive and negative records, but split '{split}' has "
+            f"{split_entry['positive']} positive of {split_entry['records']}"
+        )
+
+
+def distributed_dataset(strategy, records_dir: str, split: str, global_batch_size: int, image_size: int,
+                        training: bool, **kwargs):
+    """`make_dataset` for `fit` under a tf.distribute strategy: one pipeline per input worker,
+    per-replica batches, without the metadata keys (see METADATA_KEYS)."""
+
+    def dataset_fn(input_context):
+        dataset = make_dataset(
+            records_dir, split, global_batch_size, image_size, training, input_context=input_context, **kwargs
+        )
+        return dataset.map(lambda batch: {k: v for k, v in batch.items() if k not in METADATA_KEYS})
+
+    return strategy.distribute_datasets_from_function(dataset_fn)
