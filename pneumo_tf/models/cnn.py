@@ -1,0 +1,54 @@
+"""The seed's custom CNN classifier: pneumonia (Lung Opacity) probability per image."""
+from __future__ import annotations
+
+import keras
+from keras import layers
+
+from pneumo_tf.errors import UserError
+
+_STEM_FILTERS = 128
+# (filters, dropout after the block) for the five SeparableConv2D blocks; the seed
+# raises dropout with depth and has none after the first block.
+_SEPARABLE_BLOCKS = ((256, None), (256, 0.2), (256, 0.3), (256, 0.4), (512, 0.5))
+# (units, dropout after the layer) for the fully connected head.
+_DENSE_LAYERS = ((512, 0.7), (256, 0.5), (128, 0.3))
+# The stem and each block halve the image once.
+_HALVINGS = 1 + len(_SEPARABLE_BLOCKS)
+
+
+def _scaled(count: int, width: float) -> int:
+    return max(1, round(count * width))
+
+
+def build(image_size: int, width: float = 1.0) -> keras.Model:
+    """Builds the CNN for [image_size, image_size, 1] images in [0, 1].
+
+    `width` multiplies every layer's filters and units (0.25 gives a model that
+    trains quickly on a CPU); 1.0 is the seed's network.
+    """
+    if image_size < 2**_HALVINGS:
+        raise UserError(
+            f"the cnn model halves the image {_HALVINGS} times and needs an image size "
+            f"of at least {2**_HALVINGS}; got {image_size}"
+        )
+    image = keras.Input(shape=(image_size, image_size, 1), name="image")
+    x = image
+    for _ in range(2):
+        x = layers.Conv2D(_scaled(_STEM_FILTERS, width), 3, padding="same", activation="relu")(x)
+    x = layers.MaxPool2D(2)(x)
+    for filters, dropout in _SEPARABLE_BLOCKS:
+        for _ in range(2):
+            x = layers.SeparableConv2D(
+                _scaled(filters, width), 3, padding="same", activation="relu"
+            )(x)
+        x = layers.BatchNormalization()(x)
+        x = layers.MaxPool2D(2)(x)
+        if dropout is not None:
+            x = layers.Dropout(dropout)(x)
+    x = layers.Flatten()(x)
+    for units, dropout in _DENSE_LAYERS:
+        x = layers.Dense(_scaled(units, width), activation="relu")(x)
+        x = layers.Dropout(dropout)(x)
+    # float32 so the probability (and the loss on it) stays exact under a mixed policy.
+    target = layers.Dense(1, activation="sigmoid", dtype="float32", name="target")(x)
+    return keras.Model({"image": image}, {"target": target}, name="cnn")

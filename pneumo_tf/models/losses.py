@@ -1,0 +1,56 @@
+"""Losses and metrics for model outputs, keyed by output name in `compile_args`.
+
+Every function is registered with Keras under the "pneumo_tf" package, so a saved
+`.keras` model that was compiled with them reloads (after `import pneumo_tf.models`)
+without `custom_objects`.
+"""
+from __future__ import annotations
+
+import keras
+from keras import ops
+
+# The seed's IoU loss adds 1 to both sides so an empty mask against an empty
+# prediction scores IoU 1 (loss 0) and the gradient stays finite.
+_IOU_SMOOTHING = 1.0
+
+
+@keras.saving.register_keras_serializable(package="pneumo_tf")
+def soft_iou_loss(y_true, y_pred):
+    """1 - soft IoU of probabilities, pooled over the whole batch as in the seed.
+
+    Pooling (rather than per image) matters for RSNA: ~77% of masks are empty,
+    and a per-image smoothed IoU would make any activation on them cost ~1.
+    """
+    y_true = ops.cast(y_true, y_pred.dtype)
+    intersection = ops.sum(y_true * y_pred)
+    union = ops.sum(y_true) + ops.sum(y_pred) - intersection
+    return 1.0 - (intersection + _IOU_SMOOTHING) / (union + _IOU_SMOOTHING)
+
+
+@keras.saving.register_keras_serializable(package="pneumo_tf")
+def iou_bce_loss(y_true, y_pred):
+    """The seed's mask loss, 0.25 * pixel BCE + 0.75 * batch soft-IoU loss, per image.
+
+    Returned per image ([B]) so Keras' mean over the batch gives exactly the seed's
+    value and sample weights still apply; the IoU term is shared by the batch.
+    """
+    y_true = ops.cast(y_true, y_pred.dtype)
+    pixel_bce = keras.losses.binary_crossentropy(y_true, y_pred)  # [B, H, W]
+    per_image_bce = ops.mean(pixel_bce, axis=tuple(range(1, len(pixel_bce.shape))))
+    return 0.25 * per_image_bce + 0.75 * soft_iou_loss(y_true, y_pred)
+
+
+@keras.saving.register_keras_serializable(package="pneumo_tf")
+def mean_iou(y_true, y_pred):
+    """IoU of the mask thresholded at 0.5 (> 0.5, as Keras' Precision/BinaryIoU do), per image.
+
+    Keras averages the [B] values over every image seen, so each image counts once;
+    an empty mask with an empty prediction counts as IoU 1, as in the seed.
+    """
+    y_true = ops.cast(y_true > 0.5, "float32")
+    y_pred = ops.cast(y_pred > 0.5, "float32")
+    axes = tuple(range(1, len(y_pred.shape)))
+    intersection = ops.sum(y_true * y_pred, axis=axes)
+    union = ops.sum(y_true, axis=axes) + ops.sum(y_pred, axis=axes) - intersection
+    epsilon = keras.config.epsilon()
+    return (intersection + epsilon) / (union + epsilon)

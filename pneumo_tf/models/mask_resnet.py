@@ -1,0 +1,105 @@
+"""The seed's residual mask network (`create_network`) and its mask-to-boxes post-processing."""
+from __future__ import annotations
+
+import keras
+import numpy as np
+from keras import layers
+from scipy import ndimage
+
+from pneumo_tf.errors import UserError
+
+_BN_MOMENTUM = 0.9
+
+
+def _norm_act(x, negative_slope: float):
+    x = layers.BatchNormalization(momentum=_BN_MOMENTUM)(x)
+    return layers.LeakyReLU(negative_slope=negative_slope)(x)
+
+
+def _downsample(x, channels: int, negative_slope: float):
+    x = _norm_act(x, negative_slope)
+    x = layers.Conv2D(channels, 1, padding="same", use_bias=False)(x)
+    return layers.MaxPool2D(2)(x)
+
+
+def _resblock(x, channels: int, negative_slope: float):
+    shortcut = x
+    for _ in range(2):
+        x = _norm_act(x, negative_slope)
+        x = layers.Conv2D(channels, 3, padding="same", use_bias=False)(x)
+    return layers.Add()([x, shortcut])
+
+
+def build(
+    image_size: int,
+    channels: int = 32,
+    n_blocks: int = 2,
+    depth: int = 4,
+    negative_slope: float = 0.0,
+    classification_head: bool = False,
+) -> keras.Model:
+    """Builds the mask network for [image_size, image_size, 1] images in [0, 1].
+
+    `depth` down-sampling levels each double the channels (starting from
+    `channels`) and halve the image, followed by `n_blocks` residual blocks; the
+    mask is predicted at the bottleneck and up-sampled back to the input size.
+    `negative_slope` is the LeakyReLU slope (the seed's 0 makes it a ReLU).
+    `classification_head` adds a "target" output from the pooled bottleneck.
+    """
+    if image_size % 2**depth:
+        raise UserError(
+            f"the mask_resnet model with depth {depth} needs an image size divisible by "
+            f"{2**depth} to give a mask of the image's size; got {image_size}"
+        )
+    image = keras.Input(shape=(image_size, image_size, 1), name="image")
+    x = layers.Conv2D(channels, 3, padding="same", use_bias=False)(image)
+    for _ in range(depth):
+        channels *= 2
+        x = _downsample(x, channels, negative_slope)
+        for _ in range(n_blocks):
+            x = _resblock(x, channels, negative_slope)
+    features = _norm_act(x, negative_slope)
+    # float32 from the logits on, so sigmoid, loss and the up-sampled mask are exact
+    # under a mixed policy. Nearest up-sampling commutes with the sigmoid, as in the seed.
+    mask = layers.Conv2D(1, 1, activation="sigmoid", dtype="float32")(features)
+    mask = layers.UpSampling2D(2**depth, dtype="float32", name="mask")(mask)
+    outputs = {"mask": mask}
+    if classification_head:
+        pooled = layers.GlobalAveragePooling2D()(features)
+        outputs["target"] = layers.Dense(1, activation="sigmoid", dtype="float32", name="target")(
+            pooled
+        )
+    return keras.Model({"image": image}, outputs, name="mask_resnet")
+
+
+def boxes_from_mask(
+    probability_mask: np.ndarray, threshold: float, min_area_fraction: float = 0.001
+) -> tuple[np.ndarray, np.ndarray]:
+    """One box per connected component of `probability_mask > threshold`.
+
+    Returns (boxes, scores): boxes float32 [N, 4] as normalised (ymin, xmin, ymax,
+    xmax), the batch convention of pneumo_tf.boxes, covering whole pixels (a box
+    spanning rows r0..r1 has ymin = r0 / H, ymax = (r1 + 1) / H, the inverse of
+    boxes.rasterize); scores float32 [N], the mean probability inside the
+    component, sorted descending. Components smaller than `min_area_fraction` of
+    the image (the default, 0.1%, is about 1,000 pixels at 1024 px) are dropped
+    as speckle. Components are 4-connected (scipy.ndimage.label's default).
+    """
+    probability_mask = np.asarray(probability_mask, dtype=np.float32)
+    if probability_mask.ndim != 2:
+        raise ValueError(f"expected a [H, W] mask, got shape {probability_mask.shape}")
+    height, width = probability_mask.shape
+    labels, _ = ndimage.label(probability_mask > threshold)
+    boxes, scores = [], []
+    for index, (rows, cols) in enumerate(ndimage.find_objects(labels), start=1):
+        component = labels[rows, cols] == index
+        if component.sum() < min_area_fraction * height * width:
+            continue
+        boxes.append(
+            (rows.start / height, cols.start / width, rows.stop / height, cols.stop / width)
+        )
+        scores.append(probability_mask[rows, cols][component].mean())
+    if not boxes:
+        return np.zeros((0, 4), np.float32), np.zeros((0,), np.float32)
+    order = np.argsort(-np.asarray(scores), kind="stable")
+    return np.asarray(boxes, np.float32)[order], np.asarray(scores, np.float32)[order]

@@ -1,0 +1,300 @@
+"""Model registry, builders, losses/metrics and mask post-processing, on 32-64 px inputs."""
+from __future__ import annotations
+
+import h5py
+import keras
+import numpy as np
+import pytest
+
+from pneumo_tf import boxes
+from pneumo_tf.errors import UserError
+from pneumo_tf.models import BUILDERS, build_model, compile_args, vgg16
+from pneumo_tf.models.losses import iou_bce_loss, mean_iou
+from pneumo_tf.models.mask_resnet import boxes_from_mask
+
+SIZE = 64
+
+# count_params() of each registered model at 64 px with default options.
+GOLDEN_PARAMS = {
+    "cnn": 1_494_017,
+    "vgg16": 14_845_889,
+    "mask_resnet": 12_727_969,
+}
+
+# Every registered model, slimmed where an option allows to keep steps fast on a
+# shared CPU; mask_resnet with its classification head, to cover both outputs.
+CASES = [
+    pytest.param("cnn", {"width": 0.25}, id="cnn"),
+    pytest.param("vgg16", {}, id="vgg16"),
+    pytest.param(
+        "mask_resnet",
+        {"channels": 4, "n_blocks": 1, "depth": 2, "classification_head": True},
+        id="mask_resnet",
+    ),
+]
+
+
+def _batch(model, seed: int = 0, n: int = 2):
+    """A random n-image batch with binary labels shaped like every model output."""
+    rng = np.random.default_rng(seed)
+    x = {"image": rng.random((n, SIZE, SIZE, 1), dtype=np.float32)}
+    y = {
+        name: (rng.random((n, *tensor.shape[1:])) > 0.5).astype(np.float32)
+        for name, tensor in model.output.items()
+    }
+    return x, y
+
+
+def _compiled(name, options):
+    model = build_model(name, SIZE, **options)
+    model.compile(optimizer="adam", **compile_args(model))
+    return model
+
+
+# Parameter counts from layer shapes. BatchNormalization holds 4 vectors (gamma,
+# beta, moving mean and variance); kernels are k*k*in*out, plus out for a bias.
+def _conv(k, cin, cout, bias=True):
+    return k * k * cin * cout + (cout if bias else 0)
+
+
+def _separable(cin, cout):
+    return 3 * 3 * cin + cin * cout + cout  # depthwise, pointwise, bias
+
+
+def _mask_resnet_params(channels, n_blocks, depth, classification_head=False):
+    total = _conv(3, 1, channels, bias=False)
+    for _ in range(depth):
+        cin, channels = channels, channels * 2
+        total += 4 * cin + _conv(1, cin, channels, bias=False)
+        total += n_blocks * 2 * (4 * channels + _conv(3, channels, channels, bias=False))
+    total += 4 * channels + _conv(1, channels, 1)
+    return total + (channels + 1 if classification_head else 0)
+
+
+def _cnn_params_at_64():
+    # At 64 px six halvings leave 1x1x512 to flatten.
+    total = _conv(3, 1, 128) + _conv(3, 128, 128)
+    for cin, cout in [(128, 256), (256, 256), (256, 256), (256, 256), (256, 512)]:
+        total += _separable(cin, cout) + _separable(cout, cout) + 4 * cout
+    for cin, cout in [(512, 512), (512, 256), (256, 128), (128, 1)]:
+        total += cin * cout + cout
+    return total
+
+
+def test_golden_counts_and_cases_cover_every_registered_model():
+    assert set(GOLDEN_PARAMS) == set(BUILDERS)
+    assert {case.values[0] for case in CASES} == set(BUILDERS)
+
+
+@pytest.mark.parametrize("name", sorted(GOLDEN_PARAMS))
+def test_golden_parameter_count(name):
+    assert build_model(name, SIZE).count_params() == GOLDEN_PARAMS[name]
+
+
+def test_golden_counts_match_hand_arithmetic():
+    # channels=4, n_blocks=1, depth=2: stem 36; level 1 (8 ch) 16+32+2*(32+576) = 1264;
+    # level 2 (16 ch) 32+128+2*(64+2304) = 4896; head 64+17 = 81; total 6277.
+    assert _mask_resnet_params(4, 1, 2) == 6277
+    small = build_model("mask_resnet", SIZE, channels=4, n_blocks=1, depth=2)
+    assert small.count_params() == 6277
+    assert GOLDEN_PARAMS["mask_resnet"] == _mask_resnet_params(32, 2, 4)
+    with_head = build_model(
+        "mask_resnet", SIZE, channels=4, n_blocks=1, depth=2, classification_head=True
+    )
+    assert with_head.count_params() == _mask_resnet_params(4, 1, 2, classification_head=True)
+    assert GOLDEN_PARAMS["cnn"] == _cnn_params_at_64()
+    # VGG16 without top has 14,714,688 parameters; 64 px leaves 2x2x512 to flatten.
+    assert GOLDEN_PARAMS["vgg16"] == 14_714_688 + (2 * 2 * 512 * 64 + 64) + (64 + 1)
+
+
+def test_cnn_width_scales_every_layer():
+    assert build_model("cnn", SIZE, width=0.25).count_params() == 100_097
+
+
+def test_vgg16_frozen_backbone_fine_tunes_only_block5_conv2_and_conv3():
+    model = build_model("vgg16", SIZE)
+    trainable = sum(int(np.prod(w.shape)) for w in model.trainable_weights)
+    head = (2 * 2 * 512 * 64 + 64) + (64 + 1)
+    assert trainable == 2 * _conv(3, 512, 512) + head
+    unfrozen = build_model("vgg16", SIZE, freeze_backbone=False)
+    assert sum(int(np.prod(w.shape)) for w in unfrozen.trainable_weights) == GOLDEN_PARAMS["vgg16"]
+
+
+@pytest.mark.parametrize(
+    ("name", "options", "outputs"),
+    [
+        ("cnn", {"width": 0.25}, {"target": (1,)}),
+        ("vgg16", {}, {"target": (1,)}),
+        ("mask_resnet", {"channels": 4}, {"mask": (SIZE, SIZE, 1)}),
+        (
+            "mask_resnet",
+            {"channels": 4, "classification_head": True},
+            {"mask": (SIZE, SIZE, 1), "target": (1,)},
+        ),
+    ],
+)
+def test_input_and_output_contract(name, options, outputs):
+    model = build_model(name, SIZE, **options)
+    assert {key: tuple(t.shape) for key, t in model.input.items()} == {
+        "image": (None, SIZE, SIZE, 1)
+    }
+    assert {key: tuple(t.shape[1:]) for key, t in model.output.items()} == outputs
+    assert {t.dtype for t in model.output.values()} == {"float32"}
+
+
+def test_mask_resnet_mask_has_the_input_shape():
+    model = build_model("mask_resnet", SIZE, depth=4)
+    prediction = model(_batch(model)[0], training=False)
+    assert prediction["mask"].shape == (2, SIZE, SIZE, 1)
+
+
+@pytest.fixture
+def mixed_bfloat16():
+    previous = keras.mixed_precision.global_policy()
+    keras.mixed_precision.set_global_policy("mixed_bfloat16")
+    try:
+        yield
+    finally:
+        keras.mixed_precision.set_global_policy(previous)
+
+
+@pytest.mark.usefixtures("mixed_bfloat16")
+@pytest.mark.parametrize(("name", "options"), CASES)
+def test_mixed_bfloat16_outputs_float32_and_trains(name, options):
+    model = _compiled(name, options)
+    assert any(layer.compute_dtype == "bfloat16" for layer in model.layers)
+    x, y = _batch(model)
+    for key, value in model(x, training=False).items():
+        assert value.dtype == "float32", key
+        assert value.shape[1:] == y[key].shape[1:]
+    history = model.fit(x, y, batch_size=2, epochs=1, verbose=0)
+    assert np.isfinite(history.history["loss"][0])
+
+
+# One test for both, as each needs a traced training step (seconds on a shared CPU).
+@pytest.mark.parametrize(("name", "options"), CASES)
+def test_one_training_step_then_keras_file_round_trip(tmp_path, name, options):
+    model = _compiled(name, options)
+    x, y = _batch(model)
+    # The step also moves BatchNormalization statistics off their initial values,
+    # so the round trip below has to carry them.
+    history = model.fit(x, y, batch_size=2, epochs=1, verbose=0)
+    assert np.isfinite(history.history["loss"][0])
+    path = tmp_path / f"{name}.keras"
+    model.save(path)
+    loaded = keras.saving.load_model(path)
+    # Eager calls: predict/evaluate would trace each model again, for seconds.
+    expected, actual = model(x, training=False), loaded(x, training=False)
+    assert expected.keys() == actual.keys()
+    for key in expected:
+        np.testing.assert_array_equal(np.asarray(actual[key]), np.asarray(expected[key]))
+    # The compiled losses and metrics came back too (registered names resolve).
+    model.reset_metrics()  # drop what the training step accumulated
+    (loss, metrics), (loaded_loss, loaded_metrics) = (
+        (
+            float(m.compute_loss(x, y, outputs)),
+            {key: float(value) for key, value in m.compute_metrics(x, y, outputs, None).items()},
+        )
+        for m, outputs in ((model, expected), (loaded, actual))
+    )
+    assert loaded_loss == pytest.approx(loss)
+    assert loaded_metrics == pytest.approx(metrics)
+    # Keras prefixes metric names with the output name only when there are several.
+    assert {"precision", "recall", "auc"} <= {key.removeprefix("target_") for key in metrics}
+
+
+def test_unknown_model_name_lists_known_names():
+    with pytest.raises(UserError, match="unknown model 'resnet'.*cnn, mask_resnet, vgg16"):
+        build_model("resnet", SIZE)
+
+
+def test_too_small_or_indivisible_image_sizes_are_user_errors():
+    with pytest.raises(UserError, match="at least 64"):
+        build_model("cnn", 32)
+    with pytest.raises(UserError, match="at least 32"):
+        build_model("vgg16", 16)
+    with pytest.raises(UserError, match="divisible by 16"):
+        build_model("mask_resnet", 40)
+
+
+def test_vgg16_never_downloads_imagenet_weights():
+    with pytest.raises(UserError, match="cannot download.*vgg16.*_notop.h5.*pass its path"):
+        build_model("vgg16", SIZE, weights="imagenet")
+
+
+def test_vgg16_missing_or_unreadable_weights_file(tmp_path):
+    with pytest.raises(UserError, match="not found"):
+        build_model("vgg16", SIZE, weights=str(tmp_path / "absent.h5"))
+    not_weights = tmp_path / "not_weights.h5"
+    not_weights.write_bytes(b"not an hdf5 file")
+    with pytest.raises(UserError, match="cannot load vgg16 weights"):
+        build_model("vgg16", SIZE, weights=str(not_weights))
+
+
+def _write_imagenet_style_weights(path, backbone):
+    """Writes `backbone`'s weights in the layout of Keras' ImageNet .h5 files (order-based)."""
+    with h5py.File(path, "w") as file:
+        names = [layer.name for layer in backbone.layers]
+        file.attrs["layer_names"] = [name.encode() for name in names]
+        for layer in backbone.layers:
+            group = file.create_group(layer.name)
+            weight_names = [f"{layer.name}_{i}" for i in range(len(layer.weights))]
+            group.attrs["weight_names"] = [name.encode() for name in weight_names]
+            for weight_name, value in zip(weight_names, layer.get_weights()):
+                group.create_dataset(weight_name, data=value)
+
+
+def test_vgg16_loads_a_local_imagenet_style_weights_file(tmp_path):
+    source = keras.applications.VGG16(include_top=False, weights=None, input_shape=(32, 32, 3))
+    path = tmp_path / "vgg16_notop.h5"
+    _write_imagenet_style_weights(path, source)
+    model = vgg16.build(32, weights=str(path))
+    loaded = model.get_layer("vgg16_backbone").get_weights()
+    for expected, actual in zip(source.get_weights(), loaded, strict=True):
+        np.testing.assert_array_equal(actual, expected)
+
+
+def test_iou_bce_loss_and_mean_iou_on_a_hand_worked_case():
+    y_true = np.zeros((2, 2, 2, 1), np.float32)
+    y_true[0, 0, :, 0] = 1.0  # image 0: top row; image 1: empty
+    y_pred = np.full((2, 2, 2, 1), 0.25, np.float32)
+    y_pred[0, 0, 0, 0] = 0.75
+    # Thresholded: image 0 predicts 1 pixel of a 2-pixel mask (IoU 1/2); image 1
+    # predicts nothing of nothing (IoU 1).
+    np.testing.assert_allclose(mean_iou(y_true, y_pred), [0.5, 1.0], rtol=1e-5)
+    # Probability given to the true value, pixel by pixel: image 0 misses one mask
+    # pixel (0.25), every other pixel of both images gets 0.75.
+    bce = -np.log([[0.75, 0.25, 0.75, 0.75], [0.75, 0.75, 0.75, 0.75]]).mean(axis=1)
+    # Soft IoU pooled over the batch, smoothed by 1: intersection 0.75 + 0.25,
+    # union 2 (true) + 2.5 (predicted) - 1.
+    iou_loss = 1 - (1.0 + 1) / (3.5 + 1)
+    np.testing.assert_allclose(
+        iou_bce_loss(y_true, y_pred), 0.25 * bce + 0.75 * iou_loss, rtol=1e-5
+    )
+
+
+def test_boxes_from_mask_two_rectangles():
+    height, width = 32, 64  # not square, so rows and columns cannot be confused
+    probability = np.full((height, width), 0.1, np.float32)
+    probability[2:10, 4:20] = 0.7  # first in label order, lower score
+    probability[20:30, 40:50] = 0.8
+    probability[20:30, 50:60] = 1.0  # second component's mean is 0.9
+    probability[0, 63] = 0.99  # one pixel, below the 0.1% minimum area of 2048 px
+    found_boxes, scores = boxes_from_mask(probability, threshold=0.5)
+    expected = np.array(
+        [[20 / 32, 40 / 64, 30 / 32, 60 / 64], [2 / 32, 4 / 64, 10 / 32, 20 / 64]], np.float32
+    )
+    assert found_boxes.dtype == np.float32 and scores.dtype == np.float32
+    np.testing.assert_array_equal(found_boxes, expected)
+    np.testing.assert_allclose(scores, [0.9, 0.7], rtol=1e-6)
+    # The boxes cover exactly the pixels that made them (rasterize takes x-first boxes).
+    kept_pixels = probability > 0.5
+    kept_pixels[0, 63] = False
+    as_xy = found_boxes[:, [1, 0, 3, 2]]
+    np.testing.assert_array_equal(boxes.rasterize(as_xy, height, width), kept_pixels)
+
+
+def test_boxes_from_mask_nothing_above_threshold():
+    found_boxes, scores = boxes_from_mask(np.full((16, 16), 0.5, np.float32), threshold=0.5)
+    assert found_boxes.shape == (0, 4) and found_boxes.dtype == np.float32
+    assert scores.shape == (0,) and scores.dtype == np.float32
