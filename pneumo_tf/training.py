@@ -83,9 +83,8 @@ class AugmentingTrainer(keras.Model):
         self.seed = seed
 
     def call(self, inputs, training=False):
-        if isinstance(inputs, dict):
-            inputs = {"image": inputs["image"]}
-        return self.network(inputs, training=training)
+        image = inputs["image"] if isinstance(inputs, dict) else inputs
+        return self.network({"image": image}, training=training)
 
     def _inputs_and_labels(self, batch):
         labels = {}
@@ -207,6 +206,7 @@ def train_and_evaluate(config: TrainConfig) -> dict:
         "image_size": config.image_size,
         "threshold": 0.5,
         "epochs_run": len(history.epoch),
+        "epochs": list(history.epoch),  # 0-based; a resumed run starts after the finished ones
         "steps_per_epoch": steps_per_epoch,
         "train_seconds": round(seconds, 3),
         "images_per_second": round(steps_run * config.batch_size / seconds, 2) if seconds > 0 else None,

@@ -27,3 +27,17 @@ def synthetic_rsna(tmp_path_factory) -> dict:
 
 def pytest_configure(config):
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+
+@pytest.fixture(scope="session")
+def tiny_records(synthetic_rsna, tmp_path_factory) -> str:
+    """The synthetic folder converted at 64 px: 24 labeled records in train and val, 3 in test."""
+    from pneumo_tf.records import convert
+
+    output = tmp_path_factory.mktemp("tiny_records") / "records"
+    convert.convert(
+        synthetic_rsna["train_dir"], str(output), synthetic_rsna["train_labels"],
+        synthetic_rsna["detailed_class_info"], synthetic_rsna["test_dir"],
+        convert.ConvertOptions(image_size=64, num_shards=2), workers=1,
+    )
+    return str(output)

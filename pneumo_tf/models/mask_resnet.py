@@ -12,7 +12,10 @@ _BN_MOMENTUM = 0.9
 
 
 def _norm_act(x, negative_slope: float):
-    x = layers.BatchNormalization(momentum=_BN_MOMENTUM)(x)
+    # Synchronised across replicas: with the small per-replica batches of detection
+    # training, per-replica statistics would make N replicas train a different model than
+    # one device on the same global batch. On one device it is plain batch norm.
+    x = layers.BatchNormalization(momentum=_BN_MOMENTUM, synchronized=True)(x)
     return layers.LeakyReLU(negative_slope=negative_slope)(x)
 
 

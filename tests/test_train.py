@@ -1,0 +1,171 @@
+"""Training end to end: export, strategies, precision, resume, CLI errors."""
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import textwrap
+import time
+
+import numpy as np
+import pytest
+
+from pneumo_tf import training
+
+TINY_MASK = ["--model=mask_resnet", "--model_option=channels=4", "--model_option=n_blocks=1",
+             "--model_option=depth=2", "--image_size=64", "--batch_size=4"]
+
+
+def run_train(records, model_dir, *args, env=None, timeout=600):
+    command = [sys.executable, "-m", "pneumo_tf.train", f"--records_dir={records}", f"--model_dir={model_dir}", *args]
+    return subprocess.run(command, capture_output=True, text=True, timeout=timeout, env=env)
+
+
+def test_train_and_export_mask_resnet(tiny_records, tmp_path):
+    config = training.TrainConfig(
+        records_dir=tiny_records, model_dir=str(tmp_path / "run"), model="mask_resnet",
+        model_options={"channels": 4, "n_blocks": 1, "depth": 2, "classification_head": True},
+        image_size=64, batch_size=4, epochs=2, steps_per_epoch=2, log_every_steps=1,
+    )
+    summary = training.train_and_evaluate(config)
+    assert summary["epochs_run"] == 2 and summary["steps_per_epoch"] == 2
+    assert len(summary["history"]["val_map"]) == 2
+    assert all(0.0 <= v <= 1.0 for v in summary["history"]["val_map"])
+    assert np.isfinite(summary["history"]["loss"]).all()
+    # The batch is 4 at the seed's reference 16, so the peak rate is a quarter of 7e-4.
+    assert summary["learning_rate"] == pytest.approx(7e-4 / 4)
+    network, info = training.load_exported(str(tmp_path / "run"))
+    assert info["model"] == "mask_resnet" and info["image_size"] == 64
+    outputs = network({"image": np.zeros((1, 64, 64, 1), np.float32)})
+    assert outputs["mask"].shape == (1, 64, 64, 1) and outputs["target"].shape == (1, 1)
+    assert os.path.isfile(tmp_path / "run" / "saved_model" / "saved_model.pb")
+    checkpoints = sorted(os.listdir(tmp_path / "run" / "checkpoints"))
+    assert checkpoints == ["best.weights.h5", "epoch-001.weights.h5", "epoch-002.weights.h5"]
+    assert not os.path.exists(tmp_path / "run" / "backup")  # removed once training finished
+
+
+@pytest.mark.slow
+def test_classifiers_train_one_step_in_bfloat16(tiny_records, tmp_path):
+    for model, extra in (("cnn", ["--model_option=width=0.25"]), ("vgg16", [])):
+        result = run_train(
+            tiny_records, tmp_path / model, f"--model={model}", "--image_size=64", "--batch_size=2",
+            "--epochs=1", "--steps_per_epoch=1", "--validation_steps=1", "--precision=mixed_bfloat16", *extra,
+        )
+        assert result.returncode == 0, result.stderr[-3000:]
+        with open(tmp_path / model / "pneumo_tf.json") as handle:
+            info = json.load(handle)
+        assert info["precision"] == "mixed_bfloat16" and np.isfinite(info["history"]["loss"][0])
+
+
+MIRRORED_VS_ONE_DEVICE = textwrap.dedent("""
+    import sys
+    import numpy as np
+    import tensorflow as tf
+    from pneumo_tf import augment, distribute, models, training
+    import keras
+
+    distribute.split_cpu(2)
+    rng = np.random.default_rng(0)
+    batch = {
+        "image": rng.random((4, 32, 32, 1), dtype=np.float32),
+        "mask": (rng.random((4, 32, 32, 1)) > 0.7).astype(np.float32),
+        "target": np.array([1, 0, 1, 0], np.int32),
+    }
+    dataset = tf.data.Dataset.from_tensors(batch).repeat()
+    initial = None
+    results = []
+    for strategy in (tf.distribute.OneDeviceStrategy("/cpu:0"), distribute.make_strategy("mirrored")):
+        with strategy.scope():
+            keras.utils.set_random_seed(1)
+            network = models.build_model("mask_resnet", 32, channels=4, n_blocks=1, depth=2, classification_head=True)
+            trainer = training.AugmentingTrainer(network, augment.AugmentConfig.off())
+            trainer.compile(optimizer=keras.optimizers.SGD(0.1), **models.compile_args(network))
+            trainer.build({"image": (None, 32, 32, 1)})
+            if initial is None:
+                initial = network.get_weights()
+            network.set_weights(initial)
+        data = strategy.experimental_distribute_dataset(dataset)
+        history = trainer.fit(data, epochs=1, steps_per_epoch=1, verbose=0)
+        results.append((strategy.num_replicas_in_sync, history.history["loss"][0], network.get_weights()))
+    (one, loss_one, weights_one), (two, loss_two, weights_two) = results
+    assert (one, two) == (1, 2), (one, two)
+    print("losses", loss_one, loss_two)
+    np.testing.assert_allclose(loss_one, loss_two, rtol=1e-5)
+    for a, b in zip(weights_one, weights_two):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+    print("same")
+""")
+
+
+@pytest.mark.slow
+def test_mirrored_over_two_cpus_matches_one_device():
+    result = subprocess.run([sys.executable, "-c", MIRRORED_VS_ONE_DEVICE], capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0 and "same" in result.stdout, result.stdout + result.stderr[-3000:]
+
+
+def _free_ports(count):
+    sockets = [socket.socket() for _ in range(count)]
+    for s in sockets:
+        s.bind(("127.0.0.1", 0))
+    ports = [s.getsockname()[1] for s in sockets]
+    for s in sockets:
+        s.close()
+    return ports
+
+
+@pytest.mark.slow
+def test_multi_worker_mirrored_as_two_local_processes(tiny_records, tmp_path):
+    workers = [f"127.0.0.1:{port}" for port in _free_ports(2)]
+    processes = []
+    for index in range(2):
+        env = dict(os.environ, TF_CONFIG=json.dumps({"cluster": {"worker": workers}, "task": {"type": "worker", "index": index}}))
+        command = [sys.executable, "-m", "pneumo_tf.train", f"--records_dir={tiny_records}",
+                   f"--model_dir={tmp_path / 'run'}", "--strategy=multi_worker_mirrored", *TINY_MASK,
+                   "--epochs=1", "--steps_per_epoch=2", "--validation_steps=1"]
+        processes.append(subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    outputs = [p.communicate(timeout=600) for p in processes]
+    for process, (out, err) in zip(processes, outputs):
+        assert process.returncode == 0, err[-3000:]
+    with open(tmp_path / "run" / "pneumo_tf.json") as handle:
+        info = json.load(handle)
+    assert info["replicas"] == 2 and info["epochs_run"] == 1 and info["steps_per_epoch"] == 2
+    assert os.path.isfile(tmp_path / "run" / "model.keras")
+
+
+@pytest.mark.slow
+def test_killed_run_resumes_from_the_last_epoch(tiny_records, tmp_path):
+    model_dir = tmp_path / "run"
+    args = [f"--records_dir={tiny_records}", f"--model_dir={model_dir}", *TINY_MASK, "--epochs=3",
+            "--steps_per_epoch=2", "--validation_steps=1"]
+    process = subprocess.Popen([sys.executable, "-m", "pneumo_tf.train", *args],
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    first_epoch = model_dir / "checkpoints" / "epoch-001.weights.h5"
+    deadline = time.time() + 300
+    while time.time() < deadline and not first_epoch.exists() and process.poll() is None:
+        time.sleep(0.05)
+    time.sleep(0.5)  # let BackupAndRestore write its state after the checkpoint
+    os.kill(process.pid, signal.SIGKILL)
+    process.wait()
+    assert first_epoch.exists() and not (model_dir / "pneumo_tf.json").exists()
+    first_mtime = first_epoch.stat().st_mtime_ns
+    result = run_train(tiny_records, model_dir, *args[2:])
+    assert result.returncode == 0, result.stderr[-3000:]
+    with open(model_dir / "pneumo_tf.json") as handle:
+        info = json.load(handle)
+    # Resumed after the killed run's finished epochs: fewer epochs ran, ending at epoch 3.
+    assert info["epochs"][-1] == 2 and 1 <= len(info["epochs"]) <= 2
+    assert first_epoch.stat().st_mtime_ns == first_mtime
+    assert (model_dir / "checkpoints" / "epoch-003.weights.h5").exists()
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--model=resnet9000"], "unknown model 'resnet9000'"),
+    (["--records_dir=/nonexistent/records"], "records folder not found"),
+])
+def test_cli_errors(tiny_records, tmp_path, args, message):
+    result = run_train(tiny_records, tmp_path / "run", *TINY_MASK, *args)
+    assert result.returncode != 0
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and message in errors[0], result.stderr[-2000:]
+    assert not (tmp_path / "run").exists()
