@@ -97,7 +97,8 @@ def augment_batch(batch: dict, seed, config: AugmentConfig = AugmentConfig()) ->
 
     `seed` is a shape [2] int32 or int64 tensor, for example (run seed, step)
     passed through `replica_seed`; the result is a pure function of it.
-    Keys other than image, mask, boxes and num_boxes pass through untouched.
+    Keys other than image, mask, boxes and num_boxes pass through untouched; the mask
+    is optional (classifier batches carry none).
     """
     batch_size = tf.shape(batch["image"])[0]
     return _augment_with(batch, _draw(seed, batch_size, config))
@@ -138,7 +139,6 @@ def _draw(seed, batch_size, config: AugmentConfig) -> _Params:
 def _augment_with(batch: dict, params: _Params) -> dict:
     """The deterministic half of `augment_batch`: apply given per-image parameters."""
     image = tf.cast(batch["image"], tf.float32)
-    mask = tf.cast(batch["mask"], tf.float32)
     shape = tf.shape(image)
     height, width = tf.cast(shape[1], tf.float32), tf.cast(shape[2], tf.float32)
 
@@ -153,16 +153,21 @@ def _augment_with(batch: dict, params: _Params) -> dict:
     # Image and mask share one resampling; bilinear weights are convex, so the image
     # stays in [0, 1], and thresholding the mask at 0.5 keeps it binary with its
     # edge where the box edge maps to.
+    # Classifiers train without a mask: then only the image is resampled.
     channels = image.shape[-1]
-    pixels = _resample(tf.concat([image, mask], axis=-1), inverse)
+    has_mask = "mask" in batch
+    stacked = tf.concat([image, tf.cast(batch["mask"], tf.float32)], axis=-1) if has_mask else image
+    pixels = _resample(stacked, inverse)
     boxes, num_boxes = _map_boxes(batch["boxes"], batch["num_boxes"], forward, height, width)
-    return {
+    augmented = {
         **batch,
         "image": tf.cast(pixels[..., :channels], batch["image"].dtype),
-        "mask": tf.cast(pixels[..., channels:] >= 0.5, batch["mask"].dtype),
         "boxes": boxes,
         "num_boxes": num_boxes,
     }
+    if has_mask:
+        augmented["mask"] = tf.cast(pixels[..., channels:] >= 0.5, batch["mask"].dtype)
+    return augmented
 
 
 def _affine_maps(params: _Params, height, width):

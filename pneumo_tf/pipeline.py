@@ -39,7 +39,6 @@ from pneumo_tf.records.manifest import read_manifest, shard_paths
 JPEG_RATIOS = (1, 2, 4, 8)
 
 LABEL_KEYS = ("boxes", "num_boxes", "target", "class")
-# Per-image facts that training steps never need; strings cannot enter an XLA-compiled step.
 METADATA_KEYS = ("id", "source_height", "source_width")
 
 DEFAULT_SHUFFLE_BUFFER = 1024
@@ -291,14 +290,14 @@ def _check_positive_fraction(positive_fraction, training, repeat, split_entry, s
 
 
 def distributed_dataset(strategy, records_dir: str, split: str, global_batch_size: int, image_size: int,
-                        training: bool, **kwargs):
-    """`make_dataset` for `fit` under a tf.distribute strategy: one pipeline per input worker,
-    per-replica batches, without the metadata keys (see METADATA_KEYS)."""
+                        training: bool, map_fn=None, **kwargs):
+    """`make_dataset` under a tf.distribute strategy: one pipeline per input worker, per-replica
+    batches, each batch passed through `map_fn` when given (e.g. to shape it for `fit`)."""
 
     def dataset_fn(input_context):
         dataset = make_dataset(
             records_dir, split, global_batch_size, image_size, training, input_context=input_context, **kwargs
         )
-        return dataset.map(lambda batch: {k: v for k, v in batch.items() if k not in METADATA_KEYS})
+        return dataset.map(map_fn) if map_fn is not None else dataset
 
     return strategy.distribute_datasets_from_function(dataset_fn)

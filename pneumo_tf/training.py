@@ -12,6 +12,7 @@ Layout of `config.model_dir` after a run:
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import os
 import shutil
@@ -68,12 +69,27 @@ class TrainConfig:
             raise UserError(f"unknown model {self.model!r}; known models: {', '.join(sorted(models.BUILDERS))}")
 
 
+def fit_example(batch: dict, output_names) -> tuple[dict, dict]:
+    """A pipeline batch -> (inputs, labels) as `fit` takes them.
+
+    Labels are the batch keys named like the network's outputs, shaped like them ("target"
+    becomes float [B, 1]); inputs keep what augmentation needs besides them (image, boxes,
+    num_boxes). Strings and other metadata stay out: they could not enter an XLA step.
+    """
+    labels = {}
+    for name in output_names:
+        value = tf.cast(batch[name], tf.float32)
+        labels[name] = value[:, None] if name == "target" else value
+    inputs = {key: batch[key] for key in ("image", "boxes", "num_boxes")}
+    return inputs, labels
+
+
 @keras.saving.register_keras_serializable(package="pneumo_tf")
 class AugmentingTrainer(keras.Model):
     """Wraps a network so each training step augments its batch on the device first.
 
-    Batches are dicts; the network's output names say which batch keys are its labels.
-    Only the inner `network` is exported: the wrapper exists for fit().
+    Data are (inputs, labels) pairs from `fit_example`. Only the inner `network` is
+    exported: the wrapper exists for fit().
     """
 
     def __init__(self, network: keras.Model, augment_config: augment.AugmentConfig, seed: int = 0, **kwargs):
@@ -81,29 +97,48 @@ class AugmentingTrainer(keras.Model):
         self.network = network
         self.augment_config = augment_config
         self.seed = seed
+        self.set_data_spec(None)
+
+    def set_data_spec(self, spec) -> None:
+        """The (inputs, labels) KerasTensors of one batch, used to build metrics before fit."""
+        # Set past Keras' attribute tracking, which would turn the dicts into tracked
+        # containers that the symbolic build then unpacks wrongly.
+        object.__setattr__(self, "data_spec", spec)
+
+    def _maybe_symbolic_build(self, iterator=None, data_batch=None):
+        # Keras builds metrics from a real first batch that it all-reduces across replicas:
+        # under MultiWorkerMirroredStrategy that fails for dict batches (and moves every
+        # pixel over the network). The batch's specs build the same state.
+        if iterator is not None and self.data_spec is not None:
+            iterator, data_batch = None, self.data_spec
+        super()._maybe_symbolic_build(iterator=iterator, data_batch=data_batch)
 
     def call(self, inputs, training=False):
         image = inputs["image"] if isinstance(inputs, dict) else inputs
         return self.network({"image": image}, training=training)
 
-    def _inputs_and_labels(self, batch):
-        labels = {}
-        for name in self.network.output_names:
-            value = tf.cast(batch[name], tf.float32)
-            labels[name] = value[:, None] if name == "target" else value
-        return {"image": batch["image"]}, labels
+    def train_step(self, data):
+        inputs, labels = data
+        if self.augment_config != augment.AugmentConfig.off():
+            # The optimizer's step makes every step's draw different and a resumed run repeat it.
+            step_seed = tf.stack([tf.constant(self.seed, tf.int64), tf.cast(self.optimizer.iterations, tf.int64)])
+            # Image, mask and boxes move together; other labels pass through.
+            batch = augment.augment_batch({**inputs, **labels}, augment.replica_seed(step_seed), self.augment_config)
+            inputs = {key: batch[key] for key in inputs}
+            labels = {key: batch[key] for key in labels}
+        return self._reducible(super().train_step(({"image": inputs["image"]}, labels)))
 
-    def train_step(self, batch):
-        # The optimizer's step makes every step's draw different and a resumed run repeat it.
-        step_seed = tf.stack([tf.constant(self.seed, tf.int64), tf.cast(self.optimizer.iterations, tf.int64)])
-        batch = augment.augment_batch(batch, augment.replica_seed(step_seed), self.augment_config)
-        return super().train_step(self._inputs_and_labels(batch))
+    def test_step(self, data):
+        inputs, labels = data
+        return self._reducible(super().test_step(({"image": inputs["image"]}, labels)))
 
-    def test_step(self, batch):
-        return super().test_step(self._inputs_and_labels(batch))
-
-    def predict_step(self, batch):
-        return self(batch, training=False)
+    def _reducible(self, logs: dict) -> dict:
+        # Keras 3 reduces step logs under MultiWorkerMirroredStrategy with reduce(MEAN, axis=0),
+        # which fails on scalars (tensorflow/tensorflow#72388); a leading axis of 1 makes that
+        # reduction the mean over replicas.
+        if isinstance(self.distribute_strategy, tf.distribute.MultiWorkerMirroredStrategy):
+            return {name: tf.reshape(value, [1]) for name, value in logs.items()}
+        return logs
 
 
 def _learning_rate(config: TrainConfig, total_steps: int):
@@ -152,16 +187,20 @@ def train_and_evaluate(config: TrainConfig) -> dict:
         trainer.compile(optimizer=keras.optimizers.Adam(schedule), **models.compile_args(network))
         trainer.build({"image": (None, config.image_size, config.image_size, 1)})
 
+    to_fit = functools.partial(fit_example, output_names=tuple(network.output_names))
     train_data = pipeline.distributed_dataset(
-        strategy, config.records_dir, "train", config.batch_size, config.image_size, training=True,
+        strategy, config.records_dir, "train", config.batch_size, config.image_size, training=True, map_fn=to_fit,
         positive_fraction=config.positive_fraction, cache=config.cache, seed=config.seed,
     )
     val_data = pipeline.distributed_dataset(
-        strategy, config.records_dir, "val", config.batch_size, config.image_size, training=False,
+        strategy, config.records_dir, "val", config.batch_size, config.image_size, training=False, map_fn=to_fit,
         cache=config.cache,
     )
     # The epoch-end report streams the val split once, on the chief's own pipeline.
     report_data = pipeline.make_dataset(config.records_dir, "val", config.batch_size, config.image_size, training=False)
+    trainer.set_data_spec(tf.nest.map_structure(
+        lambda spec: keras.KerasTensor(spec.shape, spec.dtype.name), report_data.map(to_fit).element_spec
+    ))
     has_mask = "mask" in network.output_names
     monitor = "val_map" if has_mask else "val_loss"
     mode = "max" if has_mask else "min"

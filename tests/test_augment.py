@@ -324,3 +324,15 @@ def test_config_rejects_bad_ranges(bad):
 
 def test_config_is_hashable_with_a_list_for_contrast():
     assert hash(AugmentConfig(contrast_range=[0.8, 1.2])) == hash(AugmentConfig(contrast_range=(0.8, 1.2)))
+
+
+def test_batches_without_a_mask_transform_image_and_boxes_as_with_one():
+    # Classifier batches carry no mask: the image and boxes must come out as they do with one.
+    batch = make_batch()
+    seed = tf.constant([5, 9], tf.int64)
+    with_mask = augment_batch(batch, seed, AugmentConfig())
+    without = augment_batch({k: v for k, v in batch.items() if k != "mask"}, seed, AugmentConfig())
+    assert "mask" not in without
+    np.testing.assert_allclose(without["image"].numpy(), with_mask["image"].numpy(), atol=1e-6)
+    np.testing.assert_array_equal(without["boxes"].numpy(), with_mask["boxes"].numpy())
+    np.testing.assert_array_equal(without["num_boxes"].numpy(), with_mask["num_boxes"].numpy())

@@ -280,9 +280,12 @@ def test_distributed_dataset_feeds_a_strategy(folder):
     strategy = tf.distribute.OneDeviceStrategy("/cpu:0")
     dataset = pipeline.distributed_dataset(strategy, folder[0], "train", 4, 16, training=True, seed=0)
     batch = next(iter(dataset))
-    assert batch["image"].shape == (4, 16, 16, 1)
-    # fit() gets no string tensors: they could not enter an XLA-compiled step.
-    assert set(batch) == KEYS - set(pipeline.METADATA_KEYS)
+    assert batch["image"].shape == (4, 16, 16, 1) and set(batch) == KEYS
+    mapped = pipeline.distributed_dataset(
+        strategy, folder[0], "train", 4, 16, training=True, seed=0, map_fn=lambda b: (b["image"], b["target"])
+    )
+    image, target = next(iter(mapped))
+    assert image.shape == (4, 16, 16, 1) and target.shape == (4,)
 
 
 def test_num_examples_comes_from_the_manifest(folder):

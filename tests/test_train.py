@@ -72,7 +72,9 @@ MIRRORED_VS_ONE_DEVICE = textwrap.dedent("""
         "mask": (rng.random((4, 32, 32, 1)) > 0.7).astype(np.float32),
         "target": np.array([1, 0, 1, 0], np.int32),
     }
-    dataset = tf.data.Dataset.from_tensors(batch).repeat()
+    batch.update(boxes=np.zeros((4, 8, 4), np.float32), num_boxes=np.zeros(4, np.int32))
+    dataset = tf.data.Dataset.from_tensors(batch).repeat().map(
+        lambda b: training.fit_example(b, ("mask", "target")))
     initial = None
     results = []
     for strategy in (tf.distribute.OneDeviceStrategy("/cpu:0"), distribute.make_strategy("mirrored")):
@@ -136,27 +138,27 @@ def test_multi_worker_mirrored_as_two_local_processes(tiny_records, tmp_path):
 @pytest.mark.slow
 def test_killed_run_resumes_from_the_last_epoch(tiny_records, tmp_path):
     model_dir = tmp_path / "run"
-    args = [f"--records_dir={tiny_records}", f"--model_dir={model_dir}", *TINY_MASK, "--epochs=3",
-            "--steps_per_epoch=2", "--validation_steps=1"]
+    args = [f"--records_dir={tiny_records}", f"--model_dir={model_dir}", *TINY_MASK, "--epochs=4",
+            "--steps_per_epoch=8", "--validation_steps=1"]
     process = subprocess.Popen([sys.executable, "-m", "pneumo_tf.train", *args],
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    first_epoch = model_dir / "checkpoints" / "epoch-001.weights.h5"
+    # BackupAndRestore writes its state at the end of each epoch; kill -9 right after the first.
+    state = model_dir / "backup" / "training_metadata.json"
     deadline = time.time() + 300
-    while time.time() < deadline and not first_epoch.exists() and process.poll() is None:
-        time.sleep(0.05)
-    time.sleep(0.5)  # let BackupAndRestore write its state after the checkpoint
+    while time.time() < deadline and not state.exists() and process.poll() is None:
+        time.sleep(0.01)
     os.kill(process.pid, signal.SIGKILL)
     process.wait()
-    assert first_epoch.exists() and not (model_dir / "pneumo_tf.json").exists()
-    first_mtime = first_epoch.stat().st_mtime_ns
+    with open(state) as handle:
+        finished = json.load(handle)["epoch"]  # epochs the killed run completed
+    assert 1 <= finished < 4 and not (model_dir / "pneumo_tf.json").exists()
     result = run_train(tiny_records, model_dir, *args[2:])
     assert result.returncode == 0, result.stderr[-3000:]
     with open(model_dir / "pneumo_tf.json") as handle:
         info = json.load(handle)
-    # Resumed after the killed run's finished epochs: fewer epochs ran, ending at epoch 3.
-    assert info["epochs"][-1] == 2 and 1 <= len(info["epochs"]) <= 2
-    assert first_epoch.stat().st_mtime_ns == first_mtime
-    assert (model_dir / "checkpoints" / "epoch-003.weights.h5").exists()
+    assert info["epochs"] == list(range(finished, 4))  # resumed after the finished epochs
+    assert (model_dir / "checkpoints" / "epoch-004.weights.h5").exists()
+    assert not (model_dir / "backup").exists()  # removed once training finished
 
 
 @pytest.mark.parametrize("args, message", [

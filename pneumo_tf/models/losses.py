@@ -7,6 +7,7 @@ without `custom_objects`.
 from __future__ import annotations
 
 import keras
+import tensorflow as tf
 from keras import ops
 
 # The seed's IoU loss adds 1 to both sides so an empty mask against an empty
@@ -14,16 +15,30 @@ from keras import ops
 _IOU_SMOOTHING = 1.0
 
 
+def _sum_over_replicas(value):
+    """Sums a per-replica value over all replicas (the identity outside a multi-replica step).
+
+    The all-reduce's gradient is the all-reduce of the gradients, so N replicas then
+    compute the loss and the gradients of one device on the global batch.
+    """
+    context = tf.distribute.get_replica_context()
+    if context is None or context.num_replicas_in_sync == 1:
+        return value
+    return context.all_reduce("SUM", value)
+
+
 @keras.saving.register_keras_serializable(package="pneumo_tf")
 def soft_iou_loss(y_true, y_pred):
-    """1 - soft IoU of probabilities, pooled over the whole batch as in the seed.
+    """1 - soft IoU of probabilities, pooled over the whole (global) batch as in the seed.
 
     Pooling (rather than per image) matters for RSNA: ~77% of masks are empty,
-    and a per-image smoothed IoU would make any activation on them cost ~1.
+    and a per-image smoothed IoU would make any activation on them cost ~1. Under a
+    tf.distribute strategy the pool is the global batch, not each replica's share.
     """
     y_true = ops.cast(y_true, y_pred.dtype)
-    intersection = ops.sum(y_true * y_pred)
-    union = ops.sum(y_true) + ops.sum(y_pred) - intersection
+    sums = _sum_over_replicas(ops.stack([ops.sum(y_true * y_pred), ops.sum(y_true), ops.sum(y_pred)]))
+    intersection = sums[0]
+    union = sums[1] + sums[2] - intersection
     return 1.0 - (intersection + _IOU_SMOOTHING) / (union + _IOU_SMOOTHING)
 
 
