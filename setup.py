@@ -16,6 +16,7 @@ setup(
         "numpy",
         "pandas",
         "scikit-learn",
+        "matplotlib",
         "scipy",
         "absl-py",
         "tensorboard",

@@ -1,0 +1,387 @@
+"""Evaluation: an exported model over one labeled split -> threshold table, curves, and the model's threshold.
+
+One confidence threshold t makes both of a model's decisions, as everywhere in
+pneumo_tf: an image is called positive when its `postprocess.image_probability`
+is above t (as a mask pixel is foreground when its probability is above t), and
+its boxes are `postprocess.detections(outputs, t)`. The split is streamed once;
+per image only the probability, target, class, true boxes and, for each threshold
+of the sweep, the detections are kept, never the images.
+
+Written to `output_dir` (default <model_dir>/evaluation/<split>):
+  thresholds.csv, thresholds.md  one row per threshold: accuracy; precision, recall
+                                 and F1 of the positive and the negative class; AUC
+                                 (threshold-free, the same on every row); challenge mAP
+  confusion_matrix.csv           at the chosen threshold, rows by target
+  confusion_by_class.csv         the same with rows by the three-way class
+  images.csv                     id, target, class, probability of every labeled image
+  pr_curve.png, roc_curve.png    with the chosen threshold marked
+  summary.json                   what `evaluate` returns as `summary`
+and to TensorBoard under <model_dir>/logs/evaluation_<split> at the model's last
+epoch: the PR curve (as validation writes it), both curve images, the table as
+text, AUC, mAP and the chosen threshold.
+
+The chosen threshold maximises the challenge mAP; it is saved into the model's
+pneumo_tf.json, where prediction and the web page read it.
+"""
+from __future__ import annotations
+
+import dataclasses
+import io
+import math
+import os
+
+import numpy as np
+import pandas as pd
+import tensorflow as tf
+from matplotlib.figure import Figure
+from sklearn import metrics as sk_metrics
+from tensorboard.plugins.pr_curve import summary as pr_curve_summary
+
+from pneumo_tf import callbacks, metric, pipeline, postprocess, prediction, submission, training
+from pneumo_tf.errors import UserError
+from pneumo_tf.fileio import atomic_open, write_json_atomic
+from pneumo_tf.records import labels as labels_lib, schema
+
+DEFAULT_THRESHOLDS = tuple(round(0.1 * step, 2) for step in range(1, 10))
+TABLE_COLUMNS = (
+    "threshold", "accuracy", "precision_positive", "recall_positive", "f1_positive",
+    "precision_negative", "recall_negative", "f1_negative", "auc", "map",
+)
+MAP_COLUMN = "map"
+F1_COLUMN = "f1_positive"
+PREDICTED_COLUMNS = ("predicted negative", "predicted positive")
+
+
+@dataclasses.dataclass(frozen=True)
+class EvaluateConfig:
+    model_dir: str
+    records_dir: str
+    split: str = "val"
+    batch_size: int = 16
+    thresholds: tuple[float, ...] = DEFAULT_THRESHOLDS
+    output_dir: str | None = None  # None: <model_dir>/evaluation/<split>
+    save_threshold: bool = True  # into the model's pneumo_tf.json
+
+    def validate(self) -> None:
+        if self.batch_size < 1:
+            raise UserError(f"--batch_size must be at least 1, not {self.batch_size}")
+        if not self.thresholds:
+            raise UserError("--thresholds needs at least one threshold")
+        outside = [t for t in self.thresholds if not 0.0 < t < 1.0]
+        if outside:
+            raise UserError(f"--thresholds must lie between 0 and 1 (exclusive), got {outside}")
+
+
+@dataclasses.dataclass
+class Collected:
+    """What one pass over a split keeps per labeled image (images with target -1 are only counted)."""
+
+    ids: list[str]
+    probabilities: np.ndarray  # float32 [N]
+    targets: np.ndarray  # int [N]
+    classes: np.ndarray  # int [N], -1 where the class is unknown
+    ground_truth: dict[str, np.ndarray]  # id -> boxes xywh in source pixels
+    detections: list[dict[str, metric.Prediction]]  # one {id: (boxes xywh, scores)} per threshold
+    unlabeled: int
+
+
+@dataclasses.dataclass(frozen=True)
+class Evaluation:
+    summary: dict
+    table: pd.DataFrame
+    confusion: pd.DataFrame
+    confusion_by_class: pd.DataFrame
+
+    def report(self) -> str:
+        """The table, the confusion matrices and the choice, as printable markdown."""
+        summary = self.summary
+        return "\n\n".join([
+            f"Threshold sweep on {summary['split']} ({summary['images']} labeled images, "
+            f"{summary['positives']} positive):",
+            to_markdown(self.table),
+            f"Chosen threshold {summary['threshold']:g} ({summary['threshold_reason']}); "
+            f"confusion matrix there:",
+            to_markdown(self.confusion.reset_index()),
+            to_markdown(self.confusion_by_class.reset_index()),
+        ])
+
+
+def collect(network, dataset: tf.data.Dataset, thresholds) -> Collected:
+    """Runs the model once over a finite pipeline dataset, keeping per-image results only."""
+    ids, probabilities, targets, classes = [], [], [], []
+    ground_truth: dict[str, np.ndarray] = {}
+    detections: list[dict[str, metric.Prediction]] = [{} for _ in thresholds]
+    unlabeled = 0
+    for batch, outputs in prediction.model_outputs(network, dataset):
+        probability = postprocess.image_probability(outputs)
+        found = [prediction.challenge_detections(outputs, batch, threshold) for threshold in thresholds]
+        for index, image_id in enumerate(batch["id"]):
+            if batch["target"][index] < 0:
+                unlabeled += 1
+                continue
+            image_id = image_id.decode()
+            if image_id in ground_truth:
+                raise ValueError(f"the dataset yields image {image_id} twice: read the split once")
+            true_boxes = batch["boxes"][index][: batch["num_boxes"][index]]
+            # Source pixels, as a submission is scored against the labels CSV.
+            ground_truth[image_id] = postprocess.yxyx_to_xywh(
+                true_boxes, int(batch["source_height"][index]), int(batch["source_width"][index])
+            )
+            for per_threshold, kept in zip(found, detections):
+                kept[image_id] = per_threshold[index][2]
+            ids.append(image_id)
+            probabilities.append(probability[index])
+            targets.append(batch["target"][index])
+            classes.append(batch["class"][index])
+    return Collected(ids, np.asarray(probabilities, np.float32), np.asarray(targets, np.int64),
+                     np.asarray(classes, np.int64), ground_truth, detections, unlabeled)
+
+
+def _both_classes(targets) -> bool:
+    return len(np.unique(targets)) == 2
+
+
+def threshold_table(collected: Collected, thresholds) -> pd.DataFrame:
+    """One row per threshold with the columns of TABLE_COLUMNS (see the module docstring)."""
+    targets = collected.targets
+    # AUC is undefined with one class only; NaN says so rather than a misleading number.
+    auc = sk_metrics.roc_auc_score(targets, collected.probabilities) if _both_classes(targets) else math.nan
+    rows = []
+    for threshold, detections in zip(thresholds, collected.detections):
+        predicted = (collected.probabilities > threshold).astype(np.int64)
+        precision, recall, f1, _ = sk_metrics.precision_recall_fscore_support(
+            targets, predicted, labels=[1, 0], zero_division=0
+        )
+        rows.append({
+            "threshold": float(threshold),
+            "accuracy": float(np.mean(predicted == targets)),
+            "precision_positive": precision[0], "recall_positive": recall[0], "f1_positive": f1[0],
+            "precision_negative": precision[1], "recall_negative": recall[1], "f1_negative": f1[1],
+            "auc": auc,
+            MAP_COLUMN: metric.challenge_map(detections, collected.ground_truth),
+        })
+    return pd.DataFrame(rows, columns=list(TABLE_COLUMNS))
+
+
+def pick_threshold(table: pd.DataFrame, has_boxes: bool) -> tuple[int, str, str]:
+    """(row index, column maximised, reason in words) of the threshold to use.
+
+    The mAP decides; NaN rows (nothing to score at that threshold) never win. Ties,
+    common since mAP moves in steps, go to the better positive-class F1 and then to
+    the lower threshold, which favours recall as screening does. Models without
+    boxes, or a split where mAP is NaN at every threshold, maximise F1 instead.
+    """
+    if not has_boxes:
+        column, reason = F1_COLUMN, "the model gives no boxes, so the positive-class F1 is maximised instead of mAP"
+    elif table[MAP_COLUMN].isna().all():
+        column, reason = F1_COLUMN, "mAP is undefined at every threshold, so the positive-class F1 is maximised"
+    else:
+        column, reason = MAP_COLUMN, "maximises the challenge mAP"
+    score = table[column].to_numpy(dtype=np.float64)
+    best = np.flatnonzero(score == np.nanmax(score))
+    # lexsort's last key sorts first: highest F1, then lowest threshold.
+    order = np.lexsort((table["threshold"].to_numpy()[best], -table[F1_COLUMN].to_numpy()[best]))
+    return int(best[order[0]]), column, reason
+
+
+def confusion_matrices(collected: Collected, threshold: float) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Counts of predicted negative/positive at `threshold`, with rows by target and by three-way class."""
+    predicted = (collected.probabilities > threshold).astype(np.int64)
+    by_target = pd.DataFrame(
+        sk_metrics.confusion_matrix(collected.targets, predicted, labels=[0, 1]),
+        index=pd.Index(["target 0 (negative)", "target 1 (positive)"], name="actual"),
+        columns=list(PREDICTED_COLUMNS),
+    )
+    names = [*schema.CLASS_NAMES, "unknown class"]
+    present = [c for c in (0, 1, 2, schema.UNLABELED) if (collected.classes == c).any()]
+    by_class = pd.DataFrame(
+        [[int(np.sum((collected.classes == c) & (predicted == p))) for p in (0, 1)] for c in present],
+        index=pd.Index([names[c] for c in present], name="class"),
+        columns=list(PREDICTED_COLUMNS),
+    )
+    return by_target, by_class
+
+
+def _curve_png(x, y, curve_label: str, chosen_point, threshold: float, xlabel: str, ylabel: str, title: str,
+               **plot_options) -> bytes:
+    # Matplotlib's Figure without pyplot: no global backend or figure state, so this is
+    # safe in a notebook and on a machine without a display.
+    figure = Figure(figsize=(5, 5))
+    axes = figure.subplots()
+    axes.plot(x, y, label=curve_label, **plot_options)
+    axes.plot(*chosen_point, "o", label=f"threshold {threshold:g}")
+    axes.set(xlabel=xlabel, ylabel=ylabel, xlim=(0, 1), ylim=(0, 1.02), title=title)
+    axes.legend(loc="best")
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", dpi=100)
+    return buffer.getvalue()
+
+
+def curve_pngs(collected: Collected, chosen: pd.Series) -> dict[str, bytes]:
+    """{"pr_curve": PNG, "roc_curve": PNG} of the image probabilities, the chosen threshold's point marked."""
+    targets, probabilities = collected.targets, collected.probabilities
+    precision, recall, _ = sk_metrics.precision_recall_curve(targets, probabilities)
+    average_precision = sk_metrics.average_precision_score(targets, probabilities)
+    false_positive_rate, true_positive_rate, _ = sk_metrics.roc_curve(targets, probabilities)
+    return {
+        "pr_curve": _curve_png(
+            recall, precision, f"AP {average_precision:.3f}",
+            (chosen["recall_positive"], chosen["precision_positive"]), chosen["threshold"],
+            "recall", "precision", "Precision-recall (image level)", drawstyle="steps-post",
+        ),
+        # The false positive rate is 1 - specificity, the negative class's recall.
+        "roc_curve": _curve_png(
+            false_positive_rate, true_positive_rate, f"AUC {chosen['auc']:.3f}",
+            (1.0 - chosen["recall_negative"], chosen["recall_positive"]), chosen["threshold"],
+            "false positive rate", "true positive rate", "ROC (image level)",
+        ),
+    }
+
+
+def write_tensorboard(log_dir: str, step: int, collected: Collected, table_markdown: str, pngs: dict[str, bytes],
+                      summary: dict) -> None:
+    writer = tf.summary.create_file_writer(log_dir)
+    with writer.as_default(step=step):
+        curve = pr_curve_summary.pb(
+            callbacks.PR_CURVE_NAME,
+            labels=collected.targets == 1,
+            predictions=collected.probabilities,
+            num_thresholds=callbacks.PR_CURVE_THRESHOLDS,
+        )
+        # TensorBoard has no TF2 PR-curve op (tensorboard#2902): write its protobuf as is.
+        tf.summary.experimental.write_raw_pb(curve.SerializeToString(), step=step)
+        for name, png in pngs.items():
+            tf.summary.image(f"evaluation/{name}", tf.io.decode_png(png, channels=3)[None])
+        tf.summary.text("evaluation/thresholds", table_markdown)
+        for name in ("auc", "map", "threshold"):
+            if summary[name] is not None:
+                tf.summary.scalar(f"evaluation/{name}", summary[name])
+    writer.close()
+
+
+def _cell(value) -> str:
+    if isinstance(value, (float, np.floating)):
+        return "nan" if math.isnan(value) else f"{value:.4g}"
+    return str(value)
+
+
+def to_markdown(frame: pd.DataFrame) -> str:
+    """A DataFrame as a GitHub markdown table (pandas needs the tabulate package for that)."""
+    lines = ["| " + " | ".join(map(str, frame.columns)) + " |", "|" + "|".join("---" for _ in frame.columns) + "|"]
+    lines += ["| " + " | ".join(_cell(value) for value in row) + " |" for row in frame.itertuples(index=False)]
+    return "\n".join(lines)
+
+
+def _number(value) -> float | None:
+    """JSON has no NaN: undefined numbers are written as null."""
+    return None if math.isnan(value) else float(value)
+
+
+def _write_csv(frame: pd.DataFrame, path: str, index: bool = False) -> None:
+    with atomic_open(path, newline="") as handle:
+        frame.to_csv(handle, index=index, lineterminator="\n")
+
+
+def _write_bytes(payload: bytes, path: str) -> None:
+    with atomic_open(path, "wb") as handle:
+        handle.write(payload)
+
+
+def evaluate(config: EvaluateConfig) -> Evaluation:
+    """Evaluates the model of `config.model_dir` on one split, writes the reports and saves the threshold."""
+    config.validate()
+    thresholds = sorted(set(config.thresholds))
+    # The manifest and split are checked before the (slower) model load.
+    pipeline.num_examples(config.records_dir, config.split)
+    network, info = training.load_exported(config.model_dir)
+    dataset = pipeline.make_dataset(
+        config.records_dir, config.split, config.batch_size, int(info["image_size"]), training=False
+    )
+    collected = collect(network, dataset, thresholds)
+    if not collected.ids:
+        raise UserError(f"split '{config.split}' of {config.records_dir} has no labeled images: "
+                        "evaluate a labeled split (val or train)")
+
+    table = threshold_table(collected, thresholds)
+    has_boxes = "mask" in network.output_names
+    row_index, column, reason = pick_threshold(table, has_boxes)
+    chosen = table.iloc[row_index]
+    confusion, confusion_by_class = confusion_matrices(collected, chosen["threshold"])
+
+    output_dir = config.output_dir or os.path.join(config.model_dir, "evaluation", config.split)
+    os.makedirs(output_dir, exist_ok=True)
+    files: dict[str, str] = {}
+
+    def output(name: str) -> str:
+        files[name] = os.path.join(output_dir, name)
+        return files[name]
+
+    summary = {
+        "model": info["model"],
+        "model_dir": config.model_dir,
+        "records_dir": config.records_dir,
+        "split": config.split,
+        "images": len(collected.ids),
+        "positives": int(np.sum(collected.targets == 1)),
+        "unlabeled_skipped": collected.unlabeled,
+        "threshold": float(chosen["threshold"]),
+        "threshold_metric": column,
+        "threshold_reason": reason,
+        "map": _number(chosen[MAP_COLUMN]),
+        "f1": _number(chosen[F1_COLUMN]),
+        "auc": _number(chosen["auc"]),
+        "threshold_saved": config.save_threshold,
+        "output_dir": output_dir,
+        "log_dir": os.path.join(config.model_dir, "logs", f"evaluation_{config.split}"),
+        "files": files,
+    }
+    table_markdown = to_markdown(table)
+    _write_csv(table, output("thresholds.csv"))
+    _write_bytes((table_markdown + "\n").encode(), output("thresholds.md"))
+    _write_csv(confusion, output("confusion_matrix.csv"), index=True)
+    _write_csv(confusion_by_class, output("confusion_by_class.csv"), index=True)
+    images = pd.DataFrame({"id": collected.ids, "target": collected.targets, "class": collected.classes,
+                           "probability": collected.probabilities})
+    _write_csv(images, output("images.csv"))
+    # Curves need both classes; a split of one class still gets its table.
+    pngs = curve_pngs(collected, chosen) if _both_classes(collected.targets) else {}
+    for name, png in pngs.items():
+        _write_bytes(png, output(f"{name}.png"))
+    # At the last trained epoch, the step of validation's own PR curves.
+    step = int((info.get("epochs") or [0])[-1])
+    write_tensorboard(summary["log_dir"], step, collected, table_markdown, pngs, summary)
+    if config.save_threshold:
+        save_threshold(config.model_dir, info, summary)
+    write_json_atomic(output("summary.json"), summary)
+    return Evaluation(summary, table, confusion, confusion_by_class)
+
+
+def save_threshold(model_dir: str, info: dict, summary: dict) -> None:
+    """Stores the chosen threshold and its split's numbers in pneumo_tf.json, atomically."""
+    split = summary["split"]
+    info = {
+        **info,
+        "threshold": summary["threshold"],
+        "threshold_metric": summary["threshold_metric"],
+        "threshold_split": split,
+        f"{split}_map": summary["map"],
+        f"{split}_f1": summary["f1"],
+        f"{split}_auc": summary["auc"],
+    }
+    write_json_atomic(os.path.join(model_dir, training.INFO_FILE), info)
+
+
+def score_submission_file(submission_csv: str, labels_csv: str) -> dict:
+    """The challenge mAP of a Kaggle-format submission against a labels CSV, with what was scored.
+
+    Patients in only one of the files are ignored (see submission.score_submission).
+    """
+    score = submission.score_submission(submission_csv, labels_csv)
+    # score_submission only logs its counts; they are recounted here to report them.
+    labels = labels_lib.read_labels(labels_csv)
+    predictions = submission.read_submission(submission_csv)
+    shared = [patient_id for patient_id in predictions if patient_id in labels]
+    scored = sum(1 for patient_id in shared if labels[patient_id].boxes or len(predictions[patient_id][1]))
+    return {"map": _number(score), "patients": len(shared), "scored_images": scored,
+            "submission": submission_csv, "labels_csv": labels_csv}
+

@@ -1,0 +1,145 @@
+"""Prediction: the submission file from records and from DICOMs, overlays, thresholds, errors."""
+import io
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from pneumo_tf import prediction, submission, training
+from pneumo_tf.errors import UserError
+from pneumo_tf.records.manifest import MANIFEST_NAME
+
+# At 0.3 the two-step model's mask (about 0.5 everywhere) gives boxes, so box parsing is exercised.
+THRESHOLD = 0.3
+
+
+@pytest.fixture(scope="module")
+def trained_model(tiny_records, tmp_path_factory) -> str:
+    """A tiny mask_resnet trained for two steps on the synthetic records."""
+    model_dir = str(tmp_path_factory.mktemp("predict") / "trained")
+    training.train_and_evaluate(training.TrainConfig(
+        records_dir=tiny_records, model_dir=model_dir, model="mask_resnet",
+        model_options={"channels": 4, "n_blocks": 1, "depth": 2}, image_size=64, batch_size=4, epochs=1,
+        steps_per_epoch=2,
+    ))
+    return model_dir
+
+
+@pytest.fixture(scope="module")
+def test_ids(synthetic_rsna) -> set:
+    return {name.removesuffix(".dcm") for name in os.listdir(synthetic_rsna["test_dir"])}
+
+
+def predict(model_dir, output, **options) -> dict:
+    stream = io.StringIO()
+    summary = prediction.predict(prediction.PredictConfig(model_dir=str(model_dir), output=str(output), **options),
+                                 progress_stream=stream)
+    summary["progress"] = stream.getvalue()
+    return summary
+
+
+def csv_rows(path) -> dict:
+    """{patientId: PredictionString} as written, checking one row per id."""
+    with open(path) as handle:
+        lines = handle.read().splitlines()
+    rows = dict(line.split(",", 1) for line in lines[1:])
+    assert len(rows) == len(lines) - 1
+    return rows
+
+
+def test_predict_records_split(trained_model, tiny_records, test_ids, tmp_path):
+    output = tmp_path / "out" / "submission.csv"
+    summary = predict(trained_model, output, records_dir=tiny_records, threshold=THRESHOLD,
+                      overlay_dir=str(tmp_path / "overlays"))
+    with open(output) as handle:
+        assert handle.readline() == "patientId,PredictionString\n"
+    assert set(csv_rows(output)) == test_ids
+    parsed = submission.read_submission(str(output))
+    boxes = np.concatenate([found_boxes for found_boxes, _ in parsed.values()])
+    assert summary["boxes"] == len(boxes) > 0 and summary["images"] == len(test_ids)
+    # Source pixel space: the synthetic DICOMs are 1024 x 1024.
+    assert (boxes >= 0).all() and (boxes[:, :2] + boxes[:, 2:] <= 1024).all()
+    assert summary["threshold"] == THRESHOLD and summary["rejects"] == []
+    assert f"{len(test_ids)}/{len(test_ids)}" in summary["progress"]
+    overlays = sorted(os.listdir(tmp_path / "overlays"))
+    assert overlays == sorted(f"{image_id}.png" for image_id in test_ids)
+    with Image.open(tmp_path / "overlays" / overlays[0]) as picture:
+        assert picture.size == (512, 512) and picture.mode == "RGB"
+
+
+def test_threshold_defaults_to_the_saved_one(trained_model, tiny_records, tmp_path):
+    model_dir = shutil.copytree(trained_model, tmp_path / "model")
+    info_path = model_dir / training.INFO_FILE
+    info = json.loads(info_path.read_text())
+    info_path.write_text(json.dumps({**info, "threshold": 0.85}))
+    assert predict(model_dir, tmp_path / "submission.csv", records_dir=tiny_records)["threshold"] == 0.85
+
+
+def test_dicom_dir_gives_the_rows_of_its_converted_records(trained_model, tiny_records, synthetic_rsna, tmp_path,
+                                                          monkeypatch):
+    from_records = tmp_path / "from_records.csv"
+    predict(trained_model, from_records, records_dir=tiny_records, threshold=THRESHOLD)
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(scratch))
+    from_dicoms = tmp_path / "from_dicoms.csv"
+    # tiny_records stores 64-px images: converting the same way gives the same pixels.
+    summary = predict(trained_model, from_dicoms, dicom_dir=synthetic_rsna["test_dir"], threshold=THRESHOLD,
+                      convert_image_size=64, workers=1)
+    assert csv_rows(from_dicoms) == csv_rows(from_records)
+    assert summary["rejects"] == [] and os.listdir(scratch) == []  # the temporary records are gone
+
+
+def test_config_needs_exactly_one_source(trained_model, tmp_path):
+    with pytest.raises(UserError, match="either --records_dir"):
+        predict(trained_model, tmp_path / "submission.csv")
+    assert not (tmp_path / "submission.csv").exists()
+
+
+def run_predict(*args):
+    return subprocess.run([sys.executable, "-m", "pneumo_tf.predict", *args], capture_output=True, text=True,
+                          timeout=600)
+
+
+def test_cli_reports_rejected_dicoms(trained_model, synthetic_rsna, test_ids, tmp_path):
+    dicom_dir = shutil.copytree(synthetic_rsna["test_dir"], tmp_path / "dicom")
+    (dicom_dir / "broken.dcm").write_bytes(b"not a DICOM file")
+    output = tmp_path / "submission.csv"
+    result = run_predict(f"--model_dir={trained_model}", f"--dicom_dir={dicom_dir}", f"--output={output}",
+                         "--workers=1")
+    assert result.returncode == 0, result.stderr[-3000:]
+    rejected = [line for line in result.stderr.splitlines() if line.startswith("rejected ")]
+    assert len(rejected) == 1 and "broken.dcm" in rejected[0]
+    assert f"{len(test_ids)} images from {dicom_dir}" in result.stdout and "1 rejected" in result.stdout
+    assert set(csv_rows(output)) == test_ids
+
+
+@pytest.fixture
+def foreign_records(tmp_path) -> str:
+    folder = tmp_path / "foreign"
+    folder.mkdir()
+    (folder / MANIFEST_NAME).write_text(json.dumps({"format_version": 999, "splits": {}}))
+    return str(folder)
+
+
+@pytest.mark.parametrize("case, message", [
+    ("missing model", "model folder not found"),
+    ("foreign records", "not a pneumo_tf records manifest of format version 1"),
+])
+def test_cli_errors(case, message, trained_model, tiny_records, foreign_records, tmp_path):
+    model_dir, records = {
+        "missing model": (tmp_path / "nowhere", tiny_records),
+        "foreign records": (trained_model, foreign_records),
+    }[case]
+    output = tmp_path / "submission.csv"
+    result = run_predict(f"--model_dir={model_dir}", f"--records_dir={records}", f"--output={output}")
+    assert result.returncode == 2
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and message in errors[0], result.stderr[-2000:]
+    assert not output.exists()
