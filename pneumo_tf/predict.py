@@ -26,9 +26,8 @@ flags.DEFINE_float("threshold", None, "Confidence threshold (default: the one sa
 flags.DEFINE_integer("batch_size", 16, "Images per model call.")
 flags.DEFINE_string("overlay_dir", None, "Also write one PNG per image with its predicted boxes and scores here.")
 flags.DEFINE_integer("overlay_size", 512, "Overlays smaller than this many pixels are upscaled to it.")
-flags.DEFINE_integer("convert_image_size", 0, "How --dicom_dir is converted: 0 passes JPEG frames through (the "
-                     "converter's default); give the --image_size the training records were converted with to "
-                     "reproduce their pixels exactly.")
+flags.DEFINE_integer("convert_image_size", None, "How --dicom_dir is converted: 0 passes JPEG frames through, N "
+                     "stores N x N PNGs; by default as the model's training records were converted (its pixels exactly).")
 flags.DEFINE_integer("workers", 0, "Processes converting --dicom_dir; 0 uses all cores.")
 flags.mark_flags_as_required(["model_dir", "output"])
 

@@ -43,10 +43,9 @@ class PredictConfig:
     batch_size: int = 16
     overlay_dir: str | None = None
     overlay_size: int = 512  # overlays smaller than this are upscaled to it
-    # How a DICOM folder is converted: 0 passes JPEG frames through (the converter's
-    # default); the --image_size the training records were converted with gives
-    # their pixels exactly.
-    convert_image_size: int = 0
+    # How a DICOM folder is converted (0 passes JPEG frames through); None converts it as
+    # the training records were (pneumo_tf.json "conversion"), which gives their pixels exactly.
+    convert_image_size: int | None = None
     workers: int | None = None  # conversion processes; None uses every core
 
     def validate(self) -> None:
@@ -150,8 +149,13 @@ def predict(config: PredictConfig, progress_stream=None) -> dict:
     scratch = tempfile.mkdtemp(prefix="pneumo_tf_predict_")
     try:
         records_dir = os.path.join(scratch, "records")
+        conversion = info.get("conversion", {})
+        options = convert_lib.ConvertOptions(
+            image_size=conversion.get("image_size", 0) if config.convert_image_size is None else config.convert_image_size,
+            bit_depth=conversion.get("bit_depth", 8),
+        )
         manifest = convert_lib.convert(
-            config.dicom_dir, records_dir, options=convert_lib.ConvertOptions(image_size=config.convert_image_size),
+            config.dicom_dir, records_dir, options=options,
             workers=config.workers, progress_stream=progress_stream,
         )
         rejects = _read_rejects(records_dir)

@@ -24,6 +24,7 @@ import tensorflow as tf
 from pneumo_tf import augment, callbacks as callbacks_lib, distribute, models, pipeline
 from pneumo_tf.errors import UserError
 from pneumo_tf.fileio import write_json_atomic
+from pneumo_tf.records.manifest import read_manifest
 
 MODEL_FILE = "model.keras"
 SAVED_MODEL_DIR = "saved_model"
@@ -243,6 +244,8 @@ def train_and_evaluate(config: TrainConfig) -> dict:
         "model": config.model,
         "model_options": config.model_options,
         "image_size": config.image_size,
+        # How the training records were converted: predict and serve convert DICOMs the same way.
+        "conversion": {key: read_manifest(config.records_dir)["options"][key] for key in ("image_size", "bit_depth")},
         "threshold": 0.5,
         "epochs_run": len(history.epoch),
         "epochs": list(history.epoch),  # 0-based; a resumed run starts after the finished ones
