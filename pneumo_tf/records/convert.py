@@ -24,7 +24,9 @@ import multiprocessing
 import os
 import platform
 import shutil
+import struct
 import time
+import zlib
 
 import numpy as np
 from PIL import Image
@@ -86,24 +88,41 @@ class Plan:
 # One file -> one record (pure).
 
 
-def _png(array: np.ndarray, compress_level: int) -> bytes:
+def _png(array: np.ndarray) -> bytes:
+    # Level 1: ~4x faster than the default 6 on radiographs for files ~15% larger.
     buffer = io.BytesIO()
-    Image.fromarray(array).save(buffer, format="PNG", compress_level=compress_level)
+    Image.fromarray(array).save(buffer, format="PNG", compress_level=1)
     return buffer.getvalue()
+
+
+def _png_chunk(tag: bytes, data: bytes) -> bytes:
+    return struct.pack(">I", len(data)) + tag + data + struct.pack(">I", zlib.crc32(tag + data))
+
+
+def png_1bit(mask: np.ndarray) -> bytes:
+    """A bool array as a 1-bit grey PNG, written directly: ~6x faster than Pillow's encoder."""
+    height, width = mask.shape
+    rows = np.packbits(mask, axis=1)
+    scanlines = np.concatenate([np.zeros((height, 1), np.uint8), rows], axis=1)  # filter byte 0 per row
+    header = struct.pack(">IIBBBBB", width, height, 1, 0, 0, 0, 0)  # bit depth 1, greyscale
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + _png_chunk(b"IHDR", header)
+        + _png_chunk(b"IDAT", zlib.compress(scanlines.tobytes(), 1))
+        + _png_chunk(b"IEND", b"")
+    )
 
 
 _EMPTY_MASKS: dict[tuple[int, int], bytes] = {}
 
 
 def encode_mask(normalised_boxes, height: int, width: int) -> bytes:
-    """A 1-bit PNG of the union of the boxes; the empty mask (most images) is encoded once."""
-    if not normalised_boxes and (height, width) in _EMPTY_MASKS:
-        return _EMPTY_MASKS[(height, width)]
-    # 1-bit at compress level 1: ~3x faster than 8-bit at the default level, same content.
-    encoded = _png(box_lib.rasterize(normalised_boxes, height, width), compress_level=1)
+    """The union of the boxes as a 1-bit PNG; the empty mask (77% of RSNA) is encoded once."""
     if not normalised_boxes:
-        _EMPTY_MASKS[(height, width)] = encoded
-    return encoded
+        if (height, width) not in _EMPTY_MASKS:
+            _EMPTY_MASKS[(height, width)] = png_1bit(np.zeros((height, width), dtype=bool))
+        return _EMPTY_MASKS[(height, width)]
+    return png_1bit(box_lib.rasterize(normalised_boxes, height, width))
 
 
 def _resized(grey: np.ndarray, size: int) -> np.ndarray:
@@ -127,12 +146,12 @@ def convert_file(path: str, image_id: str, labels: PatientLabels | None, options
         image = Image.open(io.BytesIO(frame))
         image.draft("L", (size, size))
         grey = np.asarray(image.convert("L").resize((size, size), Image.BILINEAR))
-        encoded, image_format, height, width = _png(grey, 6), schema.PNG, size, size
+        encoded, image_format, height, width = _png(grey), schema.PNG, size, size
     else:
         grey = dicom.grey_pixels(ds, options.bit_depth)
         if size:
             grey = _resized(grey, size)
-        encoded, image_format = _png(grey, 6), schema.PNG
+        encoded, image_format = _png(grey), schema.PNG
         height, width = grey.shape
 
     boxes = ()
@@ -268,17 +287,22 @@ def make_plan(
 
 
 def _ordered_results(pool, jobs, window):
-    """Results of jobs in submission order, with at most `window` chunks in flight (bounded memory)."""
-    pending = collections.deque()
-    for start in range(0, len(jobs), CHUNK_FILES):
-        chunk = jobs[start : start + CHUNK_FILES]
-        pending.append(pool.submit(_convert_chunk, chunk) if pool else _convert_chunk(chunk))
-        while len(pending) >= window:
+    """An iterator over the jobs' results in submission order, with at most `window` chunks
+    in flight (bounded memory). The first window is submitted before this returns, so the
+    workers start while the caller does other set-up."""
+    chunks = [jobs[start : start + CHUNK_FILES] for start in range(0, len(jobs), CHUNK_FILES)]
+    if pool is None:
+        return (result for chunk in chunks for result in _convert_chunk(chunk))
+    pending = collections.deque(pool.submit(_convert_chunk, chunk) for chunk in chunks[:window])
+
+    def results():
+        for chunk in chunks[window:] + [None] * min(window, len(chunks)):
             head = pending.popleft()
-            yield from head.result() if pool else head
-    while pending:
-        head = pending.popleft()
-        yield from head.result() if pool else head
+            if chunk is not None:
+                pending.append(pool.submit(_convert_chunk, chunk))
+            yield from head.result()
+
+    return results()
 
 
 def _sha256(path: str) -> str:
@@ -289,11 +313,23 @@ def _sha256(path: str) -> str:
     return digest.hexdigest()
 
 
-def _write_shards(shards, output_dir, options, pool, window, progress):
-    import tensorflow as tf  # only the parent writes; workers never touch TensorFlow
+def _complete_shard(tmp: str, final: str, summary: dict, output_dir: str) -> None:
+    """Hashes a written shard, records its summary, then gives it its final name."""
+    summary["bytes"] = os.path.getsize(tmp)
+    summary["sha256"] = _sha256(tmp)
+    write_json_atomic(os.path.join(output_dir, PARTIAL_DIR, f"{summary['name']}.json"), summary)
+    os.replace(tmp, final)
 
+
+def _write_shards(shards, output_dir, options, pool, window, progress):
     jobs = [(path, image_id, labels, options) for shard in shards for path, image_id, labels in shard.files]
     results = _ordered_results(pool, jobs, window)
+    import tensorflow as tf  # after the workers got their first files: the import takes seconds
+
+    # Shard k is hashed and renamed on a thread (hashlib releases the GIL) while shard k+1 is
+    # written; result() passes on any error of that thread.
+    completer = concurrent.futures.ThreadPoolExecutor(1)
+    completing = None
     for shard in shards:
         final = os.path.join(output_dir, shard.name)
         tmp = f"{final}.tmp-{os.getpid()}"
@@ -313,11 +349,13 @@ def _write_shards(shards, output_dir, options, pool, window, progress):
                 summary["classes"][_class_name(record.label_class)] += 1
                 summary["passthrough"] += int(facts["passthrough"])
                 summary["multi_frame"] += int(facts["multi_frame"])
-        summary["bytes"] = os.path.getsize(tmp)
-        summary["sha256"] = _sha256(tmp)
         summary["classes"] = dict(sorted(summary["classes"].items()))
-        write_json_atomic(os.path.join(output_dir, PARTIAL_DIR, f"{shard.name}.json"), summary)
-        os.replace(tmp, final)
+        if completing is not None:
+            completing.result()
+        completing = completer.submit(_complete_shard, tmp, final, summary, output_dir)
+    if completing is not None:
+        completing.result()
+    completer.shutdown()
 
 
 def _class_name(label_class: int) -> str:
