@@ -298,3 +298,17 @@ def test_boxes_from_mask_nothing_above_threshold():
     found_boxes, scores = boxes_from_mask(np.full((16, 16), 0.5, np.float32), threshold=0.5)
     assert found_boxes.shape == (0, 4) and found_boxes.dtype == np.float32
     assert scores.shape == (0,) and scores.dtype == np.float32
+
+
+def test_bilinear_upsampling_has_the_same_parameters_and_smooth_edges():
+    nearest = build_model("mask_resnet", 32, channels=4, n_blocks=1, depth=2)
+    bilinear = build_model("mask_resnet", 32, channels=4, n_blocks=1, depth=2, upsampling="bilinear")
+    assert bilinear.count_params() == nearest.count_params() == _mask_resnet_params(4, 1, 2)
+    bilinear.set_weights(nearest.get_weights())
+    image = {"image": np.random.default_rng(0).random((1, 32, 32, 1), dtype=np.float32)}
+    coarse = np.asarray(nearest(image)["mask"])[0, ..., 0]
+    smooth = np.asarray(bilinear(image)["mask"])[0, ..., 0]
+    # Nearest repeats each of the 8 x 8 cells in 4 x 4 blocks; bilinear varies within them.
+    assert np.unique(coarse).size <= 64 < np.unique(smooth).size
+    with pytest.raises(UserError, match="upsampling"):
+        build_model("mask_resnet", 32, upsampling="cubic")

@@ -40,6 +40,7 @@ def build(
     depth: int = 4,
     negative_slope: float = 0.0,
     classification_head: bool = False,
+    upsampling: str = "nearest",
 ) -> keras.Model:
     """Builds the mask network for [image_size, image_size, 1] images in [0, 1].
 
@@ -48,7 +49,12 @@ def build(
     mask is predicted at the bottleneck and up-sampled back to the input size.
     `negative_slope` is the LeakyReLU slope (the seed's 0 makes it a ReLU).
     `classification_head` adds a "target" output from the pooled bottleneck.
+    `upsampling`: "nearest" (the seed's) repeats each bottleneck cell 2**depth times, so box
+    edges fall on that grid; "bilinear" interpolates the logits first, so thresholded masks
+    (and their boxes) follow the opacity's edge between cells. Same parameters either way.
     """
+    if upsampling not in ("nearest", "bilinear"):
+        raise UserError(f"mask_resnet upsampling must be 'nearest' or 'bilinear', not {upsampling!r}")
     if image_size % 2**depth:
         raise UserError(
             f"the mask_resnet model with depth {depth} needs an image size divisible by "
@@ -64,8 +70,13 @@ def build(
     features = _norm_act(x, negative_slope)
     # float32 from the logits on, so sigmoid, loss and the up-sampled mask are exact
     # under a mixed policy. Nearest up-sampling commutes with the sigmoid, as in the seed.
-    mask = layers.Conv2D(1, 1, activation="sigmoid", dtype="float32")(features)
-    mask = layers.UpSampling2D(2**depth, dtype="float32", name="mask")(mask)
+    if upsampling == "nearest":
+        mask = layers.Conv2D(1, 1, activation="sigmoid", dtype="float32")(features)
+        mask = layers.UpSampling2D(2**depth, dtype="float32", name="mask")(mask)
+    else:
+        logits = layers.Conv2D(1, 1, dtype="float32")(features)
+        logits = layers.UpSampling2D(2**depth, interpolation="bilinear", dtype="float32")(logits)
+        mask = layers.Activation("sigmoid", dtype="float32", name="mask")(logits)
     outputs = {"mask": mask}
     if classification_head:
         pooled = layers.GlobalAveragePooling2D()(features)
