@@ -190,20 +190,25 @@ class EpochEvaluation(keras.callbacks.Callback):
                     logs["val_map"] = val_map
                 tf.summary.scalar(VAL_MAP_TAG, val_map)
             if probabilities:
-                curve = pr_curve_summary.pb(
-                    PR_CURVE_NAME,
-                    labels=np.asarray(targets) == 1,
-                    predictions=np.asarray(probabilities, np.float32),
-                    num_thresholds=PR_CURVE_THRESHOLDS,
-                )
-                # TensorBoard has no TF2 PR-curve op (tensorboard#2902): write its protobuf as is.
-                tf.summary.experimental.write_raw_pb(curve.SerializeToString(), step=epoch)
+                write_pr_curve(targets, probabilities, step=epoch)
             if drawn:
                 tf.summary.image(BOXES_IMAGE_TAG, draw_boxes(drawn), max_outputs=self._max_images)
         self._writer.flush()
 
     def on_train_end(self, logs=None):
         self._writer.close()
+
+
+def write_pr_curve(targets, probabilities, step: int) -> None:
+    """The PR curve of image probabilities against targets (1 positive), to the default writer."""
+    curve = pr_curve_summary.pb(
+        PR_CURVE_NAME,
+        labels=np.asarray(targets) == 1,
+        predictions=np.asarray(probabilities, np.float32),
+        num_thresholds=PR_CURVE_THRESHOLDS,
+    )
+    # TensorBoard has no TF2 PR-curve op (tensorboard#2902): write its protobuf as is.
+    tf.summary.experimental.write_raw_pb(curve.SerializeToString(), step=step)
 
 
 def draw_boxes(images_and_boxes: Iterable[tuple]) -> tf.Tensor:

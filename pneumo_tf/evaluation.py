@@ -35,7 +35,6 @@ import pandas as pd
 import tensorflow as tf
 from matplotlib.figure import Figure
 from sklearn import metrics as sk_metrics
-from tensorboard.plugins.pr_curve import summary as pr_curve_summary
 
 from pneumo_tf import callbacks, metric, pipeline, postprocess, prediction, submission, training
 from pneumo_tf.errors import UserError
@@ -242,14 +241,7 @@ def write_tensorboard(log_dir: str, step: int, collected: Collected, table_markd
                       summary: dict) -> None:
     writer = tf.summary.create_file_writer(log_dir)
     with writer.as_default(step=step):
-        curve = pr_curve_summary.pb(
-            callbacks.PR_CURVE_NAME,
-            labels=collected.targets == 1,
-            predictions=collected.probabilities,
-            num_thresholds=callbacks.PR_CURVE_THRESHOLDS,
-        )
-        # TensorBoard has no TF2 PR-curve op (tensorboard#2902): write its protobuf as is.
-        tf.summary.experimental.write_raw_pb(curve.SerializeToString(), step=step)
+        callbacks.write_pr_curve(collected.targets, collected.probabilities, step)
         for name, png in pngs.items():
             tf.summary.image(f"evaluation/{name}", tf.io.decode_png(png, channels=3)[None])
         tf.summary.text("evaluation/thresholds", table_markdown)

@@ -1,7 +1,6 @@
 """The converter: exact contents of records, rejects, determinism, resume, CLI errors."""
 import csv
 import io
-import json
 import os
 import shutil
 import signal

@@ -22,7 +22,7 @@ import pydicom
 import pydicom.encaps
 from PIL import Image
 from pydicom.dataset import FileMetaDataset
-from pydicom.uid import ExplicitVRLittleEndian, JPEGBaseline8Bit, SecondaryCaptureImageStorage, generate_uid
+from pydicom.uid import JPEGBaseline8Bit, SecondaryCaptureImageStorage, generate_uid
 
 from pneumo_tf.fileio import write_csv_atomic
 from pneumo_tf.progress import Progress
