@@ -85,7 +85,8 @@ def make_radiograph(rng: np.random.Generator, boxes, size: int = 1024) -> np.nda
 def encode_dicom(pixels: np.ndarray, patient_id: str, view: str, age: int, sex: str) -> pydicom.Dataset:
     """A Secondary Capture CR chest DICOM holding `pixels` as one JPEG Baseline frame, as RSNA's."""
     buffer = io.BytesIO()
-    Image.fromarray(pixels, mode="L").save(buffer, format="JPEG", quality=90)
+    # Quality 75 gives ~125 KB files at 1024 px, like RSNA's 70-190 KB.
+    Image.fromarray(pixels, mode="L").save(buffer, format="JPEG", quality=75)
     file_meta = FileMetaDataset()
     file_meta.MediaStorageSOPClassUID = SecondaryCaptureImageStorage
     file_meta.TransferSyntaxUID = JPEGBaseline8Bit
