@@ -6,6 +6,8 @@ setup(
     version="0.1.0",
     description="TFRecord conversion, tf.data pipelines and training for RSNA pneumonia detection",
     packages=find_packages(include=["pneumo_tf", "pneumo_tf.*"]),
+    # The web page's template and stylesheet (python -m pneumo_tf.serve).
+    package_data={"pneumo_tf": ["web/templates/*.html", "web/static/*.css"]},
     python_requires=">=3.11",
     install_requires=[
         "tensorflow>=2.21,<2.22",
@@ -21,9 +23,11 @@ setup(
         "absl-py",
         "tensorboard",
         "pillow",
+        "google-crc32c",
+        "flask>=3",
     ],
     extras_require={
-        "dev": ["pytest"],
+        "dev": ["pytest", "selenium"],
         "gpu": ["tensorflow[and-cuda]>=2.21,<2.22"],
     },
 )

@@ -37,10 +37,15 @@ from pneumo_tf.fileio import write_csv_atomic, write_json_atomic
 from pneumo_tf.progress import Progress
 from pneumo_tf.records import dicom, labels as labels_lib, manifest as manifest_lib, schema
 from pneumo_tf.records.labels import PatientLabels
+from pneumo_tf.records.tfrecord import TFRecordWriter
 
 PARTIAL_DIR = "_partial"
 TARGET_SHARD_BYTES = 128 * 2**20
-CHUNK_FILES = 8  # files per task sent to a worker: amortises inter-process overhead
+PROGRESS_EVERY = 16  # files between a worker's progress reports
+# An automatic shard count gives every split at least this many shards (when it has
+# MIN_SHARD_FILES files per shard), so workers convert in parallel and readers interleave.
+MIN_AUTO_SHARDS = 8
+MIN_SHARD_FILES = 64
 
 
 @dataclasses.dataclass(frozen=True)
@@ -177,17 +182,14 @@ def convert_file(path: str, image_id: str, labels: PatientLabels | None, options
     return record, {"passthrough": image_format == schema.JPEG, "multi_frame": facts.frames > 1}
 
 
-def _convert_chunk(jobs):
-    """Worker entry: converts a few files, returning (record, facts) or (None, reason) for each."""
-    results = []
-    for path, image_id, labels, options in jobs:
-        try:
-            results.append(convert_file(path, image_id, labels, options))
-        except dicom.RejectedFile as error:
-            results.append((None, str(error)))
-        except Exception as error:  # noqa: BLE001 - one bad file must never stop the run
-            results.append((None, f"conversion failed: {type(error).__name__}: {error}"))
-    return results
+def _convert_or_reject(path: str, image_id: str, labels: PatientLabels | None, options: ConvertOptions):
+    """(record, facts), or (None, reason) for a file that cannot become a record."""
+    try:
+        return convert_file(path, image_id, labels, options)
+    except dicom.RejectedFile as error:
+        return None, str(error)
+    except Exception as error:  # noqa: BLE001 - one bad file must never stop the run
+        return None, f"conversion failed: {type(error).__name__}: {error}"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -230,7 +232,9 @@ def _shard_count(options: ConvertOptions, paths: list[str]) -> int:
         estimate = sum(os.path.getsize(p) for p in paths)
     else:  # PNG of a radiograph: ~0.6 of raw size, plus a small mask
         estimate = len(paths) * options.image_size**2 * (options.bit_depth // 8) * 0.6
-    return max(1, math.ceil(estimate / TARGET_SHARD_BYTES))
+    by_size = math.ceil(estimate / TARGET_SHARD_BYTES)
+    # Never from the machine's core count: the same inputs must give the same shards anywhere.
+    return max(1, by_size, min(MIN_AUTO_SHARDS, len(paths) // MIN_SHARD_FILES))
 
 
 def make_plan(
@@ -286,25 +290,6 @@ def make_plan(
 # Writing shards.
 
 
-def _ordered_results(pool, jobs, window):
-    """An iterator over the jobs' results in submission order, with at most `window` chunks
-    in flight (bounded memory). The first window is submitted before this returns, so the
-    workers start while the caller does other set-up."""
-    chunks = [jobs[start : start + CHUNK_FILES] for start in range(0, len(jobs), CHUNK_FILES)]
-    if pool is None:
-        return (result for chunk in chunks for result in _convert_chunk(chunk))
-    pending = collections.deque(pool.submit(_convert_chunk, chunk) for chunk in chunks[:window])
-
-    def results():
-        for chunk in chunks[window:] + [None] * min(window, len(chunks)):
-            head = pending.popleft()
-            if chunk is not None:
-                pending.append(pool.submit(_convert_chunk, chunk))
-            yield from head.result()
-
-    return results()
-
-
 def _sha256(path: str) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as handle:
@@ -313,49 +298,66 @@ def _sha256(path: str) -> str:
     return digest.hexdigest()
 
 
-def _complete_shard(tmp: str, final: str, summary: dict, output_dir: str) -> None:
-    """Hashes a written shard, records its summary, then gives it its final name."""
+def write_shard(shard: Shard, output_dir: str, options: ConvertOptions, report=None) -> dict:
+    """Converts one shard's files and writes the shard whole; returns its summary.
+
+    Runs in a worker process, so no record crosses a process boundary; the writer needs
+    no TensorFlow (records/tfrecord.py), so workers start fast and stay small. The shard is written under a temporary name,
+    its summary kept in _partial/, then renamed: it exists complete or not at all.
+    `report(n)` is told every few files how many were done, for the progress bar.
+    """
+    dicom.quiet_pydicom()
+    final = os.path.join(output_dir, shard.name)
+    tmp = f"{final}.tmp-{os.getpid()}"
+    summary = {"name": shard.name, "split": shard.split, "records": 0, "positive": 0, "boxes": 0,
+               "classes": collections.Counter(), "rejects": [], "passthrough": 0, "multi_frame": 0}
+    unreported = 0
+    with TFRecordWriter(tmp) as writer:
+        for path, image_id, labels in shard.files:
+            record, facts = _convert_or_reject(path, image_id, labels, options)
+            unreported += 1
+            if report is not None and unreported == PROGRESS_EVERY:
+                report(unreported)
+                unreported = 0
+            if record is None:
+                summary["rejects"].append((path, facts))
+                continue
+            writer.write(schema.serialize_example(record))
+            summary["records"] += 1
+            summary["positive"] += int(record.target == 1)
+            summary["boxes"] += len(record.boxes)
+            summary["classes"][_class_name(record.label_class)] += 1
+            summary["passthrough"] += int(facts["passthrough"])
+            summary["multi_frame"] += int(facts["multi_frame"])
+    if report is not None and unreported:
+        report(unreported)
+    summary["classes"] = dict(sorted(summary["classes"].items()))
     summary["bytes"] = os.path.getsize(tmp)
     summary["sha256"] = _sha256(tmp)
-    write_json_atomic(os.path.join(output_dir, PARTIAL_DIR, f"{summary['name']}.json"), summary)
+    write_json_atomic(os.path.join(output_dir, PARTIAL_DIR, f"{shard.name}.json"), summary)
     os.replace(tmp, final)
+    return summary
 
 
-def _write_shards(shards, output_dir, options, pool, window, progress):
-    jobs = [(path, image_id, labels, options) for shard in shards for path, image_id, labels in shard.files]
-    results = _ordered_results(pool, jobs, window)
-    import tensorflow as tf  # after the workers got their first files: the import takes seconds
-
-    # Shard k is hashed and renamed on a thread (hashlib releases the GIL) while shard k+1 is
-    # written; result() passes on any error of that thread.
-    completer = concurrent.futures.ThreadPoolExecutor(1)
-    completing = None
-    for shard in shards:
-        final = os.path.join(output_dir, shard.name)
-        tmp = f"{final}.tmp-{os.getpid()}"
-        summary = {"name": shard.name, "split": shard.split, "records": 0, "positive": 0, "boxes": 0,
-                   "classes": collections.Counter(), "rejects": [], "passthrough": 0, "multi_frame": 0}
-        with tf.io.TFRecordWriter(tmp) as writer:
-            for path, _, labels in shard.files:
-                record, facts = next(results)
-                progress.update(1)
-                if record is None:
-                    summary["rejects"].append((path, facts))
-                    continue
-                writer.write(schema.serialize_example(record))
-                summary["records"] += 1
-                summary["positive"] += int(record.target == 1)
-                summary["boxes"] += len(record.boxes)
-                summary["classes"][_class_name(record.label_class)] += 1
-                summary["passthrough"] += int(facts["passthrough"])
-                summary["multi_frame"] += int(facts["multi_frame"])
-        summary["classes"] = dict(sorted(summary["classes"].items()))
-        if completing is not None:
-            completing.result()
-        completing = completer.submit(_complete_shard, tmp, final, summary, output_dir)
-    if completing is not None:
-        completing.result()
-    completer.shutdown()
+def _write_shards(shards, output_dir, options, workers, progress) -> None:
+    """Writes the shards, each whole in one worker process (in this process when workers is 1)."""
+    if workers == 1 or len(shards) == 1:
+        for shard in shards:
+            write_shard(shard, output_dir, options, progress.update)
+        return
+    context = multiprocessing.get_context("spawn")  # a clean interpreter per worker, never a fork
+    with context.Manager() as manager, concurrent.futures.ProcessPoolExecutor(
+        min(workers, len(shards)), mp_context=context
+    ) as pool:
+        done = manager.Queue()
+        futures = [pool.submit(write_shard, shard, output_dir, options, done.put) for shard in shards]
+        remaining = sum(len(shard.files) for shard in shards)
+        while remaining:
+            count = done.get()
+            remaining -= count
+            progress.update(count)
+        for future in futures:
+            future.result()  # passes on a worker's error
 
 
 def _class_name(label_class: int) -> str:
@@ -516,15 +518,7 @@ def convert(
     files = sum(len(s.files) for s in pending)
     workers = max(1, workers or os.cpu_count() or 1)
     with Progress(files, "convert", stream=progress_stream) as progress:
-        if workers == 1 or files <= CHUNK_FILES:
-            dicom.quiet_pydicom()
-            _write_shards(pending, output_dir, options, None, 1, progress)
-        else:
-            context = multiprocessing.get_context("spawn")  # the parent holds TensorFlow: never fork it
-            with concurrent.futures.ProcessPoolExecutor(
-                workers, mp_context=context, initializer=dicom.quiet_pydicom
-            ) as pool:
-                _write_shards(pending, output_dir, options, pool, 4 * workers, progress)
+        _write_shards(pending, output_dir, options, workers, progress)
     if not finalize:
         return None
     return _finalize(output_dir, plan, recorded, started, files)

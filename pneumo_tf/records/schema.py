@@ -1,13 +1,15 @@
 """The TFRecord schema: every key, how a record is written and how it is parsed.
 
 One `tf.train.Example` per image. The converter writes through `serialize_example`
-and every reader parses through `FEATURES`, so the keys live here and nowhere else.
-This module imports no TensorFlow at import time except through `parse_features`,
-so converter worker processes stay light.
+and every reader parses through `parse_features`, so the keys live here and nowhere
+else. Writing needs no TensorFlow (records/tfrecord.py encodes the protos), so
+converter worker processes stay light; only `parse_features` imports it.
 """
 from __future__ import annotations
 
 import dataclasses
+
+from pneumo_tf.records.tfrecord import encode_example, encode_feature
 
 # Keys (DESIGN.md section 4).
 IMAGE_ENCODED = "image/encoded"
@@ -64,39 +66,26 @@ class Record:
 
 
 def serialize_example(record: Record) -> bytes:
-    """Serialises a record deterministically (the feature map is otherwise in hash order)."""
-    from tensorflow.core.example import example_pb2, feature_pb2
-
-    def b(value: bytes | str):
-        value = value.encode() if isinstance(value, str) else value
-        return feature_pb2.Feature(bytes_list=feature_pb2.BytesList(value=[value]))
-
-    def i(value: int):
-        return feature_pb2.Feature(int64_list=feature_pb2.Int64List(value=[int(value)]))
-
-    def f(values):
-        return feature_pb2.Feature(float_list=feature_pb2.FloatList(value=[float(v) for v in values]))
-
+    """The record as a serialised tf.train.Example, deterministically (sorted feature keys)."""
     features = {
-        IMAGE_ENCODED: b(record.image_encoded),
-        IMAGE_FORMAT: b(record.image_format),
-        IMAGE_HEIGHT: i(record.height),
-        IMAGE_WIDTH: i(record.width),
-        SOURCE_HEIGHT: i(record.source_height),
-        SOURCE_WIDTH: i(record.source_width),
-        IMAGE_ID: b(record.image_id),
-        VIEW: b(record.view),
-        AGE: i(record.age),
-        SEX: b(record.sex),
-        PIXEL_SPACING: f(record.pixel_spacing),
-        TARGET: i(record.target),
-        CLASS: i(record.label_class),
-        MASK_ENCODED: b(record.mask_encoded),
+        IMAGE_ENCODED: encode_feature("bytes", [record.image_encoded]),
+        IMAGE_FORMAT: encode_feature("bytes", [record.image_format.encode()]),
+        IMAGE_HEIGHT: encode_feature("int64", [record.height]),
+        IMAGE_WIDTH: encode_feature("int64", [record.width]),
+        SOURCE_HEIGHT: encode_feature("int64", [record.source_height]),
+        SOURCE_WIDTH: encode_feature("int64", [record.source_width]),
+        IMAGE_ID: encode_feature("bytes", [record.image_id.encode()]),
+        VIEW: encode_feature("bytes", [record.view.encode()]),
+        AGE: encode_feature("int64", [record.age]),
+        SEX: encode_feature("bytes", [record.sex.encode()]),
+        PIXEL_SPACING: encode_feature("float", record.pixel_spacing),
+        TARGET: encode_feature("int64", [record.target]),
+        CLASS: encode_feature("int64", [record.label_class]),
+        MASK_ENCODED: encode_feature("bytes", [record.mask_encoded]),
     }
     for index, key in enumerate(BOX_KEYS):
-        features[key] = f(box[index] for box in record.boxes)
-    example = example_pb2.Example(features=feature_pb2.Features(feature=features))
-    return example.SerializeToString(deterministic=True)
+        features[key] = encode_feature("float", [box[index] for box in record.boxes])
+    return encode_example(features)
 
 
 def parse_features():
