@@ -59,6 +59,16 @@ class PredictConfig:
             raise UserError(f"--overlay_size must be at least 1, not {self.overlay_size}")
 
 
+def conversion_options(info: dict, image_size: int | None = None) -> convert_lib.ConvertOptions:
+    """How to convert DICOMs for a model: as its training records were (pneumo_tf.json), so
+    its inputs get their pixels exactly, unless `image_size` says otherwise."""
+    conversion = info.get("conversion", {})
+    return convert_lib.ConvertOptions(
+        image_size=conversion.get("image_size", 0) if image_size is None else image_size,
+        bit_depth=conversion.get("bit_depth", 8),
+    )
+
+
 def model_outputs(network, dataset: tf.data.Dataset) -> Iterator[tuple[dict, dict]]:
     """(batch, outputs) as numpy dicts for each batch of a finite pipeline dataset."""
     # One trace per batch shape (the last batch may be smaller): much faster than eager calls.
@@ -149,11 +159,7 @@ def predict(config: PredictConfig, progress_stream=None) -> dict:
     scratch = tempfile.mkdtemp(prefix="pneumo_tf_predict_")
     try:
         records_dir = os.path.join(scratch, "records")
-        conversion = info.get("conversion", {})
-        options = convert_lib.ConvertOptions(
-            image_size=conversion.get("image_size", 0) if config.convert_image_size is None else config.convert_image_size,
-            bit_depth=conversion.get("bit_depth", 8),
-        )
+        options = conversion_options(info, config.convert_image_size)
         manifest = convert_lib.convert(
             config.dicom_dir, records_dir, options=options,
             workers=config.workers, progress_stream=progress_stream,

@@ -1,6 +1,9 @@
 """Shared fixtures: tiny synthetic RSNA folders and the real challenge files from ../shared."""
+import contextlib
 import os
 import pathlib
+import shutil
+import threading
 
 import pytest
 
@@ -41,3 +44,46 @@ def tiny_records(synthetic_rsna, tmp_path_factory) -> str:
         convert.ConvertOptions(image_size=64, num_shards=2), workers=1,
     )
     return str(output)
+
+
+@pytest.fixture(scope="session")
+def tiny_trained_model(tiny_records, tmp_path_factory) -> str:
+    """A tiny mask_resnet trained for two steps on `tiny_records`; use `trained_model` to change it."""
+    from pneumo_tf import training
+
+    model_dir = str(tmp_path_factory.mktemp("tiny_trained") / "model")
+    training.train_and_evaluate(training.TrainConfig(
+        records_dir=tiny_records, model_dir=model_dir, model="mask_resnet",
+        model_options={"channels": 4, "n_blocks": 1, "depth": 2}, image_size=64, batch_size=4, epochs=1,
+        steps_per_epoch=2,
+    ))
+    return model_dir
+
+
+@pytest.fixture(scope="module")
+def trained_model(tiny_trained_model, tmp_path_factory) -> str:
+    """A test module's own copy of the tiny trained model (evaluation rewrites its threshold)."""
+    copy = tmp_path_factory.mktemp("trained_model") / "model"
+    shutil.copytree(tiny_trained_model, copy)
+    return str(copy)
+
+
+@pytest.fixture
+def running():
+    """`with running(wsgi_app) as base_url:` serves the app on a real threaded server at
+    127.0.0.1 on a free port for the block."""
+    from werkzeug import serving
+
+    @contextlib.contextmanager
+    def serve(wsgi_app):
+        server = serving.make_server("127.0.0.1", 0, wsgi_app, threaded=True)
+        thread = threading.Thread(target=server.serve_forever, daemon=True)
+        thread.start()
+        try:
+            yield f"http://127.0.0.1:{server.server_port}"
+        finally:
+            server.shutdown()
+            server.server_close()
+            thread.join(timeout=30)
+
+    return serve

@@ -25,18 +25,6 @@ PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 
 @pytest.fixture(scope="module")
-def trained_model(tiny_records, tmp_path_factory) -> str:
-    """A tiny mask_resnet trained for two steps on the synthetic records."""
-    model_dir = str(tmp_path_factory.mktemp("evaluate") / "trained")
-    training.train_and_evaluate(training.TrainConfig(
-        records_dir=tiny_records, model_dir=model_dir, model="mask_resnet",
-        model_options={"channels": 4, "n_blocks": 1, "depth": 2}, image_size=64, batch_size=4, epochs=1,
-        steps_per_epoch=2,
-    ))
-    return model_dir
-
-
-@pytest.fixture(scope="module")
 def box_pictures(tmp_path_factory) -> dict:
     """Records whose pictures are their label boxes, and a model whose mask is its input.
 

@@ -1,0 +1,390 @@
+"""The web page and JSON API: real DICOMs, equality with prediction, bad input, concurrency, odd DICOMs, CLI."""
+import base64
+import io
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import urllib.error
+import urllib.request
+import uuid
+
+import numpy as np
+import pydicom
+import pytest
+from PIL import Image
+from pydicom.dataset import FileMetaDataset
+from pydicom.uid import ExplicitVRLittleEndian, RLELossless, SecondaryCaptureImageStorage, generate_uid
+
+from pneumo_tf import pipeline, postprocess, prediction, serve, submission, training
+from pneumo_tf.records import convert as convert_lib, dicom, synthetic
+
+SOURCE_SIZE = 1024  # the real and the synthetic DICOMs
+
+
+@pytest.fixture(scope="module")
+def app(trained_model):
+    return serve.create_app(trained_model)
+
+
+def reference_probabilities(model_dir, dicom_dir, scratch) -> dict:
+    """{id: probability} through prediction's own path: the folder converted as predict converts it, the
+    pipeline's records, prediction.model_outputs (a submission holds no probability)."""
+    network, info = training.load_exported(str(model_dir))
+    records = os.path.join(scratch, "records")
+    convert_lib.convert(str(dicom_dir), records, options=convert_lib.ConvertOptions(**info["conversion"]), workers=1,
+                        progress_stream=io.StringIO())
+    dataset = pipeline.make_dataset(records, "test", 4, int(info["image_size"]), training=False)
+    probabilities = {}
+    for batch, outputs in prediction.model_outputs(network, dataset):
+        for image_id, probability in zip(batch["id"], postprocess.image_probability(outputs)):
+            probabilities[image_id.decode()] = float(probability)
+    return probabilities
+
+
+def reference_boxes(model_dir, dicom_dir, scratch) -> dict:
+    """{id: (boxes xywh, confidences)} as `python -m pneumo_tf.predict --dicom_dir` writes them."""
+    output = os.path.join(scratch, "submission.csv")
+    prediction.predict(prediction.PredictConfig(model_dir=str(model_dir), output=output, dicom_dir=str(dicom_dir),
+                                                workers=1), progress_stream=io.StringIO())
+    return submission.read_submission(output)
+
+
+@pytest.fixture(scope="module")
+def real(trained_model, shared_rsna, tmp_path_factory) -> dict:
+    """The model with its threshold at the median probability of the 10 real DICOMs (so both decisions
+    occur), its app, and what pneumo_tf.prediction gives for each of those files."""
+    scratch = tmp_path_factory.mktemp("real_reference")
+    dicom_dir = shared_rsna / "dicom"
+    probabilities = reference_probabilities(trained_model, dicom_dir, str(scratch / "probabilities"))
+    low, high = sorted(probabilities.values())[4:6]
+    assert low < high, "the real images need distinct probabilities"
+    model_dir = shutil.copytree(trained_model, scratch / "model")
+    info_path = model_dir / training.INFO_FILE
+    info_path.write_text(json.dumps({**json.loads(info_path.read_text()), "threshold": (low + high) / 2}))
+    boxes = reference_boxes(model_dir, dicom_dir, str(scratch))
+    assert set(boxes) == set(probabilities)
+    return {"app": serve.create_app(str(model_dir)), "threshold": (low + high) / 2, "dicom_dir": dicom_dir,
+            "reference": {image_id: (probabilities[image_id], *boxes[image_id]) for image_id in probabilities}}
+
+
+def upload(client, path_or_bytes, filename=None, url="/api/predict"):
+    data = path_or_bytes if isinstance(path_or_bytes, bytes) else open(path_or_bytes, "rb").read()
+    filename = filename or os.path.basename(path_or_bytes)
+    return client.post(url, data={"file": (io.BytesIO(data), filename)}, content_type="multipart/form-data")
+
+
+def check_well_formed(result: dict, image_id: str, threshold: float, height: int, width: int) -> None:
+    assert result["id"] == image_id and result["threshold"] == threshold
+    assert 0.0 <= result["probability"] <= 1.0
+    assert result["opacity"] == (result["probability"] > threshold)
+    assert result["decision"] == ("Opacity" if result["opacity"] else "No Opacity")
+    assert (result["image"]["rows"], result["image"]["columns"]) == (height, width)
+    confidences = [box["confidence"] for box in result["boxes"]]
+    assert confidences == sorted(confidences, reverse=True)
+    for box in result["boxes"]:
+        # A box's confidence is its component's mean mask probability, every pixel of which is above threshold.
+        assert threshold < box["confidence"] <= 1.0
+        assert 0 <= box["x"] and 0 <= box["y"] and box["width"] > 0 and box["height"] > 0
+        assert box["x"] + box["width"] <= width + 1e-6 and box["y"] + box["height"] <= height + 1e-6
+
+
+def check_matches_reference(result: dict, reference) -> None:
+    probability, boxes, confidences = reference
+    assert result["probability"] == pytest.approx(probability, abs=1e-5)
+    served = np.array([[box["x"], box["y"], box["width"], box["height"]] for box in result["boxes"]]).reshape(-1, 4)
+    assert served.shape == boxes.shape
+    # The submission rounds coordinates to 0.1 px and confidences to 1e-4.
+    np.testing.assert_allclose(served, boxes, atol=0.05 + 1e-6)
+    np.testing.assert_allclose([box["confidence"] for box in result["boxes"]], confidences, atol=5e-5 + 1e-6)
+    assert result["prediction_string"] == submission.format_prediction_string(boxes, confidences)
+
+
+def test_healthz(app, trained_model):
+    response = app.test_client().get("/healthz")
+    assert response.status_code == 200
+    assert response.json == {"status": "ok", "model": "mask_resnet", "image_size": 64, "threshold": 0.5}
+
+
+def test_real_dicoms_give_what_prediction_gives(real):
+    client = real["app"].test_client()
+    decisions = set()
+    for path in sorted(real["dicom_dir"].glob("*.dcm")):
+        response = upload(client, path)
+        assert response.status_code == 200, response.json
+        result = response.json
+        check_well_formed(result, path.stem, real["threshold"], SOURCE_SIZE, SOURCE_SIZE)
+        check_matches_reference(result, real["reference"][path.stem])
+        facts = dicom.header_facts(pydicom.dcmread(path))
+        assert result["image"] == {"rows": facts.rows, "columns": facts.columns, "view": facts.view, "age": facts.age,
+                                   "sex": facts.sex, "pixel_spacing": list(facts.pixel_spacing)}
+        decisions.add(result["decision"])
+    assert decisions == {"Opacity", "No Opacity"}  # the threshold sits at the median probability
+    assert any(reference[1].size for reference in real["reference"].values()), "no file exercised the boxes"
+
+
+def embedded_png(html: str) -> np.ndarray:
+    [encoded] = re.findall(r'href="data:image/png;base64,([A-Za-z0-9+/=]+)"', html)
+    with Image.open(io.BytesIO(base64.b64decode(encoded))) as picture:
+        return np.asarray(picture)
+
+
+def test_page_shows_decision_boxes_facts_and_the_windowed_radiograph(real):
+    client = real["app"].test_client()
+    assert client.get("/").status_code == 200
+    path = max(real["dicom_dir"].glob("*.dcm"), key=lambda p: (len(real["reference"][p.stem][1]), p.name))
+    result = upload(client, path).json
+    assert result["boxes"], "the file with the most boxes has none"
+    response = upload(client, path, url="/")
+    assert response.status_code == 200 and response.headers["Cache-Control"] == "no-store"
+    html = response.get_data(as_text=True)
+    css_class = "positive" if result["opacity"] else "negative"
+    assert f'<h2 id="decision" class="{css_class}">{result["decision"]}</h2>' in html
+    assert f'<span id="probability">{result["probability"]:.3f}</span>' in html
+    assert f'<code id="image-id">{path.stem}</code>' in html
+    assert html.count('<g class="box"') == html.count('<tr class="box-row">') == len(result["boxes"])
+    for box in result["boxes"]:
+        assert f'<rect x="{box["x"]}" y="{box["y"]}" width="{box["width"]}" height="{box["height"]}"/>' in html
+    facts = result["image"]
+    for name, value in (("View", facts["view"]), ("Age", facts["age"]), ("Sex", facts["sex"])):
+        assert f"<th scope=\"row\">{name}</th><td>{value}</td>" in html
+    # The picture is the 8-bit display image dicom.grey_pixels gives, sent inline.
+    np.testing.assert_array_equal(embedded_png(html), dicom.grey_pixels(dicom.read(str(path)), 8))
+
+
+def write_dicom(path, pixels, photometric="MONOCHROME2", bits_stored=None, compress=None, **elements) -> None:
+    """A one-frame grey DICOM of `pixels`, uncompressed unless `compress` names a transfer syntax."""
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = SecondaryCaptureImageStorage
+    meta.MediaStorageSOPInstanceUID = generate_uid()
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds = pydicom.Dataset()
+    ds.file_meta = meta
+    ds.SOPClassUID, ds.SOPInstanceUID = meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID
+    ds.Modality, ds.PatientSex, ds.PatientAge, ds.ViewPosition = "DX", "F", "042Y", "AP"
+    ds.PixelSpacing = [0.2, 0.25]
+    ds.Rows, ds.Columns = pixels.shape
+    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, photometric
+    ds.BitsAllocated = pixels.dtype.itemsize * 8
+    ds.BitsStored = bits_stored or ds.BitsAllocated
+    ds.HighBit, ds.PixelRepresentation = ds.BitsStored - 1, 0
+    for key, value in elements.items():
+        setattr(ds, key, value)
+    ds.PixelData = pixels.tobytes()
+    if compress:
+        ds.compress(compress)
+    ds.save_as(path, enforce_file_format=True)
+
+
+@pytest.fixture(scope="module")
+def odd_dicoms(tmp_path_factory):
+    """MONOCHROME1, 16-bit, 12-bit windowed and RLE-compressed radiographs, some not square."""
+    folder = tmp_path_factory.mktemp("odd") / "dicom"
+    folder.mkdir()
+    picture = synthetic.make_radiograph(np.random.default_rng(3), [(300, 300, 200, 250)], 320)
+    sixteen = picture[:, 40:280].astype(np.uint16) * 200 + 1000  # 320 x 240, values 1000..52000
+    write_dicom(folder / "mono1.dcm", picture, photometric="MONOCHROME1")
+    write_dicom(folder / "sixteen.dcm", sixteen)
+    write_dicom(folder / "twelve_window.dcm", (picture.astype(np.uint16) * 16), bits_stored=12,
+                WindowCenter=2000, WindowWidth=3000)
+    write_dicom(folder / "rle_mono1.dcm", sixteen, photometric="MONOCHROME1", compress=RLELossless)
+    return {"folder": folder, "mono1": picture}
+
+
+def test_odd_dicoms_are_accepted_and_match_prediction(app, trained_model, odd_dicoms, tmp_path):
+    folder = odd_dicoms["folder"]
+    probabilities = reference_probabilities(trained_model, folder, str(tmp_path / "probabilities"))
+    boxes = reference_boxes(trained_model, folder, str(tmp_path))
+    client = app.test_client()
+    for path in sorted(folder.glob("*.dcm")):
+        ds = pydicom.dcmread(path)
+        response = upload(client, path)
+        assert response.status_code == 200, (path.name, response.json)
+        result = response.json
+        check_well_formed(result, path.stem, 0.5, int(ds.Rows), int(ds.Columns))
+        check_matches_reference(result, (probabilities[path.stem], *boxes[path.stem]))
+        header = {key: value for key, value in result["image"].items() if key not in ("rows", "columns")}
+        assert header == {"view": "AP", "age": 42, "sex": "F", "pixel_spacing": [0.2, 0.25]}
+        page = upload(client, path, url="/").get_data(as_text=True)
+        np.testing.assert_array_equal(embedded_png(page), dicom.grey_pixels(ds, 8))
+    # MONOCHROME1 is shown inverted, as a viewer shows it.
+    page = upload(client, folder / "mono1.dcm", url="/").get_data(as_text=True)
+    np.testing.assert_array_equal(embedded_png(page), 255 - odd_dicoms["mono1"])
+
+
+def no_pixel_data() -> bytes:
+    buffer = io.BytesIO()
+    ds = pydicom.Dataset()
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.MediaStorageSOPClassUID = SecondaryCaptureImageStorage
+    ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds.SOPClassUID, ds.SOPInstanceUID = SecondaryCaptureImageStorage, ds.file_meta.MediaStorageSOPInstanceUID
+    ds.PatientID = "header-only"
+    ds.save_as(buffer, enforce_file_format=True)
+    return buffer.getvalue()
+
+
+def undecodable_pixels(tmp_path) -> bytes:
+    path = tmp_path / "short.dcm"
+    write_dicom(path, np.zeros((64, 64), np.uint16))
+    ds = pydicom.dcmread(path)
+    ds.PixelData = ds.PixelData[:1000]  # 64 x 64 x 2 bytes expected
+    ds.save_as(path, enforce_file_format=True)
+    return path.read_bytes()
+
+
+BAD_UPLOADS = {
+    "not_dicom": (lambda tmp_path: b"patientId,Target\nabc,1\n", "notes.dcm", 422,
+                  "notes.dcm cannot be read as a radiograph: unreadable DICOM"),
+    "no_pixel_data": (lambda tmp_path: no_pixel_data(), "header.dcm", 422,
+                      "header.dcm cannot be read as a radiograph: no pixel data"),
+    "undecodable_pixels": (undecodable_pixels, "short.dcm", 422,
+                           "short.dcm cannot be read as a radiograph: undecodable pixels"),
+    "empty_file": (lambda tmp_path: b"", "empty.dcm", 400, "empty.dcm is empty"),
+}
+
+
+@pytest.mark.parametrize("url", ["/api/predict", "/"])
+@pytest.mark.parametrize("case", sorted(BAD_UPLOADS))
+def test_bad_uploads_get_a_4xx_and_a_message(app, case, url, tmp_path):
+    make, filename, status, message = BAD_UPLOADS[case]
+    client = app.test_client()
+    response = upload(client, make(tmp_path), filename, url=url)
+    assert response.status_code == status
+    if url == "/":
+        assert f'<p class="error" id="error" role="alert">{message}' in response.get_data(as_text=True)
+    else:
+        assert response.json["error"].startswith(message)
+    assert client.get("/healthz").status_code == 200
+
+
+@pytest.mark.parametrize("url", ["/api/predict", "/"])
+def test_no_file_gets_400(app, url):
+    client = app.test_client()
+    message = "no file: choose a DICOM file (.dcm) and upload it in the form field &#39;file&#39;"
+    for data in ({}, {"other": "value"}, {"file": (io.BytesIO(b""), "")}):  # the last: a browser's empty input
+        response = client.post(url, data=data, content_type="multipart/form-data")
+        assert response.status_code == 400
+        if url == "/":
+            assert message in response.get_data(as_text=True)
+        else:
+            assert response.json["error"] == message.replace("&#39;", "'")
+
+
+def post_file(url: str, data: bytes, filename: str) -> tuple[int, dict]:
+    """Multipart POST of one file in the field "file" with the standard library: (status, JSON body)."""
+    boundary = uuid.uuid4().hex
+    body = b"".join([
+        f"--{boundary}\r\n".encode(),
+        f'Content-Disposition: form-data; name="file"; filename="{filename}"\r\n'.encode(),
+        b"Content-Type: application/dicom\r\n\r\n", data, f"\r\n--{boundary}--\r\n".encode(),
+    ])
+    headers = {"Content-Type": f"multipart/form-data; boundary={boundary}"}
+    request = urllib.request.Request(url, data=body, headers=headers)
+    try:
+        with urllib.request.urlopen(request, timeout=300) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as error:
+        return error.code, json.loads(error.read())
+
+
+def test_over_the_size_limit_gets_413_and_the_server_keeps_serving(trained_model, synthetic_rsna, monkeypatch, running):
+    monkeypatch.setenv("FLASK_DEBUG", "1")  # Flask would read it; debug mode stays off anyway
+    small = serve.create_app(trained_model, max_upload_mb=0.5)
+    assert small.debug is False and small.config["MAX_CONTENT_LENGTH"] == int(0.5 * 2**20)
+    big = np.random.default_rng(0).integers(0, 255, 600_000, dtype=np.uint8).tobytes()
+    message = "the upload is larger than the limit of 0.5 MB (--max_upload_mb)"
+    response = upload(small.test_client(), big, "big.dcm", url="/")
+    assert response.status_code == 413 and message in response.get_data(as_text=True)
+    path = sorted(os.listdir(synthetic_rsna["test_dir"]))[0]
+    data = open(os.path.join(synthetic_rsna["test_dir"], path), "rb").read()
+    assert len(data) < 0.5 * 2**20
+    with running(small) as base:
+        assert post_file(f"{base}/api/predict", big, "big.dcm") == (413, {"error": message})
+        status, result = post_file(f"{base}/api/predict", data, path)
+        assert status == 200 and result["id"] == path.removesuffix(".dcm")
+
+
+def test_twenty_concurrent_uploads_each_get_their_own_result(app, synthetic_rsna, running):
+    folder = synthetic_rsna["train_dir"]
+    files = [(name, open(os.path.join(folder, name), "rb").read()) for name in sorted(os.listdir(folder))[:20]]
+    with running(app) as base:
+        url = f"{base}/api/predict"
+        sequential = {}
+        for name, data in files:
+            status, result = post_file(url, data, name)
+            assert status == 200, result
+            sequential[result["id"]] = result
+        assert len({result["probability"] for result in sequential.values()}) == 20, "results must tell files apart"
+
+        start = threading.Barrier(len(files))
+        concurrent = [None] * len(files)
+
+        def send(index):
+            start.wait()
+            concurrent[index] = post_file(url, files[index][1], files[index][0])
+
+        threads = [threading.Thread(target=send, args=(index,)) for index in range(len(files))]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(timeout=600)
+    for (name, _), (status, result) in zip(files, concurrent):
+        assert status == 200, result
+        expected = sequential[name.removesuffix(".dcm")]
+        assert result["id"] == expected["id"]
+        assert result["probability"] == pytest.approx(expected["probability"], abs=1e-6)
+        assert result["prediction_string"] == expected["prediction_string"]
+
+
+def test_uploads_never_touch_the_disk(app, synthetic_rsna, tmp_path, monkeypatch):
+    """Werkzeug spools uploads over 500 KB to a temporary file; this app keeps them in memory."""
+    path = tmp_path / "large.dcm"
+    write_dicom(path, np.random.default_rng(1).integers(0, 4096, (600, 600), dtype=np.uint16), bits_stored=12)
+    assert path.stat().st_size > 500 * 1024
+    data = path.read_bytes()
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("an upload went to a temporary file")
+
+    for name in ("TemporaryFile", "NamedTemporaryFile", "mkstemp", "mkdtemp"):
+        monkeypatch.setattr(tempfile, name, refuse)
+    static = os.path.join(os.path.dirname(serve.__file__), "web", "static")
+    static_before = sorted(os.listdir(static))
+    workdir = tmp_path / "cwd"
+    workdir.mkdir()
+    monkeypatch.chdir(workdir)
+    client = app.test_client()
+    for url in ("/api/predict", "/"):
+        assert upload(client, data, "large.dcm", url=url).status_code == 200
+    assert sorted(os.listdir(static)) == static_before and os.listdir(workdir) == []
+
+
+def test_cli_serves_on_localhost_by_default(trained_model, synthetic_rsna):
+    process = subprocess.Popen([sys.executable, "-m", "pneumo_tf.serve", f"--model_dir={trained_model}", "--port=0"],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        line = process.stdout.readline()  # the server prints its address once it listens
+        match = re.fullmatch(r"serving .* at (http://127\.0\.0\.1:\d+)/ \(Ctrl\+C stops\)\n", line)
+        assert match, (line, process.stderr.read() if process.poll() is not None else "")
+        with urllib.request.urlopen(f"{match.group(1)}/healthz", timeout=60) as response:
+            assert json.loads(response.read())["status"] == "ok"
+        name = sorted(os.listdir(synthetic_rsna["test_dir"]))[0]
+        data = open(os.path.join(synthetic_rsna["test_dir"], name), "rb").read()
+        status, result = post_file(f"{match.group(1)}/api/predict", data, name)
+        assert status == 200 and result["id"] == name.removesuffix(".dcm")
+    finally:
+        process.terminate()
+        process.communicate(timeout=60)
+
+
+def test_cli_error_is_one_line(tmp_path):
+    result = subprocess.run([sys.executable, "-m", "pneumo_tf.serve", f"--model_dir={tmp_path / 'missing'}"],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines()[-1] == f"error: model folder not found: {tmp_path / 'missing'}"
