@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
+import math
 import os
 import shutil
 import time
@@ -240,6 +241,14 @@ def train_and_evaluate(config: TrainConfig) -> dict:
     )
     seconds = time.perf_counter() - started
     steps_run = len(history.epoch) * steps_per_epoch
+    # Export the best epoch by the monitored metric, not merely the last.
+    best_path = os.path.join(checkpoints, "best.weights.h5")
+    monitored = [float(v) for v in history.history.get(monitor, [])]
+    best_epoch = None
+    if os.path.isfile(best_path) and monitored and not all(math.isnan(v) for v in monitored):
+        trainer.load_weights(best_path)
+        pick = max if mode == "max" else min
+        best_epoch = history.epoch[monitored.index(pick(v for v in monitored if not math.isnan(v)))]
     summary = {
         "model": config.model,
         "model_options": config.model_options,
@@ -249,6 +258,8 @@ def train_and_evaluate(config: TrainConfig) -> dict:
         "threshold": 0.5,
         "epochs_run": len(history.epoch),
         "epochs": list(history.epoch),  # 0-based; a resumed run starts after the finished ones
+        "exported_epoch": best_epoch if best_epoch is not None else history.epoch[-1],
+        "monitor": monitor,
         "steps_per_epoch": steps_per_epoch,
         "train_seconds": round(seconds, 3),
         "images_per_second": round(steps_run * config.batch_size / seconds, 2) if seconds > 0 else None,

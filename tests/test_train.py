@@ -32,6 +32,9 @@ def test_train_and_export_mask_resnet(tiny_records, tmp_path):
     assert summary["epochs_run"] == 2 and summary["steps_per_epoch"] == 2
     assert len(summary["history"]["val_map"]) == 2
     assert all(0.0 <= v <= 1.0 for v in summary["history"]["val_map"])
+    # The export holds the best epoch by val_map (the first of equals).
+    val_map = summary["history"]["val_map"]
+    assert summary["monitor"] == "val_map" and summary["exported_epoch"] == val_map.index(max(val_map))
     assert np.isfinite(summary["history"]["loss"]).all()
     # The batch is 4 at the seed's reference 16, so the peak rate is a quarter of 7e-4.
     assert summary["learning_rate"] == pytest.approx(7e-4 / 4)
