@@ -140,14 +140,11 @@ class Predictor:
 
     def predict(self, data: bytes, image_id: str) -> Result:
         """Reads one DICOM file's bytes; raises dicom.RejectedFile with the reason when it cannot."""
+        record, reason = convert_lib.convert_or_reject(io.BytesIO(data), image_id, None, self.options)
+        if record is None:
+            raise dicom.RejectedFile(reason)
         ds = dicom.read(io.BytesIO(data))
-        try:
-            record, _ = convert_lib.convert_file(io.BytesIO(data), image_id, None, self.options)
-            grey = dicom.grey_pixels(ds, 8)
-        except dicom.RejectedFile:
-            raise
-        except Exception as error:  # noqa: BLE001 - as the converter: a file it cannot convert is rejected
-            raise dicom.RejectedFile(f"conversion failed: {type(error).__name__}: {error}") from error
+        grey = dicom.grey_pixels(ds, 8)
         with self._lock:
             batch, outputs = self._infer(tf.constant(schema.serialize_example(record)))
         batch = {key: value.numpy() for key, value in batch.items()}

@@ -138,9 +138,12 @@ def _resized(grey: np.ndarray, size: int) -> np.ndarray:
     return np.clip(np.round(np.asarray(resized)), 0, 65535).astype(np.uint16)
 
 
-def convert_file(path: str, image_id: str, labels: PatientLabels | None, options: ConvertOptions):
-    """One DICOM file -> (Record, facts dict). Raises dicom.RejectedFile with the reason."""
-    ds = dicom.read(path)
+def convert_file(source, image_id: str, labels: PatientLabels | None, options: ConvertOptions):
+    """One DICOM file (a path or a binary file object) -> (Record, facts dict).
+
+    Pure: the same file and options give the same record. Raises dicom.RejectedFile with the reason.
+    """
+    ds = dicom.read(source)
     facts = dicom.header_facts(ds)
     frame = dicom.passthrough_frame(ds)
     size = options.image_size
@@ -182,8 +185,8 @@ def convert_file(path: str, image_id: str, labels: PatientLabels | None, options
     return record, {"passthrough": image_format == schema.JPEG, "multi_frame": facts.frames > 1}
 
 
-def _convert_or_reject(path: str, image_id: str, labels: PatientLabels | None, options: ConvertOptions):
-    """(record, facts), or (None, reason) for a file that cannot become a record."""
+def convert_or_reject(path, image_id: str, labels: PatientLabels | None, options: ConvertOptions):
+    """(record, facts), or (None, reason) for a file that cannot become a record (never raises)."""
     try:
         return convert_file(path, image_id, labels, options)
     except dicom.RejectedFile as error:
@@ -314,7 +317,7 @@ def write_shard(shard: Shard, output_dir: str, options: ConvertOptions, report=N
     unreported = 0
     with TFRecordWriter(tmp) as writer:
         for path, image_id, labels in shard.files:
-            record, facts = _convert_or_reject(path, image_id, labels, options)
+            record, facts = convert_or_reject(path, image_id, labels, options)
             unreported += 1
             if report is not None and unreported == PROGRESS_EVERY:
                 report(unreported)
