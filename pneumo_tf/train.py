@@ -44,7 +44,8 @@ flags.DEFINE_integer("early_stopping_patience", 15, "Epochs without improvement 
                      "(val_map for mask models, val_loss for classifiers) before stopping.")
 flags.DEFINE_integer("seed", 0, "Seed of the data order and augmentation.")
 flags.DEFINE_integer("log_every_steps", 10, "Steps between TensorBoard learning-rate, loss and images/s scalars.")
-flags.DEFINE_string("profile_steps", "", "Profile these steps for TensorBoard's profiler, as start,end (e.g. 5,8).")
+flags.DEFINE_string("profile_steps", "10,12", "Steps traced for TensorBoard's profiler (input-pipeline analysis), "
+                    "as start,end; empty to trace none.")
 flags.mark_flags_as_required(["records_dir", "model_dir"])
 
 

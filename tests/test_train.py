@@ -26,7 +26,7 @@ def test_train_and_export_mask_resnet(tiny_records, tmp_path):
     config = training.TrainConfig(
         records_dir=tiny_records, model_dir=str(tmp_path / "run"), model="mask_resnet",
         model_options={"channels": 4, "n_blocks": 1, "depth": 2, "classification_head": True},
-        image_size=64, batch_size=4, epochs=2, steps_per_epoch=2, log_every_steps=1,
+        image_size=64, batch_size=4, epochs=2, steps_per_epoch=2, log_every_steps=1, profile_steps=(2, 3),
     )
     summary = training.train_and_evaluate(config)
     assert summary["epochs_run"] == 2 and summary["steps_per_epoch"] == 2
@@ -46,6 +46,8 @@ def test_train_and_export_mask_resnet(tiny_records, tmp_path):
     checkpoints = sorted(os.listdir(tmp_path / "run" / "checkpoints"))
     assert checkpoints == ["best.weights.h5", "epoch-001.weights.h5", "epoch-002.weights.h5"]
     assert not os.path.exists(tmp_path / "run" / "backup")  # removed once training finished
+    traces = list((tmp_path / "run" / "logs" / "train" / "plugins" / "profile").glob("*/*.xplane.pb"))
+    assert len(traces) == 1  # the profiler's trace of steps 2-3, for TensorBoard's input-pipeline analysis
 
 
 @pytest.mark.slow
