@@ -29,6 +29,7 @@ from pneumo_tf import metric, postprocess
 
 LEARNING_RATE_TAG = "step/learning_rate"
 IMAGES_PER_SECOND_TAG = "step/images_per_second"
+EPOCH_IMAGES_PER_SECOND_TAG = "epoch_images_per_second"
 LOSS_TAG = "step/loss"
 VAL_MAP_TAG = "epoch_val_map"
 PR_CURVE_NAME = "image_probability"  # TensorBoard's tag is "<name>/pr_curves"
@@ -63,6 +64,7 @@ class StepScalars(keras.callbacks.Callback):
                             is not training time)
     step/loss               the mean training loss over the batches since the previous
                             logged step (the batch loss when every_n_steps is 1)
+    and at each epoch end, at step = epoch, epoch_images_per_second (training only).
 
     Keras 3 only reports the running mean of the loss since the epoch start; the
     interval mean is recovered from two running means, exactly when batches have
@@ -87,11 +89,13 @@ class StepScalars(keras.callbacks.Callback):
 
     def on_epoch_begin(self, epoch, logs=None):
         self._epoch_start_batches = self._batches_seen
-        self._mark = (time.perf_counter(), self._batches_seen, 0, 0.0)
+        self._epoch_start = time.perf_counter()
+        self._mark = (self._epoch_start, self._batches_seen, 0, 0.0)
 
     def on_train_batch_end(self, batch, logs=None):
         # `batch` is the index of the epoch's last finished batch (steps_per_execution may skip some).
         epoch_batches = batch + 1
+        self._last_batch_end = time.perf_counter()
         previous, self._batches_seen = self._batches_seen, self._epoch_start_batches + epoch_batches
         if self._batches_seen // self._every_n_steps == previous // self._every_n_steps:
             return
@@ -112,6 +116,11 @@ class StepScalars(keras.callbacks.Callback):
         self._mark = (now, self._batches_seen, epoch_batches, mean_loss)
 
     def on_epoch_end(self, epoch, logs=None):
+        # Training images/s of the epoch up to its last batch (validation runs after it).
+        images = (self._batches_seen - self._epoch_start_batches) * self._global_batch_size
+        if images:
+            with self._writer.as_default(step=epoch):
+                tf.summary.scalar(EPOCH_IMAGES_PER_SECOND_TAG, images / (self._last_batch_end - self._epoch_start))
         self._writer.flush()
 
     def on_train_end(self, logs=None):

@@ -180,6 +180,8 @@ def test_fit_writes_step_scalars_and_epoch_evaluation(tmp_path):
     learning_rates = [float(value) for _, value in train_values[callbacks.LEARNING_RATE_TAG]]
     np.testing.assert_allclose(learning_rates, [0.01 * 0.5**step for step in (2, 4, 6)], rtol=1e-6)
     assert all(float(value) > 0 for _, value in train_values[callbacks.IMAGES_PER_SECOND_TAG])
+    epoch_rates = train_values[callbacks.EPOCH_IMAGES_PER_SECOND_TAG]
+    assert [step for step, _ in epoch_rates] == [0, 1] and all(float(value) > 0 for _, value in epoch_rates)
     # Epoch 2 logs batch 1 (iteration 4) and batches 2-3 (iteration 6): their weighted
     # mean is the epoch's mean loss.
     _, loss_4, loss_6 = (float(value) for _, value in train_values[callbacks.LOSS_TAG])
