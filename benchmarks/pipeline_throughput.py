@@ -1,0 +1,567 @@
+"""Input pipeline throughput: `make_dataset` against the seed's ImageDataGenerator and the decode ceiling.
+
+    python benchmarks/pipeline_throughput.py                        # 2000 images, 15 s a measurement
+    python benchmarks/pipeline_throughput.py --num_images=600 --seconds=8
+    python benchmarks/pipeline_throughput.py --work_dir=/tmp/pipeline_bench --repeats=3
+
+Synthesises RSNA-like DICOMs once (1024 px, one JPEG Baseline frame, labels CSVs), converts
+them twice and writes the seed's PNG folders, then measures the images per second each of
+these delivers, in one process, side by side:
+
+  passthrough       `make_dataset` (train split, training=True) on `--image_size=0` records: the
+                    1024-px JPEG frame decoded at DCT ratio 4, plus the 1024-px 1-bit mask PNG
+                    decoded, area-resized and thresholded;
+  resized records   `make_dataset` on `--image_size=S` records (S x S 8-bit PNG and S x S mask);
+  ImageDataGenerator  the seed report's baseline, tf_keras `ImageDataGenerator(rescale=1/255)
+                    .flow_from_directory` over class folders of full-size (1024 px) grey PNGs,
+                    resized on load to (S, S), color_mode="grayscale", one Python thread;
+  decode ceiling    `tf.io.decode_jpeg(ratio=4)` alone over every JPEG frame of the passthrough
+                    records, held in memory, in an autotuned parallel map on all cores: the most
+                    images/s any pipeline on passthrough records can deliver.
+
+Diagnostics (--diagnostics, on by default) split each pipeline's per-image work the same
+tight-loop way: the image plus its mask decoded exactly as the pipeline does, the mask alone,
+the resized records' PNG alone, and two cheaper ways to get the passthrough mask (no decode
+for empty masks; rasterise the mask from the record's boxes), so the report can say where the
+time goes.
+
+Every measurement makes a fresh iterator, skips --warmup_batches, then counts the images of
+the batches delivered in --seconds (or --batches) and the process's CPU time; the iterator is
+deleted before the next measurement so no pipeline works in the background of another. Methods
+run interleaved, in a rotated order each repeat, and the best of --repeats counts (the machine
+is shared and noisy). Images/s decide the targets; the breakdown of where the time goes uses
+CPU time per image, which other processes on the machine disturb far less.
+Targets: resized records >= 10x ImageDataGenerator; passthrough >= 80% of the decode ceiling.
+The exit status is 1 when a target fails.
+
+Needs tf_keras for the baseline only (`pip install "tf_keras~=2.21.0"`, matching TensorFlow
+2.21); pneumo_tf itself never imports it.
+"""
+from __future__ import annotations
+
+import concurrent.futures
+import csv
+import dataclasses
+import gc
+import glob
+import importlib.metadata
+import multiprocessing
+import os
+import platform
+import shutil
+import sys
+import tempfile
+import time
+from typing import Callable, Iterator
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import numpy as np  # noqa: E402
+import tensorflow as tf  # noqa: E402
+from absl import app, flags  # noqa: E402
+
+from pneumo_tf import pipeline  # noqa: E402
+from pneumo_tf.boxes import MAX_BOXES  # noqa: E402
+from pneumo_tf.records import convert as convert_lib, synthetic  # noqa: E402
+from pneumo_tf.records.manifest import read_manifest, shard_paths  # noqa: E402
+
+FLAGS = flags.FLAGS
+SOURCE_SIZE = 1024  # the synthetic DICOMs' pixels, as RSNA's
+TARGET_VS_IMAGE_DATA_GENERATOR = 10.0  # resized records' images/s over the seed baseline's
+TARGET_VS_CEILING = 0.80  # passthrough images/s over the decode ceiling's
+BIT_DEPTH = 8  # both conversions use the converter's default
+PNG_CLASSES = ("normal", "opacity")  # the seed's two flow_from_directory class folders (label/target 0, 1)
+
+
+def define_flags() -> None:
+    """The flags of this script (a function, so input_bound.py can import the data helpers alone)."""
+    flags.DEFINE_integer("num_images", 2000, "Synthetic labeled DICOMs (records use the 80% train split).")
+    flags.DEFINE_string("work_dir", None, "Folder for the synthetic data, records and PNGs (reused when they hold "
+                        "--num_images). A folder given here is kept; the default temporary one is removed unless "
+                        "--keep.")
+    flags.DEFINE_bool("keep", False, "Keep the temporary work folder at the end.")
+    flags.DEFINE_integer("image_size", 256, "Pixels the pipelines deliver (and the resized records store).")
+    flags.DEFINE_integer("batch_size", 32, "Images per batch, for every method.")
+    flags.DEFINE_float("seconds", 15.0, "Seconds of steady-state batches counted per measurement.")
+    flags.DEFINE_integer("batches", 0, "Count this many batches per measurement instead of --seconds (0: use seconds).")
+    flags.DEFINE_integer("warmup_batches", 5, "Batches taken and not counted at the start of each measurement.")
+    flags.DEFINE_integer("repeats", 2, "Measurements of each method, interleaved; the best counts.")
+    flags.DEFINE_bool("diagnostics", True, "Also measure the parts of each pipeline's decode (image, mask) and two "
+                      "cheaper passthrough masks.")
+
+
+# ---------------------------------------------------------------------------------------------
+# Data: synthetic DICOMs -> passthrough records, resized records, the seed's PNG folders.
+
+
+@dataclasses.dataclass(frozen=True)
+class BenchData:
+    data: dict  # synthetic.write_dataset's paths
+    passthrough_dir: str
+    resized_dir: str | None
+    png_dir: str | None
+
+
+def _dicom_count(train_dir: str) -> int:
+    return len(glob.glob(os.path.join(train_dir, "*.dcm"))) if os.path.isdir(train_dir) else 0
+
+
+def synthetic_data(work_dir: str, num_images: int) -> tuple[dict, bool]:
+    """(paths of the RSNA-layout data in work_dir/data, whether it was written now)."""
+    data_dir = os.path.join(work_dir, "data")
+    paths = {
+        "train_dir": os.path.join(data_dir, synthetic.TRAIN_DIR),
+        "labels": os.path.join(data_dir, synthetic.LABELS_CSV),
+        "class_info": os.path.join(data_dir, synthetic.CLASS_INFO_CSV),
+    }
+    complete = all(os.path.isfile(paths[key]) for key in ("labels", "class_info"))
+    if complete and _dicom_count(paths["train_dir"]) == num_images:
+        print(f"reusing {num_images} synthetic DICOMs in {data_dir}", flush=True)
+        return paths, False
+    shutil.rmtree(data_dir, ignore_errors=True)
+    print(f"synthesising {num_images} RSNA-like {SOURCE_SIZE}-px DICOMs into {data_dir} ...", flush=True)
+    started = time.perf_counter()
+    synthetic.write_dataset(data_dir, num_images=num_images, seed=0, image_size=SOURCE_SIZE)
+    print(f"  done in {time.perf_counter() - started:.0f} s", flush=True)
+    return paths, True
+
+
+def records(data: dict, output_dir: str, image_size: int, num_images: int, fresh: bool) -> str:
+    """output_dir converted from data at image_size (0: passthrough), reused when complete and current."""
+    if os.path.isdir(output_dir):
+        try:
+            current = not fresh and read_manifest(output_dir)["records"] == num_images
+        except Exception:  # noqa: BLE001 - anything unreadable is simply reconverted
+            current = False
+        if current:
+            return output_dir
+        shutil.rmtree(output_dir)
+    print(f"converting to {output_dir} (image_size={image_size}) ...", flush=True)
+    started = time.perf_counter()
+    with open(os.devnull, "w") as quiet:
+        convert_lib.convert(
+            data["train_dir"], output_dir, data["labels"], data["class_info"],
+            options=convert_lib.ConvertOptions(image_size=image_size), progress_stream=quiet,
+        )
+    print(f"  done in {time.perf_counter() - started:.0f} s", flush=True)
+    return output_dir
+
+
+def _write_png(job) -> None:
+    """One DICOM -> one full-size grey PNG, as the seed's `convert_save` (without its resize)."""
+    import pydicom
+    from PIL import Image
+
+    from pneumo_tf.records import dicom
+
+    dicom_path, png_path = job
+    dicom.quiet_pydicom()
+    image = Image.fromarray(pydicom.dcmread(dicom_path).pixel_array).convert("L")
+    image.save(f"{png_path}.tmp.png")
+    os.replace(f"{png_path}.tmp.png", png_path)
+
+
+def png_folders(data: dict, png_dir: str, num_images: int, fresh: bool) -> str:
+    """png_dir/<class>/<patientId>.png for every DICOM, 1024 x 1024 8-bit grey, by label/target."""
+    have = len(glob.glob(os.path.join(png_dir, "*", "*.png")))
+    if not fresh and have == num_images:
+        return png_dir
+    shutil.rmtree(png_dir, ignore_errors=True)
+    with open(data["labels"], newline="") as handle:
+        target = {row["patientId"]: int(row["Target"]) for row in csv.DictReader(handle)}
+    for name in PNG_CLASSES:
+        os.makedirs(os.path.join(png_dir, name))
+    jobs = []
+    for path in sorted(glob.glob(os.path.join(data["train_dir"], "*.dcm"))):
+        patient_id = os.path.splitext(os.path.basename(path))[0]
+        jobs.append((path, os.path.join(png_dir, PNG_CLASSES[target[patient_id]], f"{patient_id}.png")))
+    print(f"writing {len(jobs)} full-size PNGs for ImageDataGenerator into {png_dir} ...", flush=True)
+    started = time.perf_counter()
+    # Spawned, not forked: this process holds TensorFlow.
+    context = multiprocessing.get_context("spawn")
+    with concurrent.futures.ProcessPoolExecutor(os.cpu_count(), mp_context=context) as pool:
+        list(pool.map(_write_png, jobs, chunksize=16))
+    print(f"  done in {time.perf_counter() - started:.0f} s", flush=True)
+    return png_dir
+
+
+def prepare(work_dir: str, num_images: int, image_size: int | None = None, pngs: bool = True) -> BenchData:
+    """Everything the benchmarks read, written once into work_dir and reused by later runs.
+
+    image_size None skips the resized records; pngs False skips the seed's PNG folders.
+    """
+    data, fresh = synthetic_data(work_dir, num_images)
+    passthrough = records(data, os.path.join(work_dir, "records", "passthrough"), 0, num_images, fresh)
+    resized = None
+    if image_size:
+        resized = records(data, os.path.join(work_dir, "records", f"size_{image_size}"), image_size, num_images, fresh)
+    png_dir = png_folders(data, os.path.join(work_dir, "png"), num_images, fresh) if pngs else None
+    return BenchData(data, passthrough, resized, png_dir)
+
+
+def load_fields(records_dir: str) -> dict[str, np.ndarray]:
+    """Every record of every split, parsed by the pipeline's own `parse_batch`, as numpy arrays."""
+    manifest = read_manifest(records_dir)
+    paths = [path for split in manifest["splits"] for path in shard_paths(records_dir, split, manifest)]
+    keys = ("image_encoded", "image_format", "stored_size", "mask_encoded", "boxes", "num_boxes")
+    parts = {key: [] for key in keys}
+    for batch in tf.data.TFRecordDataset(paths).batch(256).map(pipeline.parse_batch):
+        for key in keys:
+            parts[key].append(batch[key].numpy())
+    return {key: np.concatenate(values) for key, values in parts.items()}
+
+
+# ---------------------------------------------------------------------------------------------
+# Batch sources. Each is a function returning a fresh iterator of batches.
+
+
+def tight_loop(fields: dict[str, np.ndarray], decode, keys, image_size: int, batch_size: int) -> Iterator:
+    """decode(one record's fields) over fields held in memory, in an autotuned parallel map, batched.
+
+    Only `keys` are sliced, so a loop copies no bytes its decode does not read.
+    """
+    options = tf.data.Options()
+    options.autotune.enabled = True
+    options.deterministic = False
+    dataset = (
+        tf.data.Dataset.from_tensor_slices({key: fields[key] for key in keys})
+        .repeat()
+        .map(lambda f: decode(f, image_size), num_parallel_calls=tf.data.AUTOTUNE, deterministic=False)
+        .batch(batch_size, drop_remainder=True)
+        .prefetch(tf.data.AUTOTUNE)
+        .with_options(options)
+    )
+    return iter(dataset)
+
+
+def jpeg_ratio(image_size: int) -> int:
+    """The DCT scale the pipeline decodes a SOURCE_SIZE frame at, for image_size pixels."""
+    # pipeline.jpeg_ratio_index's rule in plain Python (the decodes below call this while tracing).
+    return max((ratio for ratio in pipeline.JPEG_RATIOS if SOURCE_SIZE >= ratio * image_size), default=1)
+
+
+# Tight-loop decodes: one record's fields (as `parse_batch` gives them) -> what gets batched.
+
+
+def jpeg_alone(fields, image_size: int):
+    """The decode ceiling: nothing but the JPEG decode the pipeline cannot avoid."""
+    return tf.io.decode_jpeg(fields["image_encoded"], channels=1, ratio=jpeg_ratio(image_size))
+
+
+def png_alone(fields, image_size: int):
+    return tf.io.decode_png(fields["image_encoded"], channels=1)
+
+
+def _image(fields, image_size: int):
+    return pipeline.decode_image(
+        fields["image_encoded"], fields["image_format"], fields["stored_size"], image_size, BIT_DEPTH
+    )
+
+
+def image_and_mask(fields, image_size: int):
+    """Exactly the pipeline's per-image decode (`decode_example` without the pass-through labels)."""
+    return _image(fields, image_size), pipeline.decode_mask(fields["mask_encoded"], image_size)
+
+
+def mask_alone(fields, image_size: int):
+    return pipeline.decode_mask(fields["mask_encoded"], image_size)
+
+
+def image_and_mask_skipping_empty(fields, image_size: int):
+    """Alternative: an image without boxes has an all-zero mask; decode the PNG only otherwise."""
+    mask = tf.cond(
+        fields["num_boxes"] > 0,
+        lambda: pipeline.decode_mask(fields["mask_encoded"], image_size),
+        lambda: tf.zeros([image_size, image_size, 1], tf.float32),
+    )
+    return _image(fields, image_size), mask
+
+
+def rasterised_mask(boxes, num_boxes, image_size: int):
+    """Alternative: the union of normalised (ymin, xmin, ymax, xmax) boxes drawn at image_size
+    directly; a pixel is in when its centre is (the area-resized PNG keeps pixels at least half in)."""
+    centres = (tf.range(image_size, dtype=tf.float32) + 0.5) / image_size
+    valid = tf.range(MAX_BOXES) < num_boxes
+    rows = (centres[None, :] >= boxes[:, 0:1]) & (centres[None, :] < boxes[:, 2:3]) & valid[:, None]
+    cols = (centres[None, :] >= boxes[:, 1:2]) & (centres[None, :] < boxes[:, 3:4]) & valid[:, None]
+    inside = tf.reduce_any(rows[:, :, None] & cols[:, None, :], axis=0)
+    return tf.cast(inside, tf.float32)[:, :, None]
+
+
+def image_and_mask_from_boxes(fields, image_size: int):
+    return _image(fields, image_size), rasterised_mask(fields["boxes"], fields["num_boxes"], image_size)
+
+
+def image_data_generator(png_dir: str, image_size: int, batch_size: int) -> Iterator:
+    """The seed report's flow_from_directory, validation-style (rescale only; its training
+    generator adds zoom, flip and rotation, which only makes it slower)."""
+    try:
+        from tf_keras.preprocessing.image import ImageDataGenerator
+    except ImportError as error:
+        raise SystemExit(
+            f"the ImageDataGenerator baseline needs tf_keras matching TensorFlow {tf.__version__}: "
+            f'pip install "tf_keras~={".".join(tf.__version__.split(".")[:2])}.0" ({error})'
+        ) from error
+    return ImageDataGenerator(rescale=1.0 / 255).flow_from_directory(
+        png_dir, target_size=(image_size, image_size), color_mode="grayscale", batch_size=batch_size,
+        class_mode="binary", classes=list(PNG_CLASSES), shuffle=True, seed=0,
+    )
+
+
+def images_in(batch) -> int:
+    if isinstance(batch, dict):
+        return int(batch["image"].shape[0])
+    first = batch[0] if isinstance(batch, tuple) else batch
+    return int(first.shape[0])
+
+
+# ---------------------------------------------------------------------------------------------
+# Measuring.
+
+
+@dataclasses.dataclass
+class Method:
+    name: str
+    description: str
+    make_batches: Callable[[], Iterator]
+    diagnostic: bool = False
+
+
+@dataclasses.dataclass(frozen=True)
+class Measurement:
+    images_per_second: float  # wall clock: what a consumer of the batches sees
+    cpu_ms_per_image: float  # CPU time of this whole process (every thread) per image
+
+
+def measure(method: Method, warmup: int, seconds: float, batches: int) -> Measurement:
+    """Steady state of a fresh iterator: warm-up batches skipped, then a timed count.
+
+    CPU time is counted too: other processes on a shared machine change the wall-clock
+    rate a lot but one image's CPU cost much less, so the breakdowns use CPU time.
+    """
+    iterator = method.make_batches()
+    for _ in range(warmup):
+        next(iterator)
+    images = counted = 0
+    started, cpu_started = time.perf_counter(), time.process_time()
+    while True:
+        images += images_in(next(iterator))
+        counted += 1
+        elapsed = time.perf_counter() - started
+        if (batches and counted >= batches) or (not batches and elapsed >= seconds):
+            break
+    cpu = time.process_time() - cpu_started
+    del iterator  # stops its background threads before the next method runs
+    gc.collect()
+    return Measurement(images / elapsed, 1000.0 * cpu / images)
+
+
+IMAGE_KEYS = ("image_encoded", "image_format", "stored_size")
+PASSTHROUGH, RESIZED, BASELINE, CEILING = "passthrough", "resized records", "ImageDataGenerator", "decode ceiling"
+
+
+def methods(bench: BenchData, image_size: int, batch_size: int, diagnostics: bool) -> list[Method]:
+    """The measured methods: the four of the targets, then the diagnostics."""
+    ratio = jpeg_ratio(image_size)
+    passthrough = load_fields(bench.passthrough_dir)
+
+    def dataset(records_dir):
+        return lambda: iter(pipeline.make_dataset(records_dir, "train", batch_size, image_size, training=True, seed=0))
+
+    def loop(fields, decode, keys):
+        return lambda: tight_loop(fields, decode, keys, image_size, batch_size)
+
+    found = [
+        Method(PASSTHROUGH, f"make_dataset, image_size=0 records: {SOURCE_SIZE}-px JPEG at ratio {ratio} + "
+               f"{SOURCE_SIZE}-px mask", dataset(bench.passthrough_dir)),
+        Method(RESIZED, f"make_dataset, image_size={image_size} records: {image_size}-px PNG + {image_size}-px mask",
+               dataset(bench.resized_dir)),
+        Method(BASELINE, f"tf_keras flow_from_directory, {SOURCE_SIZE}-px grey PNGs -> {image_size}, one thread",
+               lambda: image_data_generator(bench.png_dir, image_size, batch_size)),
+        Method(CEILING, f"decode_jpeg(ratio={ratio}) alone over the passthrough frames in memory, all cores",
+               loop(passthrough, jpeg_alone, ["image_encoded"])),
+    ]
+    if not diagnostics:
+        return found
+    resized = load_fields(bench.resized_dir)
+    return found + [
+        Method("pt: jpeg+mask", "passthrough fields in memory, decode_image + decode_mask as the pipeline",
+               loop(passthrough, image_and_mask, (*IMAGE_KEYS, "mask_encoded")), True),
+        Method("pt: mask alone", f"decode_mask alone: {SOURCE_SIZE}-px 1-bit PNG, float, area resize, threshold",
+               loop(passthrough, mask_alone, ["mask_encoded"]), True),
+        Method("pt: jpeg+mask skip empty", "as pt: jpeg+mask, but zeros instead of the PNG when num_boxes == 0",
+               loop(passthrough, image_and_mask_skipping_empty, (*IMAGE_KEYS, "mask_encoded", "num_boxes")), True),
+        Method("pt: jpeg+mask from boxes", f"decode_image + the mask rasterised from the boxes at {image_size} px",
+               loop(passthrough, image_and_mask_from_boxes, (*IMAGE_KEYS, "boxes", "num_boxes")), True),
+        Method("rs: png alone", f"decode_png alone over the {image_size}-px records' images in memory",
+               loop(resized, png_alone, ["image_encoded"]), True),
+        Method("rs: png+mask", f"{image_size}-px records' fields in memory, decode_image + decode_mask",
+               loop(resized, image_and_mask, (*IMAGE_KEYS, "mask_encoded")), True),
+    ]
+
+
+# ---------------------------------------------------------------------------------------------
+# Report.
+
+
+def machine_facts() -> str:
+    def version(package):
+        try:
+            return importlib.metadata.version(package)
+        except importlib.metadata.PackageNotFoundError:
+            return "-"
+
+    cpu = platform.processor()
+    if os.path.exists("/proc/cpuinfo"):
+        with open("/proc/cpuinfo") as handle:
+            cpu = next((line.split(":", 1)[1].strip() for line in handle if line.startswith("model name")), cpu)
+    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    packages = ", ".join(f"{p} {version(p)}" for p in ("tensorflow", "keras", "tf_keras", "pillow", "numpy"))
+    return (f"machine: {platform.system()} {platform.machine()}, {cpu}, {os.cpu_count()} cores ({usable} usable); "
+            f"python {platform.python_version()}, {packages}; load average {os.getloadavg()[0]:.2f}")
+
+
+def describe_decoding(bench: BenchData, image_size: int) -> list[str]:
+    """What one example costs to decode in each records folder, from the records themselves."""
+    lines = []
+    for label, records_dir in ((PASSTHROUGH, bench.passthrough_dir), (RESIZED, bench.resized_dir)):
+        fields = load_fields(records_dir)
+        image_kb = np.mean([len(b) for b in fields["image_encoded"]]) / 1024
+        mask_kb = np.mean([len(b) for b in fields["mask_encoded"]]) / 1024
+        stored = int(fields["stored_size"][0])
+        empty = float(np.mean(fields["num_boxes"] == 0))
+        if stored == SOURCE_SIZE:
+            image = (f"a {stored}x{stored} JPEG ({image_kb:.0f} KB) decoded at ratio {jpeg_ratio(image_size)} "
+                     f"straight to {stored // jpeg_ratio(image_size)} px")
+            mask = (f"a {stored}x{stored} 1-bit mask PNG ({mask_kb:.2f} KB) decoded to {stored * stored / 2**20:.0f} "
+                    f"MP uint8, cast to float32 ({4 * stored * stored / 2**20:.0f} MB), area-resized to {image_size} "
+                    f"and thresholded")
+        else:
+            image = f"a {stored}x{stored} 8-bit PNG ({image_kb:.0f} KB), no resize"
+            mask = f"a {stored}x{stored} 1-bit mask PNG ({mask_kb:.2f} KB), no resize"
+        lines.append(f"  {label}: per image {image}; plus {mask}. {empty:.0%} of the masks are empty "
+                     f"(one constant PNG).")
+    return lines
+
+
+def report(runs: dict[str, list[Measurement]], found: list[Method]) -> bool:
+    """Prints the table; True when every target is met."""
+    best = {name: max(run.images_per_second for run in values) for name, values in runs.items()}
+    baseline, ceiling = best[BASELINE], best[CEILING]
+    targets = {
+        RESIZED: (best[RESIZED] / baseline, TARGET_VS_IMAGE_DATA_GENERATOR,
+                  f">= {TARGET_VS_IMAGE_DATA_GENERATOR:.0f}x ImageDataGenerator"),
+        PASSTHROUGH: (best[PASSTHROUGH] / ceiling, TARGET_VS_CEILING, f">= {TARGET_VS_CEILING:.0%} of the ceiling"),
+    }
+    header = (f"{'method':<26} {'images/s':>9} {'median':>8} {'vs IDG':>8} {'vs ceiling':>10} "
+              f"{'CPU ms/img':>10}  target")
+    print(header)
+    print("-" * (len(header) + 34))
+    passed = True
+    for method in found:
+        if method.diagnostic and not found[found.index(method) - 1].diagnostic:
+            print("diagnostics: tight loops over records held in memory (pt: passthrough, rs: resized records)")
+        rate = best[method.name]
+        verdict = ""
+        if method.name in targets:
+            value, target, text = targets[method.name]
+            passed &= value >= target
+            verdict = f"{text}  {'PASS' if value >= target else 'FAIL'}"
+        median = float(np.median([run.images_per_second for run in runs[method.name]]))
+        print(f"{method.name:<26} {rate:>9.1f} {median:>8.1f} {rate / baseline:>7.1f}x {rate / ceiling:>10.2f} "
+              f"{cpu_ms(runs, method.name):>10.2f}  {verdict}")
+    print("images/s: best of the repeats (the ratios use it); median: of the repeats; CPU ms/img: the process's CPU "
+          "time (all threads) per image, least of the repeats")
+    print()
+    for method in found:
+        print(f"  {method.name}: {method.description}")
+    return passed
+
+
+def cpu_ms(runs: dict[str, list[Measurement]], name: str) -> float:
+    return min(run.cpu_ms_per_image for run in runs[name])
+
+
+def where_time_goes(runs: dict[str, list[Measurement]]) -> list[str]:
+    """Each pipeline's CPU time per image, split by the diagnostics.
+
+    The parts are differences of separately measured loops: estimates, but CPU time
+    (unlike images/s) hardly depends on what else the shared machine is running.
+    """
+    if "pt: jpeg+mask" not in runs:
+        return []
+    ms = {name: cpu_ms(runs, name) for name in runs}
+    lines = ["where the CPU time goes (ms of CPU per image, all threads):"]
+    for title, image_name, decode_name, image_text in (
+        (PASSTHROUGH, CEILING, "pt: jpeg+mask", "JPEG decode at the ratio (the ceiling)"),
+        (RESIZED, "rs: png alone", "rs: png+mask", "PNG decode"),
+    ):
+        total = ms[title]
+        image_ms, mask_ms, rest_ms = ms[image_name], ms[decode_name] - ms[image_name], total - ms[decode_name]
+        lines += [
+            f"{title}: {total:.2f} ms per image",
+            f"  {image_text:<44} {image_ms:6.2f} ms {image_ms / total:5.0%}",
+            f"  {'mask: decode, float, resize, threshold':<44} {mask_ms:6.2f} ms {mask_ms / total:5.0%}",
+            f"  {'the rest: read, parse, shuffle, batch, cast':<44} {rest_ms:6.2f} ms {rest_ms / total:5.0%}",
+        ]
+    lines.append(f"  (ImageDataGenerator: {ms[BASELINE]:.2f} ms per image, in one thread)")
+    rest_ms = ms[PASSTHROUGH] - ms["pt: jpeg+mask"]
+    lines.append(f"passthrough with another mask, projected from CPU time (its decode loop + the same {rest_ms:.2f} ms "
+                 "rest; the ceiling's share is what its images/s would be as a fraction of the ceiling's on the "
+                 "same cores):")
+    for name in ("pt: jpeg+mask", "pt: jpeg+mask skip empty", "pt: jpeg+mask from boxes"):
+        total = ms[name] + rest_ms
+        lines.append(f"  {name:<26} {ms[name]:5.2f} + {rest_ms:.2f} = {total:5.2f} ms: "
+                     f"{ms[CEILING] / total:4.0%} of the ceiling")
+    return lines
+
+
+def benchmark() -> int:
+    work_dir = FLAGS.work_dir or tempfile.mkdtemp(prefix="pipeline_throughput_")
+    os.makedirs(work_dir, exist_ok=True)
+    remove_work_dir = FLAGS.work_dir is None and not FLAGS.keep  # never delete a folder the user named
+    try:
+        print(machine_facts())
+        bench = prepare(work_dir, FLAGS.num_images, FLAGS.image_size)
+        print(f"num_images {FLAGS.num_images} (make_dataset reads the train split: "
+              f"{pipeline.num_examples(bench.passthrough_dir, 'train')}; the ceiling and ImageDataGenerator all), "
+              f"image_size {FLAGS.image_size}, batch_size {FLAGS.batch_size}, "
+              + (f"{FLAGS.batches} batches" if FLAGS.batches else f"{FLAGS.seconds:g} s")
+              + f" per measurement after {FLAGS.warmup_batches} warm-up batches, best of {FLAGS.repeats}", flush=True)
+        found = methods(bench, FLAGS.image_size, FLAGS.batch_size, FLAGS.diagnostics)
+        runs: dict[str, list[Measurement]] = {m.name: [] for m in found}
+        for repeat in range(FLAGS.repeats):
+            shift = repeat % len(found)  # rotate so no method always runs first or last
+            for method in found[shift:] + found[:shift]:
+                run = measure(method, FLAGS.warmup_batches, FLAGS.seconds, FLAGS.batches)
+                runs[method.name].append(run)
+                print(f"  repeat {repeat + 1}/{FLAGS.repeats} {method.name:<26} {run.images_per_second:8.1f} images/s "
+                      f"{run.cpu_ms_per_image:6.2f} CPU ms/image", flush=True)
+        print(f"load average at end: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
+        print()
+        passed = report(runs, found)
+        print()
+        print("what the pipeline decodes per image (image + mask):")
+        for line in describe_decoding(bench, FLAGS.image_size):
+            print(line)
+        print()
+        for line in where_time_goes(runs):
+            print(line)
+        print()
+        print(f"targets: {'all PASS' if passed else 'some FAIL'}")
+        return 0 if passed else 1
+    finally:
+        if remove_work_dir:
+            shutil.rmtree(work_dir, ignore_errors=True)
+        else:
+            print(f"work folder kept: {work_dir}")
+
+
+def main(argv):
+    del argv
+    sys.exit(benchmark())
+
+
+if __name__ == "__main__":
+    define_flags()
+    app.run(main)
