@@ -21,10 +21,8 @@ from __future__ import annotations
 
 import dataclasses
 import glob
-import importlib.metadata
 import json
 import os
-import platform
 import shutil
 import subprocess
 import sys
@@ -32,6 +30,8 @@ import tempfile
 import time
 
 from absl import app, flags
+
+import machine  # benchmarks/machine.py (the script's folder is on sys.path)
 
 FLAGS = flags.FLAGS
 flags.DEFINE_integer("num_images", 6000, "Synthetic labeled DICOMs to convert.")
@@ -181,26 +181,6 @@ def time_method(method: Method, data: dict[str, str], output_dir: str, workers: 
 # Report.
 
 
-def machine_facts(workers: int) -> list[str]:
-    def version(package):
-        try:
-            return importlib.metadata.version(package)
-        except importlib.metadata.PackageNotFoundError:
-            return "-"
-
-    cpu = platform.processor()
-    if os.path.exists("/proc/cpuinfo"):
-        with open("/proc/cpuinfo") as handle:
-            cpu = next((line.split(":", 1)[1].strip() for line in handle if line.startswith("model name")), cpu)
-    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    packages = ", ".join(f"{p} {version(p)}" for p in ("tensorflow", "pydicom", "pillow", "numpy", "pylibjpeg-libjpeg"))
-    return [
-        f"machine: {platform.system()} {platform.machine()}, {cpu}, {os.cpu_count()} cores ({usable} usable), "
-        f"converter workers {workers}",
-        f"python {platform.python_version()}, {packages}",
-    ]
-
-
 def report(best: dict[str, Run]) -> bool:
     """Prints the table; True when every target is met."""
     seed_rate = best["seed loop"].files / best["seed loop"].seconds
@@ -234,7 +214,8 @@ def benchmark() -> int:
     os.makedirs(work_dir, exist_ok=True)
     remove_work_dir = FLAGS.work_dir is None and not FLAGS.keep  # never delete a folder the user named
     try:
-        for line in machine_facts(workers):
+        for line in (machine.describe(("tensorflow", "pydicom", "pillow", "numpy", "pylibjpeg-libjpeg")),
+                     f"converter workers: {workers}"):
             print(line)
         print(f"load average at start: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
         data = synthetic_data(work_dir, FLAGS.num_images, workers)

@@ -44,10 +44,8 @@ import csv
 import dataclasses
 import gc
 import glob
-import importlib.metadata
 import multiprocessing
 import os
-import platform
 import shutil
 import sys
 import tempfile
@@ -60,6 +58,7 @@ import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 from absl import app, flags  # noqa: E402
 
+import machine  # noqa: E402  benchmarks/machine.py (the script's folder is on sys.path)
 from pneumo_tf import pipeline  # noqa: E402
 from pneumo_tf.boxes import MAX_BOXES  # noqa: E402
 from pneumo_tf.records import convert as convert_lib, synthetic  # noqa: E402
@@ -405,20 +404,8 @@ def methods(bench: BenchData, image_size: int, batch_size: int, diagnostics: boo
 
 
 def machine_facts() -> str:
-    def version(package):
-        try:
-            return importlib.metadata.version(package)
-        except importlib.metadata.PackageNotFoundError:
-            return "-"
-
-    cpu = platform.processor()
-    if os.path.exists("/proc/cpuinfo"):
-        with open("/proc/cpuinfo") as handle:
-            cpu = next((line.split(":", 1)[1].strip() for line in handle if line.startswith("model name")), cpu)
-    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    packages = ", ".join(f"{p} {version(p)}" for p in ("tensorflow", "keras", "tf_keras", "pillow", "numpy"))
-    return (f"machine: {platform.system()} {platform.machine()}, {cpu}, {os.cpu_count()} cores ({usable} usable); "
-            f"python {platform.python_version()}, {packages}; load average {os.getloadavg()[0]:.2f}")
+    return (machine.describe(("tensorflow", "keras", "tf_keras", "pillow", "numpy"))
+            + f"; load average {os.getloadavg()[0]:.2f}")
 
 
 def describe_decoding(bench: BenchData, image_size: int) -> list[str]:

@@ -1,5 +1,6 @@
 """Shared fixtures: tiny synthetic RSNA folders and the real challenge files from ../shared."""
 import contextlib
+import json
 import os
 import pathlib
 import shutil
@@ -87,3 +88,12 @@ def running():
             thread.join(timeout=30)
 
     return serve
+
+
+@pytest.fixture
+def foreign_records(tmp_path) -> str:
+    """A folder whose manifest.json is of another format version than this package reads."""
+    folder = tmp_path / "foreign"
+    folder.mkdir()
+    (folder / "manifest.json").write_text(json.dumps({"format_version": 999, "splits": {}}))
+    return str(folder)

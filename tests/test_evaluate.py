@@ -19,7 +19,6 @@ from pneumo_tf import callbacks, evaluation, prediction, submission, training
 from pneumo_tf.errors import UserError
 from pneumo_tf.fileio import write_csv_atomic
 from pneumo_tf.records import convert, synthetic
-from pneumo_tf.records.manifest import MANIFEST_NAME
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
@@ -285,14 +284,6 @@ def test_cli_evaluates_without_saving_the_threshold(box_pictures, tmp_path):
     assert "| threshold | accuracy |" in result.stdout and "Chosen threshold 0.2" in result.stdout
     assert len(pd.read_csv(tmp_path / "report" / "thresholds.csv")) == 2
     assert read_info(model_dir)["threshold"] == 0.5
-
-
-@pytest.fixture
-def foreign_records(tmp_path) -> str:
-    folder = tmp_path / "foreign"
-    folder.mkdir()
-    (folder / MANIFEST_NAME).write_text(json.dumps({"format_version": 999, "splits": {}}))
-    return str(folder)
 
 
 @pytest.mark.parametrize("case, message", [

@@ -13,7 +13,6 @@ from PIL import Image
 
 from pneumo_tf import prediction, submission, training
 from pneumo_tf.errors import UserError
-from pneumo_tf.records.manifest import MANIFEST_NAME
 
 # At 0.3 the two-step model's mask (about 0.5 everywhere) gives boxes, so box parsing is exercised.
 THRESHOLD = 0.3
@@ -106,14 +105,6 @@ def test_cli_reports_rejected_dicoms(trained_model, synthetic_rsna, test_ids, tm
     assert len(rejected) == 1 and "broken.dcm" in rejected[0]
     assert f"{len(test_ids)} images from {dicom_dir}" in result.stdout and "1 rejected" in result.stdout
     assert set(csv_rows(output)) == test_ids
-
-
-@pytest.fixture
-def foreign_records(tmp_path) -> str:
-    folder = tmp_path / "foreign"
-    folder.mkdir()
-    (folder / MANIFEST_NAME).write_text(json.dumps({"format_version": 999, "splits": {}}))
-    return str(folder)
 
 
 @pytest.mark.parametrize("case, message", [
