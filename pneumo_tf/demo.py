@@ -102,9 +102,13 @@ def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
     FLAGS = flags.FLAGS
+    defaults = DemoConfig()
     config = DemoConfig(
         output_dir=FLAGS.output_dir, num_images=FLAGS.num_images, num_test_images=FLAGS.num_test_images,
-        seed=FLAGS.seed, workers=FLAGS.workers or None, epochs=FLAGS.epochs,
+        seed=FLAGS.seed, workers=FLAGS.workers or None, epochs=FLAGS.epochs, model=FLAGS.model,
+        # The slim mask network's options belong to mask_resnet; other models use their own defaults.
+        model_options=defaults.model_options if FLAGS.model == defaults.model else {},
+        image_size=FLAGS.image_size,
     )
     try:
         summary = run_demo(config)
@@ -130,6 +134,9 @@ if __name__ == "__main__":
     flags.DEFINE_integer("num_images", 2000, "Labeled synthetic radiographs (about 23% with opacities).")
     flags.DEFINE_integer("num_test_images", 200, "Unlabeled synthetic radiographs predicted into submission.csv.")
     flags.DEFINE_integer("epochs", 8, "Training epochs.")
+    flags.DEFINE_enum("model", "mask_resnet", ["cnn", "vgg16", "mask_resnet"], "Architecture to train; only "
+                      "mask_resnet predicts boxes (classifiers give image-level decisions).")
+    flags.DEFINE_integer("image_size", 128, "Side of the images the model sees (cnn needs at least 64).")
     flags.DEFINE_integer("seed", 0, "Seed of the data, the split and the training.")
     flags.DEFINE_integer("workers", 0, "Processes for synthesis and conversion; 0 uses all cores.")
     app.run(main)
