@@ -22,7 +22,8 @@ flags.DEFINE_string("output_dir", None, "Where shards, manifest.json and rejects
                     "the same options resumes (finished shards are kept).")
 flags.DEFINE_float("val_fraction", 0.2, "Share of labeled patients in the 'val' split, stratified by class.")
 flags.DEFINE_integer("seed", 0, "Seed of the train/val split and of the record order within shards.")
-flags.DEFINE_integer("num_shards", 0, "Shards per split; 0 picks a count giving ~128 MB shards.")
+flags.DEFINE_integer("num_shards", 0, "Shards per split; 0 picks a count giving shards of at most ~128 MB and at "
+                     "least 8 per split with 512+ files (so workers convert and readers interleave in parallel).")
 flags.DEFINE_integer("workers", 0, "Worker processes building examples; 0 uses all cores.")
 flags.DEFINE_integer("image_size", 0, "0 keeps source pixels and copies JPEG Baseline 8-bit grey frames byte for "
                      "byte; N stores every image as an N x N PNG (boxes stay normalised).")
