@@ -27,7 +27,8 @@ flags.DEFINE_integer("num_shards", 0, "Shards per split; 0 picks a count giving 
 flags.DEFINE_integer("workers", 0, "Worker processes building examples; 0 uses all cores.")
 flags.DEFINE_integer("image_size", 0, "0 keeps source pixels and copies JPEG Baseline 8-bit grey frames byte for "
                      "byte; N stores every image as an N x N PNG (boxes stay normalised).")
-flags.DEFINE_integer("bit_depth", 8, "8, or 16 to keep 16-bit precision in transcoded (non-passthrough) PNGs.")
+flags.DEFINE_integer("bit_depth", 8, "8, or 16 to keep up to 16 bits of precision in transcoded (non-passthrough) "
+                     "PNGs; stored ranges are scaled to the full 16-bit range.")
 flags.DEFINE_integer("num_workers", 1, "Machines sharing this conversion: each writes its share of the shards "
                      "into the same --output_dir; then run once with --finalize to write the manifest.")
 flags.DEFINE_integer("worker_index", 0, "This machine's index in [0, --num_workers).")

@@ -254,7 +254,10 @@ def test_transcoded_pixels_equal_pydicoms(tmp_path):
 
     _, pixels16, _ = stored(16)
     assert pixels16["twelve"].dtype == np.uint16
-    np.testing.assert_array_equal(pixels16["twelve"], grey12)  # within 16 bits: kept exactly
+    # Stored ranges fill the 16-bit range, so 1.0 is white after the pipeline's / 65535.
+    np.testing.assert_array_equal(pixels16["twelve"], np.round(grey12 * (65535 / 4095)).astype(np.uint16))
+    np.testing.assert_array_equal(pixels16["mono2"], grey8.astype(np.uint16) * 257)
+    np.testing.assert_array_equal(pixels16["mono1"], (255 - grey8).astype(np.uint16) * 257)
 
 
 def test_resized_records(synthetic_rsna, tmp_path):

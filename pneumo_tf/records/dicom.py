@@ -178,14 +178,17 @@ def grey_pixels(ds: pydicom.Dataset, bit_depth: int = 8) -> np.ndarray:
 
     top = 255 if bit_depth == 8 else 65535
     out_type = np.uint8 if bit_depth == 8 else np.uint16
+    stored_top = 2 ** int(ds.get("BitsStored") or 8 * frame.dtype.itemsize) - 1
     if (
         not transformed
         and np.issubdtype(values.dtype, np.integer)
         and values.size
         and values.min() >= 0
-        and values.max() <= top
+        and values.max() <= stored_top <= top
     ):
-        grey = values.astype(out_type)
+        # The stored range maps onto the output's, so white stays white: 8-bit data is kept
+        # as it is in 8 bits, and any depth up to 16 fills the 16-bit range (8-bit x 257).
+        grey = values.astype(out_type) if stored_top == top else np.round(values * (top / stored_top)).astype(out_type)
     else:
         values = np.asarray(values, dtype=np.float64)
         low, high = float(values.min()), float(values.max())
