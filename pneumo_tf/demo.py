@@ -15,6 +15,7 @@ import time
 
 from pneumo_tf import evaluation, prediction, training
 from pneumo_tf.errors import UserError
+from pneumo_tf.models import BUILDERS
 from pneumo_tf.fileio import write_json_atomic
 from pneumo_tf.progress import Progress
 from pneumo_tf.records import convert, synthetic
@@ -115,7 +116,8 @@ def main(argv):
     except UserError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    print(f"\nval mAP {summary['val_map']:.3f} at threshold {summary['best_threshold']:g}; "
+    val_map = "n/a (nothing to score)" if summary["val_map"] is None else f"{summary['val_map']:.3f}"
+    print(f"\nval mAP {val_map} at threshold {summary['best_threshold']:g}; "
           f"trained {summary['epochs_run']} epochs in {summary['train_seconds']:.0f} s "
           f"({summary['images_per_second']:.0f} images/s); all done in {summary['total_seconds']:.0f} s")
     print(f"TensorBoard:      tensorboard --logdir={summary['tensorboard_logs']}")
@@ -134,7 +136,7 @@ if __name__ == "__main__":
     flags.DEFINE_integer("num_images", 2000, "Labeled synthetic radiographs (about 23% with opacities).")
     flags.DEFINE_integer("num_test_images", 200, "Unlabeled synthetic radiographs predicted into submission.csv.")
     flags.DEFINE_integer("epochs", 8, "Training epochs.")
-    flags.DEFINE_enum("model", "mask_resnet", ["cnn", "vgg16", "mask_resnet"], "Architecture to train; only "
+    flags.DEFINE_enum("model", "mask_resnet", sorted(BUILDERS), "Architecture to train; only "
                       "mask_resnet predicts boxes (classifiers give image-level decisions).")
     flags.DEFINE_integer("image_size", 128, "Side of the images the model sees (cnn needs at least 64).")
     flags.DEFINE_integer("seed", 0, "Seed of the data, the split and the training.")

@@ -11,6 +11,7 @@ Layout of `config.model_dir` after a run:
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import json
@@ -276,10 +277,15 @@ def train_and_evaluate(config: TrainConfig) -> dict:
 def export(network: keras.Model, model_dir: str, info: dict) -> None:
     """Writes model.keras, saved_model/ and pneumo_tf.json (last, so its presence means complete)."""
     os.makedirs(model_dir, exist_ok=True)
+    # Until the new info is written, no info: a crash part-way must not pair the old
+    # pneumo_tf.json (image size, threshold) with a new network.
+    with contextlib.suppress(FileNotFoundError):
+        os.remove(os.path.join(model_dir, INFO_FILE))
     path = os.path.join(model_dir, MODEL_FILE)
     network.save(f"{path}.tmp.keras")
     os.replace(f"{path}.tmp.keras", path)
     saved = os.path.join(model_dir, SAVED_MODEL_DIR)
+    shutil.rmtree(f"{saved}.tmp", ignore_errors=True)  # left by a crashed export
     network.export(f"{saved}.tmp", format="tf_saved_model", verbose=False)
     if os.path.isdir(saved):
         shutil.rmtree(saved)

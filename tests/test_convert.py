@@ -388,3 +388,10 @@ def test_cli_help_explains_every_flag():
     for flag in ("dicom_dir", "labels_csv", "class_info_csv", "test_dicom_dir", "output_dir", "val_fraction", "seed",
                  "num_shards", "workers", "image_size", "bit_depth", "num_workers", "worker_index", "finalize"):
         assert f"--{flag}" in result.stdout
+
+
+def test_labels_with_a_non_numeric_coordinate_are_a_user_error(tmp_path):
+    bad = tmp_path / "labels.csv"
+    bad.write_text("patientId,x,y,width,height,Target\na,1,2,3,4,1\nb,,,,,0\nc,5,six,7,8,1\n")
+    with pytest.raises(UserError, match="row 4 has a coordinate that is not a number"):
+        labels_lib.read_labels(str(bad))

@@ -23,6 +23,7 @@ import math
 import multiprocessing
 import os
 import platform
+import queue
 import shutil
 import struct
 import time
@@ -356,11 +357,19 @@ def _write_shards(shards, output_dir, options, workers, progress) -> None:
         futures = [pool.submit(write_shard, shard, output_dir, options, done.put) for shard in shards]
         remaining = sum(len(shard.files) for shard in shards)
         while remaining:
-            count = done.get()
+            try:
+                count = done.get(timeout=1.0)
+            except queue.Empty:
+                # A worker that failed (full disk, killed, crashed) reports no more files:
+                # result() passes its error on instead of waiting for counts that never come.
+                for future in futures:
+                    if future.done():
+                        future.result()
+                continue
             remaining -= count
             progress.update(count)
         for future in futures:
-            future.result()  # passes on a worker's error
+            future.result()
 
 
 def _class_name(label_class: int) -> str:
@@ -492,7 +501,9 @@ def convert(
     options.validate()
     if class_info_csv and not labels_csv:
         raise UserError("--class_info_csv needs --labels_csv")
-    if num_machines < 1 or not 0 <= machine_index < num_machines:
+    if num_machines < 1:
+        raise UserError(f"--num_workers must be at least 1, not {num_machines}")
+    if not 0 <= machine_index < num_machines:
         raise UserError(f"--worker_index must be in [0, {num_machines}), not {machine_index}")
     if test_dicom_dir is not None and not os.path.isdir(test_dicom_dir):
         raise UserError(f"test DICOM folder not found: {test_dicom_dir}")

@@ -46,7 +46,15 @@ def read_labels(labels_csv: str, class_info_csv: str | None = None) -> dict[str,
     Without the class CSV, positives get class "Lung Opacity" and negatives an unknown class.
     """
     labels = _read_csv(labels_csv, LABEL_COLUMNS, "labels CSV")
-    coords = labels[["x", "y", "width", "height"]].to_numpy(dtype=np.float64)
+    import pandas as pd
+
+    coordinates = labels[["x", "y", "width", "height"]]
+    numeric = coordinates.apply(pd.to_numeric, errors="coerce")
+    bad = numeric.isna() & coordinates.notna()
+    if bad.any(axis=None):
+        row = int(bad.any(axis=1).to_numpy().argmax())
+        raise UserError(f"labels CSV {labels_csv}: row {row + 2} has a coordinate that is not a number")
+    coords = numeric.to_numpy(dtype=np.float64)
     targets = labels["Target"].to_numpy()
     if not np.isin(targets, (0, 1)).all():
         raise UserError(f"labels CSV {labels_csv}: Target must be 0 or 1")
