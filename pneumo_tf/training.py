@@ -4,7 +4,8 @@ records' input pipeline with on-device augmentation, and exports it.
 Layout of `config.model_dir` after a run:
   logs/           TensorBoard events (train/, validation/, hparams, profiler trace)
   backup/         BackupAndRestore state: a killed run resumes from its last finished epoch
-  checkpoints/    weights after every epoch and the best by the monitored metric
+  checkpoints/    weights after every epoch, the best by the monitored metric, and best.json
+                  (its epoch and value, carried across a resume)
   model.keras     the exported network (Keras format; predict, evaluate and serve load it)
   saved_model/    the same network as a TensorFlow SavedModel for TF Serving
   pneumo_tf.json  what a reader needs: model name, image size, decision threshold, metrics
@@ -144,6 +145,34 @@ class AugmentingTrainer(keras.Model):
         return logs
 
 
+class BestSoFar(keras.callbacks.Callback):
+    """Keeps the best epoch and value of the monitored metric in best.json beside best.weights.h5.
+
+    It decides as ModelCheckpoint(save_best_only) does (strictly better; NaN never is), so the
+    two agree; a resumed run passes `value` as that checkpoint's initial threshold, so an epoch
+    worse than one before the kill does not replace the best weights. A fresh run starts over.
+    """
+
+    def __init__(self, path: str, monitor: str, mode: str, resuming: bool):
+        super().__init__()
+        self.path, self.monitor, self.mode = path, monitor, mode
+        self.value, self.epoch = None, None
+        if resuming and os.path.isfile(path):
+            with open(path) as handle:
+                saved = json.load(handle)
+            self.value, self.epoch = saved["value"], saved["epoch"]
+
+    def on_epoch_end(self, epoch, logs=None):
+        current = (logs or {}).get(self.monitor)
+        if current is None or math.isnan(float(current)):
+            return
+        current = float(current)
+        if self.value is None or (current > self.value if self.mode == "max" else current < self.value):
+            self.value, self.epoch = current, epoch
+            os.makedirs(os.path.dirname(self.path), exist_ok=True)
+            write_json_atomic(self.path, {"epoch": epoch, "value": current, "monitor": self.monitor})
+
+
 def _learning_rate(config: TrainConfig, total_steps: int):
     peak = config.learning_rate * config.batch_size / REFERENCE_BATCH_SIZE
     # The seed's cosine annealing, per step instead of per epoch.
@@ -208,6 +237,9 @@ def train_and_evaluate(config: TrainConfig) -> dict:
     monitor = "val_map" if has_mask else "val_loss"
     mode = "max" if has_mask else "min"
     checkpoints = os.path.join(output_dir, "checkpoints")
+    best_path = os.path.join(checkpoints, "best.weights.h5")
+    resuming = os.path.isdir(os.path.join(output_dir, "backup"))
+    best_so_far = BestSoFar(os.path.join(checkpoints, "best.json"), monitor, mode, resuming)
     fit_callbacks = [
         keras.callbacks.TerminateOnNaN(),
         keras.callbacks.BackupAndRestore(os.path.join(output_dir, "backup")),
@@ -221,9 +253,10 @@ def train_and_evaluate(config: TrainConfig) -> dict:
         ),
         keras.callbacks.ModelCheckpoint(os.path.join(checkpoints, "epoch-{epoch:03d}.weights.h5"), save_weights_only=True),
         keras.callbacks.ModelCheckpoint(
-            os.path.join(checkpoints, "best.weights.h5"), monitor=monitor, mode=mode, save_best_only=True,
-            save_weights_only=True,
+            best_path, monitor=monitor, mode=mode, save_best_only=True, save_weights_only=True,
+            initial_value_threshold=best_so_far.value,
         ),
+        best_so_far,
         keras.callbacks.EarlyStopping(
             monitor=monitor, mode=mode, patience=config.early_stopping_patience, min_delta=0.0005,
         ),
@@ -242,14 +275,10 @@ def train_and_evaluate(config: TrainConfig) -> dict:
     )
     seconds = time.perf_counter() - started
     steps_run = len(history.epoch) * steps_per_epoch
-    # Export the best epoch by the monitored metric, not merely the last.
-    best_path = os.path.join(checkpoints, "best.weights.h5")
-    monitored = [float(v) for v in history.history.get(monitor, [])]
-    best_epoch = None
-    if os.path.isfile(best_path) and monitored and not all(math.isnan(v) for v in monitored):
+    # Export the best epoch by the monitored metric (over the killed runs too), not merely the last.
+    best_epoch = best_so_far.epoch
+    if best_epoch is not None:
         trainer.load_weights(best_path)
-        pick = max if mode == "max" else min
-        best_epoch = history.epoch[monitored.index(pick(v for v in monitored if not math.isnan(v)))]
     summary = {
         "model": config.model,
         "model_options": config.model_options,

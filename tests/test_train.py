@@ -44,7 +44,7 @@ def test_train_and_export_mask_resnet(tiny_records, tmp_path):
     assert outputs["mask"].shape == (1, 64, 64, 1) and outputs["target"].shape == (1, 1)
     assert os.path.isfile(tmp_path / "run" / "saved_model" / "saved_model.pb")
     checkpoints = sorted(os.listdir(tmp_path / "run" / "checkpoints"))
-    assert checkpoints == ["best.weights.h5", "epoch-001.weights.h5", "epoch-002.weights.h5"]
+    assert checkpoints == ["best.json", "best.weights.h5", "epoch-001.weights.h5", "epoch-002.weights.h5"]
     assert not os.path.exists(tmp_path / "run" / "backup")  # removed once training finished
     traces = list((tmp_path / "run" / "logs" / "train" / "plugins" / "profile").glob("*/*.xplane.pb"))
     assert len(traces) == 1  # the profiler's trace of steps 2-3, for TensorBoard's input-pipeline analysis
@@ -157,11 +157,19 @@ def test_killed_run_resumes_from_the_last_epoch(tiny_records, tmp_path):
     with open(state) as handle:
         finished = json.load(handle)["epoch"]  # epochs the killed run completed
     assert 1 <= finished < 4 and not (model_dir / "pneumo_tf.json").exists()
+    best_file = model_dir / "checkpoints" / "best.json"
+    before = json.loads(best_file.read_text()) if best_file.exists() else None
     result = run_train(tiny_records, model_dir, *args[2:])
     assert result.returncode == 0, result.stderr[-3000:]
     with open(model_dir / "pneumo_tf.json") as handle:
         info = json.load(handle)
     assert info["epochs"] == list(range(finished, 4))  # resumed after the finished epochs
+    # The exported epoch is the best over both runs, not only the resumed one.
+    resumed = [(v, e) for v, e in zip(info["history"]["val_map"], info["epochs"]) if v == v]
+    candidates = resumed + ([(before["value"], before["epoch"])] if before else [])
+    best_value = max(v for v, _ in candidates)
+    assert info["exported_epoch"] == min(e for v, e in candidates if v == best_value)
+    assert json.loads(best_file.read_text())["value"] == best_value
     assert (model_dir / "checkpoints" / "epoch-004.weights.h5").exists()
     assert not (model_dir / "backup").exists()  # removed once training finished
 
