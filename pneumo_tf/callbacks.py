@@ -10,8 +10,9 @@ Place `EpochEvaluation` BEFORE ModelCheckpoint / EarlyStopping in the callback
 list: it adds logs["val_map"], which callbacks after it see (Keras passes one
 logs dict down the list; History and the progress bar come last).
 
-In multi-worker training only the chief should get these callbacks: every
-instance writes its own event files into log_dir.
+In multi-worker training every worker gets them, each with its own log_dir (training
+gives non-chief workers a scratch folder): val_map drives EarlyStopping on all workers,
+which must stop together.
 """
 from __future__ import annotations
 

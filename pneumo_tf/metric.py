@@ -133,8 +133,9 @@ def score_threshold_sweep(
 ) -> np.ndarray:
     """challenge_map for each confidence threshold: predictions with confidence below it are dropped.
 
-    Returns one score per threshold (NaN where every image is left out), for
-    picking the confidence threshold that maximises the score (use np.nanargmax).
+    Returns one score per threshold (NaN where every image is left out; pick with np.nanargmax).
+    For detectors whose boxes carry their own confidence, such as a submission's; evaluation
+    of the mask network sweeps the mask threshold instead, since its boxes change with it.
     """
     thresholds = np.asarray(thresholds, dtype=np.float64)
     if thresholds.ndim != 1:

@@ -37,7 +37,8 @@ flags.DEFINE_enum("precision", "float32", distribute.PRECISIONS, "Keras dtype po
                   "mixed_bfloat16 for TPUs and CPUs; outputs stay float32.")
 flags.DEFINE_float("positive_fraction", 0.0, "Sample training images so this share is positive (0: as stored; "
                    "about 23% of RSNA images are).")
-flags.DEFINE_bool("cache", False, "Keep decoded training images in memory (small --image_size only).")
+flags.DEFINE_bool("cache", False, "Keep the decoded train and val images in memory (about 8 x image_size^2 bytes "
+                  "each: small --image_size only).")
 flags.DEFINE_bool("augment", True, "Random flip, rotation, zoom, shift, brightness and contrast, per batch on the "
                   "device; image, mask and boxes move together.")
 flags.DEFINE_integer("early_stopping_patience", 15, "Epochs without improvement of the monitored metric "

@@ -88,7 +88,6 @@ def fit_example(batch: dict, output_names) -> tuple[dict, dict]:
     return inputs, labels
 
 
-@keras.saving.register_keras_serializable(package="pneumo_tf")
 class AugmentingTrainer(keras.Model):
     """Wraps a network so each training step augments its batch on the device first.
 

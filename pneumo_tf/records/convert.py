@@ -272,11 +272,11 @@ def make_plan(
     split_members["test"] = sorted(unlabeled)
 
     shards = []
+    paths = {**labeled, **unlabeled}
     for split_index, split in enumerate(schema.SPLITS):
         members = split_members.get(split, [])
         if not members:
             continue
-        paths = {**labeled, **unlabeled}
         # Shuffle before cutting into shards so every shard mixes classes (file-level shuffle
         # then behaves like a record shuffle).
         order = np.random.default_rng([options.seed, split_index]).permutation(len(members))

@@ -1,7 +1,7 @@
 """The manifest: what a records folder holds. Written last by the converter, read by every reader.
 
 Layout of `manifest.json`:
-  format_version, created (package versions), options (the conversion's options),
+  format_version, versions (of Python and the packages), options (the conversion's options),
   splits: {split: {records, positive, boxes, classes: {name: n},
                    shards: [{name, records, bytes, sha256}]}},
   rejects, labeled_without_dicom, elapsed_seconds, files_per_second.
