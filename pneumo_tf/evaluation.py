@@ -39,7 +39,7 @@ from sklearn import metrics as sk_metrics
 from pneumo_tf import callbacks, metric, pipeline, postprocess, prediction, submission, training
 from pneumo_tf.errors import UserError
 from pneumo_tf.fileio import atomic_open, write_json_atomic
-from pneumo_tf.records import labels as labels_lib, schema
+from pneumo_tf.records import schema
 
 DEFAULT_THRESHOLDS = tuple(round(0.1 * step, 2) for step in range(1, 10))
 TABLE_COLUMNS = (
@@ -368,12 +368,6 @@ def score_submission_file(submission_csv: str, labels_csv: str) -> dict:
 
     Patients in only one of the files are ignored (see submission.score_submission).
     """
-    score = submission.score_submission(submission_csv, labels_csv)
-    # score_submission only logs its counts; they are recounted here to report them.
-    labels = labels_lib.read_labels(labels_csv)
-    predictions = submission.read_submission(submission_csv)
-    shared = [patient_id for patient_id in predictions if patient_id in labels]
-    scored = sum(1 for patient_id in shared if labels[patient_id].boxes or len(predictions[patient_id][1]))
-    return {"map": _number(score), "patients": len(shared), "scored_images": scored,
-            "submission": submission_csv, "labels_csv": labels_csv}
+    report = submission.score_submission_report(submission_csv, labels_csv)
+    return {**report, "map": _number(report["map"]), "submission": submission_csv, "labels_csv": labels_csv}
 

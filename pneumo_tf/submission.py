@@ -118,6 +118,12 @@ def score_submission(submission_csv: str, labels_csv: str) -> float:
     split. NaN when no shared patient has a box or a prediction. How many
     patients and images were scored is logged at INFO level.
     """
+    return score_submission_report(submission_csv, labels_csv)["map"]
+
+
+def score_submission_report(submission_csv: str, labels_csv: str) -> dict:
+    """score_submission's score ("map") with what it scored: "patients" in both files and
+    "scored_images" (those with a box or a prediction)."""
     labels = read_labels(labels_csv)
     submission = read_submission(submission_csv)
     shared = [patient_id for patient_id in submission if patient_id in labels]
@@ -132,4 +138,4 @@ def score_submission(submission_csv: str, labels_csv: str) -> float:
         "(%d submission patients without labels and %d labeled patients not in the submission ignored)",
         score, scored_images, len(shared), len(submission) - len(shared), len(labels) - len(shared),
     )
-    return score
+    return {"map": score, "patients": len(shared), "scored_images": scored_images}

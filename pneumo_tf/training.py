@@ -228,7 +228,9 @@ def train_and_evaluate(config: TrainConfig) -> dict:
         cache=config.cache,
     )
     # The epoch-end report streams the val split once, on the chief's own pipeline.
-    report_data = pipeline.make_dataset(config.records_dir, "val", config.batch_size, config.image_size, training=False)
+    report_data = pipeline.make_dataset(
+        config.records_dir, "val", config.batch_size, config.image_size, training=False, cache=config.cache
+    )
     trainer.set_data_spec(tf.nest.map_structure(
         lambda spec: keras.KerasTensor(spec.shape, spec.dtype.name), report_data.map(to_fit).element_spec
     ))
