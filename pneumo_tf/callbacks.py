@@ -36,9 +36,6 @@ VAL_MAP_TAG = "epoch_val_map"
 PR_CURVE_NAME = "image_probability"  # TensorBoard's tag is "<name>/pr_curves"
 BOXES_IMAGE_TAG = "validation_boxes"
 
-# Any square reference size gives the same IoU (it is invariant under scaling each
-# axis), hence the same mAP: RSNA's own 1024 keeps the numbers recognisable.
-REFERENCE_SIZE = 1024
 PR_CURVE_THRESHOLDS = 201
 TRUE_BOX_COLOR = (0.0, 1.0, 0.0)
 PREDICTED_BOX_COLOR = (1.0, 0.0, 0.0)
@@ -137,11 +134,11 @@ class EpochEvaluation(keras.callbacks.Callback):
                              logs["val_map"]; only when `compute_map` (classifiers give
                              no boxes, so their mAP says nothing)
     image_probability        PR curve of postprocess.image_probability against target
-    validation_boxes         the first `max_images` images with true boxes (green) and
-                             predicted boxes (red)
+    validation_boxes         the first batch's first `max_images` images with true boxes
+                             (green) and predicted boxes (red)
 
-    `dataset` yields pipeline batches (a dict with image, boxes, num_boxes, target, id);
-    images with target -1 (unlabeled) are left out of the mAP and the PR curve. The
+    `dataset` yields pipeline batches (postprocess.collect reads them); images with
+    target -1 (unlabeled) are left out of the mAP and the PR curve. The
     model is called as `model(batch["image"], training=False)` and must return the
     network's dict outputs. Only per-image boxes, scores and probabilities are kept,
     never the images (except the few drawn). mAP is NaN when no labeled image has a
@@ -170,40 +167,25 @@ class EpochEvaluation(keras.callbacks.Callback):
         return self.model(images, training=False)
 
     def on_epoch_end(self, epoch, logs=None):
-        predictions, ground_truth = {}, {}
-        probabilities, targets = [], []
-        drawn = []  # (image [S, S, 1], true boxes, predicted boxes), yxyx normalised
-        for batch in self._dataset:
-            outputs = {name: value.numpy() for name, value in self._predict(batch["image"]).items()}
-            found = postprocess.detections(outputs, self._threshold)
-            probability = postprocess.image_probability(outputs)
-            true_boxes = [boxes[:count] for boxes, count in zip(batch["boxes"].numpy(), batch["num_boxes"].numpy())]
-            for index, (image_id, target) in enumerate(zip(batch["id"].numpy(), batch["target"].numpy())):
-                if len(drawn) < self._max_images:
-                    drawn.append((batch["image"][index], true_boxes[index], found[index][0]))
-                if target < 0:
-                    continue
-                probabilities.append(probability[index])
-                targets.append(target)
-                if self._compute_map:
-                    image_id = image_id.decode()
-                    if image_id in ground_truth:
-                        raise ValueError(f"the validation dataset yields image {image_id} twice: read it once")
-                    ground_truth[image_id] = postprocess.yxyx_to_xywh(true_boxes[index], REFERENCE_SIZE,
-                                                                      REFERENCE_SIZE)
-                    predictions[image_id] = postprocess.to_challenge(*found[index], REFERENCE_SIZE, REFERENCE_SIZE)
-
+        collected = postprocess.collect(self.model, self._dataset, [self._threshold], call=self._predict)
         with self._writer.as_default(step=epoch):
             if self._compute_map:
-                val_map = metric.challenge_map(predictions, ground_truth)
+                val_map = metric.challenge_map(collected.detections[0], collected.ground_truth)
                 if logs is not None:
                     logs["val_map"] = val_map
                 tf.summary.scalar(VAL_MAP_TAG, val_map)
-            if probabilities:
-                write_pr_curve(targets, probabilities, step=epoch)
-            if drawn:
-                tf.summary.image(BOXES_IMAGE_TAG, draw_boxes(drawn), max_outputs=self._max_images)
+            if collected.ids:
+                write_pr_curve(collected.targets, collected.probabilities, step=epoch)
+            if self._max_images:
+                tf.summary.image(BOXES_IMAGE_TAG, draw_boxes(self._first_images()), max_outputs=self._max_images)
         self._writer.flush()
+
+    def _first_images(self):
+        """(image, true boxes, predicted boxes) of the first batch's first max_images images."""
+        batch = next(iter(self._dataset.take(1)))
+        found = postprocess.detections(self._predict(batch["image"]), self._threshold)
+        images, boxes, counts = batch["image"].numpy(), batch["boxes"].numpy(), batch["num_boxes"].numpy()
+        return [(images[i], boxes[i][: counts[i]], found[i][0]) for i in range(min(self._max_images, len(images)))]
 
     def on_train_end(self, logs=None):
         self._writer.close()

@@ -36,8 +36,9 @@ import tensorflow as tf
 from matplotlib.figure import Figure
 from sklearn import metrics as sk_metrics
 
-from pneumo_tf import callbacks, metric, pipeline, postprocess, prediction, submission, training
+from pneumo_tf import callbacks, metric, pipeline, submission, training
 from pneumo_tf.errors import UserError
+from pneumo_tf.postprocess import Collected, collect
 from pneumo_tf.fileio import atomic_open, write_json_atomic
 from pneumo_tf.records import schema
 
@@ -71,19 +72,6 @@ class EvaluateConfig:
             raise UserError(f"--thresholds must lie between 0 and 1 (exclusive), got {outside}")
 
 
-@dataclasses.dataclass
-class Collected:
-    """What one pass over a split keeps per labeled image (images with target -1 are only counted)."""
-
-    ids: list[str]
-    probabilities: np.ndarray  # float32 [N]
-    targets: np.ndarray  # int [N]
-    classes: np.ndarray  # int [N], -1 where the class is unknown
-    ground_truth: dict[str, np.ndarray]  # id -> boxes xywh in source pixels
-    detections: list[dict[str, metric.Prediction]]  # one {id: (boxes xywh, scores)} per threshold
-    unlabeled: int
-
-
 @dataclasses.dataclass(frozen=True)
 class Evaluation:
     summary: dict
@@ -103,37 +91,6 @@ class Evaluation:
             to_markdown(self.confusion.reset_index()),
             to_markdown(self.confusion_by_class.reset_index()),
         ])
-
-
-def collect(network, dataset: tf.data.Dataset, thresholds) -> Collected:
-    """Runs the model once over a finite pipeline dataset, keeping per-image results only."""
-    ids, probabilities, targets, classes = [], [], [], []
-    ground_truth: dict[str, np.ndarray] = {}
-    detections: list[dict[str, metric.Prediction]] = [{} for _ in thresholds]
-    unlabeled = 0
-    for batch, outputs in prediction.model_outputs(network, dataset):
-        probability = postprocess.image_probability(outputs)
-        found = [prediction.challenge_detections(outputs, batch, threshold) for threshold in thresholds]
-        for index, image_id in enumerate(batch["id"]):
-            if batch["target"][index] < 0:
-                unlabeled += 1
-                continue
-            image_id = image_id.decode()
-            if image_id in ground_truth:
-                raise ValueError(f"the dataset yields image {image_id} twice: read the split once")
-            true_boxes = batch["boxes"][index][: batch["num_boxes"][index]]
-            # Source pixels, as a submission is scored against the labels CSV.
-            ground_truth[image_id] = postprocess.yxyx_to_xywh(
-                true_boxes, int(batch["source_height"][index]), int(batch["source_width"][index])
-            )
-            for per_threshold, kept in zip(found, detections):
-                kept[image_id] = per_threshold[index][2]
-            ids.append(image_id)
-            probabilities.append(probability[index])
-            targets.append(batch["target"][index])
-            classes.append(batch["class"][index])
-    return Collected(ids, np.asarray(probabilities, np.float32), np.asarray(targets, np.int64),
-                     np.asarray(classes, np.int64), ground_truth, detections, unlabeled)
 
 
 def _both_classes(targets) -> bool:

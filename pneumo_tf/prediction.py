@@ -16,15 +16,14 @@ import dataclasses
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
 
 import numpy as np
-import tensorflow as tf
 from PIL import Image, ImageDraw
 
-from pneumo_tf import callbacks, metric, pipeline, postprocess, submission, training
+from pneumo_tf import callbacks, pipeline, submission, training
 from pneumo_tf.errors import UserError
 from pneumo_tf.fileio import atomic_open
+from pneumo_tf.postprocess import challenge_detections, model_outputs
 from pneumo_tf.progress import Progress
 from pneumo_tf.records import convert as convert_lib
 from pneumo_tf.records.manifest import REJECTS_NAME
@@ -67,24 +66,6 @@ def conversion_options(info: dict, image_size: int | None = None) -> convert_lib
         image_size=conversion.get("image_size", 0) if image_size is None else image_size,
         bit_depth=conversion.get("bit_depth", 8),
     )
-
-
-def model_outputs(network, dataset: tf.data.Dataset) -> Iterator[tuple[dict, dict]]:
-    """(batch, outputs) as numpy dicts for each batch of a finite pipeline dataset."""
-    # One trace per batch shape (the last batch may be smaller): much faster than eager calls.
-    call = tf.function(lambda images: network({"image": images}, training=False), reduce_retracing=True)
-    for batch in dataset:
-        outputs = {name: value.numpy() for name, value in call(batch["image"]).items()}
-        yield {key: value.numpy() for key, value in batch.items()}, outputs
-
-
-def challenge_detections(outputs, batch, threshold: float) -> list[tuple[np.ndarray, np.ndarray, metric.Prediction]]:
-    """Per image of a batch: (boxes yxyx normalised, scores, (boxes xywh in source pixels, scores))."""
-    found = []
-    for index, (boxes, scores) in enumerate(postprocess.detections(outputs, threshold)):
-        source = int(batch["source_height"][index]), int(batch["source_width"][index])
-        found.append((boxes, scores, postprocess.to_challenge(boxes, scores, *source)))
-    return found
 
 
 def draw_overlay(image, boxes_yxyx, scores, min_size: int) -> Image.Image:

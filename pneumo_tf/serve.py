@@ -11,7 +11,7 @@
 An upload goes through the code training and predict use: records.convert.convert_file
 (converted as the model's training records were, pneumo_tf.json "conversion") ->
 schema.serialize_example -> pipeline.parse_batch + pipeline.decode_example -> the exported
-network -> prediction.challenge_detections / postprocess.image_probability, at the threshold
+network -> postprocess.challenge_detections / postprocess.image_probability, at the threshold
 evaluation saved. So the page shows exactly what `python -m pneumo_tf.predict --dicom_dir`
 writes for the same file. Uploads stay in memory (never spooled to a temporary file) and
 the page draws the boxes as SVG over the radiograph, sent inline as a data: URI PNG:
@@ -149,7 +149,7 @@ class Predictor:
             batch, outputs = self._infer(tf.constant(schema.serialize_example(record)))
         batch = {key: value.numpy() for key, value in batch.items()}
         outputs = {key: value.numpy() for key, value in outputs.items()}
-        [(_, _, (boxes_xywh, confidences))] = prediction.challenge_detections(outputs, batch, self.threshold)
+        [(_, _, (boxes_xywh, confidences))] = postprocess.challenge_detections(outputs, batch, self.threshold)
         boxes = tuple(Box(float(c), *(float(v) for v in xywh)) for xywh, c in zip(boxes_xywh, confidences))
         return Result(
             image_id=image_id,

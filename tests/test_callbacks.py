@@ -54,6 +54,8 @@ def batches(shown, batch_size: int = 4) -> tf.data.Dataset:
         "target": targets,
         "class": np.where(targets == 1, 2, targets).astype(np.int32),
         "id": np.array([f"patient{index}".encode() for index in range(len(CASES))]),
+        "source_height": np.full(len(CASES), 1024, np.int32),
+        "source_width": np.full(len(CASES), 1024, np.int32),
     }
     return tf.data.Dataset.from_tensor_slices(examples).batch(batch_size)
 

@@ -33,14 +33,14 @@ def app(trained_model):
 
 def reference_probabilities(model_dir, dicom_dir, scratch) -> dict:
     """{id: probability} through prediction's own path: the folder converted as predict converts it, the
-    pipeline's records, prediction.model_outputs (a submission holds no probability)."""
+    pipeline's records, postprocess.model_outputs (a submission holds no probability)."""
     network, info = training.load_exported(str(model_dir))
     records = os.path.join(scratch, "records")
     convert_lib.convert(str(dicom_dir), records, options=convert_lib.ConvertOptions(**info["conversion"]), workers=1,
                         progress_stream=io.StringIO())
     dataset = pipeline.make_dataset(records, "test", 4, int(info["image_size"]), training=False)
     probabilities = {}
-    for batch, outputs in prediction.model_outputs(network, dataset):
+    for batch, outputs in postprocess.model_outputs(network, dataset):
         for image_id, probability in zip(batch["id"], postprocess.image_probability(outputs)):
             probabilities[image_id.decode()] = float(probability)
     return probabilities
