@@ -246,7 +246,8 @@ def evaluate(config: EvaluateConfig) -> Evaluation:
     dataset = pipeline.make_dataset(
         config.records_dir, config.split, config.batch_size, int(info["image_size"]), training=False
     )
-    collected = collect(network, dataset, thresholds)
+    with pipeline.naming_bad_records(config.records_dir, (config.split,), int(info["image_size"])):
+        collected = collect(network, dataset, thresholds)
     if not collected.ids:
         raise UserError(f"split '{config.split}' of {config.records_dir} has no labeled images: "
                         "evaluate a labeled split (val or train)")

@@ -26,6 +26,7 @@ and batches at the per-replica batch size; `distributed_dataset` wires that up.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 
 import tensorflow as tf
@@ -307,3 +308,54 @@ def distributed_dataset(strategy, records_dir: str, split: str, global_batch_siz
         return dataset.map(map_fn) if map_fn is not None else dataset
 
     return strategy.distribute_datasets_from_function(dataset_fn)
+
+
+# ---------------------------------------------------------------------------------------------
+# Records that cannot be read: named, never a bare op error.
+
+
+def unreadable_records(records_dir: str, split: str, image_size: int) -> list[tuple[str, int, str, str]]:
+    """(shard file, record index, image id, error) of every record of a split that the pipeline
+    cannot read, parse or decode at `image_size`.
+
+    Slow (one eager decode per record): `naming_bad_records` runs it only after a pass failed.
+    The converter never writes such records (it rejects frames libjpeg cannot decode); they
+    come from older versions or damaged storage.
+    """
+    manifest = read_manifest(records_dir)
+    bit_depth = int(manifest["options"]["bit_depth"])
+    found = []
+    for path in shard_paths(records_dir, split, manifest):
+        index = -1
+        try:
+            for index, serialized in enumerate(tf.data.TFRecordDataset(path)):
+                image_id = "?"
+                try:
+                    fields = {key: value[0] for key, value in parse_batch(serialized[tf.newaxis]).items()}
+                    image_id = fields["id"].numpy().decode(errors="replace")
+                    decode_example(fields, image_size, bit_depth)
+                except (tf.errors.InvalidArgumentError, tf.errors.DataLossError) as error:
+                    found.append((path, index, image_id, error.message.splitlines()[0]))
+        except tf.errors.DataLossError as error:  # a damaged shard: the records after it cannot be framed
+            found.append((path, index + 1, "?", error.message.splitlines()[0]))
+    return found
+
+
+@contextlib.contextmanager
+def naming_bad_records(records_dir: str, splits, image_size: int):
+    """Turns a decode or read error of the input pipeline inside the block into a UserError that
+    names the bad records (id, shard file, record index) of `splits` and says how to fix them.
+
+    Errors that no record explains (a bug elsewhere) propagate unchanged.
+    """
+    try:
+        yield
+    except (tf.errors.InvalidArgumentError, tf.errors.DataLossError) as error:
+        bad = [entry for split in splits for entry in unreadable_records(records_dir, split, image_size)]
+        if not bad:
+            raise
+        listed = "; ".join(f"id {image_id} (record {index} of {path}): {reason}" for path, index, image_id, reason
+                           in bad[:5])
+        more = f"; and {len(bad) - 5} more" if len(bad) > 5 else ""
+        raise UserError(f"{len(bad)} record(s) of {records_dir} cannot be decoded: {listed}{more}. Reconvert the "
+                        "source files with this version (the converter rejects undecodable frames)") from error

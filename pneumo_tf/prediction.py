@@ -117,7 +117,8 @@ def predict_records(network, info: dict, config: PredictConfig, records_dir: str
 
     parent = os.path.dirname(os.path.abspath(config.output))
     os.makedirs(parent, exist_ok=True)
-    submission.write_submission(config.output, rows())
+    with pipeline.naming_bad_records(records_dir, (split,), int(info["image_size"])):
+        submission.write_submission(config.output, rows())
     return {**counts, "threshold": threshold, "output": config.output}
 
 

@@ -38,7 +38,7 @@ from PIL import Image
 from werkzeug import exceptions, serving
 
 from pneumo_tf import pipeline, postprocess, prediction, submission, training
-from pneumo_tf.errors import UserError
+from pneumo_tf.errors import RejectedFile, UserError
 from pneumo_tf.records import convert as convert_lib, dicom, schema
 
 DEFAULT_MAX_UPLOAD_MB = 50.0
@@ -139,10 +139,10 @@ class Predictor:
         return batch, outputs
 
     def predict(self, data: bytes, image_id: str) -> Result:
-        """Reads one DICOM file's bytes; raises dicom.RejectedFile with the reason when it cannot."""
+        """Reads one DICOM file's bytes; raises RejectedFile with the reason when it cannot."""
         record, reason = convert_lib.convert_or_reject(io.BytesIO(data), image_id, None, self.options)
         if record is None:
-            raise dicom.RejectedFile(reason)
+            raise RejectedFile(reason)
         ds = dicom.read(io.BytesIO(data))
         grey = dicom.grey_pixels(ds, 8)
         with self._lock:
@@ -215,7 +215,7 @@ def create_app(model_dir: str, max_upload_mb: float = DEFAULT_MAX_UPLOAD_MB) -> 
             raise UploadError(400, f"{name} is empty")
         try:
             return predictor.predict(data, convert_lib.image_id_of(name))
-        except dicom.RejectedFile as error:
+        except RejectedFile as error:
             raise UploadError(422, f"{name} cannot be read as a radiograph: {error}") from error
 
     def page(result: Result | None = None, error: str | None = None, status: int = 200):

@@ -270,10 +270,11 @@ def train_and_evaluate(config: TrainConfig) -> dict:
     callbacks_lib.log_hparams(log_dir, hparams)
 
     started = time.perf_counter()
-    history = trainer.fit(
-        train_data, epochs=config.epochs, steps_per_epoch=steps_per_epoch, validation_data=val_data,
-        validation_steps=validation_steps, callbacks=fit_callbacks, verbose=2,
-    )
+    with pipeline.naming_bad_records(config.records_dir, ("train", "val"), config.image_size):
+        history = trainer.fit(
+            train_data, epochs=config.epochs, steps_per_epoch=steps_per_epoch, validation_data=val_data,
+            validation_steps=validation_steps, callbacks=fit_callbacks, verbose=2,
+        )
     seconds = time.perf_counter() - started
     steps_run = len(history.epoch) * steps_per_epoch
     # Export the best epoch by the monitored metric (over the killed runs too), not merely the last.

@@ -395,3 +395,76 @@ def test_labels_with_a_non_numeric_coordinate_are_a_user_error(tmp_path):
     bad.write_text("patientId,x,y,width,height,Target\na,1,2,3,4,1\nb,,,,,0\nc,5,six,7,8,1\n")
     with pytest.raises(UserError, match="row 4 has a coordinate that is not a number"):
         labels_lib.read_labels(str(bad))
+
+
+def _damaged_copies(shared_rsna, folder, rng):
+    """Damaged copies of the real DICOMs' JPEG frames, written as DICOMs: {file stem: kind}.
+
+    Kinds: "bytes" (50 random bytes overwritten), "bits" (a few single-bit flips), "truncated"
+    (the frame cut short, EOI kept), "marker" (a foreign 0xFF27 marker in the compressed data).
+    """
+    kinds = {}
+    for number, path in enumerate(sorted((shared_rsna / "dicom").glob("*.dcm"))):
+        ds = pydicom.dcmread(path)
+        frame = next(pydicom.encaps.generate_frames(ds.PixelData, number_of_frames=1))
+        for copy in range(8):
+            kind = ("bytes", "bits", "truncated", "marker")[copy % 4]
+            data = bytearray(frame)
+            start = 700  # past the header (~600 bytes): the damage lands in the compressed data
+            if kind == "bytes":
+                for position in rng.integers(start, len(data) - 2, 50):
+                    data[position] = rng.integers(256)
+            elif kind == "bits":
+                for position in rng.integers(start, len(data) - 2, 3):
+                    data[position] ^= 1 << int(rng.integers(8))
+            elif kind == "truncated":
+                data = data[: int(rng.integers(start, len(data) - 2))] + b"\xff\xd9"
+            else:
+                position = int(rng.integers(start, len(data) - 2))
+                data[position : position + 2] = b"\xff\x27"
+            ds.PixelData = pydicom.encaps.encapsulate([bytes(data)])
+            stem = f"{number:02d}-{copy}-{kind}"
+            ds.save_as(folder / f"{stem}.dcm")
+            kinds[stem] = kind
+    return kinds
+
+
+def _tensorflow_decodes(frame: bytes) -> list[bool]:
+    verdicts = []
+    for ratio in (1, 2, 4, 8):
+        try:
+            tf.io.decode_jpeg(frame, channels=1, ratio=ratio)
+            verdicts.append(True)
+        except tf.errors.InvalidArgumentError:
+            verdicts.append(False)
+    return verdicts
+
+
+def test_damaged_frames_end_as_decodable_records_or_rejects(shared_rsna, tmp_path):
+    from pneumo_tf import pipeline
+
+    folder = tmp_path / "damaged"
+    folder.mkdir()
+    kinds = _damaged_copies(shared_rsna, folder, np.random.default_rng(11))
+    manifest = convert.convert(str(folder), str(tmp_path / "records"), workers=2)
+    with open(tmp_path / "records" / manifest_lib.REJECTS_NAME, newline="") as handle:
+        rejects = {os.path.basename(row["file"])[:-4]: row["reason"] for row in csv.DictReader(handle)}
+    records = read_records(str(tmp_path / "records"))
+    assert len(records) + len(rejects) == len(kinds) == 80 and not set(records) & set(rejects)
+    for stem, kind in kinds.items():
+        ds = pydicom.dcmread(folder / f"{stem}.dcm")
+        frame = next(pydicom.encaps.generate_frames(ds.PixelData, number_of_frames=1))
+        # The converter's verdict is TensorFlow's, at every ratio the pipeline uses.
+        assert _tensorflow_decodes(frame) == [stem in records] * 4, stem
+        if stem in rejects:
+            assert rejects[stem].startswith("JPEG frame does not decode ("), rejects[stem]
+        if kind == "marker":
+            assert stem in rejects and "marker 0xFF27 inside the compressed data" in rejects[stem]
+    # Damage libjpeg resynchronises past stays a record; 50 overwritten bytes usually do not.
+    assert sum(kinds[stem] == "bits" for stem in records) >= 15
+    assert sum(kinds[stem] == "truncated" for stem in records) == 20
+    assert sum(kinds[stem] == "bytes" for stem in rejects) >= 5
+    # Every stored record goes through a whole pass of the pipeline at each decode ratio.
+    for image_size in (1024, 512, 256, 128):
+        dataset = pipeline.make_dataset(str(tmp_path / "records"), "test", 8, image_size, training=False)
+        assert sum(int(batch["image"].shape[0]) for batch in dataset) == len(records)

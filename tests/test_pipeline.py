@@ -1,6 +1,7 @@
 """The input pipeline on a tiny hand-made records folder: exact pixels, boxes, counts and sharding."""
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import io
 import os
@@ -312,3 +313,47 @@ def test_a_shard_missing_from_disk_is_a_user_error(tmp_path):
     os.remove(os.path.join(records_dir, "train-00000-of-00001.tfrecord"))
     with pytest.raises(UserError, match="reconvert"):
         pipeline.make_dataset(records_dir, "train", 4, 16, training=False)
+
+
+def _damaged_jpeg(image_id: str) -> bytes:
+    """A JPEG with a foreign marker in its compressed data: libjpeg stops with a fatal error."""
+    data = bytearray(tf.io.encode_jpeg(_pixels(image_id, True, 8), quality=100).numpy())
+    data[len(data) // 2 : len(data) // 2 + 2] = b"\xff\x27"
+    return bytes(data)
+
+
+def test_an_undecodable_record_is_named_not_a_bare_op_error(tmp_path):
+    records_dir = str(tmp_path / "rsna")
+    write_records_folder(records_dir, num_shards=2)
+    # Rewrite the train split with p02's frame damaged, as an older converter could have stored it.
+    records = [_record(image_id, True, 8)[0] for image_id in TRAIN_IDS]
+    records[2] = dataclasses.replace(records[2], image_encoded=_damaged_jpeg("p02"))
+    _write_split(records_dir, "train", records, 2)
+    with pytest.raises(tf.errors.InvalidArgumentError):  # what a bare pass says
+        collect(pipeline.make_dataset(records_dir, "train", 4, SIZE, training=False))
+    with pytest.raises(UserError) as raised:
+        with pipeline.naming_bad_records(records_dir, ("train",), SIZE):
+            collect(pipeline.make_dataset(records_dir, "train", 4, SIZE, training=False))
+    message = str(raised.value)
+    assert message.startswith(f"1 record(s) of {records_dir} cannot be decoded: id p02 (record 2 of ")
+    assert "train-00000-of-00002.tfrecord" in message and "Reconvert" in message
+    assert pipeline.unreadable_records(records_dir, "train", SIZE)[0][:3] == (
+        os.path.join(records_dir, "train-00000-of-00002.tfrecord"), 2, "p02")
+
+
+def test_a_damaged_shard_is_named(tmp_path):
+    records_dir = str(tmp_path / "rsna")
+    write_records_folder(records_dir, num_shards=1)
+    path = os.path.join(records_dir, "train-00000-of-00001.tfrecord")
+    data = bytearray(open(path, "rb").read())
+    data[len(data) // 2] ^= 0xFF  # a disk error: the record's CRC no longer matches
+    open(path, "wb").write(bytes(data))
+    with pytest.raises(UserError, match=r"cannot be decoded: id \? \(record \d+ of .*train-00000-of-00001"):
+        with pipeline.naming_bad_records(records_dir, ("train",), SIZE):
+            collect(pipeline.make_dataset(records_dir, "train", 4, SIZE, training=False))
+
+
+def test_other_errors_pass_through_unchanged(folder):
+    with pytest.raises(tf.errors.InvalidArgumentError, match="not a record problem"):
+        with pipeline.naming_bad_records(folder[0], ("train",), SIZE):
+            raise tf.errors.InvalidArgumentError(None, None, "not a record problem")

@@ -33,10 +33,10 @@ import numpy as np
 from PIL import Image
 
 from pneumo_tf import boxes as box_lib
-from pneumo_tf.errors import UserError
+from pneumo_tf.errors import RejectedFile, UserError
 from pneumo_tf.fileio import write_csv_atomic, write_json_atomic
 from pneumo_tf.progress import Progress
-from pneumo_tf.records import dicom, labels as labels_lib, manifest as manifest_lib, schema
+from pneumo_tf.records import dicom, jpeg, labels as labels_lib, manifest as manifest_lib, schema
 from pneumo_tf.records.labels import PatientLabels
 from pneumo_tf.records.tfrecord import TFRecordWriter
 
@@ -142,19 +142,18 @@ def _resized(grey: np.ndarray, size: int) -> np.ndarray:
 def convert_file(source, image_id: str, labels: PatientLabels | None, options: ConvertOptions):
     """One DICOM file (a path or a binary file object) -> (Record, facts dict).
 
-    Pure: the same file and options give the same record. Raises dicom.RejectedFile with the reason.
+    Pure: the same file and options give the same record. Raises RejectedFile with the reason.
     """
     ds = dicom.read(source)
     facts = dicom.header_facts(ds)
     frame = dicom.passthrough_frame(ds)
     size = options.image_size
     if frame is not None and size == 0:
+        jpeg.verify_decodes(frame)  # stored unchanged, so the pipeline must be able to decode it
         encoded, image_format, height, width = frame, schema.JPEG, facts.rows, facts.columns
     elif frame is not None and options.bit_depth == 8:
         # Let the JPEG decoder scale by 1/2..1/8 (DCT scaling): far cheaper than a full decode.
-        image = Image.open(io.BytesIO(frame))
-        image.draft("L", (size, size))
-        grey = np.asarray(image.convert("L").resize((size, size), Image.BILINEAR))
+        grey = np.asarray(jpeg.decode(frame, size).resize((size, size), Image.BILINEAR))
         encoded, image_format, height, width = _png(grey), schema.PNG, size, size
     else:
         grey = dicom.grey_pixels(ds, options.bit_depth)
@@ -190,7 +189,7 @@ def convert_or_reject(path, image_id: str, labels: PatientLabels | None, options
     """(record, facts), or (None, reason) for a file that cannot become a record (never raises)."""
     try:
         return convert_file(path, image_id, labels, options)
-    except dicom.RejectedFile as error:
+    except RejectedFile as error:
         return None, str(error)
     except Exception as error:  # noqa: BLE001 - one bad file must never stop the run
         return None, f"conversion failed: {type(error).__name__}: {error}"

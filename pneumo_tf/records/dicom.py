@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import dataclasses
 import re
-import struct
 
 import numpy as np
 import pydicom
@@ -15,11 +14,11 @@ import pydicom.config
 import pydicom.encaps
 import pydicom.pixels
 
+from pneumo_tf.errors import RejectedFile
+from pneumo_tf.records import jpeg
+
 # JPEG Baseline (Process 1): the RSNA transfer syntax, copied into records unchanged.
 JPEG_BASELINE = "1.2.840.10008.1.2.4.50"
-
-_SOF_MARKERS = {0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF}
-_STANDALONE_MARKERS = {0x01, *range(0xD0, 0xD8)}
 
 
 def quiet_pydicom() -> None:
@@ -30,10 +29,6 @@ def quiet_pydicom() -> None:
     """
     pydicom.config.settings.reading_validation_mode = pydicom.config.IGNORE
     pydicom.config.settings.writing_validation_mode = pydicom.config.IGNORE
-
-
-class RejectedFile(Exception):
-    """A file that cannot become a record; the message is the reason written to rejects.csv."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -88,31 +83,6 @@ def header_facts(ds: pydicom.Dataset) -> HeaderFacts:
     )
 
 
-def _jpeg_frame_shape(frame: bytes) -> tuple[int, int, int]:
-    """(height, width, components) from a JPEG's SOF segment, checking the stream's framing."""
-    if not frame.startswith(b"\xff\xd8") or b"\xff\xd9" not in frame[-4:]:
-        raise RejectedFile("JPEG frame truncated or corrupt (no SOI/EOI marker)")
-    position = 2
-    while position + 4 <= len(frame):
-        if frame[position] != 0xFF:
-            raise RejectedFile("JPEG frame corrupt (bad marker)")
-        marker = frame[position + 1]
-        if marker == 0xFF:  # fill byte
-            position += 1
-            continue
-        if marker in _STANDALONE_MARKERS:
-            position += 2
-            continue
-        (length,) = struct.unpack(">H", frame[position + 2 : position + 4])
-        if marker in _SOF_MARKERS:
-            if position + 10 > len(frame):
-                break
-            height, width = struct.unpack(">HH", frame[position + 5 : position + 9])
-            return height, width, frame[position + 9]
-        position += 2 + length
-    raise RejectedFile("JPEG frame corrupt (no frame header)")
-
-
 def passthrough_frame(ds: pydicom.Dataset) -> bytes | None:
     """The encapsulated JPEG Baseline frame when the stored bytes ARE the image, else None.
 
@@ -138,7 +108,7 @@ def passthrough_frame(ds: pydicom.Dataset) -> bytes | None:
         frame = next(pydicom.encaps.generate_frames(ds.PixelData, number_of_frames=1))
     except Exception as error:
         raise RejectedFile(f"encapsulated pixel data unreadable: {type(error).__name__}: {error}") from error
-    height, width, components = _jpeg_frame_shape(frame)
+    height, width, components = jpeg.frame_shape(frame)
     if (height, width, components) != (int(ds.Rows), int(ds.Columns), 1):
         raise RejectedFile(f"JPEG frame is {height}x{width}x{components}, header says {ds.Rows}x{ds.Columns}x1")
     return frame
