@@ -1,0 +1,163 @@
+"""The model contract: what every architecture tells the rest of pneumo_tf about itself.
+
+Training, evaluation, prediction, serving and the TensorBoard images read an
+`Architecture` (looked up by name in `pneumo_tf.models.ARCHITECTURES`) and never name
+one. Adding a model is one file in `pneumo_tf/models/` that defines a subclass and one
+line in the registry.
+
+The flow of one batch (pipeline batch: see pneumo_tf.data.pipeline):
+
+  training   inputs, labels = to_fit(batch)          # in the input pipeline
+             raw = network(inputs, training=True)
+             terms = loss(network, inputs, labels, raw, training=True)   # minimise sum(terms)
+  validation the same with training=False, plus outputs(...) below, in one pass
+  inference  raw = network({"image": images}, training=False)
+             outputs = outputs(network, {"image": images}, raw)   # in-graph; the SavedModel's signature
+             detections(outputs, threshold), image_probability(outputs)   # on the host (numpy)
+
+Conventions: images float32 [B, S, S, 1] in [0, 1]; boxes normalised (ymin, xmin, ymax,
+xmax) (pneumo_tf.data.boxes); everything a loss or an output returns is float32, also
+under a mixed precision policy.
+
+Losses and replicas: each term is what this replica contributes, scaled so that the
+MEAN over replicas is the loss of the global batch (Keras' convention: the trainer
+divides the sum of the terms by the number of replicas and the gradients are summed).
+A plain per-replica mean over its images is right when replicas hold equal batches; a
+term that pools over the batch (soft IoU, a count of positive anchors) all-reduces what
+it pools (`sum_over_replicas`) and multiplies a local sum by the replica count.
+
+One confidence threshold t makes both decisions everywhere: an image is positive when
+its `image_probability` is above t, and its boxes are `detections(outputs, t)`.
+"""
+from __future__ import annotations
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+# Detections of one image: (boxes float32 [N, 4] normalised (ymin, xmin, ymax, xmax), scores float32 [N]),
+# highest score first.
+Detections = tuple[np.ndarray, np.ndarray]
+
+# Outputs of a box detector (`detector_outputs`): fixed-size, padded after num_detections.
+BOXES, SCORES, NUM_DETECTIONS = "boxes", "scores", "num_detections"
+
+
+def no_detections() -> Detections:
+    return np.zeros((0, 4), np.float32), np.zeros((0,), np.float32)
+
+
+def sum_over_replicas(value):
+    """Sums a per-replica value over all replicas (the identity outside a multi-replica step).
+
+    The all-reduce's gradient is the all-reduce of the gradients, so a term pooled this way
+    gives every replica the global batch's value and gradient.
+    """
+    context = tf.distribute.get_replica_context()
+    if context is None or context.num_replicas_in_sync == 1:
+        return value
+    return context.all_reduce("SUM", value)
+
+
+def replica_count() -> int:
+    """Replicas in sync in the current step (1 outside a strategy's replica context)."""
+    context = tf.distribute.get_replica_context()
+    return 1 if context is None else context.num_replicas_in_sync
+
+
+class Architecture:
+    """One architecture: subclasses set `name` and `gives_boxes` and override what differs.
+
+    Instances hold no state: one per architecture lives in the registry.
+    """
+
+    name: str = ""
+    # Whether `detections` can return boxes: models that do are selected by val_map (the
+    # challenge mAP), pure classifiers by val_loss, and their mAP is not reported.
+    gives_boxes: bool = True
+    # Keys of a pipeline batch that the training step needs as inputs besides the image;
+    # augmentation moves image, mask and boxes together, whichever side they are on.
+    input_keys: tuple[str, ...] = ("image",)
+    label_keys: tuple[str, ...] = ()
+
+    @property
+    def monitor(self) -> tuple[str, str]:
+        """(logs key, "max" or "min") that selects the best epoch and drives early stopping."""
+        return ("val_map", "max") if self.gives_boxes else ("val_loss", "min")
+
+    def build(self, image_size: int, **options) -> keras.Model:
+        """The network for [image_size, image_size, 1] images; `options` come from --model_option."""
+        raise NotImplementedError
+
+    def to_fit(self, batch: dict) -> tuple[dict, dict]:
+        """A pipeline batch -> (inputs, labels) for the training and validation steps.
+
+        Runs in the input pipeline; strings and other metadata stay out (they cannot enter an
+        XLA step). Boxes always travel with num_boxes so augmentation can move them.
+        """
+        inputs = {key: batch[key] for key in self.input_keys}
+        labels = {key: batch[key] for key in self.label_keys}
+        if "boxes" in inputs or "boxes" in labels:
+            (inputs if "boxes" in inputs else labels)["num_boxes"] = batch["num_boxes"]
+        return inputs, labels
+
+    def metrics(self) -> dict:
+        """Keras metrics by output name for `compile(metrics=...)` (fresh objects: they hold state)."""
+        return {}
+
+    def loss(self, network: keras.Model, inputs: dict, labels: dict, raw: dict, training: bool) -> dict:
+        """Named loss terms (float32 scalars, already weighted; see the module docstring on replicas)."""
+        raise NotImplementedError
+
+    def outputs(self, network: keras.Model, inputs: dict, raw: dict) -> dict:
+        """In-graph: the network's raw inference outputs -> what `detections` and `image_probability` read."""
+        return raw
+
+    def detections(self, outputs: dict, threshold: float) -> list[Detections]:
+        """Per image, its boxes with scores above `threshold`, highest first (numpy in, numpy out)."""
+        raise NotImplementedError
+
+    def image_probability(self, outputs: dict) -> np.ndarray:
+        """float32 [B]: the probability that each image shows an opacity."""
+        raise NotImplementedError
+
+    def infer(self, network: keras.Model, images) -> dict:
+        """images -> outputs, in-graph: what predict, serve and the exported SavedModel run."""
+        inputs = {"image": images}
+        return self.outputs(network, inputs, network(inputs, training=False))
+
+
+def detector_outputs(boxes, scores, num_detections) -> dict:
+    """The outputs dict of a box detector: boxes [B, K, 4] normalised yxyx, scores [B, K] in [0, 1]
+    (highest first), num_detections int32 [B]; rows past num_detections are padding."""
+    return {
+        BOXES: tf.cast(boxes, tf.float32),
+        SCORES: tf.cast(scores, tf.float32),
+        NUM_DETECTIONS: tf.cast(num_detections, tf.int32),
+    }
+
+
+class BoxDetector(Architecture):
+    """A detector whose `outputs` are `detector_outputs`: decoding them is shared here."""
+
+    input_keys = ("image",)
+    label_keys = ("boxes",)
+
+    def detections(self, outputs: dict, threshold: float) -> list[Detections]:
+        boxes = np.asarray(outputs[BOXES], np.float32)
+        scores = np.asarray(outputs[SCORES], np.float32)
+        counts = np.asarray(outputs[NUM_DETECTIONS]).reshape(-1)
+        found = []
+        for image_boxes, image_scores, count in zip(boxes, scores, counts):
+            image_boxes, image_scores = image_boxes[:count], image_scores[:count]
+            keep = image_scores > threshold
+            order = np.argsort(-image_scores[keep], kind="stable")
+            found.append((np.clip(image_boxes[keep][order], 0.0, 1.0), image_scores[keep][order]))
+        return found
+
+    def image_probability(self, outputs: dict) -> np.ndarray:
+        """The highest detection score (0 for an image without detections)."""
+        scores = np.asarray(outputs[SCORES], np.float32)
+        counts = np.asarray(outputs[NUM_DETECTIONS]).reshape(-1)
+        valid = np.arange(scores.shape[1])[None, :] < counts[:, None]
+        return np.where(valid, scores, 0.0).max(axis=1, initial=0.0).astype(np.float32)
