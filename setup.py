@@ -7,7 +7,7 @@ setup(
     description="TFRecord conversion, tf.data pipelines and training for RSNA pneumonia detection",
     packages=find_packages(include=["pneumo_tf", "pneumo_tf.*"]),
     # The web page's template and stylesheet (python -m pneumo_tf.serve).
-    package_data={"pneumo_tf": ["web/templates/*.html", "web/static/*.css"]},
+    package_data={"pneumo_tf": ["inference/templates/*.html", "inference/static/*.css"]},
     python_requires=">=3.11",
     install_requires=[
         "tensorflow>=2.21,<2.22",

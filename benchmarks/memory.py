@@ -19,7 +19,7 @@ import time
 
 from absl import app, flags
 
-from pneumo_tf.records import convert, synthetic
+from pneumo_tf.records import shards, synthetic
 
 FLAGS = flags.FLAGS
 flags.DEFINE_integer("small", 1000, "Images in the small data set.")
@@ -34,7 +34,7 @@ def records_for(work_dir: str, count: int) -> str:
     data, records = os.path.join(work_dir, f"data_{count}"), os.path.join(work_dir, f"records_{count}")
     if not os.path.isfile(os.path.join(records, "manifest.json")):
         paths = synthetic.write_dataset(data, num_images=count, seed=count, image_size=256)
-        manifest = convert.convert(paths["train_dir"], records, paths["train_labels"], paths["detailed_class_info"])
+        manifest = shards.convert(paths["train_dir"], records, paths["train_labels"], paths["detailed_class_info"])
         assert manifest["records"] == count, manifest["records"]
     return records
 

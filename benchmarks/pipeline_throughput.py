@@ -60,8 +60,8 @@ from absl import app, flags  # noqa: E402
 
 import machine  # noqa: E402  benchmarks/machine.py (the script's folder is on sys.path)
 from pneumo_tf import pipeline  # noqa: E402
-from pneumo_tf.boxes import MAX_BOXES  # noqa: E402
-from pneumo_tf.records import convert as convert_lib, synthetic  # noqa: E402
+from pneumo_tf.data.boxes import MAX_BOXES  # noqa: E402
+from pneumo_tf.records import shards, synthetic  # noqa: E402
 from pneumo_tf.records.manifest import read_manifest, shard_paths  # noqa: E402
 
 FLAGS = flags.FLAGS
@@ -138,9 +138,9 @@ def records(data: dict, output_dir: str, image_size: int, num_images: int, fresh
     print(f"converting to {output_dir} (image_size={image_size}) ...", flush=True)
     started = time.perf_counter()
     with open(os.devnull, "w") as quiet:
-        convert_lib.convert(
+        shards.convert(
             data["train_dir"], output_dir, data["labels"], data["class_info"],
-            options=convert_lib.ConvertOptions(image_size=image_size), progress_stream=quiet,
+            options=shards.ConvertOptions(image_size=image_size), progress_stream=quiet,
         )
     print(f"  done in {time.perf_counter() - started:.0f} s", flush=True)
     return output_dir

@@ -9,7 +9,7 @@ import sys
 from absl import app, flags
 
 from pneumo_tf.errors import UserError
-from pneumo_tf.records import convert
+from pneumo_tf.records import shards
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("dicom_dir", None, "Folder of training DICOM files (every file in it is converted or rejected).")
@@ -40,12 +40,12 @@ flags.mark_flags_as_required(["dicom_dir", "output_dir"])
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
-    options = convert.ConvertOptions(
+    options = shards.ConvertOptions(
         image_size=FLAGS.image_size, bit_depth=FLAGS.bit_depth, val_fraction=FLAGS.val_fraction,
         seed=FLAGS.seed, num_shards=FLAGS.num_shards,
     )
     try:
-        manifest = convert.convert(
+        manifest = shards.convert(
             FLAGS.dicom_dir, FLAGS.output_dir, FLAGS.labels_csv, FLAGS.class_info_csv, FLAGS.test_dicom_dir,
             options, workers=FLAGS.workers or None, num_machines=FLAGS.num_workers,
             machine_index=FLAGS.worker_index, finalize=FLAGS.finalize or FLAGS.num_workers == 1,

@@ -13,12 +13,14 @@ import os
 import sys
 import time
 
-from pneumo_tf import evaluation, prediction, training
+from pneumo_tf.evaluation import report
+from pneumo_tf.inference import offline
+from pneumo_tf.training import trainer
 from pneumo_tf.errors import UserError
 from pneumo_tf.models import BUILDERS
 from pneumo_tf.fileio import write_json_atomic
 from pneumo_tf.progress import Progress
-from pneumo_tf.records import convert, synthetic
+from pneumo_tf.records import shards, synthetic
 
 
 @dataclasses.dataclass(frozen=True)
@@ -61,21 +63,21 @@ def run_demo(config: DemoConfig) -> dict:
             "train_labels": data,
             "detailed_class_info": os.path.join(paths["data"], synthetic.CLASS_INFO_CSV),
         }
-    manifest = convert.convert(
+    manifest = shards.convert(
         written["train_dir"], paths["records"], written["train_labels"], written["detailed_class_info"],
-        written["test_dir"], convert.ConvertOptions(seed=config.seed), workers=config.workers,
+        written["test_dir"], shards.ConvertOptions(seed=config.seed), workers=config.workers,
     )
-    trained = training.train_and_evaluate(training.TrainConfig(
+    trained = trainer.train_and_evaluate(trainer.TrainConfig(
         records_dir=paths["records"], model_dir=paths["model"], model=config.model,
         model_options=config.model_options, image_size=config.image_size, batch_size=config.batch_size,
         epochs=config.epochs, learning_rate=config.learning_rate, seed=config.seed,
     ))
-    evaluated = evaluation.evaluate(evaluation.EvaluateConfig(model_dir=paths["model"], records_dir=paths["records"]))
+    evaluated = report.evaluate(report.EvaluateConfig(model_dir=paths["model"], records_dir=paths["records"]))
     print(evaluated.report())
     submission = os.path.join(config.output_dir, "submission.csv")
     predicted = None
     if config.num_test_images:
-        predicted = prediction.predict(prediction.PredictConfig(
+        predicted = offline.predict(offline.PredictConfig(
             model_dir=paths["model"], output=submission, records_dir=paths["records"], split="test",
         ))
     summary = {

@@ -16,7 +16,7 @@ import sys
 
 from absl import app, flags
 
-from pneumo_tf import evaluation
+from pneumo_tf.evaluation import report
 from pneumo_tf.errors import UserError
 
 FLAGS = flags.FLAGS
@@ -24,7 +24,7 @@ flags.DEFINE_string("model_dir", None, "Folder of a trained model (model.keras +
 flags.DEFINE_string("records_dir", None, "Folder written by python -m pneumo_tf.convert (manifest.json + shards).")
 flags.DEFINE_string("split", "val", "Labeled split to evaluate on (val, or train).")
 flags.DEFINE_integer("batch_size", 16, "Images per model call.")
-flags.DEFINE_list("thresholds", [str(t) for t in evaluation.DEFAULT_THRESHOLDS],
+flags.DEFINE_list("thresholds", [str(t) for t in report.DEFAULT_THRESHOLDS],
                   "Confidence thresholds of the sweep, comma separated, each in (0, 1).")
 flags.DEFINE_string("output_dir", None, "Where tables, curves and summary.json go "
                     "(default <model_dir>/evaluation/<split>).")
@@ -47,7 +47,7 @@ def score_submission() -> int:
         raise UserError("--submission needs --labels_csv to score against")
     if FLAGS.model_dir or FLAGS.records_dir:
         raise UserError("--submission scores a file on its own: drop --model_dir and --records_dir")
-    result = evaluation.score_submission_file(FLAGS.submission, FLAGS.labels_csv)
+    result = report.score_submission_file(FLAGS.submission, FLAGS.labels_csv)
     print(f"challenge mAP {result['map']} over {result['scored_images']} scored images "
           f"({result['patients']} patients in both {FLAGS.submission} and {FLAGS.labels_csv})")
     return 0
@@ -56,11 +56,11 @@ def score_submission() -> int:
 def evaluate_model() -> int:
     if not FLAGS.model_dir or not FLAGS.records_dir:
         raise UserError("give --model_dir and --records_dir (or --submission with --labels_csv)")
-    config = evaluation.EvaluateConfig(
+    config = report.EvaluateConfig(
         model_dir=FLAGS.model_dir, records_dir=FLAGS.records_dir, split=FLAGS.split, batch_size=FLAGS.batch_size,
         thresholds=_thresholds(), output_dir=FLAGS.output_dir, save_threshold=FLAGS.save_threshold,
     )
-    result = evaluation.evaluate(config)
+    result = report.evaluate(config)
     print(result.report())
     print(json.dumps(result.summary, indent=2, sort_keys=True))
     return 0

@@ -12,7 +12,7 @@ import sys
 
 from absl import app, flags
 
-from pneumo_tf import prediction
+from pneumo_tf.inference import offline
 from pneumo_tf.errors import UserError
 
 FLAGS = flags.FLAGS
@@ -37,14 +37,14 @@ MAX_REJECTS_SHOWN = 10
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
-    config = prediction.PredictConfig(
+    config = offline.PredictConfig(
         model_dir=FLAGS.model_dir, output=FLAGS.output, records_dir=FLAGS.records_dir, split=FLAGS.split,
         dicom_dir=FLAGS.dicom_dir, threshold=FLAGS.threshold, batch_size=FLAGS.batch_size,
         overlay_dir=FLAGS.overlay_dir, overlay_size=FLAGS.overlay_size,
         convert_image_size=FLAGS.convert_image_size, workers=FLAGS.workers or None,
     )
     try:
-        summary = prediction.predict(config)
+        summary = offline.predict(config)
     except UserError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

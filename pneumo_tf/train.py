@@ -11,7 +11,8 @@ import sys
 
 from absl import app, flags
 
-from pneumo_tf import distribute, training
+from pneumo_tf.training import distribute
+from pneumo_tf.training import trainer
 from pneumo_tf.errors import UserError
 
 FLAGS = flags.FLAGS
@@ -63,7 +64,7 @@ def parse_model_options(pairs):
     return options
 
 
-def config_from_flags() -> training.TrainConfig:
+def config_from_flags() -> trainer.TrainConfig:
     profile = None
     if FLAGS.profile_steps:
         try:
@@ -71,7 +72,7 @@ def config_from_flags() -> training.TrainConfig:
         except ValueError as error:
             raise UserError(f"--profile_steps needs start,end, got {FLAGS.profile_steps!r}") from error
         profile = (start, end)
-    return training.TrainConfig(
+    return trainer.TrainConfig(
         records_dir=FLAGS.records_dir, model_dir=FLAGS.model_dir, model=FLAGS.model,
         model_options=parse_model_options(FLAGS.model_option), image_size=FLAGS.image_size,
         batch_size=FLAGS.batch_size, epochs=FLAGS.epochs, steps_per_epoch=FLAGS.steps_per_epoch,
@@ -87,7 +88,7 @@ def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
     try:
-        summary = training.train_and_evaluate(config_from_flags())
+        summary = trainer.train_and_evaluate(config_from_flags())
     except UserError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

@@ -36,13 +36,13 @@ def pytest_configure(config):
 @pytest.fixture(scope="session")
 def tiny_records(synthetic_rsna, tmp_path_factory) -> str:
     """The synthetic folder converted at 64 px: 24 labeled records in train and val, 3 in test."""
-    from pneumo_tf.records import convert
+    from pneumo_tf.records import shards
 
     output = tmp_path_factory.mktemp("tiny_records") / "records"
-    convert.convert(
+    shards.convert(
         synthetic_rsna["train_dir"], str(output), synthetic_rsna["train_labels"],
         synthetic_rsna["detailed_class_info"], synthetic_rsna["test_dir"],
-        convert.ConvertOptions(image_size=64, num_shards=2), workers=1,
+        shards.ConvertOptions(image_size=64, num_shards=2), workers=1,
     )
     return str(output)
 
@@ -50,10 +50,10 @@ def tiny_records(synthetic_rsna, tmp_path_factory) -> str:
 @pytest.fixture(scope="session")
 def tiny_trained_model(tiny_records, tmp_path_factory) -> str:
     """A tiny mask_resnet trained for two steps on `tiny_records`; use `trained_model` to change it."""
-    from pneumo_tf import training
+    from pneumo_tf.training import trainer
 
     model_dir = str(tmp_path_factory.mktemp("tiny_trained") / "model")
-    training.train_and_evaluate(training.TrainConfig(
+    trainer.train_and_evaluate(trainer.TrainConfig(
         records_dir=tiny_records, model_dir=model_dir, model="mask_resnet",
         model_options={"channels": 4, "n_blocks": 1, "depth": 2}, image_size=64, batch_size=4, epochs=1,
         steps_per_epoch=2,

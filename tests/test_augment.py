@@ -9,9 +9,9 @@ import pytest
 import scipy.ndimage
 import tensorflow as tf
 
-from pneumo_tf import augment
-from pneumo_tf.augment import AugmentConfig, augment_batch
-from pneumo_tf.boxes import MAX_BOXES, rasterize
+from pneumo_tf.data import augment
+from pneumo_tf.data.augment import AugmentConfig, augment_batch
+from pneumo_tf.data.boxes import MAX_BOXES, rasterize
 from pneumo_tf.errors import UserError
 
 SIZE = 64
@@ -267,7 +267,7 @@ def test_replicas_get_their_own_seed_under_mirrored_strategy():
     script = textwrap.dedent(
         """
         import numpy as np, tensorflow as tf
-        from pneumo_tf.augment import AugmentConfig, augment_batch, replica_seed
+        from pneumo_tf.data.augment import AugmentConfig, augment_batch, replica_seed
         cpu = tf.config.list_physical_devices("CPU")[0]
         tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
         strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])

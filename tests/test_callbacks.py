@@ -6,8 +6,8 @@ import tensorflow as tf
 from tensorboard.backend.event_processing import event_accumulator
 from tensorboard.plugins.hparams import metadata as hparams_metadata
 
-from pneumo_tf import callbacks
-from pneumo_tf.boxes import MAX_BOXES
+from pneumo_tf.training import callbacks
+from pneumo_tf.data.boxes import MAX_BOXES
 from pneumo_tf.models import build_model, compile_args
 
 SIZE = 32

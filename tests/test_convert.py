@@ -19,9 +19,9 @@ from PIL import Image
 from pydicom.dataset import FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage
 
-from pneumo_tf import boxes as box_lib
+from pneumo_tf.data import boxes as box_lib
 from pneumo_tf.errors import UserError
-from pneumo_tf.records import convert, dicom, labels as labels_lib, manifest as manifest_lib, schema, synthetic
+from pneumo_tf.records import shards, dicom, labels as labels_lib, manifest as manifest_lib, schema, synthetic
 
 
 def read_records(records_dir):
@@ -63,10 +63,10 @@ def synthetic_args(data, output_dir, *extra):
 @pytest.fixture(scope="module")
 def converted(synthetic_rsna, tmp_path_factory):
     output = tmp_path_factory.mktemp("records") / "passthrough"
-    manifest = convert.convert(
+    manifest = shards.convert(
         synthetic_rsna["train_dir"], str(output), synthetic_rsna["train_labels"],
         synthetic_rsna["detailed_class_info"], synthetic_rsna["test_dir"],
-        convert.ConvertOptions(num_shards=2), workers=2,
+        shards.ConvertOptions(num_shards=2), workers=2,
     )
     return output, manifest, read_records(str(output))
 
@@ -117,7 +117,7 @@ def test_manifest_counts(converted):
         for shard in entry["shards"]:
             path = os.path.join(output, shard["name"])
             assert "tfrecord" in shard["name"] and os.path.getsize(path) == shard["bytes"]
-            assert convert._sha256(path) == shard["sha256"]
+            assert shards._sha256(path) == shard["sha256"]
     # 2 shards asked for in each split, but a split never gets more shards than files.
     assert [len(manifest["splits"][s]["shards"]) for s in ("train", "val", "test")] == [2, 2, 2]
     assert manifest["passthrough_records"] == 27 and manifest["options"]["image_size"] == 0
@@ -129,12 +129,12 @@ def test_manifest_counts(converted):
 def test_val_split_is_stratified_by_class():
     labels = {f"id{i:03d}": labels_lib.PatientLabels(int(i % 10 < 2), (0 if i % 10 >= 6 else 1) if i % 10 >= 2 else 2, ())
               for i in range(100)}
-    train, val = convert.split_ids(labels, list(labels), 0.2, seed=3)
+    train, val = shards.split_ids(labels, list(labels), 0.2, seed=3)
     assert len(val) == 20 and len(train) == 80 and not set(train) & set(val)
     counts = pd.Series([labels[i].label_class for i in val]).value_counts().to_dict()
     assert counts == {0: 8, 1: 8, 2: 4}  # 40 / 40 / 20 patients per class, 20% of each
-    assert convert.split_ids(labels, list(labels), 0.2, seed=3) == (train, val)
-    assert convert.split_ids(labels, list(labels), 0.2, seed=4) != (train, val)
+    assert shards.split_ids(labels, list(labels), 0.2, seed=3) == (train, val)
+    assert shards.split_ids(labels, list(labels), 0.2, seed=4) != (train, val)
 
 
 def test_real_csvs_facts(shared_rsna):
@@ -150,9 +150,9 @@ def test_real_csvs_facts(shared_rsna):
 
 
 def test_real_dicoms_convert_exactly(shared_rsna, tmp_path):
-    manifest = convert.convert(
+    manifest = shards.convert(
         str(shared_rsna / "dicom"), str(tmp_path / "out"), str(shared_rsna / "stage_2_train_labels.csv"),
-        str(shared_rsna / "stage_2_detailed_class_info.csv"), options=convert.ConvertOptions(val_fraction=0.3),
+        str(shared_rsna / "stage_2_detailed_class_info.csv"), options=shards.ConvertOptions(val_fraction=0.3),
         workers=1,
     )
     records = read_records(str(tmp_path / "out"))
@@ -224,7 +224,7 @@ def test_transcoded_pixels_equal_pydicoms(tmp_path):
 
     def stored(bit_depth):
         out = tmp_path / f"out{bit_depth}"
-        manifest = convert.convert(str(folder), str(out), options=convert.ConvertOptions(bit_depth=bit_depth), workers=1)
+        manifest = shards.convert(str(folder), str(out), options=shards.ConvertOptions(bit_depth=bit_depth), workers=1)
         records = read_records(str(out))
         pixels = {}
         for image_id, record in records.items():
@@ -261,9 +261,9 @@ def test_transcoded_pixels_equal_pydicoms(tmp_path):
 
 
 def test_resized_records(synthetic_rsna, tmp_path):
-    manifest = convert.convert(
+    manifest = shards.convert(
         synthetic_rsna["train_dir"], str(tmp_path / "out"), synthetic_rsna["train_labels"],
-        synthetic_rsna["detailed_class_info"], options=convert.ConvertOptions(image_size=64), workers=1,
+        synthetic_rsna["detailed_class_info"], options=shards.ConvertOptions(image_size=64), workers=1,
     )
     records = read_records(str(tmp_path / "out"))
     assert manifest["passthrough_records"] == 0 and len(records) == 24
@@ -285,7 +285,7 @@ def test_pydicom_corpus_each_file_one_record_or_one_reject(tmp_path):
     names = sorted(n for n in os.listdir(corpus) if os.path.isfile(os.path.join(corpus, n)))
     for index, name in enumerate(names):
         shutil.copy(os.path.join(corpus, name), folder / f"{index:03d}_{name}")
-    manifest = convert.convert(str(folder), str(tmp_path / "out"), workers=2)
+    manifest = shards.convert(str(folder), str(tmp_path / "out"), workers=2)
     records = read_records(str(tmp_path / "out"))
     with open(tmp_path / "out" / "rejects.csv") as handle:
         rejects = list(csv.DictReader(handle))
@@ -293,7 +293,7 @@ def test_pydicom_corpus_each_file_one_record_or_one_reject(tmp_path):
     reject_files = {os.path.basename(r["file"]) for r in rejects}
     all_files = {f"{i:03d}_{n}" for i, n in enumerate(names)}
     assert len(records) + len(rejects) == len(names) == manifest["records"] + manifest["rejects"]
-    assert {convert.image_id_of(f) for f in reject_files} | record_files == {convert.image_id_of(f) for f in all_files}
+    assert {shards.image_id_of(f) for f in reject_files} | record_files == {shards.image_id_of(f) for f in all_files}
     assert all(r["reason"] for r in rejects)
     assert len(records) >= 40  # most of pydicom's corpus holds decodable pixels
 
@@ -339,13 +339,13 @@ def test_two_processes_give_identical_shards_and_resume_after_kill(tmp_path):
 def test_machines_write_shares_then_finalize(synthetic_rsna, tmp_path):
     common = (synthetic_rsna["train_dir"], str(tmp_path / "out"), synthetic_rsna["train_labels"],
               synthetic_rsna["detailed_class_info"], synthetic_rsna["test_dir"])
-    options = convert.ConvertOptions(num_shards=3)
-    assert convert.convert(*common, options=options, workers=1, num_machines=2, machine_index=1) is None
+    options = shards.ConvertOptions(num_shards=3)
+    assert shards.convert(*common, options=options, workers=1, num_machines=2, machine_index=1) is None
     with pytest.raises(UserError, match="not written yet"):
-        convert.convert(*common, options=options, workers=1, num_machines=2, finalize=True)
-    assert convert.convert(*common, options=options, workers=1, num_machines=2, machine_index=0) is None
-    manifest = convert.convert(*common, options=options, workers=1, num_machines=2, finalize=True)
-    single = convert.convert(*common[:1], str(tmp_path / "single"), *common[2:], options=options, workers=1)
+        shards.convert(*common, options=options, workers=1, num_machines=2, finalize=True)
+    assert shards.convert(*common, options=options, workers=1, num_machines=2, machine_index=0) is None
+    manifest = shards.convert(*common, options=options, workers=1, num_machines=2, finalize=True)
+    single = shards.convert(*common[:1], str(tmp_path / "single"), *common[2:], options=options, workers=1)
     assert manifest["splits"] == single["splits"]
 
 
@@ -441,12 +441,12 @@ def _tensorflow_decodes(frame: bytes) -> list[bool]:
 
 
 def test_damaged_frames_end_as_decodable_records_or_rejects(shared_rsna, tmp_path):
-    from pneumo_tf import pipeline
+    from pneumo_tf.data import pipeline
 
     folder = tmp_path / "damaged"
     folder.mkdir()
     kinds = _damaged_copies(shared_rsna, folder, np.random.default_rng(11))
-    manifest = convert.convert(str(folder), str(tmp_path / "records"), workers=2)
+    manifest = shards.convert(str(folder), str(tmp_path / "records"), workers=2)
     with open(tmp_path / "records" / manifest_lib.REJECTS_NAME, newline="") as handle:
         rejects = {os.path.basename(row["file"])[:-4]: row["reason"] for row in csv.DictReader(handle)}
     records = read_records(str(tmp_path / "records"))

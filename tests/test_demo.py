@@ -2,7 +2,8 @@
 import json
 import os
 
-from pneumo_tf import demo, submission
+from pneumo_tf import demo
+from pneumo_tf.evaluation import submission
 
 
 def test_demo_runs_the_whole_path_and_writes_its_summary(tmp_path):

@@ -15,10 +15,14 @@ import tensorflow as tf
 from PIL import Image
 from tensorboard.backend.event_processing import event_accumulator
 
-from pneumo_tf import callbacks, evaluation, prediction, submission, training
+from pneumo_tf.training import callbacks
+from pneumo_tf.evaluation import report
+from pneumo_tf.inference import offline
+from pneumo_tf.evaluation import submission
+from pneumo_tf.training import trainer
 from pneumo_tf.errors import UserError
 from pneumo_tf.fileio import write_csv_atomic
-from pneumo_tf.records import convert, synthetic
+from pneumo_tf.records import shards, synthetic
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
@@ -54,12 +58,12 @@ def box_pictures(tmp_path_factory) -> dict:
     labels_csv = str(root / "labels.csv")
     write_csv_atomic(labels_csv, ["patientId", "x", "y", "width", "height", "Target"], rows)
     records = str(root / "records")
-    convert.convert(str(dicom_dir), records, labels_csv,
-                    options=convert.ConvertOptions(image_size=64, val_fraction=0.5), workers=1)
+    shards.convert(str(dicom_dir), records, labels_csv,
+                    options=shards.ConvertOptions(image_size=64, val_fraction=0.5), workers=1)
     image = keras.Input((64, 64, 1), name="image")
     network = keras.Model({"image": image}, {"mask": keras.layers.Identity(name="mask")(image)})
     model_dir = str(root / "model")
-    training.export(network, model_dir, {"model": "mask_is_image", "image_size": 64, "threshold": 0.5})
+    trainer.export(network, model_dir, {"model": "mask_is_image", "image_size": 64, "threshold": 0.5})
     return {"records": records, "labels_csv": labels_csv, "model_dir": model_dir}
 
 
@@ -69,7 +73,7 @@ def copy_model(model_dir, tmp_path) -> str:
 
 
 def read_info(model_dir) -> dict:
-    with open(os.path.join(model_dir, training.INFO_FILE)) as handle:
+    with open(os.path.join(model_dir, trainer.INFO_FILE)) as handle:
         return json.load(handle)
 
 
@@ -80,14 +84,14 @@ BOX = np.array([[0.0, 0.0, 10.0, 10.0]])
 NO_BOX = np.zeros((0, 4))
 
 
-def hand_worked() -> evaluation.Collected:
+def hand_worked() -> report.Collected:
     """Four images, probabilities 0.9 / 0.6 / 0.3 / 0.05 for targets 1 / 0 / 1 / 0, at thresholds 0.5 and 0.7.
 
     Detections: a exact (score 0.9) at both; b a false box (0.6) at 0.5 only; c and d nothing.
     """
     ground_truth = {"a": BOX, "b": NO_BOX, "c": BOX, "d": NO_BOX}
     found = {"a": (BOX, np.array([0.9])), "b": (BOX + 50, np.array([0.6]))}
-    return evaluation.Collected(
+    return report.Collected(
         ids=list(ground_truth), probabilities=np.array([0.9, 0.6, 0.3, 0.05], np.float32),
         targets=np.array([1, 0, 1, 0]), classes=np.array([2, 1, 2, 0]), ground_truth=ground_truth,
         detections=[found, {"a": found["a"]}], unlabeled=0,
@@ -95,8 +99,8 @@ def hand_worked() -> evaluation.Collected:
 
 
 def test_threshold_table_on_a_hand_worked_case():
-    table = evaluation.threshold_table(hand_worked(), [0.5, 0.7])
-    assert list(table.columns) == list(evaluation.TABLE_COLUMNS)
+    table = report.threshold_table(hand_worked(), [0.5, 0.7])
+    assert list(table.columns) == list(report.TABLE_COLUMNS)
     # At 0.5: TP a, FP b, FN c, TN d. mAP: a 1, b 0 (a box, no truth), c 0, d left out.
     # At 0.7: TP a, FN c, TN b and d. mAP: a 1, c 0; b and d left out.
     # AUC: of the 4 positive-negative pairs, only (0.3, 0.6) is misordered.
@@ -110,7 +114,7 @@ def test_threshold_table_on_a_hand_worked_case():
 
 
 def test_confusion_matrices_by_target_and_by_class():
-    by_target, by_class = evaluation.confusion_matrices(hand_worked(), 0.5)
+    by_target, by_class = report.confusion_matrices(hand_worked(), 0.5)
     assert by_target.to_numpy().tolist() == [[1, 1], [1, 1]]
     assert list(by_class.index) == ["Normal", "No Lung Opacity / Not Normal", "Lung Opacity"]
     assert by_class.to_numpy().tolist() == [[1, 0], [0, 1], [1, 1]]
@@ -130,11 +134,11 @@ def sweep(maps, f1s) -> pd.DataFrame:
 ])
 def test_pick_threshold(maps, f1s, has_boxes, row, column):
     table = sweep(maps, f1s)
-    picked_row, picked_column, reason = evaluation.pick_threshold(table, has_boxes)
+    picked_row, picked_column, reason = report.pick_threshold(table, has_boxes)
     assert (picked_row, picked_column) == (row, column)
     assert ("F1" in reason) == (column == "f1_positive")
     # The same threshold whatever the row order.
-    reversed_row, _, _ = evaluation.pick_threshold(table.iloc[::-1].reset_index(drop=True), has_boxes)
+    reversed_row, _, _ = report.pick_threshold(table.iloc[::-1].reset_index(drop=True), has_boxes)
     assert reversed_row == len(maps) - 1 - row
 
 
@@ -155,13 +159,13 @@ def event_tags(log_dir) -> dict:
 
 def test_evaluate_trained_model(trained_model, tiny_records, tmp_path):
     model_dir = copy_model(trained_model, tmp_path)
-    result = evaluation.evaluate(evaluation.EvaluateConfig(model_dir=str(model_dir), records_dir=tiny_records))
+    result = report.evaluate(report.EvaluateConfig(model_dir=str(model_dir), records_dir=tiny_records))
     summary = result.summary
     output = model_dir / "evaluation" / "val"
     assert summary["output_dir"] == str(output)
 
     table = pd.read_csv(output / "thresholds.csv")
-    assert list(table.columns) == list(evaluation.TABLE_COLUMNS)
+    assert list(table.columns) == list(report.TABLE_COLUMNS)
     np.testing.assert_allclose(table["threshold"], np.arange(1, 10) / 10)
     pd.testing.assert_frame_equal(table, result.table, check_exact=True)
     assert table["auc"].nunique() == 1
@@ -203,7 +207,7 @@ def test_evaluate_trained_model(trained_model, tiny_records, tmp_path):
 ])
 def test_unusable_split_is_refused(trained_model, tiny_records, tmp_path, split, message):
     with pytest.raises(UserError, match=message):
-        evaluation.evaluate(evaluation.EvaluateConfig(
+        report.evaluate(report.EvaluateConfig(
             model_dir=str(copy_model(trained_model, tmp_path)), records_dir=tiny_records, split=split
         ))
 
@@ -214,8 +218,8 @@ def test_unusable_split_is_refused(trained_model, tiny_records, tmp_path, split,
 
 def test_best_threshold_is_the_argmax_of_map(box_pictures, tmp_path):
     model_dir = copy_model(box_pictures["model_dir"], tmp_path)
-    result = evaluation.evaluate(
-        evaluation.EvaluateConfig(model_dir=str(model_dir), records_dir=box_pictures["records"])
+    result = report.evaluate(
+        report.EvaluateConfig(model_dir=str(model_dir), records_dir=box_pictures["records"])
     )
     maps = result.table["map"].to_numpy()
     assert np.sum(maps == maps.max()) == 1 and 0.0 < maps.min() < maps.max() < 1.0  # a real choice
@@ -225,17 +229,17 @@ def test_best_threshold_is_the_argmax_of_map(box_pictures, tmp_path):
 
 
 def submission_matches_evaluation(model_dir, records, labels_csv, thresholds, tmp_path):
-    result = evaluation.evaluate(evaluation.EvaluateConfig(
+    result = report.evaluate(report.EvaluateConfig(
         model_dir=str(model_dir), records_dir=records, thresholds=tuple(thresholds), save_threshold=False,
     ))
     evaluated_ids = set(pd.read_csv(os.path.join(result.summary["output_dir"], "images.csv"))["id"])
     for threshold, evaluated_map in zip(result.table["threshold"], result.table["map"]):
         output = str(tmp_path / f"val-{threshold}.csv")
-        prediction.predict(prediction.PredictConfig(
+        offline.predict(offline.PredictConfig(
             model_dir=str(model_dir), output=output, records_dir=records, split="val", threshold=threshold,
         ), progress_stream=io.StringIO())
         assert set(submission.read_submission(output)) == evaluated_ids
-        scored = evaluation.score_submission_file(output, labels_csv)
+        scored = report.score_submission_file(output, labels_csv)
         assert scored["patients"] == len(evaluated_ids)
         assert abs(scored["map"] - evaluated_map) <= 1e-9, threshold
 
@@ -243,7 +247,7 @@ def submission_matches_evaluation(model_dir, records, labels_csv, thresholds, tm
 def test_scored_submission_reproduces_evaluation_map(box_pictures, tmp_path):
     submission_matches_evaluation(
         copy_model(box_pictures["model_dir"], tmp_path), box_pictures["records"], box_pictures["labels_csv"],
-        evaluation.DEFAULT_THRESHOLDS, tmp_path,
+        report.DEFAULT_THRESHOLDS, tmp_path,
     )
 
 
@@ -265,11 +269,11 @@ def run_evaluate(*args):
 
 def test_cli_scores_a_submission_file(box_pictures, tmp_path):
     output = str(tmp_path / "submission.csv")
-    summary = prediction.predict(prediction.PredictConfig(
+    summary = offline.predict(offline.PredictConfig(
         model_dir=box_pictures["model_dir"], output=output, records_dir=box_pictures["records"], split="val",
         threshold=0.5,
     ), progress_stream=io.StringIO())
-    expected = evaluation.score_submission_file(output, box_pictures["labels_csv"])
+    expected = report.score_submission_file(output, box_pictures["labels_csv"])
     result = run_evaluate(f"--submission={output}", f"--labels_csv={box_pictures['labels_csv']}")
     assert result.returncode == 0, result.stderr[-3000:]
     assert f"challenge mAP {expected['map']} over {expected['scored_images']} scored images" in result.stdout

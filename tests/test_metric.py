@@ -4,7 +4,7 @@ from fractions import Fraction
 import numpy as np
 import pytest
 
-from pneumo_tf import metric
+from pneumo_tf.evaluation import metric
 
 GT = [0, 0, 100, 100]
 

@@ -6,7 +6,7 @@ import keras
 import numpy as np
 import pytest
 
-from pneumo_tf import boxes
+from pneumo_tf.data import boxes
 from pneumo_tf.errors import UserError
 from pneumo_tf.models import BUILDERS, build_model, compile_args, vgg16
 from pneumo_tf.models.losses import iou_bce_loss, mean_iou

@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from pneumo_tf import postprocess
+from pneumo_tf.evaluation import postprocess
 
 SIZE = 32
 

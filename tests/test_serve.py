@@ -20,23 +20,28 @@ from PIL import Image
 from pydicom.dataset import FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, RLELossless, SecondaryCaptureImageStorage, generate_uid
 
-from pneumo_tf import pipeline, postprocess, prediction, serve, submission, training
-from pneumo_tf.records import convert as convert_lib, dicom, synthetic
+from pneumo_tf.inference import web
+from pneumo_tf.data import pipeline
+from pneumo_tf.evaluation import postprocess
+from pneumo_tf.inference import offline
+from pneumo_tf.evaluation import submission
+from pneumo_tf.training import trainer
+from pneumo_tf.records import shards, dicom, synthetic
 
 SOURCE_SIZE = 1024  # the real and the synthetic DICOMs
 
 
 @pytest.fixture(scope="module")
 def app(trained_model):
-    return serve.create_app(trained_model)
+    return web.create_app(trained_model)
 
 
 def reference_probabilities(model_dir, dicom_dir, scratch) -> dict:
     """{id: probability} through prediction's own path: the folder converted as predict converts it, the
     pipeline's records, postprocess.model_outputs (a submission holds no probability)."""
-    network, info = training.load_exported(str(model_dir))
+    network, info = trainer.load_exported(str(model_dir))
     records = os.path.join(scratch, "records")
-    convert_lib.convert(str(dicom_dir), records, options=convert_lib.ConvertOptions(**info["conversion"]), workers=1,
+    shards.convert(str(dicom_dir), records, options=shards.ConvertOptions(**info["conversion"]), workers=1,
                         progress_stream=io.StringIO())
     dataset = pipeline.make_dataset(records, "test", 4, int(info["image_size"]), training=False)
     probabilities = {}
@@ -49,7 +54,7 @@ def reference_probabilities(model_dir, dicom_dir, scratch) -> dict:
 def reference_boxes(model_dir, dicom_dir, scratch) -> dict:
     """{id: (boxes xywh, confidences)} as `python -m pneumo_tf.predict --dicom_dir` writes them."""
     output = os.path.join(scratch, "submission.csv")
-    prediction.predict(prediction.PredictConfig(model_dir=str(model_dir), output=output, dicom_dir=str(dicom_dir),
+    offline.predict(offline.PredictConfig(model_dir=str(model_dir), output=output, dicom_dir=str(dicom_dir),
                                                 workers=1), progress_stream=io.StringIO())
     return submission.read_submission(output)
 
@@ -64,11 +69,11 @@ def real(trained_model, shared_rsna, tmp_path_factory) -> dict:
     low, high = sorted(probabilities.values())[4:6]
     assert low < high, "the real images need distinct probabilities"
     model_dir = shutil.copytree(trained_model, scratch / "model")
-    info_path = model_dir / training.INFO_FILE
+    info_path = model_dir / trainer.INFO_FILE
     info_path.write_text(json.dumps({**json.loads(info_path.read_text()), "threshold": (low + high) / 2}))
     boxes = reference_boxes(model_dir, dicom_dir, str(scratch))
     assert set(boxes) == set(probabilities)
-    return {"app": serve.create_app(str(model_dir)), "threshold": (low + high) / 2, "dicom_dir": dicom_dir,
+    return {"app": web.create_app(str(model_dir)), "threshold": (low + high) / 2, "dicom_dir": dicom_dir,
             "reference": {image_id: (probabilities[image_id], *boxes[image_id]) for image_id in probabilities}}
 
 
@@ -295,7 +300,7 @@ def post_file(url: str, data: bytes, filename: str) -> tuple[int, dict]:
 
 def test_over_the_size_limit_gets_413_and_the_server_keeps_serving(trained_model, synthetic_rsna, monkeypatch, running):
     monkeypatch.setenv("FLASK_DEBUG", "1")  # Flask would read it; debug mode stays off anyway
-    small = serve.create_app(trained_model, max_upload_mb=0.5)
+    small = web.create_app(trained_model, max_upload_mb=0.5)
     assert small.debug is False and small.config["MAX_CONTENT_LENGTH"] == int(0.5 * 2**20)
     big = np.random.default_rng(0).integers(0, 255, 600_000, dtype=np.uint8).tobytes()
     message = "the upload is larger than the limit of 0.5 MB (--max_upload_mb)"
@@ -354,7 +359,7 @@ def test_uploads_never_touch_the_disk(app, synthetic_rsna, tmp_path, monkeypatch
 
     for name in ("TemporaryFile", "NamedTemporaryFile", "mkstemp", "mkdtemp"):
         monkeypatch.setattr(tempfile, name, refuse)
-    static = os.path.join(os.path.dirname(serve.__file__), "web", "static")
+    static = os.path.join(os.path.dirname(web.__file__), "static")
     static_before = sorted(os.listdir(static))
     workdir = tmp_path / "cwd"
     workdir.mkdir()

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pneumo_tf import serve
+from pneumo_tf.inference import web
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMEDRIVER = "/usr/bin/chromedriver"
@@ -46,7 +46,7 @@ def browser(tmp_path):
 
 def test_upload_in_a_browser_shows_decision_probability_and_boxes(trained_model, synthetic_rsna, browser, tmp_path,
                                                                 running):
-    flask_app = serve.create_app(trained_model)
+    flask_app = web.create_app(trained_model)
     client = flask_app.test_client()
     folder = synthetic_rsna["train_dir"]
 

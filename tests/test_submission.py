@@ -6,7 +6,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pneumo_tf import submission
+from pneumo_tf.evaluation import submission
 from pneumo_tf.errors import UserError
 from pneumo_tf.records.labels import read_labels
 

@@ -11,7 +11,7 @@ import time
 import numpy as np
 import pytest
 
-from pneumo_tf import training
+from pneumo_tf.training import trainer
 
 TINY_MASK = ["--model=mask_resnet", "--model_option=channels=4", "--model_option=n_blocks=1",
              "--model_option=depth=2", "--image_size=64", "--batch_size=4"]
@@ -23,12 +23,12 @@ def run_train(records, model_dir, *args, env=None, timeout=600):
 
 
 def test_train_and_export_mask_resnet(tiny_records, tmp_path):
-    config = training.TrainConfig(
+    config = trainer.TrainConfig(
         records_dir=tiny_records, model_dir=str(tmp_path / "run"), model="mask_resnet",
         model_options={"channels": 4, "n_blocks": 1, "depth": 2, "classification_head": True},
         image_size=64, batch_size=4, epochs=2, steps_per_epoch=2, log_every_steps=1, profile_steps=(2, 3),
     )
-    summary = training.train_and_evaluate(config)
+    summary = trainer.train_and_evaluate(config)
     assert summary["epochs_run"] == 2 and summary["steps_per_epoch"] == 2
     assert len(summary["history"]["val_map"]) == 2
     assert all(0.0 <= v <= 1.0 for v in summary["history"]["val_map"])
@@ -38,7 +38,7 @@ def test_train_and_export_mask_resnet(tiny_records, tmp_path):
     assert np.isfinite(summary["history"]["loss"]).all()
     # The batch is 4 at the seed's reference 16, so the peak rate is a quarter of 7e-4.
     assert summary["learning_rate"] == pytest.approx(7e-4 / 4)
-    network, info = training.load_exported(str(tmp_path / "run"))
+    network, info = trainer.load_exported(str(tmp_path / "run"))
     assert info["model"] == "mask_resnet" and info["image_size"] == 64
     outputs = network({"image": np.zeros((1, 64, 64, 1), np.float32)})
     assert outputs["mask"].shape == (1, 64, 64, 1) and outputs["target"].shape == (1, 1)
@@ -67,7 +67,10 @@ MIRRORED_VS_ONE_DEVICE = textwrap.dedent("""
     import sys
     import numpy as np
     import tensorflow as tf
-    from pneumo_tf import augment, distribute, models, training
+    from pneumo_tf import models
+    from pneumo_tf.data import augment
+    from pneumo_tf.training import distribute
+    from pneumo_tf.training import trainer
     import keras
 
     distribute.split_cpu(2)
@@ -79,14 +82,14 @@ MIRRORED_VS_ONE_DEVICE = textwrap.dedent("""
     }
     batch.update(boxes=np.zeros((4, 8, 4), np.float32), num_boxes=np.zeros(4, np.int32))
     dataset = tf.data.Dataset.from_tensors(batch).repeat().map(
-        lambda b: training.fit_example(b, ("mask", "target")))
+        lambda b: trainer.fit_example(b, ("mask", "target")))
     initial = None
     results = []
     for strategy in (tf.distribute.OneDeviceStrategy("/cpu:0"), distribute.make_strategy("mirrored")):
         with strategy.scope():
             keras.utils.set_random_seed(1)
             network = models.build_model("mask_resnet", 32, channels=4, n_blocks=1, depth=2, classification_head=True)
-            trainer = training.AugmentingTrainer(network, augment.AugmentConfig.off())
+            trainer = trainer.AugmentingTrainer(network, augment.AugmentConfig.off())
             trainer.compile(optimizer=keras.optimizers.SGD(0.1), **models.compile_args(network))
             trainer.build({"image": (None, 32, 32, 1)})
             if initial is None:

@@ -20,12 +20,15 @@ import tempfile
 import numpy as np
 from PIL import Image, ImageDraw
 
-from pneumo_tf import callbacks, pipeline, submission, training
+from pneumo_tf.training import callbacks
+from pneumo_tf.data import pipeline
+from pneumo_tf.evaluation import submission
+from pneumo_tf.training import trainer
 from pneumo_tf.errors import UserError
 from pneumo_tf.fileio import atomic_open
-from pneumo_tf.postprocess import challenge_detections, model_outputs
+from pneumo_tf.evaluation.postprocess import challenge_detections, model_outputs
 from pneumo_tf.progress import Progress
-from pneumo_tf.records import convert as convert_lib
+from pneumo_tf.records import shards
 from pneumo_tf.records.manifest import REJECTS_NAME
 
 BOX_COLOR = tuple(int(255 * channel) for channel in callbacks.PREDICTED_BOX_COLOR)
@@ -58,11 +61,11 @@ class PredictConfig:
             raise UserError(f"--overlay_size must be at least 1, not {self.overlay_size}")
 
 
-def conversion_options(info: dict, image_size: int | None = None) -> convert_lib.ConvertOptions:
+def conversion_options(info: dict, image_size: int | None = None) -> shards.ConvertOptions:
     """How to convert DICOMs for a model: as its training records were (pneumo_tf.json), so
     its inputs get their pixels exactly, unless `image_size` says otherwise."""
     conversion = info.get("conversion", {})
-    return convert_lib.ConvertOptions(
+    return shards.ConvertOptions(
         image_size=conversion.get("image_size", 0) if image_size is None else image_size,
         bit_depth=conversion.get("bit_depth", 8),
     )
@@ -131,7 +134,7 @@ def predict(config: PredictConfig, progress_stream=None) -> dict:
     """Writes the submission CSV (and overlays) of `config`; returns a summary with counts and rejects."""
     config.validate()
     # Before any conversion: a wrong model folder should not cost a folder's conversion first.
-    network, info = training.load_exported(config.model_dir)
+    network, info = trainer.load_exported(config.model_dir)
     boxes_possible = "mask" in network.output_names
     if config.records_dir is not None:
         summary = predict_records(network, info, config, config.records_dir, config.split, progress_stream)
@@ -142,7 +145,7 @@ def predict(config: PredictConfig, progress_stream=None) -> dict:
     try:
         records_dir = os.path.join(scratch, "records")
         options = conversion_options(info, config.convert_image_size)
-        manifest = convert_lib.convert(
+        manifest = shards.convert(
             config.dicom_dir, records_dir, options=options,
             workers=config.workers, progress_stream=progress_stream,
         )

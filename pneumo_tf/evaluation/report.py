@@ -36,9 +36,13 @@ import tensorflow as tf
 from matplotlib.figure import Figure
 from sklearn import metrics as sk_metrics
 
-from pneumo_tf import callbacks, metric, pipeline, submission, training
+from pneumo_tf.training import callbacks
+from pneumo_tf.evaluation import metric
+from pneumo_tf.data import pipeline
+from pneumo_tf.evaluation import submission
+from pneumo_tf.training import trainer
 from pneumo_tf.errors import UserError
-from pneumo_tf.postprocess import Collected, collect
+from pneumo_tf.evaluation.postprocess import Collected, collect
 from pneumo_tf.fileio import atomic_open, write_json_atomic
 from pneumo_tf.records import schema
 
@@ -242,7 +246,7 @@ def evaluate(config: EvaluateConfig) -> Evaluation:
     thresholds = sorted(set(config.thresholds))
     # The manifest and split are checked before the (slower) model load.
     pipeline.num_examples(config.records_dir, config.split)
-    network, info = training.load_exported(config.model_dir)
+    network, info = trainer.load_exported(config.model_dir)
     dataset = pipeline.make_dataset(
         config.records_dir, config.split, config.batch_size, int(info["image_size"]), training=False
     )
@@ -318,7 +322,7 @@ def save_threshold(model_dir: str, info: dict, summary: dict) -> None:
         f"{split}_f1": summary["f1"],
         f"{split}_auc": summary["auc"],
     }
-    write_json_atomic(os.path.join(model_dir, training.INFO_FILE), info)
+    write_json_atomic(os.path.join(model_dir, trainer.INFO_FILE), info)
 
 
 def score_submission_file(submission_csv: str, labels_csv: str) -> dict:

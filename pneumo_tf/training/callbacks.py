@@ -26,7 +26,8 @@ import tensorflow as tf
 from tensorboard.plugins.hparams import api as hp
 from tensorboard.plugins.pr_curve import summary as pr_curve_summary
 
-from pneumo_tf import metric, postprocess
+from pneumo_tf.evaluation import metric
+from pneumo_tf.evaluation import postprocess
 
 LEARNING_RATE_TAG = "step/learning_rate"
 IMAGES_PER_SECOND_TAG = "step/images_per_second"

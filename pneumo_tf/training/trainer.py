@@ -24,7 +24,11 @@ import time
 import keras
 import tensorflow as tf
 
-from pneumo_tf import augment, callbacks as callbacks_lib, distribute, models, pipeline
+from pneumo_tf import models
+from pneumo_tf.data import augment
+from pneumo_tf.training import callbacks as callbacks_lib
+from pneumo_tf.training import distribute
+from pneumo_tf.data import pipeline
 from pneumo_tf.errors import UserError
 from pneumo_tf.fileio import write_json_atomic
 from pneumo_tf.records.manifest import read_manifest

@@ -20,8 +20,8 @@ from collections.abc import Iterator
 
 import numpy as np
 
-from pneumo_tf import metric
-from pneumo_tf.boxes import normalised_to_xywh
+from pneumo_tf.evaluation import metric
+from pneumo_tf.data.boxes import normalised_to_xywh
 from pneumo_tf.models.mask_resnet import boxes_from_mask
 
 # Detections of one image: (boxes float32 [N, 4] normalised (ymin, xmin, ymax, xmax), scores float32 [N]).

@@ -32,7 +32,7 @@ import zlib
 import numpy as np
 from PIL import Image
 
-from pneumo_tf import boxes as box_lib
+from pneumo_tf.data import boxes as box_lib
 from pneumo_tf.errors import RejectedFile, UserError
 from pneumo_tf.fileio import write_csv_atomic, write_json_atomic
 from pneumo_tf.progress import Progress

@@ -1,0 +1,277 @@
+"""A web page and a JSON API that show an exported model's reading of one uploaded DICOM.
+
+    python -m pneumo_tf.serve --model_dir=runs/mask_resnet [--host=127.0.0.1] [--port=8080] [--max_upload_mb=50]
+
+  GET  /              a page with a file input; POST / shows the radiograph (8-bit, windowed),
+                      the predicted boxes with their confidences, the decision and the header facts
+  POST /api/predict   multipart field "file" -> JSON: id, decision, probability, threshold,
+                      boxes (confidence, x, y, width, height in source pixels), image facts
+  GET  /healthz       JSON: status, model, image size, threshold
+
+An upload goes through the code training and predict use: records.convert.convert_file
+(converted as the model's training records were, pneumo_tf.json "conversion") ->
+schema.serialize_example -> pipeline.parse_batch + pipeline.decode_example -> the exported
+network -> postprocess.challenge_detections / postprocess.image_probability, at the threshold
+evaluation saved. So the page shows exactly what `python -m pneumo_tf.predict --dicom_dir`
+writes for the same file. Uploads stay in memory (never spooled to a temporary file) and
+the page draws the boxes as SVG over the radiograph, sent inline as a data: URI PNG:
+nothing is written to disk, so simultaneous users never see each other's results.
+
+The server is Werkzeug's threaded server with the debugger never enabled (its console runs
+code for whoever reaches it). It binds 127.0.0.1 unless --host says otherwise and has no
+authentication: expose it only behind something that provides that. `create_app` is an
+app factory, so any WSGI server can host it instead.
+"""
+from __future__ import annotations
+
+import base64
+import dataclasses
+import io
+import threading
+
+import flask
+import numpy as np
+import tensorflow as tf
+from PIL import Image
+from werkzeug import exceptions, serving
+
+from pneumo_tf.data import pipeline
+from pneumo_tf.evaluation import postprocess
+from pneumo_tf.inference import offline
+from pneumo_tf.evaluation import submission
+from pneumo_tf.training import trainer
+from pneumo_tf.errors import RejectedFile, UserError
+from pneumo_tf.records import shards, dicom, schema
+
+DEFAULT_MAX_UPLOAD_MB = 50.0
+DISPLAY_MAX_SIZE = 1024  # the page's radiograph is downscaled to this many pixels on its long side
+POSITIVE, NEGATIVE = "Opacity", "No Opacity"
+UNKNOWN = "unknown"
+
+# The page needs nothing but its stylesheet and inline (data:) images: no script runs at all.
+CONTENT_SECURITY_POLICY = (
+    "default-src 'none'; img-src data:; style-src 'self'; form-action 'self'; base-uri 'none'; frame-ancestors 'none'"
+)
+
+
+class UploadError(Exception):
+    """An upload the server cannot read, with the HTTP status and the message to show."""
+
+    def __init__(self, status: int, message: str):
+        super().__init__(message)
+        self.status = status
+        self.message = message
+
+
+@dataclasses.dataclass(frozen=True)
+class Box:
+    confidence: float
+    x: float  # source pixels
+    y: float
+    width: float
+    height: float
+
+
+@dataclasses.dataclass(frozen=True)
+class Result:
+    """The model's reading of one DICOM."""
+
+    image_id: str
+    probability: float
+    threshold: float
+    boxes: tuple[Box, ...]  # highest confidence first
+    facts: dicom.HeaderFacts
+    display_png: bytes  # the windowed 8-bit radiograph, at most DISPLAY_MAX_SIZE pixels on its long side
+    model: str
+
+    @property
+    def positive(self) -> bool:
+        # As in evaluation: an image is positive when its probability is above the threshold.
+        return self.probability > self.threshold
+
+    @property
+    def decision(self) -> str:
+        return POSITIVE if self.positive else NEGATIVE
+
+    def to_json(self) -> dict:
+        return {
+            "id": self.image_id,
+            "decision": self.decision,
+            "opacity": self.positive,
+            "probability": self.probability,
+            "threshold": self.threshold,
+            "boxes": [dataclasses.asdict(box) for box in self.boxes],
+            "prediction_string": submission.format_prediction_string(
+                [(b.x, b.y, b.width, b.height) for b in self.boxes], [b.confidence for b in self.boxes]
+            ),
+            "image": {
+                "rows": self.facts.rows,
+                "columns": self.facts.columns,
+                "view": self.facts.view,
+                "age": self.facts.age,
+                "sex": self.facts.sex,
+                "pixel_spacing": list(self.facts.pixel_spacing),
+            },
+            "model": self.model,
+        }
+
+
+class Predictor:
+    """An exported model that reads DICOM bytes: thread-safe, nothing on disk."""
+
+    def __init__(self, model_dir: str):
+        self.network, self.info = trainer.load_exported(model_dir)
+        self.threshold = float(self.info["threshold"])
+        self.image_size = int(self.info["image_size"])
+        self.options = offline.conversion_options(self.info)
+        self._infer = tf.function(self._decode_and_call, input_signature=[tf.TensorSpec([], tf.string)])
+        # Traced once here, before any request: requests only run the traced graph. Keras does not
+        # promise that a model may be called from several threads at once, so calls take turns;
+        # conversion, drawing and encoding (most of a request's time) still run in parallel.
+        self._infer.get_concrete_function()
+        self._lock = threading.Lock()
+
+    def _decode_and_call(self, serialized):
+        """One serialised record -> (its id and source size, the model's outputs), each a batch of one."""
+        # parse_batch and decode_example are the two steps of pipeline.decode_records.
+        fields = {key: value[0] for key, value in pipeline.parse_batch(serialized[tf.newaxis]).items()}
+        example = pipeline.decode_example(fields, self.image_size, self.options.bit_depth)
+        outputs = self.network({"image": example["image"][tf.newaxis]}, training=False)
+        batch = {key: example[key][tf.newaxis] for key in pipeline.METADATA_KEYS}
+        return batch, outputs
+
+    def predict(self, data: bytes, image_id: str) -> Result:
+        """Reads one DICOM file's bytes; raises RejectedFile with the reason when it cannot."""
+        record, reason = shards.convert_or_reject(io.BytesIO(data), image_id, None, self.options)
+        if record is None:
+            raise RejectedFile(reason)
+        ds = dicom.read(io.BytesIO(data))
+        grey = dicom.grey_pixels(ds, 8)
+        with self._lock:
+            batch, outputs = self._infer(tf.constant(schema.serialize_example(record)))
+        batch = {key: value.numpy() for key, value in batch.items()}
+        outputs = {key: value.numpy() for key, value in outputs.items()}
+        [(_, _, (boxes_xywh, confidences))] = postprocess.challenge_detections(outputs, batch, self.threshold)
+        boxes = tuple(Box(float(c), *(float(v) for v in xywh)) for xywh, c in zip(boxes_xywh, confidences))
+        return Result(
+            image_id=image_id,
+            probability=float(postprocess.image_probability(outputs)[0]),
+            threshold=self.threshold,
+            boxes=boxes,
+            facts=dicom.header_facts(ds),
+            display_png=display_png(grey),
+            model=str(self.info.get("model", "")),
+        )
+
+
+def display_png(grey: np.ndarray) -> bytes:
+    """The page's picture of an 8-bit grey image: PNG, downscaled to DISPLAY_MAX_SIZE when larger."""
+    picture = Image.fromarray(grey)
+    picture.thumbnail((DISPLAY_MAX_SIZE, DISPLAY_MAX_SIZE), Image.BILINEAR)
+    buffer = io.BytesIO()
+    picture.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+class InMemoryRequest(flask.Request):
+    """Keeps uploaded files in memory: Werkzeug spools those over 500 KB to a temporary file.
+
+    MAX_CONTENT_LENGTH bounds what one request may hold.
+    """
+
+    def _get_file_stream(self, total_content_length, content_type, filename=None, content_length=None):
+        return io.BytesIO()
+
+
+def _page_facts(facts: dicom.HeaderFacts) -> list[tuple[str, str]]:
+    spacing = facts.pixel_spacing
+    return [
+        ("View", facts.view or UNKNOWN),
+        ("Age", str(facts.age) if facts.age >= 0 else UNKNOWN),
+        ("Sex", facts.sex or UNKNOWN),
+        ("Pixel spacing", f"{spacing[0]:g} x {spacing[1]:g} mm" if any(spacing) else UNKNOWN),
+        ("Size", f"{facts.columns} x {facts.rows} pixels"),
+    ]
+
+
+def create_app(model_dir: str, max_upload_mb: float = DEFAULT_MAX_UPLOAD_MB) -> flask.Flask:
+    """The Flask app serving the exported model in `model_dir` (see the module docstring)."""
+    if not max_upload_mb > 0:
+        raise UserError(f"--max_upload_mb must be positive, not {max_upload_mb}")
+    predictor = Predictor(model_dir)
+    app = flask.Flask(__name__, template_folder="templates", static_folder="static")
+    app.request_class = InMemoryRequest
+    # Flask reads FLASK_DEBUG from the environment; this app never runs in debug mode.
+    app.config["DEBUG"] = False
+    app.config["MAX_CONTENT_LENGTH"] = int(max_upload_mb * 2**20)
+    app.extensions["pneumo_tf.predictor"] = predictor
+    limit = f"{max_upload_mb:g} MB"
+
+    def read_upload() -> Result:
+        upload = flask.request.files.get("file")
+        data = upload.read() if upload is not None else b""
+        if not data and not (upload and upload.filename):  # a browser sends an empty, unnamed part
+            raise UploadError(400, "no file: choose a DICOM file (.dcm) and upload it in the form field 'file'")
+        name = upload.filename or "upload.dcm"
+        if not data:
+            raise UploadError(400, f"{name} is empty")
+        try:
+            return predictor.predict(data, shards.image_id_of(name))
+        except RejectedFile as error:
+            raise UploadError(422, f"{name} cannot be read as a radiograph: {error}") from error
+
+    def page(result: Result | None = None, error: str | None = None, status: int = 200):
+        image = base64.b64encode(result.display_png).decode("ascii") if result else None
+        html = flask.render_template(
+            "index.html", result=result, image=image, error=error, limit=limit,
+            facts=_page_facts(result.facts) if result else [], model=predictor.info.get("model", ""),
+            threshold=predictor.threshold,
+        )
+        return html, status
+
+    @app.after_request
+    def security_headers(response):
+        response.headers["Content-Security-Policy"] = CONTENT_SECURITY_POLICY
+        response.headers["X-Content-Type-Options"] = "nosniff"
+        response.headers["Referrer-Policy"] = "no-referrer"
+        if flask.request.method == "POST":  # results are one person's: no cache keeps them
+            response.headers["Cache-Control"] = "no-store"
+        return response
+
+    @app.get("/")
+    def index():
+        return page()
+
+    @app.post("/")
+    def upload_page():
+        try:
+            return page(read_upload())
+        except UploadError as error:
+            return page(error=error.message, status=error.status)
+
+    @app.post("/api/predict")
+    def api_predict():
+        try:
+            return flask.jsonify(read_upload().to_json())
+        except UploadError as error:
+            return flask.jsonify(error=error.message), error.status
+
+    @app.get("/healthz")
+    def healthz():
+        return flask.jsonify(status="ok", model=predictor.info.get("model", ""), image_size=predictor.image_size,
+                             threshold=predictor.threshold)
+
+    @app.errorhandler(exceptions.RequestEntityTooLarge)
+    def too_large(error):
+        message = f"the upload is larger than the limit of {limit} (--max_upload_mb)"
+        if flask.request.path.startswith("/api/"):
+            return flask.jsonify(error=message), 413
+        return page(error=message, status=413)
+
+    @app.errorhandler(exceptions.HTTPException)
+    def api_http_error(error):
+        if flask.request.path.startswith("/api/"):
+            return flask.jsonify(error=f"{error.name}: {error.description}"), error.code
+        return error
+
+    return app
