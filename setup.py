@@ -25,6 +25,7 @@ setup(
         "pillow",
         "google-crc32c",
         "flask>=3",
+        "tqdm",
     ],
     extras_require={
         "dev": ["pytest", "selenium"],

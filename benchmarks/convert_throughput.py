@@ -90,7 +90,7 @@ def synthetic_data(work_dir: str, num_images: int, workers: int) -> dict[str, st
     shutil.rmtree(data_dir, ignore_errors=True)
     print(f"synthesising {num_images} RSNA-like DICOMs into {data_dir} ...", flush=True)
     started = time.perf_counter()
-    synthetic.write_dataset(data_dir, num_images=num_images, seed=0, workers=workers)
+    synthetic.write_dataset(data_dir, synthetic.SyntheticConfig(num_images), workers=workers)
     print(f"  done in {time.perf_counter() - started:.0f} s", flush=True)
     return paths
 

@@ -33,7 +33,7 @@ TARGET = 1.15
 def records_for(work_dir: str, count: int) -> str:
     data, records = os.path.join(work_dir, f"data_{count}"), os.path.join(work_dir, f"records_{count}")
     if not os.path.isfile(os.path.join(records, "manifest.json")):
-        paths = synthetic.write_dataset(data, num_images=count, seed=count, image_size=256)
+        paths = synthetic.write_dataset(data, synthetic.SyntheticConfig(count, seed=count, image_size=256))
         manifest = shards.convert(paths["train_dir"], records, paths["train_labels"], paths["detailed_class_info"])
         assert manifest["records"] == count, manifest["records"]
     return records

@@ -60,7 +60,7 @@ from absl import app, flags  # noqa: E402
 
 import machine  # noqa: E402  benchmarks/machine.py (the script's folder is on sys.path)
 from pneumo_tf import pipeline  # noqa: E402
-from pneumo_tf.data.boxes import MAX_BOXES  # noqa: E402
+from pneumo_tf.records.boxes import MAX_BOXES  # noqa: E402
 from pneumo_tf.records import shards, synthetic  # noqa: E402
 from pneumo_tf.records.manifest import read_manifest, shard_paths  # noqa: E402
 
@@ -120,7 +120,7 @@ def synthetic_data(work_dir: str, num_images: int) -> tuple[dict, bool]:
     shutil.rmtree(data_dir, ignore_errors=True)
     print(f"synthesising {num_images} RSNA-like {SOURCE_SIZE}-px DICOMs into {data_dir} ...", flush=True)
     started = time.perf_counter()
-    synthetic.write_dataset(data_dir, num_images=num_images, seed=0, image_size=SOURCE_SIZE)
+    synthetic.write_dataset(data_dir, synthetic.SyntheticConfig(num_images, image_size=SOURCE_SIZE))
     print(f"  done in {time.perf_counter() - started:.0f} s", flush=True)
     return paths, True
 

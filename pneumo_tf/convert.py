@@ -4,11 +4,9 @@
         --labels_csv=stage_2_train_labels.csv --class_info_csv=stage_2_detailed_class_info.csv \\
         --test_dicom_dir=stage_2_test_images --output_dir=records
 """
-import sys
+from absl import flags
 
-from absl import app, flags
-
-from pneumo_tf.errors import UserError
+from pneumo_tf import cli
 from pneumo_tf.records import shards
 
 FLAGS = flags.FLAGS
@@ -20,15 +18,8 @@ flags.DEFINE_string("class_info_csv", None, "stage_2_detailed_class_info.csv (pa
 flags.DEFINE_string("test_dicom_dir", None, "A second folder converted as the unlabeled 'test' split in the same run.")
 flags.DEFINE_string("output_dir", None, "Where shards, manifest.json and rejects.csv go. Rerunning into it with "
                     "the same options resumes (finished shards are kept).")
-flags.DEFINE_float("val_fraction", 0.2, "Share of labeled patients in the 'val' split, stratified by class.")
-flags.DEFINE_integer("seed", 0, "Seed of the train/val split and of the record order within shards.")
-flags.DEFINE_integer("num_shards", 0, "Shards per split; 0 picks a count giving shards of at most ~128 MB and at "
-                     "least 8 per split with 512+ files (so workers convert and readers interleave in parallel).")
+cli.define_flags(shards.ConvertOptions)
 flags.DEFINE_integer("workers", 0, "Worker processes building examples; 0 uses all cores.")
-flags.DEFINE_integer("image_size", 0, "0 keeps source pixels and copies JPEG Baseline 8-bit grey frames byte for "
-                     "byte; N stores every image as an N x N PNG (boxes stay normalised).")
-flags.DEFINE_integer("bit_depth", 8, "8, or 16 to keep up to 16 bits of precision in transcoded (non-passthrough) "
-                     "PNGs; stored ranges are scaled to the full 16-bit range.")
 flags.DEFINE_integer("num_workers", 1, "Machines sharing this conversion: each writes its share of the shards "
                      "into the same --output_dir; then run once with --finalize to write the manifest.")
 flags.DEFINE_integer("worker_index", 0, "This machine's index in [0, --num_workers).")
@@ -37,30 +28,19 @@ flags.DEFINE_bool("finalize", False, "With --num_workers > 1: write manifest.jso
 flags.mark_flags_as_required(["dicom_dir", "output_dir"])
 
 
-def main(argv):
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
-    options = shards.ConvertOptions(
-        image_size=FLAGS.image_size, bit_depth=FLAGS.bit_depth, val_fraction=FLAGS.val_fraction,
-        seed=FLAGS.seed, num_shards=FLAGS.num_shards,
+def main():
+    manifest = shards.convert(
+        FLAGS.dicom_dir, FLAGS.output_dir, FLAGS.labels_csv, FLAGS.class_info_csv, FLAGS.test_dicom_dir,
+        cli.config_from_flags(shards.ConvertOptions), workers=FLAGS.workers or None, num_machines=FLAGS.num_workers,
+        machine_index=FLAGS.worker_index, finalize=FLAGS.finalize or FLAGS.num_workers == 1,
     )
-    try:
-        manifest = shards.convert(
-            FLAGS.dicom_dir, FLAGS.output_dir, FLAGS.labels_csv, FLAGS.class_info_csv, FLAGS.test_dicom_dir,
-            options, workers=FLAGS.workers or None, num_machines=FLAGS.num_workers,
-            machine_index=FLAGS.worker_index, finalize=FLAGS.finalize or FLAGS.num_workers == 1,
-        )
-    except UserError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
     if manifest is None:
         print(f"worker {FLAGS.worker_index} of {FLAGS.num_workers}: shards written to {FLAGS.output_dir}")
-        return 0
+        return
     counts = ", ".join(f"{split} {entry['records']}" for split, entry in manifest["splits"].items())
     print(f"{manifest['records']} records ({counts}), {manifest['rejects']} rejects -> {FLAGS.output_dir} "
           f"({manifest['files_per_second']} files/s)")
-    return 0
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run(main)

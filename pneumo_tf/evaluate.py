@@ -10,71 +10,44 @@ pneumo_tf.json, where predict and the web page read it.
     python -m pneumo_tf.evaluate --submission=submission.csv --labels_csv=stage_2_train_labels.csv
 
 prints the challenge mAP of any submission file over the patients it shares with the labels.
+--verbosity=1 shows TensorFlow's start-up logging.
 """
 import json
-import sys
+import math
 
-from absl import app, flags
+from pneumo_tf import cli
 
-from pneumo_tf.evaluation import report
-from pneumo_tf.errors import UserError
+cli.import_tensorflow_quietly()  # before anything imports TensorFlow
+from absl import flags  # noqa: E402
 
-FLAGS = flags.FLAGS
-flags.DEFINE_string("model_dir", None, "Folder of a trained model (model.keras + pneumo_tf.json).")
-flags.DEFINE_string("records_dir", None, "Folder written by python -m pneumo_tf.convert (manifest.json + shards).")
-flags.DEFINE_string("split", "val", "Labeled split to evaluate on (val, or train).")
-flags.DEFINE_integer("batch_size", 16, "Images per model call.")
-flags.DEFINE_list("thresholds", [str(t) for t in report.DEFAULT_THRESHOLDS],
-                  "Confidence thresholds of the sweep, comma separated, each in (0, 1).")
-flags.DEFINE_string("output_dir", None, "Where tables, curves and summary.json go "
-                    "(default <model_dir>/evaluation/<split>).")
-flags.DEFINE_bool("save_threshold", True, "Save the chosen threshold into the model's pneumo_tf.json "
-                  "(turn off when evaluating on a split that should not tune the model, such as train).")
+from pneumo_tf.errors import UserError  # noqa: E402
+from pneumo_tf.evaluation import report, submission  # noqa: E402
+
+cli.define_flags(report.EvaluateConfig)
 flags.DEFINE_string("submission", None, "Score this Kaggle-format submission CSV (patientId,PredictionString) "
                     "against --labels_csv instead of evaluating a model.")
 flags.DEFINE_string("labels_csv", None, "stage_2_train_labels.csv-format labels for --submission.")
+FLAGS = flags.FLAGS
 
 
-def _thresholds() -> tuple[float, ...]:
-    try:
-        return tuple(float(value) for value in FLAGS.thresholds)
-    except ValueError as error:
-        raise UserError(f"--thresholds needs comma-separated numbers, got {','.join(FLAGS.thresholds)}") from error
-
-
-def score_submission() -> int:
+def score_submission() -> None:
     if not FLAGS.labels_csv:
         raise UserError("--submission needs --labels_csv to score against")
     if FLAGS.model_dir or FLAGS.records_dir:
         raise UserError("--submission scores a file on its own: drop --model_dir and --records_dir")
-    result = report.score_submission_file(FLAGS.submission, FLAGS.labels_csv)
-    print(f"challenge mAP {result['map']} over {result['scored_images']} scored images "
+    result = submission.score_submission(FLAGS.submission, FLAGS.labels_csv)
+    score = "undefined (no box and no prediction to score)" if math.isnan(result["map"]) else result["map"]
+    print(f"challenge mAP {score} over {result['scored_images']} scored images "
           f"({result['patients']} patients in both {FLAGS.submission} and {FLAGS.labels_csv})")
-    return 0
 
 
-def evaluate_model() -> int:
-    if not FLAGS.model_dir or not FLAGS.records_dir:
-        raise UserError("give --model_dir and --records_dir (or --submission with --labels_csv)")
-    config = report.EvaluateConfig(
-        model_dir=FLAGS.model_dir, records_dir=FLAGS.records_dir, split=FLAGS.split, batch_size=FLAGS.batch_size,
-        thresholds=_thresholds(), output_dir=FLAGS.output_dir, save_threshold=FLAGS.save_threshold,
-    )
-    result = report.evaluate(config)
+def main():
+    if FLAGS.submission:
+        return score_submission()
+    result = report.evaluate(cli.config_from_flags(report.EvaluateConfig))
     print(result.report())
     print(json.dumps(result.summary, indent=2, sort_keys=True))
-    return 0
-
-
-def main(argv):
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
-    try:
-        return score_submission() if FLAGS.submission else evaluate_model()
-    except UserError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run(main)

@@ -26,7 +26,7 @@ def shared_rsna() -> pathlib.Path:
 def synthetic_rsna(tmp_path_factory) -> dict:
     """24 labeled + 3 test synthetic 1024-px DICOMs in the RSNA layout, made once per session."""
     folder = tmp_path_factory.mktemp("synthetic_rsna")
-    return synthetic.write_dataset(str(folder), num_images=24, num_test_images=3, seed=7, workers=1)
+    return synthetic.write_dataset(str(folder), synthetic.SyntheticConfig(24, 3, seed=7), workers=1)
 
 
 def pytest_configure(config):

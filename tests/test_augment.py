@@ -11,7 +11,7 @@ import tensorflow as tf
 
 from pneumo_tf.data import augment
 from pneumo_tf.data.augment import AugmentConfig, augment_batch
-from pneumo_tf.data.boxes import MAX_BOXES, rasterize
+from pneumo_tf.records.boxes import MAX_BOXES, rasterize
 from pneumo_tf.errors import UserError
 
 SIZE = 64

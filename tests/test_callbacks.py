@@ -6,9 +6,12 @@ import tensorflow as tf
 from tensorboard.backend.event_processing import event_accumulator
 from tensorboard.plugins.hparams import metadata as hparams_metadata
 
+from pneumo_tf import models
+from pneumo_tf.data.augment import AugmentConfig
+from pneumo_tf.evaluation import visualize
+from pneumo_tf.records.boxes import MAX_BOXES
 from pneumo_tf.training import callbacks
-from pneumo_tf.data.boxes import MAX_BOXES
-from pneumo_tf.models import build_model, compile_args
+from pneumo_tf.training.trainer import Trainer
 
 SIZE = 32
 # Whole-pixel, pairwise disjoint boxes as (top, left, bottom, right) pixel rows/columns, ends exclusive.
@@ -27,10 +30,10 @@ CASES = [
     ([], [C], -1),  # unlabeled: left out of everything (it would score 0)
 ]
 PARTIAL_MAP = (1 + 0.5 + 0 + 0) / 4
-
-# A functional model called on a bare tensor warns that its input is a dict; the callback's
-# calling convention (model(batch["image"])) is the training wrapper's.
-IGNORE_INPUT_STRUCTURE = pytest.mark.filterwarnings("ignore:The structure of `inputs`:UserWarning")
+# Mean IoU of the thresholded mask per image, over all six images (unlabeled included):
+# A of A, A of A and B (64 of 176 pixels), nothing of nothing, C of nothing (0), nothing of B
+# (0), C of nothing.
+PARTIAL_MEAN_IOU = (1 + 64 / 176 + 1 + 0 + 0 + 0) / 6
 
 
 def paint(boxes) -> np.ndarray:
@@ -75,7 +78,7 @@ def nothing(truth, partial):
 def mask_is_image_model() -> keras.Model:
     """A stand-in network whose probability mask is its input image."""
     image = keras.Input((SIZE, SIZE, 1), name="image")
-    return keras.Model(image, {"mask": keras.layers.Identity(name="mask")(image)})
+    return keras.Model({"image": image}, {"mask": keras.layers.Identity(name="mask")(image)})
 
 
 def read_tensors(directory) -> dict:
@@ -89,9 +92,16 @@ def read_tensors(directory) -> dict:
     return values, plugins
 
 
-def evaluate_once(log_dir, model, dataset, **options) -> dict:
-    callback = callbacks.EpochEvaluation(dataset, str(log_dir), **options)
-    callback.set_model(model)
+def classifier_model() -> keras.Model:
+    """A stand-in classifier whose probability is its image's largest pixel."""
+    image = keras.Input((SIZE, SIZE, 1), name="image")
+    return keras.Model({"image": image}, {"target": keras.layers.GlobalMaxPooling2D(name="target")(image)})
+
+
+def evaluate_once(log_dir, network, dataset, architecture="mask_resnet", **options) -> dict:
+    architecture = models.get(architecture)
+    callback = callbacks.EpochEvaluation(dataset, str(log_dir), architecture, network, **options)
+    callback.set_model(Trainer(network, architecture, AugmentConfig.off()))
     logs = {}
     callback.on_train_begin()
     callback.on_epoch_end(0, logs)
@@ -99,22 +109,30 @@ def evaluate_once(log_dir, model, dataset, **options) -> dict:
     return logs
 
 
-@pytest.mark.parametrize("shown, expected", [(perfect, 1.0), (nothing, 0.0), (partial, PARTIAL_MAP)])
-def test_val_map_on_hand_worked_cases(tmp_path, shown, expected):
-    logs = evaluate_once(tmp_path, mask_is_image_model(), batches(shown), compute_map=True)
-    assert logs["val_map"] == expected
-    values, plugins = read_tensors(tmp_path / "validation")
-    assert [(step, float(value)) for step, value in values[callbacks.VAL_MAP_TAG]] == [(0, expected)]
-    assert plugins[callbacks.VAL_MAP_TAG] == "scalars"
+@pytest.mark.parametrize("shown, expected_map, expected_iou",
+                         [(perfect, 1.0, 1.0), (nothing, 0.0, 0.5), (partial, PARTIAL_MAP, PARTIAL_MEAN_IOU)])
+def test_val_logs_on_hand_worked_cases(tmp_path, shown, expected_map, expected_iou):
+    logs = evaluate_once(tmp_path, mask_is_image_model(), batches(shown))
+    assert logs["val_map"] == expected_map
+    assert logs["val_mask_mean_iou"] == pytest.approx(expected_iou, rel=1e-5)
+    # The mask loss of each batch of 4 and 2 images, weighted by its images: its value is the
+    # architecture's own on the same outputs (tests/test_models.py pins that one by hand).
+    architecture, network = models.get("mask_resnet"), mask_is_image_model()
+    losses = []
+    for batch in batches(shown):
+        inputs, labels = architecture.to_fit(batch)
+        losses.append(float(architecture.loss(network, inputs, labels, network(inputs), training=False)["mask"]))
+    assert logs["val_mask_loss"] == pytest.approx((4 * losses[0] + 2 * losses[1]) / 6, rel=1e-6)
+    assert logs["val_loss"] == logs["val_mask_loss"]
 
 
 def test_pr_curve_counts_labeled_images_only(tmp_path):
-    evaluate_once(tmp_path, mask_is_image_model(), batches(partial), compute_map=True)
+    evaluate_once(tmp_path, mask_is_image_model(), batches(partial))
     values, plugins = read_tensors(tmp_path / "validation")
-    tag = f"{callbacks.PR_CURVE_NAME}/pr_curves"
+    tag = f"{visualize.PR_CURVE_NAME}/pr_curves"
     assert plugins[tag] == "pr_curves"
     [(step, curve)] = values[tag]
-    assert step == 0 and curve.shape == (6, callbacks.PR_CURVE_THRESHOLDS)
+    assert step == 0 and curve.shape == (6, visualize.PR_CURVE_THRESHOLDS)
     true_positives, false_positives = curve[0], curve[1]
     # Image probabilities (mask maxima) of the labeled images: 1, 1, 0, 1, 0 for targets 1, 1, 0, 0, 1.
     # The unlabeled image (probability 1) would add a false positive at every threshold.
@@ -123,7 +141,7 @@ def test_pr_curve_counts_labeled_images_only(tmp_path):
 
 
 def test_images_show_true_boxes_green_and_predicted_boxes_red(tmp_path):
-    evaluate_once(tmp_path, mask_is_image_model(), batches(partial), compute_map=True, max_images=4)
+    evaluate_once(tmp_path, mask_is_image_model(), batches(partial), max_images=4)
     values, plugins = read_tensors(tmp_path / "validation")
     assert plugins[callbacks.BOXES_IMAGE_TAG] == "images"
     [(step, encoded)] = values[callbacks.BOXES_IMAGE_TAG]
@@ -141,39 +159,60 @@ def test_images_show_true_boxes_green_and_predicted_boxes_red(tmp_path):
     assert count(images[3], green) == 0 and count(images[3], red) > 0
 
 
-def test_classifier_gets_pr_curve_and_no_map(tmp_path):
-    image = keras.Input((SIZE, SIZE, 1), name="image")
-    classifier = keras.Model(image, {"target": keras.layers.GlobalMaxPooling2D(name="target")(image)})
-    logs = evaluate_once(tmp_path, classifier, batches(partial), compute_map=False)
+def test_classifier_gets_its_loss_metrics_and_pr_curve_and_no_map(tmp_path):
+    logs = evaluate_once(tmp_path, classifier_model(), batches(partial), architecture="cnn")
     assert "val_map" not in logs
+    # Probabilities (image maxima) 1, 1, 0, 1, 0, 1 against targets 1, 1, 0, 0, 1, -1. Keras'
+    # metrics read any non-zero target as positive, the unlabeled -1 too (train and val splits
+    # hold no unlabeled image): TP 3 (images 0, 1, 5), FP 1 (image 3), FN 1 (image 4).
+    assert logs["val_target_precision"] == pytest.approx(3 / 4)
+    assert logs["val_target_recall"] == pytest.approx(3 / 4)
     values, _ = read_tensors(tmp_path / "validation")
-    assert callbacks.VAL_MAP_TAG not in values
-    assert f"{callbacks.PR_CURVE_NAME}/pr_curves" in values
+    assert f"{visualize.PR_CURVE_NAME}/pr_curves" in values
 
 
 def test_infinite_or_repeated_validation_data_is_refused(tmp_path):
+    mask_resnet = models.get("mask_resnet")
     with pytest.raises(ValueError, match="finite"):
-        callbacks.EpochEvaluation(batches(perfect).repeat(), str(tmp_path), compute_map=True)
+        callbacks.EpochEvaluation(batches(perfect).repeat(), str(tmp_path), mask_resnet, mask_is_image_model())
     with pytest.raises(ValueError, match="twice"):
-        evaluate_once(tmp_path, mask_is_image_model(), batches(perfect).repeat(2), compute_map=True)
+        evaluate_once(tmp_path, mask_is_image_model(), batches(perfect).repeat(2))
 
 
-@IGNORE_INPUT_STRUCTURE
-def test_fit_writes_step_scalars_and_epoch_evaluation(tmp_path):
+class CountingPasses:
+    """A pipeline-like validation dataset that counts how many times it is read from the start."""
+
+    def __init__(self, dataset):
+        self.passes = 0
+        self._dataset = dataset
+        self.dataset = tf.data.Dataset.from_generator(self._generate, output_signature=dataset.element_spec)
+
+    def _generate(self):
+        self.passes += 1
+        yield from self._dataset.as_numpy_iterator()
+
+
+def test_fit_writes_step_scalars_and_reads_validation_once_an_epoch(tmp_path):
     keras.utils.set_random_seed(0)
-    model = build_model("mask_resnet", SIZE, channels=4, depth=2)
+    architecture = models.get("mask_resnet")
+    network = architecture.build(SIZE, channels=4, depth=2)
+    trainer = Trainer(network, architecture, AugmentConfig.off())
     schedule = keras.optimizers.schedules.ExponentialDecay(0.01, decay_steps=1, decay_rate=0.5)
-    model.compile(optimizer=keras.optimizers.Adam(schedule), **compile_args(model))
-    train = batches(partial, batch_size=2).map(lambda batch: ({"image": batch["image"]}, {"mask": batch["mask"]}))
+    trainer.compile(optimizer=keras.optimizers.Adam(schedule))
+    train = batches(partial, batch_size=2).map(architecture.to_fit)
     step_scalars = callbacks.StepScalars(str(tmp_path), global_batch_size=2, every_n_steps=2)
-    evaluation = callbacks.EpochEvaluation(batches(partial), str(tmp_path), compute_map=True, max_images=2)
+    validation = CountingPasses(batches(partial))
+    evaluation = callbacks.EpochEvaluation(validation.dataset.apply(tf.data.experimental.assert_cardinality(2)),
+                                           str(tmp_path), architecture, network, max_images=2)
+    board = keras.callbacks.TensorBoard(str(tmp_path), update_freq="epoch", profile_batch=0, write_graph=False)
     # 3 batches an epoch, 2 epochs: iterations 2, 4 and 6 are logged.
-    history = model.fit(
-        train.repeat(), epochs=2, steps_per_epoch=3, callbacks=[step_scalars, evaluation], shuffle=False, verbose=0
+    history = trainer.fit(
+        train.repeat(), epochs=2, steps_per_epoch=3, callbacks=[step_scalars, evaluation, board], shuffle=False,
+        verbose=0,
     )
-
+    assert validation.passes == 2  # one pass per epoch gives loss, metrics, mAP, curve and images
     val_map = history.history["val_map"]
-    assert len(val_map) == 2 and all(0.0 <= value <= 1.0 for value in val_map)
+    assert len(val_map) == 2 and {"val_loss", "val_mask_loss", "val_mask_mean_iou"} <= set(history.history)
 
     train_values, train_plugins = read_tensors(tmp_path / "train")
     for tag in (callbacks.LEARNING_RATE_TAG, callbacks.IMAGES_PER_SECOND_TAG, callbacks.LOSS_TAG):
@@ -192,7 +231,7 @@ def test_fit_writes_step_scalars_and_epoch_evaluation(tmp_path):
     validation_values, _ = read_tensors(tmp_path / "validation")
     logged_map = [(step, float(value)) for step, value in validation_values[callbacks.VAL_MAP_TAG]]
     assert logged_map == [(0, pytest.approx(val_map[0])), (1, pytest.approx(val_map[1]))]
-    assert [step for step, _ in validation_values[f"{callbacks.PR_CURVE_NAME}/pr_curves"]] == [0, 1]
+    assert [step for step, _ in validation_values[f"{visualize.PR_CURVE_NAME}/pr_curves"]] == [0, 1]
     assert [len(encoded) for _, encoded in validation_values[callbacks.BOXES_IMAGE_TAG]] == [2 + 2, 2 + 2]
 
 

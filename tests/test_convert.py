@@ -19,7 +19,7 @@ from PIL import Image
 from pydicom.dataset import FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage
 
-from pneumo_tf.data import boxes as box_lib
+from pneumo_tf.records import boxes as box_lib
 from pneumo_tf.errors import UserError
 from pneumo_tf.records import shards, dicom, labels as labels_lib, manifest as manifest_lib, schema, synthetic
 
@@ -302,7 +302,7 @@ def test_pydicom_corpus_each_file_one_record_or_one_reject(tmp_path):
 def test_two_processes_give_identical_shards_and_resume_after_kill(tmp_path):
     # 300 small images transcoded to 128 px: each shard takes long enough (tens of ms) to
     # kill the run between two shards.
-    data = synthetic.write_dataset(str(tmp_path / "data"), num_images=300, num_test_images=8, seed=3, image_size=256)
+    data = synthetic.write_dataset(str(tmp_path / "data"), synthetic.SyntheticConfig(300, 8, seed=3, image_size=256))
     first, second, killed = tmp_path / "first", tmp_path / "second", tmp_path / "killed"
     options = ("--num_shards=8", "--image_size=128")
     assert run_cli(*synthetic_args(data, first, *options, "--workers=2")).returncode == 0

@@ -6,11 +6,16 @@ import keras
 import numpy as np
 import pytest
 
-from pneumo_tf.data import boxes
+from pneumo_tf import models
+from pneumo_tf.data.augment import AugmentConfig
 from pneumo_tf.errors import UserError
-from pneumo_tf.models import BUILDERS, build_model, compile_args, vgg16
+from pneumo_tf.models import vgg16
 from pneumo_tf.models.losses import iou_bce_loss, mean_iou
 from pneumo_tf.models.mask_resnet import boxes_from_mask
+from pneumo_tf.records import boxes
+from pneumo_tf.records.boxes import MAX_BOXES
+from pneumo_tf.training import distribute
+from pneumo_tf.training.trainer import Trainer
 
 SIZE = 64
 
@@ -34,21 +39,27 @@ CASES = [
 ]
 
 
-def _batch(model, seed: int = 0, n: int = 2):
-    """A random n-image batch with binary labels shaped like every model output."""
+def build_model(name, image_size, **options):
+    return models.get(name).build(image_size, **options)
+
+
+def _batch(seed: int = 0, n: int = 2) -> dict:
+    """A random n-image pipeline batch (image, mask, target, boxes, num_boxes)."""
     rng = np.random.default_rng(seed)
-    x = {"image": rng.random((n, SIZE, SIZE, 1), dtype=np.float32)}
-    y = {
-        name: (rng.random((n, *tensor.shape[1:])) > 0.5).astype(np.float32)
-        for name, tensor in model.output.items()
+    return {
+        "image": rng.random((n, SIZE, SIZE, 1), dtype=np.float32),
+        "mask": (rng.random((n, SIZE, SIZE, 1)) > 0.5).astype(np.float32),
+        "target": rng.integers(0, 2, n).astype(np.int32),
+        "boxes": np.zeros((n, MAX_BOXES, 4), np.float32),
+        "num_boxes": np.zeros(n, np.int32),
     }
-    return x, y
 
 
-def _compiled(name, options):
-    model = build_model(name, SIZE, **options)
-    model.compile(optimizer="adam", **compile_args(model))
-    return model
+def _trainer(name, options):
+    architecture = models.get(name)
+    trainer = Trainer(architecture.build(SIZE, **options), architecture, AugmentConfig.off())
+    trainer.compile(optimizer=keras.optimizers.Adam(1e-3))
+    return trainer
 
 
 # Parameter counts from layer shapes. BatchNormalization holds 4 vectors (gamma,
@@ -82,8 +93,8 @@ def _cnn_params_at_64():
 
 
 def test_golden_counts_and_cases_cover_every_registered_model():
-    assert set(GOLDEN_PARAMS) == set(BUILDERS)
-    assert {case.values[0] for case in CASES} == set(BUILDERS)
+    assert set(GOLDEN_PARAMS) == set(models.NAMES)
+    assert {case.values[0] for case in CASES} == set(models.NAMES)
 
 
 @pytest.mark.parametrize("name", sorted(GOLDEN_PARAMS))
@@ -144,63 +155,74 @@ def test_input_and_output_contract(name, options, outputs):
 
 def test_mask_resnet_mask_has_the_input_shape():
     model = build_model("mask_resnet", SIZE, depth=4)
-    prediction = model(_batch(model)[0], training=False)
+    prediction = model({"image": _batch()["image"]}, training=False)
     assert prediction["mask"].shape == (2, SIZE, SIZE, 1)
 
 
-@pytest.fixture
-def mixed_bfloat16():
-    previous = keras.mixed_precision.global_policy()
-    keras.mixed_precision.set_global_policy("mixed_bfloat16")
-    try:
-        yield
-    finally:
-        keras.mixed_precision.set_global_policy(previous)
-
-
-@pytest.mark.usefixtures("mixed_bfloat16")
 @pytest.mark.parametrize(("name", "options"), CASES)
 def test_mixed_bfloat16_outputs_float32_and_trains(name, options):
-    model = _compiled(name, options)
-    assert any(layer.compute_dtype == "bfloat16" for layer in model.layers)
-    x, y = _batch(model)
-    for key, value in model(x, training=False).items():
+    with distribute.precision("mixed_bfloat16"):
+        trainer = _trainer(name, options)
+    # The policy was the block's only: models built after it are float32 again.
+    assert keras.config.dtype_policy().name == "float32"
+    assert build_model("cnn", SIZE, width=0.25).layers[1].compute_dtype == "float32"
+    assert any(layer.compute_dtype == "bfloat16" for layer in trainer.network.layers)
+    inputs, labels = models.get(name).to_fit(_batch())
+    for key, value in trainer.network(inputs, training=False).items():
         assert value.dtype == "float32", key
-        assert value.shape[1:] == y[key].shape[1:]
-    history = model.fit(x, y, batch_size=2, epochs=1, verbose=0)
-    assert np.isfinite(history.history["loss"][0])
+        assert value.shape[1:] == labels[key].shape[1:]
+    before = [np.array(w) for w in trainer.network.trainable_weights]
+    history = trainer.fit(tf_dataset(inputs, labels), epochs=1, steps_per_epoch=1, verbose=0, shuffle=False)
+    assert history.history["loss"][0] > 0
+    assert any(not np.array_equal(a, np.array(b)) for a, b in zip(before, trainer.network.trainable_weights))
+
+
+def tf_dataset(inputs, labels):
+    import tensorflow as tf
+
+    return tf.data.Dataset.from_tensors((inputs, labels)).repeat()
 
 
 # One test for both, as each needs a traced training step (seconds on a shared CPU).
 @pytest.mark.parametrize(("name", "options"), CASES)
 def test_one_training_step_then_keras_file_round_trip(tmp_path, name, options):
-    model = _compiled(name, options)
-    x, y = _batch(model)
-    # The step also moves BatchNormalization statistics off their initial values,
-    # so the round trip below has to carry them.
-    history = model.fit(x, y, batch_size=2, epochs=1, verbose=0)
-    assert np.isfinite(history.history["loss"][0])
+    architecture = models.get(name)
+    trainer = _trainer(name, options)
+    inputs, labels = architecture.to_fit(_batch())
+    network = trainer.network
+    # The first step's reported loss is the architecture's loss of the initial weights on the
+    # batch (training mode), term by term: the trainer adds nothing and drops nothing. Dropout
+    # draws from the layers' seed generators: their state is put back for the step.
+    generators = [layer.seed_generator for layer in network.layers if hasattr(layer, "seed_generator")]
+    states = [np.array(generator.state) for generator in generators]
+    terms = {key: float(value) for key, value in architecture.loss(
+        network, inputs, labels, network(inputs, training=True), training=True).items()}
+    for generator, state in zip(generators, states):
+        generator.state.assign(state)
+    if network.losses:
+        terms["regularization"] = float(sum(network.losses))
+    history = trainer.fit(tf_dataset(inputs, labels), epochs=1, steps_per_epoch=1, verbose=0, shuffle=False)
+    logged = {key.removesuffix("_loss"): values[0] for key, values in history.history.items()
+              if key.endswith("_loss")}
+    assert logged == pytest.approx(terms, rel=1e-5)
+    assert history.history["loss"][0] == pytest.approx(sum(terms.values()), rel=1e-5)
+    expected_metrics = {metric.name for found in architecture.metrics(network).values() for metric in found}
+    assert expected_metrics <= set(history.history)
+    # The step also moved BatchNormalization statistics off their initial values, so the
+    # round trip below has to carry them.
     path = tmp_path / f"{name}.keras"
-    model.save(path)
+    network.save(path)
     loaded = keras.saving.load_model(path)
     # Eager calls: predict/evaluate would trace each model again, for seconds.
-    expected, actual = model(x, training=False), loaded(x, training=False)
+    expected, actual = network(inputs, training=False), loaded(inputs, training=False)
     assert expected.keys() == actual.keys()
     for key in expected:
         np.testing.assert_array_equal(np.asarray(actual[key]), np.asarray(expected[key]))
-    # The compiled losses and metrics came back too (registered names resolve).
-    model.reset_metrics()  # drop what the training step accumulated
-    (loss, metrics), (loaded_loss, loaded_metrics) = (
-        (
-            float(m.compute_loss(x, y, outputs)),
-            {key: float(value) for key, value in m.compute_metrics(x, y, outputs, None).items()},
-        )
-        for m, outputs in ((model, expected), (loaded, actual))
+    original, reloaded = (
+        {key: float(value) for key, value in architecture.loss(m, inputs, labels, outputs, training=False).items()}
+        for m, outputs in ((network, expected), (loaded, actual))
     )
-    assert loaded_loss == pytest.approx(loss)
-    assert loaded_metrics == pytest.approx(metrics)
-    # Keras prefixes metric names with the output name only when there are several.
-    assert {"precision", "recall", "auc"} <= {key.removeprefix("target_") for key in metrics}
+    assert reloaded == original
 
 
 def test_unknown_model_name_lists_known_names():

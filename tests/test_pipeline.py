@@ -12,7 +12,7 @@ import tensorflow as tf
 from PIL import Image
 
 from pneumo_tf.data import pipeline
-from pneumo_tf.data.boxes import MAX_BOXES, rasterize
+from pneumo_tf.records.boxes import MAX_BOXES, rasterize
 from pneumo_tf.errors import UserError
 from pneumo_tf.records import schema
 from pneumo_tf.fileio import write_json_atomic

@@ -97,8 +97,8 @@ def augment_batch(batch: dict, seed, config: AugmentConfig = AugmentConfig()) ->
 
     `seed` is a shape [2] int32 or int64 tensor, for example (run seed, step)
     passed through `replica_seed`; the result is a pure function of it.
-    Keys other than image, mask, boxes and num_boxes pass through untouched; the mask
-    is optional (classifier batches carry none).
+    Keys other than image, mask, boxes and num_boxes pass through untouched; mask and
+    boxes (with num_boxes) are optional.
     """
     batch_size = tf.shape(batch["image"])[0]
     return _augment_with(batch, _draw(seed, batch_size, config))
@@ -158,13 +158,11 @@ def _augment_with(batch: dict, params: _Params) -> dict:
     has_mask = "mask" in batch
     stacked = tf.concat([image, tf.cast(batch["mask"], tf.float32)], axis=-1) if has_mask else image
     pixels = _resample(stacked, inverse)
-    boxes, num_boxes = _map_boxes(batch["boxes"], batch["num_boxes"], forward, height, width)
-    augmented = {
-        **batch,
-        "image": tf.cast(pixels[..., :channels], batch["image"].dtype),
-        "boxes": boxes,
-        "num_boxes": num_boxes,
-    }
+    augmented = {**batch, "image": tf.cast(pixels[..., :channels], batch["image"].dtype)}
+    if "boxes" in batch:  # classifiers and the mask network train without boxes
+        augmented["boxes"], augmented["num_boxes"] = _map_boxes(
+            batch["boxes"], batch["num_boxes"], forward, height, width
+        )
     if has_mask:
         augmented["mask"] = tf.cast(pixels[..., channels:] >= 0.5, batch["mask"].dtype)
     return augmented

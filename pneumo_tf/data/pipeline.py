@@ -31,7 +31,7 @@ import os
 
 import tensorflow as tf
 
-from pneumo_tf.data.boxes import MAX_BOXES
+from pneumo_tf.records.boxes import MAX_BOXES
 from pneumo_tf.errors import UserError
 from pneumo_tf.records import schema
 from pneumo_tf.records.manifest import read_manifest, shard_paths

@@ -126,28 +126,3 @@ def challenge_map(predictions: Mapping[str, Prediction], ground_truth: Mapping) 
     """
     scored = [s for s in (image_score(*pair) for pair in _paired(predictions, ground_truth)) if s is not None]
     return float(np.mean(scored)) if scored else float("nan")
-
-
-def score_threshold_sweep(
-    predictions: Mapping[str, Prediction], ground_truth: Mapping, thresholds
-) -> np.ndarray:
-    """challenge_map for each confidence threshold: predictions with confidence below it are dropped.
-
-    Returns one score per threshold (NaN where every image is left out; pick with np.nanargmax).
-    For detectors whose boxes carry their own confidence, such as a submission's; evaluation
-    of the mask network sweeps the mask threshold instead, since its boxes change with it.
-    """
-    thresholds = np.asarray(thresholds, dtype=np.float64)
-    if thresholds.ndim != 1:
-        raise ValueError(f"thresholds must be a 1-D sequence, got shape {thresholds.shape}")
-    totals = np.zeros(len(thresholds))
-    counts = np.zeros(len(thresholds), dtype=np.int64)
-    for pair in _paired(predictions, ground_truth):
-        ranked_scores, true_positives, num_gt = _ranked_true_positives(*pair)
-        kept = (ranked_scores[None, :] >= thresholds[:, None]).sum(axis=1)
-        tp = true_positives[kept]  # [thresholds, IoU thresholds]
-        denominator = kept[:, None] + num_gt - tp
-        scored = denominator[:, 0] > 0
-        totals[scored] += (tp[scored] / denominator[scored]).mean(axis=1)
-        counts += scored
-    return np.divide(totals, counts, out=np.full(len(thresholds), np.nan), where=counts > 0)

@@ -36,11 +36,12 @@ import tensorflow as tf
 from matplotlib.figure import Figure
 from sklearn import metrics as sk_metrics
 
-from pneumo_tf.training import callbacks
-from pneumo_tf.evaluation import metric
 from pneumo_tf.data import pipeline
-from pneumo_tf.evaluation import submission
-from pneumo_tf.training import trainer
+from pneumo_tf.evaluation import metric
+from pneumo_tf.evaluation.visualize import write_pr_curve
+from pneumo_tf.cli import option
+from pneumo_tf.models import exported
+from pneumo_tf.models.architecture import check_threshold
 from pneumo_tf.errors import UserError
 from pneumo_tf.evaluation.postprocess import Collected, collect
 from pneumo_tf.fileio import atomic_open, write_json_atomic
@@ -58,22 +59,26 @@ PREDICTED_COLUMNS = ("predicted negative", "predicted positive")
 
 @dataclasses.dataclass(frozen=True)
 class EvaluateConfig:
-    model_dir: str
-    records_dir: str
-    split: str = "val"
-    batch_size: int = 16
-    thresholds: tuple[float, ...] = DEFAULT_THRESHOLDS
-    output_dir: str | None = None  # None: <model_dir>/evaluation/<split>
-    save_threshold: bool = True  # into the model's pneumo_tf.json
+    model_dir: str | None = option(None, "Folder of a trained model (model.keras + pneumo_tf.json).")
+    records_dir: str | None = option(None, "Folder written by python -m pneumo_tf.convert (manifest.json + shards).")
+    split: str = option("val", "Labeled split to evaluate on (val, or train).")
+    batch_size: int = option(16, "Images per model call.")
+    thresholds: tuple[float, ...] = option(DEFAULT_THRESHOLDS, "Confidence thresholds of the sweep, comma "
+                                           "separated, each in (0, 1).")
+    output_dir: str | None = option(None, "Where tables, curves and summary.json go (default "
+                                    "<model_dir>/evaluation/<split>).")
+    save_threshold: bool = option(True, "Save the chosen threshold into the model's pneumo_tf.json (turn off when "
+                                  "evaluating on a split that should not tune the model, such as train).")
 
     def validate(self) -> None:
+        if not self.model_dir or not self.records_dir:
+            raise UserError("give --model_dir and --records_dir (or --submission with --labels_csv)")
         if self.batch_size < 1:
             raise UserError(f"--batch_size must be at least 1, not {self.batch_size}")
         if not self.thresholds:
             raise UserError("--thresholds needs at least one threshold")
-        outside = [t for t in self.thresholds if not 0.0 < t < 1.0]
-        if outside:
-            raise UserError(f"--thresholds must lie between 0 and 1 (exclusive), got {outside}")
+        for threshold in self.thresholds:
+            check_threshold(threshold, "--thresholds")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -202,7 +207,7 @@ def write_tensorboard(log_dir: str, step: int, collected: Collected, table_markd
                       summary: dict) -> None:
     writer = tf.summary.create_file_writer(log_dir)
     with writer.as_default(step=step):
-        callbacks.write_pr_curve(collected.targets, collected.probabilities, step)
+        write_pr_curve(collected.targets, collected.probabilities, step)
         for name, png in pngs.items():
             tf.summary.image(f"evaluation/{name}", tf.io.decode_png(png, channels=3)[None])
         tf.summary.text("evaluation/thresholds", table_markdown)
@@ -246,19 +251,18 @@ def evaluate(config: EvaluateConfig) -> Evaluation:
     thresholds = sorted(set(config.thresholds))
     # The manifest and split are checked before the (slower) model load.
     pipeline.num_examples(config.records_dir, config.split)
-    network, info = trainer.load_exported(config.model_dir)
-    dataset = pipeline.make_dataset(
-        config.records_dir, config.split, config.batch_size, int(info["image_size"]), training=False
-    )
-    with pipeline.naming_bad_records(config.records_dir, (config.split,), int(info["image_size"])):
-        collected = collect(network, dataset, thresholds)
+    model = exported.load(config.model_dir)
+    info = model.info
+    dataset = pipeline.make_dataset(config.records_dir, config.split, config.batch_size, model.image_size,
+                                    training=False)
+    with pipeline.naming_bad_records(config.records_dir, (config.split,), model.image_size):
+        collected = collect(model.architecture, lambda batch: model.infer(batch["image"]), dataset, thresholds)
     if not collected.ids:
         raise UserError(f"split '{config.split}' of {config.records_dir} has no labeled images: "
                         "evaluate a labeled split (val or train)")
 
     table = threshold_table(collected, thresholds)
-    has_boxes = "mask" in network.output_names
-    row_index, column, reason = pick_threshold(table, has_boxes)
+    row_index, column, reason = pick_threshold(table, model.architecture.gives_boxes)
     chosen = table.iloc[row_index]
     confusion, confusion_by_class = confusion_matrices(collected, chosen["threshold"])
 
@@ -305,31 +309,19 @@ def evaluate(config: EvaluateConfig) -> Evaluation:
     step = int((info.get("epochs") or [0])[-1])
     write_tensorboard(summary["log_dir"], step, collected, table_markdown, pngs, summary)
     if config.save_threshold:
-        save_threshold(config.model_dir, info, summary)
+        save_threshold(config.model_dir, summary)
     write_json_atomic(output("summary.json"), summary)
     return Evaluation(summary, table, confusion, confusion_by_class)
 
 
-def save_threshold(model_dir: str, info: dict, summary: dict) -> None:
-    """Stores the chosen threshold and its split's numbers in pneumo_tf.json, atomically."""
+def save_threshold(model_dir: str, summary: dict) -> None:
+    """Stores the chosen threshold and its split's numbers in the model's pneumo_tf.json."""
     split = summary["split"]
-    info = {
-        **info,
+    exported.update_info(model_dir, {
         "threshold": summary["threshold"],
         "threshold_metric": summary["threshold_metric"],
         "threshold_split": split,
         f"{split}_map": summary["map"],
         f"{split}_f1": summary["f1"],
         f"{split}_auc": summary["auc"],
-    }
-    write_json_atomic(os.path.join(model_dir, trainer.INFO_FILE), info)
-
-
-def score_submission_file(submission_csv: str, labels_csv: str) -> dict:
-    """The challenge mAP of a Kaggle-format submission against a labels CSV, with what was scored.
-
-    Patients in only one of the files are ignored (see submission.score_submission).
-    """
-    report = submission.score_submission_report(submission_csv, labels_csv)
-    return {**report, "map": _number(report["map"]), "submission": submission_csv, "labels_csv": labels_csv}
-
+    })

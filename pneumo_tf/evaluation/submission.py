@@ -9,7 +9,6 @@ coordinates: sub-pixel precision is kept (a coordinate moves by at most
 from __future__ import annotations
 
 import csv
-import logging
 import os
 from collections.abc import Iterable
 
@@ -23,8 +22,6 @@ from pneumo_tf.records.labels import read_labels
 HEADER = ("patientId", "PredictionString")
 CONFIDENCE_DECIMALS = 4
 COORDINATE_DECIMALS = 1
-
-_log = logging.getLogger(__name__)
 
 
 def format_prediction_string(boxes_xywh, scores) -> str:
@@ -109,21 +106,16 @@ def read_submission(path: str) -> dict[str, metric.Prediction]:
     return submission
 
 
-def score_submission(submission_csv: str, labels_csv: str) -> float:
-    """The challenge score of a submission over the patients it shares with a labels CSV.
+def score_submission(submission_csv: str, labels_csv: str) -> dict:
+    """The challenge score ("map") of a submission over the patients it shares with a labels CSV,
+    with what it scored: "patients" in both files and "scored_images" (those with a box or a
+    prediction).
 
-    Labeled patients missing from the submission are ignored (not counted as
-    empty predictions), and so are submission patients without labels (e.g. test
-    patients): this scores a submission for any subset, such as a validation
-    split. NaN when no shared patient has a box or a prediction. How many
-    patients and images were scored is logged at INFO level.
+    Labeled patients missing from the submission are ignored (not counted as empty
+    predictions), and so are submission patients without labels (e.g. test patients): this
+    scores a submission for any subset, such as a validation split. "map" is NaN when no
+    shared patient has a box or a prediction.
     """
-    return score_submission_report(submission_csv, labels_csv)["map"]
-
-
-def score_submission_report(submission_csv: str, labels_csv: str) -> dict:
-    """score_submission's score ("map") with what it scored: "patients" in both files and
-    "scored_images" (those with a box or a prediction)."""
     labels = read_labels(labels_csv)
     submission = read_submission(submission_csv)
     shared = [patient_id for patient_id in submission if patient_id in labels]
@@ -131,11 +123,6 @@ def score_submission_report(submission_csv: str, labels_csv: str) -> dict:
         raise UserError(f"no patientId of {submission_csv} is in {labels_csv}: nothing to score")
     predictions = {patient_id: submission[patient_id] for patient_id in shared}
     ground_truth = {patient_id: metric.as_xywh_array(labels[patient_id].boxes) for patient_id in shared}
-    score = metric.challenge_map(predictions, ground_truth)
     scored_images = sum(1 for p in shared if len(ground_truth[p]) or len(predictions[p][1]))
-    _log.info(
-        "score %.6f over %d scored images of %d patients in both files "
-        "(%d submission patients without labels and %d labeled patients not in the submission ignored)",
-        score, scored_images, len(shared), len(submission) - len(shared), len(labels) - len(shared),
-    )
-    return {"map": score, "patients": len(shared), "scored_images": scored_images}
+    return {"map": metric.challenge_map(predictions, ground_truth), "patients": len(shared),
+            "scored_images": scored_images, "submission_patients": len(submission), "labeled_patients": len(labels)}

@@ -8,11 +8,11 @@
                       boxes (confidence, x, y, width, height in source pixels), image facts
   GET  /healthz       JSON: status, model, image size, threshold
 
-An upload goes through the code training and predict use: records.convert.convert_file
+An upload goes through the code training and predict use: records.shards.convert_file
 (converted as the model's training records were, pneumo_tf.json "conversion") ->
-schema.serialize_example -> pipeline.parse_batch + pipeline.decode_example -> the exported
-network -> postprocess.challenge_detections / postprocess.image_probability, at the threshold
-evaluation saved. So the page shows exactly what `python -m pneumo_tf.predict --dicom_dir`
+schema.serialize_example -> pipeline.parse_batch + pipeline.decode_example -> the
+architecture's inference on the exported network -> postprocess.challenge_detections and the
+architecture's image probability, at the threshold evaluation saved. So the page shows exactly what `python -m pneumo_tf.predict --dicom_dir`
 writes for the same file. Uploads stay in memory (never spooled to a temporary file) and
 the page draws the boxes as SVG over the radiograph, sent inline as a data: URI PNG:
 nothing is written to disk, so simultaneous users never see each other's results.
@@ -33,17 +33,15 @@ import flask
 import numpy as np
 import tensorflow as tf
 from PIL import Image
-from werkzeug import exceptions, serving
+from werkzeug import exceptions
 
+from pneumo_tf.cli import option
 from pneumo_tf.data import pipeline
-from pneumo_tf.evaluation import postprocess
-from pneumo_tf.inference import offline
-from pneumo_tf.evaluation import submission
-from pneumo_tf.training import trainer
+from pneumo_tf.evaluation import postprocess, submission
+from pneumo_tf.models import exported
 from pneumo_tf.errors import RejectedFile, UserError
 from pneumo_tf.records import shards, dicom, schema
 
-DEFAULT_MAX_UPLOAD_MB = 50.0
 DISPLAY_MAX_SIZE = 1024  # the page's radiograph is downscaled to this many pixels on its long side
 POSITIVE, NEGATIVE = "Opacity", "No Opacity"
 UNKNOWN = "unknown"
@@ -52,6 +50,22 @@ UNKNOWN = "unknown"
 CONTENT_SECURITY_POLICY = (
     "default-src 'none'; img-src data:; style-src 'self'; form-action 'self'; base-uri 'none'; frame-ancestors 'none'"
 )
+
+
+@dataclasses.dataclass(frozen=True)
+class ServeConfig:
+    model_dir: str = option(help="Folder of a trained model (model.keras + pneumo_tf.json); the threshold saved "
+                            "there by python -m pneumo_tf.evaluate makes the decision.")
+    host: str = option("127.0.0.1", "Address to listen on. 127.0.0.1 (default) serves this machine only; 0.0.0.0 "
+                       "serves every network interface (the page has no authentication).")
+    port: int = option(8080, "Port to listen on (0 picks a free one).")
+    max_upload_mb: float = option(50.0, "Largest upload accepted, in MB; a larger one gets HTTP 413 and a message.")
+
+    def validate(self) -> None:
+        if not 0 <= self.port <= 65535:
+            raise UserError(f"--port must be between 0 and 65535, not {self.port}")
+        if not self.max_upload_mb > 0:
+            raise UserError(f"--max_upload_mb must be positive, not {self.max_upload_mb}")
 
 
 class UploadError(Exception):
@@ -120,10 +134,11 @@ class Predictor:
     """An exported model that reads DICOM bytes: thread-safe, nothing on disk."""
 
     def __init__(self, model_dir: str):
-        self.network, self.info = trainer.load_exported(model_dir)
-        self.threshold = float(self.info["threshold"])
-        self.image_size = int(self.info["image_size"])
-        self.options = offline.conversion_options(self.info)
+        self.model = exported.load(model_dir)
+        self.info = self.model.info
+        self.threshold = self.model.threshold
+        self.image_size = self.model.image_size
+        self.options = self.model.conversion_options()
         self._infer = tf.function(self._decode_and_call, input_signature=[tf.TensorSpec([], tf.string)])
         # Traced once here, before any request: requests only run the traced graph. Keras does not
         # promise that a model may be called from several threads at once, so calls take turns;
@@ -136,7 +151,7 @@ class Predictor:
         # parse_batch and decode_example are the two steps of pipeline.decode_records.
         fields = {key: value[0] for key, value in pipeline.parse_batch(serialized[tf.newaxis]).items()}
         example = pipeline.decode_example(fields, self.image_size, self.options.bit_depth)
-        outputs = self.network({"image": example["image"][tf.newaxis]}, training=False)
+        outputs = self.model.architecture.infer(self.model.network, example["image"][tf.newaxis])
         batch = {key: example[key][tf.newaxis] for key in pipeline.METADATA_KEYS}
         return batch, outputs
 
@@ -151,11 +166,12 @@ class Predictor:
             batch, outputs = self._infer(tf.constant(schema.serialize_example(record)))
         batch = {key: value.numpy() for key, value in batch.items()}
         outputs = {key: value.numpy() for key, value in outputs.items()}
-        [(_, _, (boxes_xywh, confidences))] = postprocess.challenge_detections(outputs, batch, self.threshold)
+        architecture = self.model.architecture
+        [(_, (boxes_xywh, confidences))] = postprocess.challenge_detections(architecture, outputs, batch, self.threshold)
         boxes = tuple(Box(float(c), *(float(v) for v in xywh)) for xywh, c in zip(boxes_xywh, confidences))
         return Result(
             image_id=image_id,
-            probability=float(postprocess.image_probability(outputs)[0]),
+            probability=float(architecture.image_probability(outputs)[0]),
             threshold=self.threshold,
             boxes=boxes,
             facts=dicom.header_facts(ds),
@@ -194,10 +210,9 @@ def _page_facts(facts: dicom.HeaderFacts) -> list[tuple[str, str]]:
     ]
 
 
-def create_app(model_dir: str, max_upload_mb: float = DEFAULT_MAX_UPLOAD_MB) -> flask.Flask:
+def create_app(model_dir: str, max_upload_mb: float = ServeConfig.max_upload_mb) -> flask.Flask:
     """The Flask app serving the exported model in `model_dir` (see the module docstring)."""
-    if not max_upload_mb > 0:
-        raise UserError(f"--max_upload_mb must be positive, not {max_upload_mb}")
+    ServeConfig(model_dir, max_upload_mb=max_upload_mb).validate()
     predictor = Predictor(model_dir)
     app = flask.Flask(__name__, template_folder="templates", static_folder="static")
     app.request_class = InMemoryRequest

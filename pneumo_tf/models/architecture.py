@@ -35,12 +35,20 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from pneumo_tf.errors import UserError
+
 # Detections of one image: (boxes float32 [N, 4] normalised (ymin, xmin, ymax, xmax), scores float32 [N]),
 # highest score first.
 Detections = tuple[np.ndarray, np.ndarray]
 
 # Outputs of a box detector (`detector_outputs`): fixed-size, padded after num_detections.
 BOXES, SCORES, NUM_DETECTIONS = "boxes", "scores", "num_detections"
+
+
+def check_threshold(value: float, flag: str) -> None:
+    """The decision threshold is a probability strictly between 0 and 1."""
+    if not 0.0 < value < 1.0:
+        raise UserError(f"{flag} must be between 0 and 1 (exclusive), not {value}")
 
 
 def no_detections() -> Detections:
@@ -101,13 +109,18 @@ class Architecture:
             (inputs if "boxes" in inputs else labels)["num_boxes"] = batch["num_boxes"]
         return inputs, labels
 
-    def metrics(self) -> dict:
-        """Keras metrics by output name for `compile(metrics=...)` (fresh objects: they hold state)."""
-        return {}
+    def loss_names(self, network: keras.Model) -> tuple[str, ...]:
+        """The keys `loss` returns for this network (the trainer makes one tracker per term up front)."""
+        raise NotImplementedError
 
     def loss(self, network: keras.Model, inputs: dict, labels: dict, raw: dict, training: bool) -> dict:
         """Named loss terms (float32 scalars, already weighted; see the module docstring on replicas)."""
         raise NotImplementedError
+
+    def metrics(self, network: keras.Model) -> dict[str, list]:
+        """Keras metrics by raw output name, each updated with (labels[name], raw[name]); fresh objects
+        (they hold state), named as they are logged ("mask_mean_iou")."""
+        return {}
 
     def outputs(self, network: keras.Model, inputs: dict, raw: dict) -> dict:
         """In-graph: the network's raw inference outputs -> what `detections` and `image_probability` read."""
@@ -125,6 +138,47 @@ class Architecture:
         """images -> outputs, in-graph: what predict, serve and the exported SavedModel run."""
         inputs = {"image": images}
         return self.outputs(network, inputs, network(inputs, training=False))
+
+
+class Classifier(Architecture):
+    """An image classifier: one sigmoid output "target" [B, 1]; no boxes."""
+
+    gives_boxes = False
+    label_keys = ("target",)
+
+    def to_fit(self, batch: dict) -> tuple[dict, dict]:
+        inputs, labels = super().to_fit(batch)
+        return inputs, {"target": tf.cast(labels["target"], tf.float32)[:, None]}
+
+    def loss_names(self, network):
+        return ("target",)
+
+    def loss(self, network, inputs, labels, raw, training):
+        return {"target": target_loss(labels["target"], raw["target"])}
+
+    def metrics(self, network):
+        return {"target": target_metrics()}
+
+    def detections(self, outputs, threshold):
+        return [no_detections() for _ in range(len(self.image_probability(outputs)))]
+
+    def image_probability(self, outputs):
+        target = np.asarray(outputs["target"], np.float32)
+        return target.reshape(len(target))
+
+
+def target_loss(target, probability):
+    """Binary cross-entropy of the image probability [B, 1], the mean over this replica's images."""
+    return keras.ops.mean(keras.losses.binary_crossentropy(target, probability))
+
+
+def target_metrics() -> list:
+    """Precision, recall and AUC of the "target" output at 0.5, as logged: target_precision, ..."""
+    return [
+        keras.metrics.Precision(name="target_precision"),
+        keras.metrics.Recall(name="target_recall"),
+        keras.metrics.AUC(name="target_auc"),
+    ]
 
 
 def detector_outputs(boxes, scores, num_detections) -> dict:

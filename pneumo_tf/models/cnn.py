@@ -5,6 +5,7 @@ import keras
 from keras import layers
 
 from pneumo_tf.errors import UserError
+from pneumo_tf.models.architecture import Classifier
 
 _STEM_FILTERS = 128
 # (filters, dropout after the block) for the five SeparableConv2D blocks; the seed
@@ -52,3 +53,11 @@ def build(image_size: int, width: float = 1.0) -> keras.Model:
     # float32 so the probability (and the loss on it) stays exact under a mixed policy.
     target = layers.Dense(1, activation="sigmoid", dtype="float32", name="target")(x)
     return keras.Model({"image": image}, {"target": target}, name="cnn")
+
+
+class CNN(Classifier):
+    name = "cnn"
+    build = staticmethod(build)
+
+
+ARCHITECTURE = CNN()

@@ -1,33 +1,16 @@
-"""Losses and metrics for model outputs, keyed by output name in `compile_args`.
-
-Every function is registered with Keras under the "pneumo_tf" package, so a saved
-`.keras` model that was compiled with them reloads (after `import pneumo_tf.models`)
-without `custom_objects`.
-"""
+"""The mask network's loss (the seed's BCE + batch soft IoU) and its mean-IoU metric."""
 from __future__ import annotations
 
 import keras
-import tensorflow as tf
 from keras import ops
+
+from pneumo_tf.models.architecture import sum_over_replicas
 
 # The seed's IoU loss adds 1 to both sides so an empty mask against an empty
 # prediction scores IoU 1 (loss 0) and the gradient stays finite.
 _IOU_SMOOTHING = 1.0
 
 
-def _sum_over_replicas(value):
-    """Sums a per-replica value over all replicas (the identity outside a multi-replica step).
-
-    The all-reduce's gradient is the all-reduce of the gradients, so N replicas then
-    compute the loss and the gradients of one device on the global batch.
-    """
-    context = tf.distribute.get_replica_context()
-    if context is None or context.num_replicas_in_sync == 1:
-        return value
-    return context.all_reduce("SUM", value)
-
-
-@keras.saving.register_keras_serializable(package="pneumo_tf")
 def soft_iou_loss(y_true, y_pred):
     """1 - soft IoU of probabilities, pooled over the whole (global) batch as in the seed.
 
@@ -36,13 +19,12 @@ def soft_iou_loss(y_true, y_pred):
     tf.distribute strategy the pool is the global batch, not each replica's share.
     """
     y_true = ops.cast(y_true, y_pred.dtype)
-    sums = _sum_over_replicas(ops.stack([ops.sum(y_true * y_pred), ops.sum(y_true), ops.sum(y_pred)]))
+    sums = sum_over_replicas(ops.stack([ops.sum(y_true * y_pred), ops.sum(y_true), ops.sum(y_pred)]))
     intersection = sums[0]
     union = sums[1] + sums[2] - intersection
     return 1.0 - (intersection + _IOU_SMOOTHING) / (union + _IOU_SMOOTHING)
 
 
-@keras.saving.register_keras_serializable(package="pneumo_tf")
 def iou_bce_loss(y_true, y_pred):
     """The seed's mask loss, 0.25 * pixel BCE + 0.75 * batch soft-IoU loss, per image.
 
@@ -55,7 +37,6 @@ def iou_bce_loss(y_true, y_pred):
     return 0.25 * per_image_bce + 0.75 * soft_iou_loss(y_true, y_pred)
 
 
-@keras.saving.register_keras_serializable(package="pneumo_tf")
 def mean_iou(y_true, y_pred):
     """IoU of the mask thresholded at 0.5 (> 0.5, as Keras' Precision/BinaryIoU do), per image.
 

@@ -1,4 +1,4 @@
-"""The seed's residual mask network (`create_network`) and its mask-to-boxes post-processing."""
+"""The seed's residual mask network (`create_network`): a sigmoid box mask, boxes from its connected components."""
 from __future__ import annotations
 
 import keras
@@ -7,6 +7,7 @@ from keras import layers
 from scipy import ndimage
 
 from pneumo_tf.errors import UserError
+from pneumo_tf.models import architecture, losses
 
 _BN_MOMENTUM = 0.9
 
@@ -117,3 +118,51 @@ def boxes_from_mask(
         return np.zeros((0, 4), np.float32), np.zeros((0,), np.float32)
     order = np.argsort(-np.asarray(scores), kind="stable")
     return np.asarray(boxes, np.float32)[order], np.asarray(scores, np.float32)[order]
+
+
+class MaskResNet(architecture.Architecture):
+    """Trained on the record's box mask (and on the target with `classification_head`).
+
+    Boxes are the connected components of the mask thresholded at the decision threshold
+    (`boxes_from_mask`, on the host); the image probability is the "target" output when the
+    network has one, else the largest mask probability.
+    """
+
+    name = "mask_resnet"
+    gives_boxes = True
+    label_keys = ("mask", "target")
+    build = staticmethod(build)
+
+    def to_fit(self, batch):
+        inputs, labels = super().to_fit(batch)
+        return inputs, {"mask": labels["mask"], "target": keras.ops.cast(labels["target"], "float32")[:, None]}
+
+    def loss_names(self, network):
+        return tuple(name for name in ("mask", "target") if name in network.output_names)
+
+    def loss(self, network, inputs, labels, raw, training):
+        # Per image, then this replica's mean; the soft-IoU part is pooled over all replicas already.
+        terms = {"mask": keras.ops.mean(losses.iou_bce_loss(labels["mask"], raw["mask"]))}
+        if "target" in raw:
+            terms["target"] = architecture.target_loss(labels["target"], raw["target"])
+        return terms
+
+    def metrics(self, network):
+        found = {"mask": [keras.metrics.MeanMetricWrapper(losses.mean_iou, name="mask_mean_iou")]}
+        if "target" in network.output_names:
+            found["target"] = architecture.target_metrics()
+        return found
+
+    def detections(self, outputs, threshold):
+        mask = np.asarray(outputs["mask"], np.float32)
+        return [boxes_from_mask(image_mask[..., 0], threshold) for image_mask in mask]
+
+    def image_probability(self, outputs):
+        if "target" in outputs:
+            target = np.asarray(outputs["target"], np.float32)
+            return target.reshape(len(target))
+        mask = np.asarray(outputs["mask"], np.float32)
+        return mask.reshape(len(mask), -1).max(axis=1)
+
+
+ARCHITECTURE = MaskResNet()

@@ -7,6 +7,7 @@ import keras
 from keras import layers
 
 from pneumo_tf.errors import UserError
+from pneumo_tf.models.architecture import Classifier
 
 NOTOP_WEIGHTS_URL = (
     "https://storage.googleapis.com/tensorflow/keras-applications/vgg16/"
@@ -80,3 +81,11 @@ def build(
     # float32 so the probability (and the loss on it) stays exact under a mixed policy.
     target = layers.Dense(1, activation="sigmoid", dtype="float32", name="target")(x)
     return keras.Model({"image": image}, {"target": target}, name="vgg16")
+
+
+class VGG16(Classifier):
+    name = "vgg16"
+    build = staticmethod(build)
+
+
+ARCHITECTURE = VGG16()

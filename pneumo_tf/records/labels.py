@@ -81,6 +81,6 @@ def read_labels(labels_csv: str, class_info_csv: str | None = None) -> dict[str,
 
     result = {}
     for pid, target in target_of.items():
-        default = schema.CLASS_NAMES.index("Lung Opacity") if target else schema.UNLABELED
+        default = schema.LUNG_OPACITY if target else schema.UNLABELED
         result[pid] = PatientLabels(target, int(classes.get(pid, default)), tuple(boxes[pid]))
     return result

@@ -15,6 +15,7 @@ from __future__ import annotations
 import collections
 import concurrent.futures
 import dataclasses
+import functools
 import glob
 import hashlib
 import io
@@ -32,10 +33,11 @@ import zlib
 import numpy as np
 from PIL import Image
 
-from pneumo_tf.data import boxes as box_lib
+from pneumo_tf.cli import option
+from pneumo_tf.records import boxes as box_lib
 from pneumo_tf.errors import RejectedFile, UserError
 from pneumo_tf.fileio import write_csv_atomic, write_json_atomic
-from pneumo_tf.progress import Progress
+from tqdm import tqdm
 from pneumo_tf.records import dicom, jpeg, labels as labels_lib, manifest as manifest_lib, schema
 from pneumo_tf.records.labels import PatientLabels
 from pneumo_tf.records.tfrecord import TFRecordWriter
@@ -53,11 +55,14 @@ MIN_SHARD_FILES = 64
 class ConvertOptions:
     """What determines the records' bytes. A rerun into the same folder must use the same."""
 
-    image_size: int = 0  # 0 keeps source pixels (JPEG passthrough); N stores N x N PNG
-    bit_depth: int = 8  # 8, or 16 to keep 16-bit precision in transcoded PNGs
-    val_fraction: float = 0.2
-    seed: int = 0
-    num_shards: int = 0  # per split; 0 picks a count from a ~128 MB shard size
+    image_size: int = option(0, "0 keeps source pixels and copies JPEG Baseline 8-bit grey frames byte for byte; N "
+                             "stores every image as an N x N PNG (boxes stay normalised).")
+    bit_depth: int = option(8, "8, or 16 to keep up to 16 bits of precision in transcoded (non-passthrough) PNGs; "
+                            "stored ranges are scaled to the full 16-bit range.")
+    val_fraction: float = option(0.2, "Share of labeled patients in the 'val' split, stratified by class.")
+    seed: int = option(0, "Seed of the train/val split and of the record order within shards.")
+    num_shards: int = option(0, "Shards per split; 0 picks a count giving shards of at most ~128 MB and at least 8 "
+                             "per split with 512+ files (so workers convert and readers interleave in parallel).")
 
     def validate(self) -> None:
         if self.image_size < 0 or 0 < self.image_size < 8:
@@ -119,15 +124,15 @@ def png_1bit(mask: np.ndarray) -> bytes:
     )
 
 
-_EMPTY_MASKS: dict[tuple[int, int], bytes] = {}
+@functools.cache
+def _empty_mask(height: int, width: int) -> bytes:
+    return png_1bit(np.zeros((height, width), dtype=bool))
 
 
 def encode_mask(normalised_boxes, height: int, width: int) -> bytes:
-    """The union of the boxes as a 1-bit PNG; the empty mask (77% of RSNA) is encoded once."""
+    """The union of the boxes as a 1-bit PNG; the empty mask (77% of RSNA) is encoded once per size."""
     if not normalised_boxes:
-        if (height, width) not in _EMPTY_MASKS:
-            _EMPTY_MASKS[(height, width)] = png_1bit(np.zeros((height, width), dtype=bool))
-        return _EMPTY_MASKS[(height, width)]
+        return _empty_mask(height, width)
     return png_1bit(box_lib.rasterize(normalised_boxes, height, width))
 
 
@@ -294,11 +299,8 @@ def make_plan(
 
 
 def _sha256(path: str) -> str:
-    digest = hashlib.sha256()
     with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 22), b""):
-            digest.update(block)
-    return digest.hexdigest()
+        return hashlib.file_digest(handle, "sha256").hexdigest()
 
 
 def write_shard(shard: Shard, output_dir: str, options: ConvertOptions, report=None) -> dict:
@@ -530,7 +532,7 @@ def convert(
     ]
     files = sum(len(s.files) for s in pending)
     workers = max(1, workers or os.cpu_count() or 1)
-    with Progress(files, "convert", stream=progress_stream) as progress:
+    with tqdm(total=files, desc="convert", unit="files", file=progress_stream) as progress:
         _write_shards(pending, output_dir, options, workers, progress)
     if not finalize:
         return None

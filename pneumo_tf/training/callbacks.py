@@ -3,12 +3,13 @@
 Layout of a run's log_dir (the one keras.callbacks.TensorBoard uses, so they mix):
   <log_dir>             hparams session and experiment config (`log_hparams`)
   <log_dir>/train       per-step scalars (`StepScalars`), step = optimizer iterations
-  <log_dir>/validation  per-epoch challenge mAP, PR curve and box images (`EpochEvaluation`),
-                        step = epoch index, like Keras's own `epoch_*` scalars
+  <log_dir>/validation  per-epoch PR curve and box images (`EpochEvaluation`), and Keras'
+                        TensorBoard callback's epoch_* scalars of the val_* logs
+                        (epoch_loss, epoch_map, ...), step = epoch index
 
-Place `EpochEvaluation` BEFORE ModelCheckpoint / EarlyStopping in the callback
-list: it adds logs["val_map"], which callbacks after it see (Keras passes one
-logs dict down the list; History and the progress bar come last).
+Place `EpochEvaluation` BEFORE TensorBoard, ModelCheckpoint and EarlyStopping in
+the callback list: it adds the val_* logs, which callbacks after it see (Keras
+passes one logs dict down the list; History and the progress bar come last).
 
 In multi-worker training every worker gets them, each with its own log_dir (training
 gives non-chief workers a scratch folder): val_map drives EarlyStopping on all workers,
@@ -24,22 +25,19 @@ import keras
 import numpy as np
 import tensorflow as tf
 from tensorboard.plugins.hparams import api as hp
-from tensorboard.plugins.pr_curve import summary as pr_curve_summary
 
-from pneumo_tf.evaluation import metric
-from pneumo_tf.evaluation import postprocess
+from pneumo_tf.evaluation import metric, postprocess
+from pneumo_tf.evaluation.visualize import draw_boxes, write_pr_curve
+from pneumo_tf.fileio import write_json_atomic
+from pneumo_tf.models.architecture import Architecture
 
 LEARNING_RATE_TAG = "step/learning_rate"
 IMAGES_PER_SECOND_TAG = "step/images_per_second"
 EPOCH_IMAGES_PER_SECOND_TAG = "epoch_images_per_second"
 LOSS_TAG = "step/loss"
-VAL_MAP_TAG = "epoch_val_map"
-PR_CURVE_NAME = "image_probability"  # TensorBoard's tag is "<name>/pr_curves"
+# keras.callbacks.TensorBoard writes logs["val_map"] to <log_dir>/validation under this tag.
+VAL_MAP_TAG = "epoch_map"
 BOXES_IMAGE_TAG = "validation_boxes"
-
-PR_CURVE_THRESHOLDS = 201
-TRUE_BOX_COLOR = (0.0, 1.0, 0.0)
-PREDICTED_BOX_COLOR = (1.0, 0.0, 0.0)
 
 DEFAULT_HPARAM_METRICS = (
     ("validation", VAL_MAP_TAG),
@@ -127,64 +125,92 @@ class StepScalars(keras.callbacks.Callback):
 
 
 class EpochEvaluation(keras.callbacks.Callback):
-    """At each epoch end, runs the model once over the finite validation `dataset` and writes
-    to <log_dir>/validation:
+    """At each epoch end, runs the network once over the finite validation `dataset` and adds
+    to the logs (so TensorBoard, checkpoints and early stopping after it see them):
 
-    epoch_val_map            the challenge mAP (metric.challenge_map) of
-                             postprocess.detections at `threshold`, also put in
-                             logs["val_map"]; only when `compute_map` (classifiers give
-                             no boxes, so their mAP says nothing)
-    image_probability        PR curve of postprocess.image_probability against target
-    validation_boxes         the first batch's first `max_images` images with true boxes
-                             (green) and predicted boxes (red)
+    val_loss, val_<term>_loss   the architecture's loss terms and their sum, the mean over images
+    val_<metric>                the architecture's metrics (val_mask_mean_iou, val_target_auc, ...)
+    val_map                     the challenge mAP of the detections at `threshold`, for
+                                architectures that give boxes (classifiers' mAP says nothing)
 
-    `dataset` yields pipeline batches (postprocess.collect reads them); images with
-    target -1 (unlabeled) are left out of the mAP and the PR curve. The
-    model is called as `model(batch["image"], training=False)` and must return the
-    network's dict outputs. Only per-image boxes, scores and probabilities are kept,
-    never the images (except the few drawn). mAP is NaN when no labeled image has a
-    true or predicted box (metric.challenge_map); validate on a split with positives,
-    since a NaN first val_map becomes ModelCheckpoint's "best" and nothing beats it.
+    and writes to <log_dir>/validation at step = epoch:
+    image_probability           PR curve of the image probabilities against the targets
+    validation_boxes            the first batch's first `max_images` images with true boxes
+                                (green) and predicted boxes (red)
+
+    One pass: the split is read and decoded once per epoch, and per image only its boxes,
+    scores and probability are kept (postprocess.collect), never the images but the few
+    drawn. Images with target -1 (unlabeled) are left out of the mAP and the PR curve. mAP
+    is NaN when no labeled image has a true or predicted box (metric.challenge_map); validate
+    on a split with positives, since a NaN first val_map becomes ModelCheckpoint's "best" and
+    nothing beats it.
+
+    Build it outside the strategy's scope: its metrics are plain variables of this process.
     """
 
-    def __init__(self, dataset: tf.data.Dataset, log_dir: str, *, compute_map: bool, threshold: float = 0.5,
-                 max_images: int = 4):
+    def __init__(self, dataset: tf.data.Dataset, log_dir: str, architecture: Architecture, network: keras.Model,
+                 *, threshold: float = 0.5, max_images: int = 4):
         super().__init__()
         if dataset.cardinality() == tf.data.INFINITE_CARDINALITY:
             raise ValueError("the validation dataset must be finite: build it with repeat=False")
         self._dataset = dataset
         self._directory = os.path.join(log_dir, "validation")
-        self._compute_map = compute_map
+        self._architecture = architecture
+        self._network = network
         self._threshold = threshold
         self._max_images = max_images
+        metrics = architecture.metrics(network)
+        self._metric_outputs = [name for name, found in metrics.items() for _ in found]
+        self._metrics = [metric for found in metrics.values() for metric in found]
         self._writer = None
 
     def on_train_begin(self, logs=None):
         self._writer = tf.summary.create_file_writer(self._directory)
         # One trace per batch shape (the last batch may be smaller): much faster than eager calls.
-        self._predict = tf.function(self._call_model, reduce_retracing=True)
+        self._step = tf.function(self._validate_batch, reduce_retracing=True)
 
-    def _call_model(self, images):
-        return self.model(images, training=False)
+    def _validate_batch(self, batch):
+        inputs, labels = self._architecture.to_fit(batch)
+        raw = self._network(inputs, training=False)
+        terms = self.model.loss_terms(inputs, labels, raw, training=False)
+        for name, metric in zip(self._metric_outputs, self._metrics):
+            metric.update_state(labels[name], raw[name])
+        return terms, self._architecture.outputs(self._network, inputs, raw)
 
     def on_epoch_end(self, epoch, logs=None):
-        collected = postprocess.collect(self.model, self._dataset, [self._threshold], call=self._predict)
+        for tracked in self._metrics:
+            tracked.reset_state()
+        sums, images, drawn = {}, 0, []
+
+        def run(batch):
+            nonlocal images
+            terms, outputs = self._step(batch)
+            count = int(tf.shape(batch["image"])[0])
+            for name, value in terms.items():
+                sums[name] = sums.get(name, 0.0) + float(value) * count
+            images += count
+            if not drawn and self._max_images:
+                drawn.extend(self._drawable(batch, outputs))
+            return outputs
+
+        collected = postprocess.collect(self._architecture, run, self._dataset, [self._threshold])
+        found = {f"val_{name}_loss": total / images for name, total in sums.items()}
+        found["val_loss"] = sum(found.values())
+        found.update({f"val_{tracked.name}": float(tracked.result()) for tracked in self._metrics})
+        if self._architecture.gives_boxes:
+            found["val_map"] = metric.challenge_map(collected.detections[0], collected.ground_truth)
+        if logs is not None:
+            logs.update(found)
         with self._writer.as_default(step=epoch):
-            if self._compute_map:
-                val_map = metric.challenge_map(collected.detections[0], collected.ground_truth)
-                if logs is not None:
-                    logs["val_map"] = val_map
-                tf.summary.scalar(VAL_MAP_TAG, val_map)
             if collected.ids:
                 write_pr_curve(collected.targets, collected.probabilities, step=epoch)
-            if self._max_images:
-                tf.summary.image(BOXES_IMAGE_TAG, draw_boxes(self._first_images()), max_outputs=self._max_images)
+            if drawn:
+                tf.summary.image(BOXES_IMAGE_TAG, draw_boxes(drawn), max_outputs=self._max_images)
         self._writer.flush()
 
-    def _first_images(self):
-        """(image, true boxes, predicted boxes) of the first batch's first max_images images."""
-        batch = next(iter(self._dataset.take(1)))
-        found = postprocess.detections(self._predict(batch["image"]), self._threshold)
+    def _drawable(self, batch, outputs):
+        """(image, true boxes, predicted boxes) of a batch's first max_images images."""
+        found = self._architecture.detections({k: np.asarray(v) for k, v in outputs.items()}, self._threshold)
         images, boxes, counts = batch["image"].numpy(), batch["boxes"].numpy(), batch["num_boxes"].numpy()
         return [(images[i], boxes[i][: counts[i]], found[i][0]) for i in range(min(self._max_images, len(images)))]
 
@@ -192,29 +218,25 @@ class EpochEvaluation(keras.callbacks.Callback):
         self._writer.close()
 
 
-def write_pr_curve(targets, probabilities, step: int) -> None:
-    """The PR curve of image probabilities against targets (1 positive), to the default writer."""
-    curve = pr_curve_summary.pb(
-        PR_CURVE_NAME,
-        labels=np.asarray(targets) == 1,
-        predictions=np.asarray(probabilities, np.float32),
-        num_thresholds=PR_CURVE_THRESHOLDS,
-    )
-    # TensorBoard has no TF2 PR-curve op (tensorboard#2902): write its protobuf as is.
-    tf.summary.experimental.write_raw_pb(curve.SerializeToString(), step=step)
+class BestEpochRecord(keras.callbacks.Callback):
+    """Keeps best.json (the best epoch and its value) beside the weights that `checkpoint`, a
+    save_best_only ModelCheckpoint placed before it, keeps: whenever the checkpoint's own
+    comparison finds a new best, its epoch is written. A resumed run passes the saved value as
+    the checkpoint's initial threshold and the saved epoch here, so the export stays the best
+    over the killed and the resumed runs together.
+    """
 
+    def __init__(self, checkpoint: keras.callbacks.ModelCheckpoint, path: str, epoch: int | None = None):
+        super().__init__()
+        self.checkpoint, self.path, self.epoch = checkpoint, path, epoch
+        self._best = checkpoint.best
 
-def draw_boxes(images_and_boxes: Iterable[tuple]) -> tf.Tensor:
-    """float32 [N, S, S, 3]: each grey image [S, S, 1] in RGB with its predicted boxes in red and
-    its true boxes in green on top (boxes normalised yxyx, [K, 4] each)."""
-    drawn = []
-    for image, true_boxes, predicted_boxes in images_and_boxes:
-        # One image at a time: padding boxes of a batched call would be drawn as dots.
-        rgb = tf.image.grayscale_to_rgb(tf.convert_to_tensor(image, tf.float32))[None]
-        for boxes, color in ((predicted_boxes, PREDICTED_BOX_COLOR), (true_boxes, TRUE_BOX_COLOR)):
-            rgb = tf.image.draw_bounding_boxes(rgb, np.asarray(boxes, np.float32).reshape(1, -1, 4), [color])
-        drawn.append(rgb[0])
-    return tf.stack(drawn)
+    def on_epoch_end(self, epoch, logs=None):
+        if self.checkpoint.best == self._best:
+            return
+        self._best, self.epoch = self.checkpoint.best, epoch
+        os.makedirs(os.path.dirname(self.path), exist_ok=True)
+        write_json_atomic(self.path, {"epoch": epoch, "value": float(self._best), "monitor": self.checkpoint.monitor})
 
 
 def log_hparams(log_dir: str, hparams: Mapping[str, object],

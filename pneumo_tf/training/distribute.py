@@ -2,12 +2,15 @@
 
 `make_strategy("mirrored", cpu_replicas=2)` splits the CPU into logical devices so
 MirroredStrategy runs (and is tested) without GPUs; "multi_worker_mirrored" reads
-TF_CONFIG; "tpu" resolves `--tpu`. `set_precision` sets the global Keras dtype policy
-(models cast their outputs to float32; Keras wraps the optimizer in a LossScaleOptimizer
-for mixed_float16).
+TF_CONFIG; "tpu" resolves `--tpu`. `precision(policy)` sets the Keras dtype policy for
+the block that builds the models and restores the previous one after it, so a notebook
+that ran one mixed-precision training does not go on building bfloat16 models (models
+cast their outputs to float32; Keras wraps the optimizer in a LossScaleOptimizer for
+mixed_float16).
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 
@@ -15,9 +18,7 @@ import keras
 import tensorflow as tf
 
 from pneumo_tf.errors import UserError
-
-STRATEGIES = ("auto", "one_device", "mirrored", "multi_worker_mirrored", "tpu")
-PRECISIONS = ("float32", "mixed_float16", "mixed_bfloat16")
+from pneumo_tf.training.config import PRECISIONS, STRATEGIES
 
 
 def split_cpu(replicas: int) -> None:
@@ -67,8 +68,17 @@ def make_strategy(name: str = "auto", cpu_replicas: int = 0, tpu: str | None = N
     return tf.distribute.get_strategy()
 
 
-def set_precision(policy: str) -> None:
-    """Sets the global Keras dtype policy: float32, mixed_float16 (GPU) or mixed_bfloat16 (TPU, CPU)."""
+@contextlib.contextmanager
+def precision(policy: str):
+    """The Keras dtype policy for the block: float32, mixed_float16 (GPU) or mixed_bfloat16 (TPU, CPU).
+
+    Layers take the policy when they are built; the previous global policy is back after the block.
+    """
     if policy not in PRECISIONS:
         raise UserError(f"unknown --precision {policy!r}; choose one of {', '.join(PRECISIONS)}")
-    keras.mixed_precision.set_global_policy(policy)
+    previous = keras.config.dtype_policy()
+    keras.config.set_dtype_policy(policy)
+    try:
+        yield
+    finally:
+        keras.config.set_dtype_policy(previous)

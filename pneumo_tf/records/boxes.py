@@ -24,17 +24,6 @@ def xywh_to_normalised(box, source_width: int, source_height: int):
     )
 
 
-def normalised_to_xywh(box, source_width: int, source_height: int):
-    """(xmin, ymin, xmax, ymax) in [0, 1] -> (x, y, w, h) in source pixels."""
-    xmin, ymin, xmax, ymax = (float(v) for v in box)
-    return (
-        xmin * source_width,
-        ymin * source_height,
-        (xmax - xmin) * source_width,
-        (ymax - ymin) * source_height,
-    )
-
-
 def rasterize(boxes, height: int, width: int) -> np.ndarray:
     """The union of normalised (xmin, ymin, xmax, ymax) boxes as a bool mask of height x width.
 

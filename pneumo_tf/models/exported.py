@@ -1,0 +1,123 @@
+"""The exported model folder: what training writes, and evaluation, prediction and serving read.
+
+    model_dir/
+      model.keras     the network (Keras format; loaded here with its architecture's code)
+      saved_model/    the architecture's whole inference (images -> outputs) as a TensorFlow
+                      SavedModel with one signature, "serve", for TF Serving and other runtimes
+      pneumo_tf.json  the info: architecture name and options, image size, how the training
+                      records were converted, decision threshold, training history; written
+                      last, so a folder with it is complete
+
+Nothing here imports training: serving a model needs only this module and the architecture.
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import functools
+import json
+import os
+import shutil
+
+import keras
+import tensorflow as tf
+
+from pneumo_tf import models
+from pneumo_tf.errors import UserError
+from pneumo_tf.fileio import write_json_atomic
+from pneumo_tf.models.architecture import Architecture
+from pneumo_tf.records.shards import ConvertOptions
+
+MODEL_FILE = "model.keras"
+SAVED_MODEL_DIR = "saved_model"
+INFO_FILE = "pneumo_tf.json"
+SERVING_ENDPOINT = "serve"
+
+
+def write(network: keras.Model, architecture: Architecture, model_dir: str, info: dict) -> None:
+    """Writes model.keras, saved_model/ and pneumo_tf.json (last, so its presence means complete).
+
+    `info` needs at least "model" (the architecture's name) and "image_size".
+    """
+    os.makedirs(model_dir, exist_ok=True)
+    # Until the new info is written, no info: a crash part-way must not pair the old
+    # pneumo_tf.json (image size, threshold) with a new network.
+    with contextlib.suppress(FileNotFoundError):
+        os.remove(os.path.join(model_dir, INFO_FILE))
+    path = os.path.join(model_dir, MODEL_FILE)
+    network.save(f"{path}.tmp.keras")
+    os.replace(f"{path}.tmp.keras", path)
+
+    saved = os.path.join(model_dir, SAVED_MODEL_DIR)
+    shutil.rmtree(f"{saved}.tmp", ignore_errors=True)  # left by a crashed export
+    size = int(info["image_size"])
+    archive = keras.export.ExportArchive()
+    archive.track(network)
+    archive.add_endpoint(
+        SERVING_ENDPOINT, lambda images: architecture.infer(network, images),
+        input_signature=[tf.TensorSpec([None, size, size, 1], tf.float32, name="images")],
+    )
+    archive.write_out(f"{saved}.tmp", verbose=False)
+    if os.path.isdir(saved):
+        shutil.rmtree(saved)
+    os.replace(f"{saved}.tmp", saved)
+    write_json_atomic(os.path.join(model_dir, INFO_FILE), info)
+
+
+def update_info(model_dir: str, changes: dict) -> dict:
+    """Rewrites pneumo_tf.json with `changes` merged in (atomically); returns the new info."""
+    info = {**read_info(model_dir), **changes}
+    write_json_atomic(os.path.join(model_dir, INFO_FILE), info)
+    return info
+
+
+def read_info(model_dir: str) -> dict:
+    """pneumo_tf.json, with a clear error for a folder that holds no exported model."""
+    info_path = os.path.join(model_dir, INFO_FILE)
+    if not os.path.isdir(model_dir):
+        raise UserError(f"model folder not found: {model_dir}")
+    if not os.path.isfile(info_path):
+        raise UserError(f"{model_dir} holds no exported pneumo_tf model (no {INFO_FILE}): train one first")
+    with open(info_path) as handle:
+        return json.load(handle)
+
+
+@dataclasses.dataclass
+class ExportedModel:
+    """A loaded model folder: the network, its architecture and its info."""
+
+    model_dir: str
+    network: keras.Model
+    architecture: Architecture
+    info: dict
+
+    @property
+    def image_size(self) -> int:
+        return int(self.info["image_size"])
+
+    @property
+    def threshold(self) -> float:
+        """The decision threshold evaluation saved (0.5 until it has)."""
+        return float(self.info["threshold"])
+
+    def conversion_options(self, image_size: int | None = None) -> ConvertOptions:
+        """How to convert source files for this model: as its training records were (pneumo_tf.json
+        "conversion"), so its inputs get their pixels exactly, unless `image_size` says otherwise."""
+        conversion = self.info.get("conversion", {})
+        return ConvertOptions(
+            image_size=conversion.get("image_size", 0) if image_size is None else image_size,
+            bit_depth=conversion.get("bit_depth", 8),
+        )
+
+    @functools.cached_property
+    def infer(self):
+        """images float32 [B, S, S, 1] -> the architecture's outputs (tensors), traced once per batch shape."""
+        return tf.function(lambda images: self.architecture.infer(self.network, images), reduce_retracing=True)
+
+
+def load(model_dir: str) -> ExportedModel:
+    """The exported model in `model_dir` (see the module docstring)."""
+    info = read_info(model_dir)
+    architecture = models.get(info["model"])  # imports the module that registers its layers
+    network = keras.models.load_model(os.path.join(model_dir, MODEL_FILE), compile=False)
+    return ExportedModel(model_dir, network, architecture, info)
