@@ -15,12 +15,11 @@ import tensorflow as tf
 from PIL import Image
 from tensorboard.backend.event_processing import event_accumulator
 
-from pneumo_tf.training import callbacks
-from pneumo_tf.evaluation import report
-from pneumo_tf.inference import offline
-from pneumo_tf.evaluation import submission
-from pneumo_tf.training import trainer
+from pneumo_tf import models
 from pneumo_tf.errors import UserError
+from pneumo_tf.evaluation import report, submission, visualize
+from pneumo_tf.inference import offline
+from pneumo_tf.models import exported
 from pneumo_tf.fileio import write_csv_atomic
 from pneumo_tf.records import shards, synthetic
 
@@ -63,7 +62,9 @@ def box_pictures(tmp_path_factory) -> dict:
     image = keras.Input((64, 64, 1), name="image")
     network = keras.Model({"image": image}, {"mask": keras.layers.Identity(name="mask")(image)})
     model_dir = str(root / "model")
-    trainer.export(network, model_dir, {"model": "mask_is_image", "image_size": 64, "threshold": 0.5})
+    # Read as the mask network is: boxes are the components of the thresholded mask.
+    exported.write(network, models.get("mask_resnet"), model_dir, {"model": "mask_resnet", "image_size": 64,
+                                                                    "threshold": 0.5})
     return {"records": records, "labels_csv": labels_csv, "model_dir": model_dir}
 
 
@@ -73,7 +74,7 @@ def copy_model(model_dir, tmp_path) -> str:
 
 
 def read_info(model_dir) -> dict:
-    with open(os.path.join(model_dir, trainer.INFO_FILE)) as handle:
+    with open(os.path.join(model_dir, exported.INFO_FILE)) as handle:
         return json.load(handle)
 
 
@@ -193,8 +194,8 @@ def test_evaluate_trained_model(trained_model, tiny_records, tmp_path):
         with Image.open(output / name) as picture:
             picture.verify()
     tags = event_tags(model_dir / "logs" / "evaluation_val")
-    plugin, [curve] = tags[f"{callbacks.PR_CURVE_NAME}/pr_curves"]
-    assert plugin == "pr_curves" and curve.shape == (6, callbacks.PR_CURVE_THRESHOLDS)
+    plugin, [curve] = tags[f"{visualize.PR_CURVE_NAME}/pr_curves"]
+    assert plugin == "pr_curves" and curve.shape == (6, visualize.PR_CURVE_THRESHOLDS)
     # At the lowest PR threshold every image is called positive: TP + FP is every image.
     assert curve[0, 0] + curve[1, 0] == len(images) and curve[0, 0] == summary["positives"]
     assert tags["evaluation/pr_curve"][0] == "images" and tags["evaluation/roc_curve"][0] == "images"
@@ -239,7 +240,7 @@ def submission_matches_evaluation(model_dir, records, labels_csv, thresholds, tm
             model_dir=str(model_dir), output=output, records_dir=records, split="val", threshold=threshold,
         ), progress_stream=io.StringIO())
         assert set(submission.read_submission(output)) == evaluated_ids
-        scored = report.score_submission_file(output, labels_csv)
+        scored = submission.score_submission(output, labels_csv)
         assert scored["patients"] == len(evaluated_ids)
         assert abs(scored["map"] - evaluated_map) <= 1e-9, threshold
 
@@ -273,7 +274,7 @@ def test_cli_scores_a_submission_file(box_pictures, tmp_path):
         model_dir=box_pictures["model_dir"], output=output, records_dir=box_pictures["records"], split="val",
         threshold=0.5,
     ), progress_stream=io.StringIO())
-    expected = report.score_submission_file(output, box_pictures["labels_csv"])
+    expected = submission.score_submission(output, box_pictures["labels_csv"])
     result = run_evaluate(f"--submission={output}", f"--labels_csv={box_pictures['labels_csv']}")
     assert result.returncode == 0, result.stderr[-3000:]
     assert f"challenge mAP {expected['map']} over {expected['scored_images']} scored images" in result.stdout

@@ -176,26 +176,3 @@ def test_vectorised_matching_matches_the_plain_loop():
             assert got is None
         else:
             np.testing.assert_allclose(got, reference_precisions(pred, scores, gt), rtol=1e-15)
-
-
-def test_threshold_sweep_by_hand():
-    ground_truth = {"positive": [GT], "negative": []}
-    predictions = {"positive": ([GT, [500, 500, 80, 80]], [0.9, 0.3]), "negative": ([GT], [0.5])}
-    sweep = metric.score_threshold_sweep(predictions, ground_truth, [0.0, 0.3, 0.4, 0.6, 0.95])
-    # 0.0 and 0.3 (kept: score >= threshold): positive 1/2, negative 0 -> 0.25.
-    # 0.4: positive 1, negative 0 -> 0.5.  0.6: negative left out -> 1.  0.95: positive 0, negative left out.
-    np.testing.assert_array_equal(sweep, [0.25, 0.25, 0.5, 1.0, 0.0])
-    assert np.isnan(metric.score_threshold_sweep({}, {"negative": []}, [0.5])).all()
-
-
-def test_threshold_sweep_equals_challenge_map_of_filtered_predictions():
-    rng = np.random.default_rng(2)
-    images = [random_image(rng) for _ in range(60)]
-    ground_truth = {str(i): gt for i, (_, _, gt) in enumerate(images)}
-    predictions = {str(i): (np.reshape(pred, (-1, 4)), np.array(scores)) for i, (pred, scores, _) in enumerate(images)}
-    thresholds = [0.0, 0.2, 0.5, 0.8, 1.1]
-    expected = [
-        metric.challenge_map({k: (b[s >= t], s[s >= t]) for k, (b, s) in predictions.items()}, ground_truth)
-        for t in thresholds
-    ]
-    np.testing.assert_allclose(metric.score_threshold_sweep(predictions, ground_truth, thresholds), expected, rtol=1e-12)

@@ -11,10 +11,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pneumo_tf.inference import offline
-from pneumo_tf.evaluation import submission
-from pneumo_tf.training import trainer
 from pneumo_tf.errors import UserError
+from pneumo_tf.evaluation import submission
+from pneumo_tf.inference import offline
+from pneumo_tf.models import exported
 
 # At 0.3 the two-step model's mask (about 0.5 everywhere) gives boxes, so box parsing is exercised.
 THRESHOLD = 0.3
@@ -64,7 +64,7 @@ def test_predict_records_split(trained_model, tiny_records, test_ids, tmp_path):
 
 def test_threshold_defaults_to_the_saved_one(trained_model, tiny_records, tmp_path):
     model_dir = shutil.copytree(trained_model, tmp_path / "model")
-    info_path = model_dir / trainer.INFO_FILE
+    info_path = model_dir / exported.INFO_FILE
     info = json.loads(info_path.read_text())
     info_path.write_text(json.dumps({**info, "threshold": 0.85}))
     assert predict(model_dir, tmp_path / "submission.csv", records_dir=tiny_records)["threshold"] == 0.85

@@ -25,7 +25,7 @@ from pneumo_tf.data import pipeline
 from pneumo_tf.evaluation import postprocess
 from pneumo_tf.inference import offline
 from pneumo_tf.evaluation import submission
-from pneumo_tf.training import trainer
+from pneumo_tf.models import exported
 from pneumo_tf.records import shards, dicom, synthetic
 
 SOURCE_SIZE = 1024  # the real and the synthetic DICOMs
@@ -38,15 +38,15 @@ def app(trained_model):
 
 def reference_probabilities(model_dir, dicom_dir, scratch) -> dict:
     """{id: probability} through prediction's own path: the folder converted as predict converts it, the
-    pipeline's records, postprocess.model_outputs (a submission holds no probability)."""
-    network, info = trainer.load_exported(str(model_dir))
+    pipeline's records, postprocess.run_batches (a submission holds no probability)."""
+    model = exported.load(str(model_dir))
     records = os.path.join(scratch, "records")
-    shards.convert(str(dicom_dir), records, options=shards.ConvertOptions(**info["conversion"]), workers=1,
-                        progress_stream=io.StringIO())
-    dataset = pipeline.make_dataset(records, "test", 4, int(info["image_size"]), training=False)
+    shards.convert(str(dicom_dir), records, options=model.conversion_options(), workers=1,
+                   progress_stream=io.StringIO())
+    dataset = pipeline.make_dataset(records, "test", 4, model.image_size, training=False)
     probabilities = {}
-    for batch, outputs in postprocess.model_outputs(network, dataset):
-        for image_id, probability in zip(batch["id"], postprocess.image_probability(outputs)):
+    for batch, outputs in postprocess.run_batches(lambda batch: model.infer(batch["image"]), dataset):
+        for image_id, probability in zip(batch["id"], model.architecture.image_probability(outputs)):
             probabilities[image_id.decode()] = float(probability)
     return probabilities
 
@@ -69,7 +69,7 @@ def real(trained_model, shared_rsna, tmp_path_factory) -> dict:
     low, high = sorted(probabilities.values())[4:6]
     assert low < high, "the real images need distinct probabilities"
     model_dir = shutil.copytree(trained_model, scratch / "model")
-    info_path = model_dir / trainer.INFO_FILE
+    info_path = model_dir / exported.INFO_FILE
     info_path.write_text(json.dumps({**json.loads(info_path.read_text()), "threshold": (low + high) / 2}))
     boxes = reference_boxes(model_dir, dicom_dir, str(scratch))
     assert set(boxes) == set(probabilities)

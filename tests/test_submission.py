@@ -1,5 +1,4 @@
 """The Kaggle submission format, and scoring submissions against the real and a handmade labels CSV."""
-import logging
 import os
 from pathlib import Path
 
@@ -110,13 +109,13 @@ def label_rows():
     return [(pid, list(entry.boxes), [1.0] * len(entry.boxes)) for pid, entry in labels.items()]
 
 
-def test_labels_scored_against_themselves_score_exactly_one(tmp_path, label_rows, caplog):
+def test_labels_scored_against_themselves_score_exactly_one(tmp_path, label_rows):
     path = tmp_path / "perfect.csv"
     submission.write_submission(str(path), label_rows)
-    with caplog.at_level(logging.INFO, logger="pneumo_tf.submission"):
-        assert submission.score_submission(str(path), str(LABELS_CSV)) == 1.0
+    scored = submission.score_submission(str(path), str(LABELS_CSV))
     # The 20,672 negatives without predictions are left out of the mean.
-    assert "over 6012 scored images of 26684 patients" in caplog.text
+    assert scored == {"map": 1.0, "patients": 26684, "scored_images": 6012, "submission_patients": 26684,
+                      "labeled_patients": 26684}
 
 
 def test_one_spurious_box_on_a_negative_costs_exactly_one_scored_image(tmp_path, label_rows):
@@ -126,7 +125,7 @@ def test_one_spurious_box_on_a_negative_costs_exactly_one_scored_image(tmp_path,
     path = tmp_path / "spurious.csv"
     submission.write_submission(str(path), rows)
     # The negative goes from left out to a score of 0.
-    assert submission.score_submission(str(path), str(LABELS_CSV)) == 6012 / 6013
+    assert submission.score_submission(str(path), str(LABELS_CSV))["map"] == 6012 / 6013
 
 
 HANDMADE_LABELS = """patientId,x,y,width,height,Target
@@ -140,7 +139,7 @@ p6,600.0,600.0,100.0,100.0,1
 """
 
 
-def test_handmade_submission_score(tmp_path, caplog):
+def test_handmade_submission_score(tmp_path):
     labels_csv = tmp_path / "labels.csv"
     labels_csv.write_text(HANDMADE_LABELS)
     submission_csv = tmp_path / "submission.csv"
@@ -153,11 +152,9 @@ def test_handmade_submission_score(tmp_path, caplog):
         "test1,0.5 0 0 100 100\n"  # not in the labels: ignored
     )
     # p5 and p6 are labeled but not in the submission: ignored, so p6's box is no false negative.
-    with caplog.at_level(logging.INFO, logger="pneumo_tf.submission"):
-        score = submission.score_submission(str(submission_csv), str(labels_csv))
-    assert score == (0.5 + 0 + 0.25) / 3
-    assert "over 3 scored images of 4 patients" in caplog.text
-    assert "1 submission patients without labels and 2 labeled patients not in the submission ignored" in caplog.text
+    scored = submission.score_submission(str(submission_csv), str(labels_csv))
+    assert scored == {"map": (0.5 + 0 + 0.25) / 3, "patients": 4, "scored_images": 3, "submission_patients": 5,
+                      "labeled_patients": 6}
 
 
 def test_submission_sharing_no_patient_with_the_labels_is_a_user_error(tmp_path):

@@ -57,9 +57,7 @@ def _ranked_true_positives(pred_boxes, scores, gt_boxes) -> tuple[np.ndarray, np
 
     Returns the confidences in matching order [K], the true positives among the
     first k predictions for k = 0..K [K + 1, 8], and the number of ground-truth
-    boxes. Dropping predictions below a confidence threshold keeps a prefix of
-    the matching order, and the greedy matching of a prefix is the prefix of the
-    matching, so one pass serves every confidence threshold.
+    boxes.
     """
     pred = as_xywh_array(pred_boxes)
     gt = as_xywh_array(gt_boxes)

@@ -22,4 +22,5 @@ class Prebuilt(keras.Model):
 
     def _maybe_symbolic_build(self, iterator=None, data_batch=None):
         if self.optimizer is not None and not self.optimizer.built:
-            self.optimizer.build(self.trainable_variables)
+            with self.distribute_strategy.scope():  # its variables are mirrored like the model's
+                self.optimizer.build(self.trainable_variables)
