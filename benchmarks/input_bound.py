@@ -6,11 +6,12 @@
 
 Synthesises RSNA-like DICOMs and converts them to passthrough records (as
 pipeline_throughput.py does, sharing its --work_dir layout), builds `mask_resnet` with its
-default options at --image_size, compiles it as training does (Adam, `models.compile_args`:
-the seed's IoU + BCE mask loss and the mean-IoU metric), and times train steps fed two ways:
+default options at --image_size, wraps it in training's Trainer (Adam, the architecture's
+loss: the seed's IoU + BCE mask loss, and the mean-IoU metric; augmentation on the device),
+and times train steps fed two ways:
 
-  pipeline  `make_dataset(train, training=True)` on the passthrough records, batches mapped to
-            ({"image": image}, {"mask": mask}): every step waits for (and shares the cores with)
+  pipeline  `make_dataset(train, training=True)` on the passthrough records, batches mapped by
+            the architecture's `to_fit`: every step waits for (and shares the cores with)
             reading, parsing and decoding;
   memory    the same dataset's first batch, `take(1).cache().repeat()`: no input work at all.
 
@@ -40,7 +41,9 @@ import numpy as np  # noqa: E402
 from absl import app, flags  # noqa: E402
 
 import pipeline_throughput  # noqa: E402  (this folder is on sys.path when run as a script)
-from pneumo_tf import models, pipeline  # noqa: E402
+from pneumo_tf import models  # noqa: E402
+from pneumo_tf.data import pipeline  # noqa: E402
+from pneumo_tf.training.trainer import Trainer  # noqa: E402
 
 FLAGS = flags.FLAGS
 flags.DEFINE_integer("num_images", 2000, "Synthetic labeled DICOMs (the train split, 80%, feeds the pipeline).")
@@ -57,11 +60,6 @@ flags.DEFINE_integer("repeats", 8, "Rounds of one block per arm, in alternating 
 
 MODEL = "mask_resnet"
 TARGET = 1.10  # most the pipeline-fed step may take, relative to the memory-fed one
-
-
-def to_inputs_and_labels(batch):
-    """A pipeline batch -> (x, y) for a network with one "image" input and a "mask" output."""
-    return {"image": batch["image"]}, {"mask": batch["mask"]}
 
 
 def time_steps(model: keras.Model, iterator, steps: int) -> tuple[list[float], list[float], float]:
@@ -89,15 +87,16 @@ def benchmark() -> int:
         train_records = pipeline.num_examples(bench.passthrough_dir, "train")
 
         keras.utils.set_random_seed(0)
-        model = models.build_model(MODEL, size)
-        model.compile(optimizer=keras.optimizers.Adam(), **models.compile_args(model))
+        architecture = models.get(MODEL)
+        model = Trainer(architecture.build(size), architecture)
+        model.compile(optimizer=keras.optimizers.Adam())
         print(f"num_images {FLAGS.num_images} (train split {train_records} passthrough records), model {MODEL} "
               f"(default options, {model.count_params():,} parameters), image_size {size}, batch_size {batch_size}, "
               f"jit_compile {model.jit_compile}, {FLAGS.steps} timed steps per block, {FLAGS.repeats} rounds, "
               f"{FLAGS.warmup_steps} warm-up steps per arm", flush=True)
 
         real = pipeline.make_dataset(bench.passthrough_dir, "train", batch_size, size, training=True, seed=0)
-        real = real.map(to_inputs_and_labels)
+        real = real.map(architecture.to_fit)
         arms = {"pipeline": iter(real), "memory": iter(real.take(1).cache().repeat())}
 
         started = time.perf_counter()

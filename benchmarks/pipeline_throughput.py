@@ -59,7 +59,7 @@ import tensorflow as tf  # noqa: E402
 from absl import app, flags  # noqa: E402
 
 import machine  # noqa: E402  benchmarks/machine.py (the script's folder is on sys.path)
-from pneumo_tf import pipeline  # noqa: E402
+from pneumo_tf.data import pipeline  # noqa: E402
 from pneumo_tf.records.boxes import MAX_BOXES  # noqa: E402
 from pneumo_tf.records import shards, synthetic  # noqa: E402
 from pneumo_tf.records.manifest import read_manifest, shard_paths  # noqa: E402
