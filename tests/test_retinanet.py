@@ -137,7 +137,7 @@ def _iou(anchors, box):
 
 
 def test_anchors_follow_the_written_rule(tiny):
-    anchors = retinanet.anchor_boxes(tiny, tf.zeros((1, SIZE, SIZE, 1))).numpy()
+    anchors = retinanet.anchor_boxes(tiny).numpy()
     np.testing.assert_array_equal(anchors, _numpy_anchors())
     # Index (row * 8 + column) * 9 + ratio * 3 + scale: P3, row 4, column 4, square, 32 px.
     np.testing.assert_array_equal(anchors[(4 * 8 + 4) * 9 + 3], np.array(CENTRE_BOX) * SIZE)
@@ -194,7 +194,7 @@ def test_positive_anchor_normaliser_is_the_hand_count(tiny):
     hand_count = 6 + 4 * 4
     iou = _iou(_numpy_anchors(), np.array(CENTRE_BOX) * SIZE)
     assert (iou >= 0.5).sum() == hand_count == 22
-    box_targets, classes = retinanet.training_targets(tiny, inputs["image"], labels["boxes"], labels["num_boxes"])
+    box_targets, classes = retinanet.training_targets(tiny, labels["boxes"], labels["num_boxes"])
     classes = classes.numpy()
     assert (classes == retinanet.OPACITY).sum() == hand_count
     np.testing.assert_array_equal(np.flatnonzero(classes[0] == retinanet.OPACITY), np.flatnonzero(iou >= 0.5))
@@ -263,6 +263,21 @@ def test_outputs_decode_hand_made_raw_outputs(tiny, jit_compile):
     np.testing.assert_allclose(architecture.image_probability(outputs), [expected_scores[0, 0], 0.0], rtol=1e-6)
 
 
+def test_infer_with_an_unknown_batch_size_exports_as_a_saved_model(tiny, tmp_path):
+    """Keras' validation step and a SavedModel signature trace without a static batch size."""
+    architecture = retinanet.RetinaNet()
+    archive = keras.export.ExportArchive()
+    archive.track(tiny)
+    archive.add_endpoint("serve", lambda images: architecture.infer(tiny, images),
+                         input_signature=[tf.TensorSpec([None, SIZE, SIZE, 1], tf.float32)])
+    archive.write_out(str(tmp_path / "saved_model"), verbose=False)
+    loaded = tf.saved_model.load(str(tmp_path / "saved_model"))  # held: its variables live with it
+    served = loaded.serve(tf.constant(_images(3)))
+    expected = architecture.infer(tiny, tf.constant(_images(3)))
+    for key in expected:
+        np.testing.assert_allclose(np.asarray(served[key]), np.asarray(expected[key]), rtol=1e-5, atol=1e-6)
+
+
 def test_decoding_options_reach_keras_hubs_nms():
     network = retinanet.build(SIZE, **TINY, max_detections=1, min_confidence=0.9, nms_iou_threshold=0.7)
     outputs = retinanet.RetinaNet().outputs(network, {"image": tf.zeros((2, SIZE, SIZE, 1))}, _hand_raw())
@@ -305,7 +320,8 @@ def mixed_bfloat16():
 
 
 @pytest.mark.usefixtures("mixed_bfloat16")
-def test_mixed_bfloat16_training_step_gives_float32_terms_and_moves_weights():
+@pytest.mark.parametrize("jit_compile", [False, pytest.param(True, marks=pytest.mark.slow)], ids=["eager", "xla"])
+def test_mixed_bfloat16_training_step_gives_float32_terms_and_moves_weights(jit_compile):
     network = retinanet.build(SIZE, **TINY)
     detector = network.detector
     assert detector.classification_head.compute_dtype == "bfloat16"
@@ -314,11 +330,17 @@ def test_mixed_bfloat16_training_step_gives_float32_terms_and_moves_weights():
     inputs, labels = {"image": tf.constant(_images(2))}, _labels([[CENTRE_BOX], []])
     optimizer = keras.optimizers.SGD(0.01)
     before = [np.array(w) for w in network.trainable_weights]
-    with tf.GradientTape() as tape:
-        raw = network(inputs, training=True)
-        terms = architecture.loss(network, inputs, labels, raw, training=True)
-        total = tf.add_n(list(terms.values()))
-    optimizer.apply_gradients(zip(tape.gradient(total, network.trainable_weights), network.trainable_weights))
+
+    @tf.function(jit_compile=jit_compile)  # XLA: as the trainer's step runs
+    def step():
+        with tf.GradientTape() as tape:
+            raw = network(inputs, training=True)
+            terms = architecture.loss(network, inputs, labels, raw, training=True)
+            total = tf.add_n(list(terms.values()))
+        optimizer.apply_gradients(zip(tape.gradient(total, network.trainable_weights), network.trainable_weights))
+        return terms
+
+    terms = step()
     assert {key: value.dtype for key, value in terms.items()} == {"classification": tf.float32, "box": tf.float32}
     assert all(np.isfinite(float(value)) and float(value) > 0 for value in terms.values())
     after = [np.array(w) for w in network.trainable_weights]

@@ -38,7 +38,8 @@ framework are replaced:
   about 14 s for two 512-px images on a CPU core. So the `pre_nms_top_k` highest-scoring
   anchors are taken first (the RetinaNet paper's 1000), which gives the same detections
   unless more than that many anchors pass `min_confidence`. Boxes come back normalised to
-  [0, 1] as `detector_outputs`, padded with zeros.
+  [0, 1] as `detector_outputs`, padded with zeros. keras-hub's NMS also needs a static batch
+  size (Keras' validation step and a SavedModel signature have none): it runs per image.
 * XLA. The loss (label encoding included) and the outputs (decoding and NMS) run inside
   `tf.function(jit_compile=True)` on CPU. keras-hub's own `train_on_batch` with dict labels
   fails; training goes through pneumo_tf's trainer (`fit`) with this loss instead.
@@ -253,18 +254,25 @@ def keras_hub_labels(boxes, num_boxes, height: int, width: int):
     )
 
 
-def training_targets(network: RetinaNetNetwork, images, boxes, num_boxes):
-    """keras-hub's label encoding of a batch: box deltas [B, A, 4] (center_xywh) and anchor
-    classes [B, A] (0 opacity, -1 background, -2 ignored), over the network's anchors."""
-    height, width = images.shape[1], images.shape[2]
+def _shape_of_images(network: RetinaNetNetwork):
+    """A tensor of the network's image shape: keras-hub's anchor generator and label encoder read
+    the image size from their `images` argument's static shape, and nothing else from it."""
+    height, width, channels = network.detector.backbone.image_shape
+    return tf.zeros((1, height, width, channels))
+
+
+def training_targets(network: RetinaNetNetwork, boxes, num_boxes):
+    """keras-hub's label encoding of a batch's boxes: box deltas [B, A, 4] (center_xywh) and
+    anchor classes [B, A] (0 opacity, -1 background, -2 ignored), over the network's anchors."""
+    height, width, _ = network.detector.backbone.image_shape
     gt_boxes, gt_classes = keras_hub_labels(boxes, num_boxes, height, width)
-    return network.detector.label_encoder(images=images, gt_boxes=gt_boxes, gt_classes=gt_classes)
+    return network.detector.label_encoder(images=_shape_of_images(network), gt_boxes=gt_boxes, gt_classes=gt_classes)
 
 
-def anchor_boxes(network: RetinaNetNetwork, images) -> tf.Tensor:
-    """The network's anchors for `images` (only their shape counts): [A, 4] in pixels (ymin, xmin,
-    ymax, xmax), in the order of the heads' outputs."""
-    return tf.concat(list(network.detector.anchor_generator(images).values()), axis=0)
+def anchor_boxes(network: RetinaNetNetwork) -> tf.Tensor:
+    """The network's anchors [A, 4] in pixels (ymin, xmin, ymax, xmax), in the order of the
+    heads' outputs."""
+    return tf.concat(list(network.detector.anchor_generator(_shape_of_images(network)).values()), axis=0)
 
 
 class RetinaNet(BoxDetector):
@@ -279,7 +287,7 @@ class RetinaNet(BoxDetector):
         """{"classification": focal loss over positive and background anchors, "box": Huber loss
         of the positive anchors' deltas}, each divided by the global batch's positive anchors
         (at least 1); see the module docstring."""
-        box_targets, classes = training_targets(network, inputs["image"], labels["boxes"], labels["num_boxes"])
+        box_targets, classes = training_targets(network, labels["boxes"], labels["num_boxes"])
         logits = tf.cast(raw["cls_logits"], tf.float32)
         deltas = tf.cast(raw["bbox_regression"], tf.float32)
         positive = tf.equal(classes, OPACITY)
@@ -298,12 +306,11 @@ class RetinaNet(BoxDetector):
     def outputs(self, network, inputs: dict, raw: dict) -> dict:
         """Anchor deltas -> boxes, top `pre_nms_top_k` anchors -> keras-hub's NMS -> detector_outputs."""
         detector = network.detector
-        images = inputs["image"]
-        height, width = images.shape[1], images.shape[2]
+        height, width, _ = detector.backbone.image_shape
         logits = tf.cast(raw["cls_logits"], tf.float32)
         deltas = tf.cast(raw["bbox_regression"], tf.float32)
-        _, best = tf.math.top_k(logits[..., 0], k=min(network.pre_nms_top_k, logits.shape[1]))
-        anchors = anchor_boxes(network, images)
+        anchors = anchor_boxes(network)
+        _, best = tf.math.top_k(logits[..., 0], k=min(network.pre_nms_top_k, anchors.shape[0]))
         boxes = keras.utils.bounding_boxes.decode_deltas_to_boxes(
             anchors=tf.gather(anchors, best),
             boxes_delta=tf.gather(deltas, best, batch_dims=1),
@@ -313,12 +320,25 @@ class RetinaNet(BoxDetector):
             variance=detector.label_encoder.box_variance,
             image_shape=(height, width, 1),
         )
-        found = detector.prediction_decoder(boxes, tf.gather(logits, best, batch_dims=1))
-        count = tf.cast(found["num_detections"], tf.int32)
-        valid = tf.range(detector.prediction_decoder.max_detections)[None, :] < count[:, None]
-        normalised = tf.clip_by_value(found["boxes"] / tf.constant([height, width, height, width], tf.float32), 0, 1)
-        return detector_outputs(
-            tf.where(valid[..., None], normalised, 0.0),
-            tf.where(valid, tf.cast(found["confidence"], tf.float32), 0.0),
-            count,
+        nms = detector.prediction_decoder
+
+        def suppress(image):  # keras-hub's NMS needs a static batch size: one image at a time
+            found = nms(image[0][None], image[1][None])
+            return (
+                found["boxes"][0],
+                tf.cast(found["confidence"][0], tf.float32),
+                tf.cast(found["num_detections"][0], tf.int32),
+            )
+
+        boxes, scores, count = tf.map_fn(
+            suppress,
+            (boxes, tf.gather(logits, best, batch_dims=1)),
+            fn_output_signature=(
+                tf.TensorSpec([nms.max_detections, 4], tf.float32),
+                tf.TensorSpec([nms.max_detections], tf.float32),
+                tf.TensorSpec([], tf.int32),
+            ),
         )
+        valid = tf.range(nms.max_detections)[None, :] < count[:, None]
+        normalised = tf.clip_by_value(boxes / tf.constant([height, width, height, width], tf.float32), 0.0, 1.0)
+        return detector_outputs(tf.where(valid[..., None], normalised, 0.0), tf.where(valid, scores, 0.0), count)
