@@ -105,7 +105,8 @@ def test_architecture_and_network_contract(tiny):
     }
     # Every BatchNormalization of keras-hub's encoder (stem 1, stack 0 2, stacks 1-2 3 each) is
     # synchronised across replicas.
-    norms = [layer for layer in tiny.detector._flatten_layers() if isinstance(layer, keras.layers.BatchNormalization)]
+    norms = [layer for layer in tiny.detector.backbone.image_encoder.layers
+             if isinstance(layer, keras.layers.BatchNormalization)]
     assert len(norms) == 9 and all(layer.synchronized for layer in norms)
 
 
@@ -359,8 +360,9 @@ def test_keras_file_round_trip_gives_identical_outputs(tmp_path):
     network.save(path)
     loaded = keras.models.load_model(path, compile=False)
     assert isinstance(loaded, retinanet.RetinaNetNetwork) and loaded.pre_nms_top_k == 100
-    assert all(layer.synchronized for layer in loaded.detector._flatten_layers()
-               if isinstance(layer, keras.layers.BatchNormalization))
+    norms = [layer for layer in loaded.detector.backbone.image_encoder.layers
+             if isinstance(layer, keras.layers.BatchNormalization)]
+    assert len(norms) == 9 and all(layer.synchronized for layer in norms)
     architecture = retinanet.RetinaNet()
     expected, actual = architecture.infer(network, images), architecture.infer(loaded, images)
     assert expected[BOXES].shape == (2, 6, 4)
