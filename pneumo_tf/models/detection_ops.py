@@ -9,12 +9,19 @@ What is written here rather than taken from keras-hub, and why:
 - `roi_align`: RoIAlign with four gathers and bilinear weights.
   `tf.image.crop_and_resize` has no XLA kernel (tensorflow#23337).
 - `balanced_sample`: a fixed-size positive/negative sampler. Its "random" order is a
-  hash of (image pixels, step, candidate index), so the samples of an image do not
+  hash of (image pixels, step, candidate id), so the samples of an image do not
   depend on which replica holds it or on where it sits in the batch: N replicas
   draw what one device draws on the same global batch.
 - `match_anchors`: keras-hub's BoxMatcher gives the IoU thresholds; its
   `force_match_for_each_col` would also force-match padded ground-truth columns, so
   the "best anchor of each box is positive" rule is applied here, to real boxes only.
+- `padded_nms` is TensorFlow's `tf.image.non_max_suppression_padded`, not keras-hub's
+  NonMaxSuppression: keras-hub 0.32 builds each tile's indices as
+  `cast(linspace(i * 512, (i + 1) * 512 - 1, 512), int32)`, and in a (non-XLA)
+  tf.function TensorFlow's LinSpace gives values such as 62.99998 there, so tiles
+  gather the wrong boxes and boxes that should be kept go missing (seen here: 3 of 64
+  kept boxes wrong on random data; eager and XLA are right). TensorFlow's version
+  slices its tiles.
 """
 from __future__ import annotations
 
@@ -57,16 +64,18 @@ def image_keys(images):
     return tf.reduce_sum(mixed, axis=1)  # uint32 sums wrap: order-free and exact
 
 
-def sampling_priorities(keys, step, count: int, salt: int):
-    """int32 [B, count] in [0, 2**31): the order in which candidates of each image are sampled.
+def sampling_priorities(keys, step, ids, salt: int):
+    """int32 [B, N] in [0, 2**31): the order in which the candidates `ids` ([N] or [B, N]) are sampled.
 
-    A pure function of (image key, step, candidate index, salt): reproducible, the same
-    on any replica, and different at every step.
+    A pure function of (image key, step, candidate id, salt): reproducible, the same on
+    any replica, and different at every step. Keying on an id that names the candidate
+    (an anchor's index) rather than its rank keeps a candidate's priority when two of
+    them swap places (a near tie between scores).
     """
     step = tf.cast(step, tf.uint32) * tf.constant(0x9E3779B9, tf.uint32)
     seed = _fmix32(keys + step + tf.constant(salt * 0x632BE5AB & 0xFFFFFFFF, tf.uint32))
-    index = _fmix32(tf.cast(tf.range(count), tf.uint32) * tf.constant(0x85EBCA77, tf.uint32) + 1)
-    hashed = _fmix32(tf.bitwise.bitwise_xor(seed[:, None], index[None, :]))
+    ids = _fmix32(tf.cast(ids, tf.uint32) * tf.constant(0x85EBCA77, tf.uint32) + 1)
+    hashed = _fmix32(tf.bitwise.bitwise_xor(seed[:, None], ids))
     return tf.cast(tf.bitwise.right_shift(hashed, tf.constant(1, tf.uint32)), tf.int32)
 
 
@@ -152,7 +161,7 @@ def sample_rois(proposals, proposal_valid, gt_boxes, gt_valid, priority, size: i
 
     A candidate is positive when its IoU with some box is >= positive_iou, negative
     otherwise (every candidate of an image without boxes). `priority` int32 [B, K + G]
-    orders the proposals, then the ground truth. Returns a dict of [B, size] tensors,
+    orders the proposals, then the ground truth (see sampling_priorities). Returns a dict of [B, size] tensors,
     positives first: rois [.., 4], is_positive, valid, targets [.., 4] (the matched box
     encoded against the RoI; zero for negatives).
     """
@@ -171,40 +180,38 @@ def sample_rois(proposals, proposal_valid, gt_boxes, gt_valid, priority, size: i
 
 
 # ---------------------------------------------------------------------------
-# Proposals and detections (keras-hub's padded NMS)
+# Proposals and detections
 
 
-def _padded_nms(boxes, scores, max_outputs: int, iou_threshold: float, score_threshold: float):
-    """Greedy NMS with a fixed output size: (boxes [B, max_outputs, 4], scores, count int32 [B]), zero-padded.
+def padded_nms(boxes, scores, max_outputs: int, iou_threshold: float, score_threshold: float):
+    """Greedy NMS with a fixed output size: (indices int32 [B, max_outputs] into N, count int32 [B]).
 
-    Suppresses a box whose IoU with a kept, higher-scored box is >= iou_threshold, and
-    drops scores <= score_threshold (keras-hub's NonMaxSuppression: tiled, no dynamic shapes).
+    boxes [B, N, 4], scores [B, N]. Kept boxes come highest score first; rows past
+    `count` are padding. A box is suppressed when its IoU with a kept, higher-scored box
+    is >= iou_threshold; scores <= score_threshold are dropped. TensorFlow's tiled
+    padded NMS: static shapes, compiles with XLA, any batch size.
     """
-    nms = keras_hub.layers.NonMaxSuppression(
-        bounding_box_format=FORMAT, from_logits=False, iou_threshold=iou_threshold,
-        confidence_threshold=score_threshold, max_detections=max_outputs,
-    )
-    kept = nms(boxes, scores[..., None])
-    count = tf.cast(kept["num_detections"], tf.int32)
-    valid = tf.range(max_outputs)[None, :] < count[:, None]
-    return (
-        tf.where(valid[..., None], tf.cast(kept["boxes"], tf.float32), 0.0),
-        tf.where(valid, tf.cast(kept["confidence"], tf.float32), 0.0),
-        count,
-    )
+    indices, count = tf.image.non_max_suppression_padded(
+        tf.cast(boxes, tf.float32), tf.cast(scores, tf.float32), max_outputs, iou_threshold=iou_threshold,
+        score_threshold=score_threshold, pad_to_max_output_size=True, canonicalized_coordinates=True)
+    return tf.cast(indices, tf.int32), tf.cast(count, tf.int32)
 
 
 def propose(logits, deltas, anchors, pre_nms: int, post_nms: int, iou_threshold: float, std):
     """RPN outputs -> proposals: top `pre_nms` anchors by objectness, decoded, clipped, NMS to `post_nms`.
 
-    logits [B, A], deltas [B, A, 4], anchors [A, 4]. Returns (boxes [B, post_nms, 4],
-    valid [B, post_nms]), without gradient (the second stage does not train the RPN).
+    logits [B, A], deltas [B, A, 4], anchors [A, 4]. Returns boxes [B, post_nms, 4]
+    (zero-padded), valid [B, post_nms] and the index of each proposal's anchor int32
+    [B, post_nms] (the sampler keys its order on it). No gradient: the second stage does
+    not train the RPN.
     """
     logits, deltas = tf.stop_gradient(logits), tf.stop_gradient(deltas)
     scores, top = tf.math.top_k(tf.cast(logits, tf.float32), k=pre_nms)
     boxes = decode(tf.gather(anchors, top), tf.gather(tf.cast(deltas, tf.float32), top, batch_dims=1), std)
-    boxes, _, count = _padded_nms(boxes, tf.sigmoid(scores), post_nms, iou_threshold, float("-inf"))
-    return boxes, tf.range(post_nms)[None, :] < count[:, None]
+    kept, count = padded_nms(boxes, tf.sigmoid(scores), post_nms, iou_threshold, float("-inf"))
+    valid = tf.range(post_nms)[None, :] < count[:, None]
+    boxes = tf.where(valid[..., None], tf.gather(boxes, kept, batch_dims=1), 0.0)
+    return boxes, valid, tf.gather(top, kept, batch_dims=1)
 
 
 def detect(rois, roi_valid, class_logits, deltas, std, min_confidence: float, iou_threshold: float,
@@ -219,7 +226,10 @@ def detect(rois, roi_valid, class_logits, deltas, std, min_confidence: float, io
     scores = tf.nn.softmax(tf.cast(class_logits, tf.float32), axis=-1)[..., 1]
     boxes = decode(rois, tf.cast(deltas, tf.float32), std)
     scores = tf.where(roi_valid & (scores >= min_confidence), scores, 0.0)
-    return _padded_nms(boxes, scores, max_detections, iou_threshold, 0.0)
+    kept, count = padded_nms(boxes, scores, max_detections, iou_threshold, 0.0)
+    valid = tf.range(max_detections)[None, :] < count[:, None]
+    return (tf.where(valid[..., None], tf.gather(boxes, kept, batch_dims=1), 0.0),
+            tf.where(valid, tf.gather(scores, kept, batch_dims=1), 0.0), count)
 
 
 # ---------------------------------------------------------------------------

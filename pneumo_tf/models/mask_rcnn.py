@@ -23,13 +23,13 @@ and they are saved with it. `MaskRCNNArchitecture` maps the model contract
 
 From keras-hub (0.32): ResNetBackbone (its pyramid outputs C2..C5), the FPN layer of its
 RetinaNet (FeaturePyramid, P6 by a stride-2 convolution of P5 where matterport
-subsamples P5; not in keras-hub's public API, hence the src import), AnchorGenerator,
-BoxMatcher and the padded NonMaxSuppression; from Keras, IoU and box delta
-encoding. Written here (pneumo_tf.models.detection_ops), because keras-hub has no Mask
-R-CNN (keras-hub#2449) and because of XLA: RoIAlign with gathers
-(tf.image.crop_and_resize has no XLA kernel), a fixed-size sampler, and no dynamic
-shapes anywhere (padded tensors with validity masks), so a training step and `infer`
-compile with `jit_compile=True`.
+subsamples P5; not in keras-hub's public API, hence the src import), AnchorGenerator and
+BoxMatcher; from Keras, IoU and box delta encoding; from TensorFlow, the padded NMS
+(keras-hub's drops boxes in graph mode: see detection_ops). Written here
+(pneumo_tf.models.detection_ops), because keras-hub has no Mask R-CNN (keras-hub#2449)
+and because of XLA: RoIAlign with gathers (tf.image.crop_and_resize has no XLA kernel),
+a fixed-size sampler, and no dynamic shapes anywhere (padded tensors with validity
+masks), so a training step and `infer` compile with `jit_compile=True`.
 
 Differences from matterport, each for a reason:
 - No pretrained weights (no network here): random initialisation, so the backbone's
@@ -293,7 +293,8 @@ class MaskRCNN(keras.Model):
     # -- second stage -------------------------------------------------------------------
 
     def proposals(self, raw, training: bool):
-        """(boxes [B, K, 4], valid [B, K]): the RPN's proposals, K by the mode (matterport's POST_NMS_ROIS_*)."""
+        """(boxes [B, K, 4], valid [B, K], anchor ids [B, K]): the RPN's proposals, K by the mode
+        (matterport's POST_NMS_ROIS_TRAINING / _INFERENCE)."""
         config = self.config
         count = config.post_nms_rois_training if training else config.post_nms_rois_inference
         return ops.propose(raw["rpn_logits"], raw["rpn_deltas"], self.anchors,
@@ -323,7 +324,7 @@ class MaskRCNN(keras.Model):
     def detect(self, raw):
         """The inference path: (boxes [B, D, 4], scores [B, D], counts [B]) with D = detection_max_instances."""
         config = self.config
-        rois, valid = self.proposals(raw, training=False)
+        rois, valid, _ = self.proposals(raw, training=False)
         class_logits, deltas = self.classify(raw, rois)
         return ops.detect(rois, valid, class_logits, deltas, config.bbox_std_dev, config.detection_min_confidence,
                           config.detection_nms_threshold, config.detection_max_instances)
@@ -341,7 +342,8 @@ class MaskRCNN(keras.Model):
                                                  config.rpn_negative_iou)
         size = config.rpn_train_anchors_per_image
         index, positive, valid = ops.balanced_sample(
-            labels == 1, labels == 0, ops.sampling_priorities(keys, step, len(self.anchors), salt=1), size, size // 2)
+            labels == 1, labels == 0, ops.sampling_priorities(keys, step, tf.range(len(self.anchors)), salt=1),
+            size, size // 2)
         logits = tf.gather(raw["rpn_logits"], index, batch_dims=1)
         cross_entropy = tf.nn.sigmoid_cross_entropy_with_logits(tf.cast(positive, tf.float32), logits)
         rpn_class = _pooled_mean(tf.reduce_sum(tf.where(valid, cross_entropy, 0.0)), tf.reduce_sum(tf.cast(valid, tf.int32)))
@@ -352,10 +354,12 @@ class MaskRCNN(keras.Model):
                                 4 * tf.reduce_sum(tf.cast(positive, tf.int32)))
 
         # Second stage on sampled proposals + ground truth.
-        proposals, proposal_valid = self.proposals(raw, training=True)
-        candidates = proposals.shape[1] + gt_boxes.shape[1]
+        proposals, proposal_valid, anchor_ids = self.proposals(raw, training=True)
+        # Candidates are named by their anchor, ground-truth box g by len(anchors) + g.
+        gt_ids = len(self.anchors) + tf.range(gt_boxes.shape[1])
+        ids = tf.concat([anchor_ids, tf.broadcast_to(gt_ids, tf.shape(gt_valid))], axis=1)
         rois = ops.sample_rois(proposals, proposal_valid, gt_boxes, gt_valid,
-                               ops.sampling_priorities(keys, step, candidates, salt=2), config.train_rois_per_image,
+                               ops.sampling_priorities(keys, step, ids, salt=2), config.train_rois_per_image,
                                config.roi_positives, config.roi_positive_iou, config.bbox_std_dev)
         class_logits, deltas = self.classify(raw, rois["rois"], training=training)
         cross_entropy = tf.nn.sparse_softmax_cross_entropy_with_logits(tf.cast(rois["is_positive"], tf.int32),
