@@ -1,7 +1,10 @@
 """The mask_rcnn architecture (models/mask_rcnn.py) and its ops (models/detection_ops.py), on 64-px inputs."""
 from __future__ import annotations
 
+import ast
+import dataclasses
 import math
+import pathlib
 import subprocess
 import sys
 import textwrap
@@ -93,6 +96,37 @@ def test_options_are_checked():
         mask_rcnn.build(SIZE, **{**TINY, "train_rois_per_image": 4, "roi_positive_ratio": 0.2})
     with pytest.raises(UserError, match="loss_weights has unknown terms"):
         mask_rcnn.build(SIZE, **TINY, loss_weights={"mask": 2.0})
+
+
+def _flagfile_options(path):
+    """(flags, model options) of an absl flagfile, options parsed as --model_option does."""
+    values, options = {}, {}
+    for line in path.read_text().splitlines():
+        if not line.startswith("--"):
+            continue
+        name, _, value = line[2:].partition("=")
+        if name == "model_option":
+            key, _, value = value.partition("=")
+            try:
+                options[key] = ast.literal_eval(value)
+            except (ValueError, SyntaxError):
+                options[key] = value
+        else:
+            values[name] = value
+    return values, options
+
+
+def test_flagfile_holds_the_seed_settings_which_are_the_defaults():
+    values, options = _flagfile_options(pathlib.Path(__file__).parents[1] / "flags" / "mask_rcnn.flags")
+    assert values == {"model": "mask_rcnn", "image_size": "256", "batch_size": "16", "epochs": "12",
+                      "learning_rate": "0.004"}
+    config = mask_rcnn.MaskRCNNConfig.from_options(options)
+    assert (config.backbone, config.train_rois_per_image, config.roi_positive_ratio, config.roi_positives) == (
+        "resnet50", 8, 0.225, 1)
+    assert (config.detection_min_confidence, config.detection_nms_threshold, config.detection_max_instances,
+            config.rpn_nms_threshold) == (0.9, 0.6, 3, 0.5)
+    assert config.weights == {"rpn_class": 1, "rpn_bbox": 1, "mrcnn_class": 1.25, "mrcnn_bbox": 1, "mrcnn_mask": 1}
+    assert dataclasses.replace(config, loss_weights={}) == mask_rcnn.MaskRCNNConfig()
 
 
 # -- anchors and RPN targets -------------------------------------------------------------
@@ -481,16 +515,20 @@ MIRRORED_VS_ONE_DEVICE = textwrap.dedent("""
     for key in terms_one:
         np.testing.assert_allclose(terms_two[key], terms_one[key], rtol=1e-5, err_msg=key)
     np.testing.assert_allclose(sum(terms_two.values()), sum(terms_one.values()), rtol=1e-5)
-    for a, b in zip(weights_one, weights_two):
-        np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-6)
+    # The same update: float sums in another order differ by ~1e-7 of the gradient.
+    worst = 0.0
+    for start, a, b in zip(initial, weights_one, weights_two):
+        if np.issubdtype(a.dtype, np.floating) and np.abs(a - start).max() > 0:
+            worst = max(worst, np.linalg.norm(b - a) / np.linalg.norm(a - start))
+        np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-5)
+    print("largest relative difference of an update", worst)
+    assert worst < 1e-4, worst
     print("same")
 """)
 
 
 @pytest.mark.slow
 def test_mirrored_over_two_cpus_matches_one_device():
-    import pathlib
-
     script = MIRRORED_VS_ONE_DEVICE.format(tests=str(pathlib.Path(__file__).parent))
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=600)
     assert result.returncode == 0 and "same" in result.stdout, result.stdout + result.stderr[-3000:]
