@@ -350,7 +350,7 @@ def train_step(network, optimizer, inputs, labels):
     with tf.GradientTape() as tape:
         raw = network(inputs, training=True)
         terms = ARCH.loss(network, inputs, labels, raw, training=True)
-        total = tf.add_n(list(terms.values()))
+        total = optimizer.scale_loss(tf.add_n(list(terms.values())))
     gradients = tape.gradient(total, network.trainable_variables)
     optimizer.apply_gradients(zip(gradients, network.trainable_variables))
     return terms
@@ -409,23 +409,26 @@ def test_seed_loss_weights_and_overrides():
     assert float(terms["mrcnn_mask"]) == pytest.approx(float(seed_terms["mrcnn_mask"]))
 
 
-@pytest.fixture
-def mixed_bfloat16():
+@pytest.fixture(params=["mixed_bfloat16", "mixed_float16"])
+def mixed_policy(request):
     previous = keras.mixed_precision.global_policy()
-    keras.mixed_precision.set_global_policy("mixed_bfloat16")
+    keras.mixed_precision.set_global_policy(request.param)
     try:
-        yield
+        yield request.param
     finally:
         keras.mixed_precision.set_global_policy(previous)
 
 
-@pytest.mark.usefixtures("mixed_bfloat16")
-def test_one_train_step_in_mixed_bfloat16():
+def test_one_train_step_in_mixed_precision(mixed_policy):
     inputs, labels = synthetic_batch()
     network = mask_rcnn.build(SIZE, **TINY)
-    assert network.first_stage.get_layer("rpn_conv_shared").compute_dtype == "bfloat16"
+    assert network.first_stage.get_layer("rpn_conv_shared").compute_dtype == mixed_policy.removeprefix("mixed_")
+    optimizer = keras.optimizers.SGD(0.01)
+    if mixed_policy == "mixed_float16":
+        # As Keras' compile does, at a loss scale where this step's float16 gradients stay finite.
+        optimizer = keras.optimizers.LossScaleOptimizer(optimizer, initial_scale=128.0)
     before = [np.array(w) for w in network.trainable_weights]
-    terms = train_step(network, keras.optimizers.SGD(0.01), inputs, labels)
+    terms = train_step(network, optimizer, inputs, labels)
     assert all(value.dtype == tf.float32 and np.isfinite(float(value)) for value in terms.values()), terms
     changed = [not np.array_equal(a, np.array(b)) for a, b in zip(before, network.trainable_weights)]
     assert all(changed), [w.path for w, c in zip(network.trainable_weights, changed) if not c]
