@@ -152,6 +152,9 @@ class MaskRCNNConfig:
         if len(self.backbone_filters) != 4 or self.backbone_filters[0] != 64:
             raise UserError(f"mask_rcnn backbone_filters needs 4 stacks starting at 64 (keras-hub's ResNet), "
                             f"not {self.backbone_filters}")
+        if RESNETS[self.backbone][1] == "basic_block" and self.stem_filters != self.backbone_filters[0]:
+            raise UserError(f"mask_rcnn {self.backbone} adds its stem to its first stack: stem_filters must be "
+                            f"{self.backbone_filters[0]}, not {self.stem_filters}")
         if self.backbone_blocks is not None and len(self.backbone_blocks) != 4:
             raise UserError(f"mask_rcnn backbone_blocks needs 4 stacks, not {self.backbone_blocks}")
         if len(self.rpn_anchor_scales) != len(LEVELS):
@@ -330,30 +333,50 @@ class MaskRCNN(keras.Model):
                           config.detection_nms_threshold, config.detection_max_instances)
 
     def loss_terms(self, images, gt_boxes, num_boxes, gt_mask, raw, training: bool) -> dict:
-        """The five weighted loss terms (float32 scalars, this replica's share; see architecture.py)."""
-        config = self.config
+        """The five weighted loss terms (float32 scalars, this replica's share; see architecture.py).
+
+        images [B, S, S, 1] (they key the samplers' order), gt_boxes [B, G, 4] normalised with
+        num_boxes [B] real ones, gt_mask [B, S, S, 1] the union of the boxes, raw = call(images).
+        A training call advances `sampler_step`; a validation call draws the same samples again.
+        """
         gt_boxes = tf.cast(gt_boxes, tf.float32)
         gt_valid = tf.range(gt_boxes.shape[1])[None, :] < tf.cast(num_boxes, tf.int32)[:, None]
         keys = ops.image_keys(images)
         step = tf.identity(self.sampler_step.value)
+        terms = {
+            **self._rpn_losses(raw, gt_boxes, gt_valid, keys, step),
+            **self._head_losses(raw, gt_boxes, gt_valid, gt_mask, keys, step, training),
+        }
+        if training:
+            self.sampler_step.assign_add(1)
+        weights = self.config.weights
+        return {name: tf.cast(weights[name], tf.float32) * terms[name] for name in LOSS_NAMES}
 
-        # RPN: sampled anchors (positives up to half), matterport's build_rpn_targets.
+    def _rpn_losses(self, raw, gt_boxes, gt_valid, keys, step) -> dict:
+        """Objectness over sampled anchors (positives up to half), deltas over the positives
+        (matterport's build_rpn_targets, rpn_class_loss_graph and rpn_bbox_loss_graph)."""
+        config = self.config
         labels, anchor_boxes = ops.match_anchors(self.anchors, gt_boxes, gt_valid, config.rpn_positive_iou,
                                                  config.rpn_negative_iou)
         size = config.rpn_train_anchors_per_image
-        index, positive, valid = ops.balanced_sample(
-            labels == 1, labels == 0, ops.sampling_priorities(keys, step, tf.range(len(self.anchors)), salt=1),
-            size, size // 2)
+        priority = ops.sampling_priorities(keys, step, tf.range(len(self.anchors)), salt=1)
+        index, positive, valid = ops.balanced_sample(labels == 1, labels == 0, priority, size, size // 2)
         logits = tf.gather(raw["rpn_logits"], index, batch_dims=1)
         cross_entropy = tf.nn.sigmoid_cross_entropy_with_logits(tf.cast(positive, tf.float32), logits)
-        rpn_class = _pooled_mean(tf.reduce_sum(tf.where(valid, cross_entropy, 0.0)), tf.reduce_sum(tf.cast(valid, tf.int32)))
         targets = ops.encode(tf.gather(self.anchors, index), tf.gather(anchor_boxes, index, batch_dims=1),
                              config.rpn_bbox_std_dev)
         errors = ops.smooth_l1(tf.gather(raw["rpn_deltas"], index, batch_dims=1) - targets)
-        rpn_bbox = _pooled_mean(tf.reduce_sum(tf.where(positive[..., None], errors, 0.0)),
-                                4 * tf.reduce_sum(tf.cast(positive, tf.int32)))
+        return {
+            "rpn_class": _pooled_mean(tf.reduce_sum(tf.where(valid, cross_entropy, 0.0)),
+                                      tf.reduce_sum(tf.cast(valid, tf.int32))),
+            "rpn_bbox": _pooled_mean(tf.reduce_sum(tf.where(positive[..., None], errors, 0.0)),
+                                     4 * tf.reduce_sum(tf.cast(positive, tf.int32))),
+        }
 
-        # Second stage on sampled proposals + ground truth.
+    def _head_losses(self, raw, gt_boxes, gt_valid, gt_mask, keys, step, training: bool) -> dict:
+        """Class over the sampled RoIs, deltas and masks over the positive ones (matterport's
+        DetectionTargetLayer and mrcnn_*_loss_graph, on proposals + ground truth)."""
+        config = self.config
         proposals, proposal_valid, anchor_ids = self.proposals(raw, training=True)
         # Candidates are named by their anchor, ground-truth box g by len(anchors) + g.
         gt_ids = len(self.anchors) + tf.range(gt_boxes.shape[1])
@@ -361,32 +384,25 @@ class MaskRCNN(keras.Model):
         rois = ops.sample_rois(proposals, proposal_valid, gt_boxes, gt_valid,
                                ops.sampling_priorities(keys, step, ids, salt=2), config.train_rois_per_image,
                                config.roi_positives, config.roi_positive_iou, config.bbox_std_dev)
+        positive, valid = rois["is_positive"], rois["valid"]
         class_logits, deltas = self.classify(raw, rois["rois"], training=training)
-        cross_entropy = tf.nn.sparse_softmax_cross_entropy_with_logits(tf.cast(rois["is_positive"], tf.int32),
-                                                                       class_logits)
-        mrcnn_class = _pooled_mean(tf.reduce_sum(tf.where(rois["valid"], cross_entropy, 0.0)),
-                                   tf.reduce_sum(tf.cast(rois["valid"], tf.int32)))
-        errors = ops.smooth_l1(deltas - rois["targets"])
-        positive = rois["is_positive"]
-        mrcnn_bbox = _pooled_mean(tf.reduce_sum(tf.where(positive[..., None], errors, 0.0)),
-                                  4 * tf.reduce_sum(tf.cast(positive, tf.int32)))
+        class_loss = tf.nn.sparse_softmax_cross_entropy_with_logits(tf.cast(positive, tf.int32), class_logits)
+        box_errors = ops.smooth_l1(deltas - rois["targets"])
 
-        # Masks: the sampler puts positives first, so the first roi_positives slots hold them all.
-        mask_rois = rois["rois"][:, : config.roi_positives]
-        mask_positive = positive[:, : config.roi_positives]
+        # The sampler puts positives first: the first roi_positives slots hold them all.
+        mask_rois, mask_positive = rois["rois"][:, : config.roi_positives], positive[:, : config.roi_positives]
         side = 2 * config.mask_pool_size
-        logits = self.mask_logits(raw, mask_rois, training=training)
         crops = ops.roi_align([tf.cast(gt_mask, tf.float32)], mask_rois, tf.zeros_like(mask_positive, tf.int32), side)
-        targets = tf.cast(crops[..., 0] >= 0.5, tf.float32)
-        cross_entropy = tf.nn.sigmoid_cross_entropy_with_logits(targets, logits)
-        mrcnn_mask = _pooled_mean(tf.reduce_sum(tf.where(mask_positive[..., None, None], cross_entropy, 0.0)),
-                                  side * side * tf.reduce_sum(tf.cast(mask_positive, tf.int32)))
-
-        if training:
-            self.sampler_step.assign_add(1)
-        terms = dict(zip(LOSS_NAMES, (rpn_class, rpn_bbox, mrcnn_class, mrcnn_bbox, mrcnn_mask)))
-        weights = config.weights
-        return {name: tf.cast(weights[name], tf.float32) * term for name, term in terms.items()}
+        mask_loss = tf.nn.sigmoid_cross_entropy_with_logits(tf.cast(crops[..., 0] >= 0.5, tf.float32),
+                                                            self.mask_logits(raw, mask_rois, training=training))
+        return {
+            "mrcnn_class": _pooled_mean(tf.reduce_sum(tf.where(valid, class_loss, 0.0)),
+                                        tf.reduce_sum(tf.cast(valid, tf.int32))),
+            "mrcnn_bbox": _pooled_mean(tf.reduce_sum(tf.where(positive[..., None], box_errors, 0.0)),
+                                       4 * tf.reduce_sum(tf.cast(positive, tf.int32))),
+            "mrcnn_mask": _pooled_mean(tf.reduce_sum(tf.where(mask_positive[..., None, None], mask_loss, 0.0)),
+                                       side * side * tf.reduce_sum(tf.cast(mask_positive, tf.int32))),
+        }
 
 
 class MaskRCNNArchitecture(BoxDetector):
