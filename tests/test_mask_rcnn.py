@@ -468,6 +468,24 @@ def test_keras_file_round_trip_gives_identical_inference(tmp_path):
         np.testing.assert_array_equal(actual[key], expected[key])
 
 
+def test_saved_model_serves_infer_for_any_batch_size(tmp_path):
+    """The serving signature (images [None, S, S, 1] -> detector outputs) exports and reloads."""
+    inputs, labels = synthetic_batch()
+    network = mask_rcnn.build(SIZE, **TINY, detection_min_confidence=0.0)
+    train_step(network, keras.optimizers.SGD(0.01), inputs, labels)
+    archive = keras.export.ExportArchive()
+    archive.track(network)
+    archive.add_endpoint("serve", lambda images: ARCH.infer(network, images),
+                         input_signature=[tf.TensorSpec([None, SIZE, SIZE, 1], tf.float32)])
+    archive.write_out(str(tmp_path / "saved_model"), verbose=False)
+    served = tf.saved_model.load(str(tmp_path / "saved_model"))
+    for images in (inputs["image"], inputs["image"][:1]):
+        expected, actual = ARCH.infer(network, images), served.serve(images)
+        assert expected.keys() == actual.keys()
+        for key in expected:
+            np.testing.assert_allclose(actual[key], expected[key], rtol=1e-5, atol=1e-6)
+
+
 # The same batch and initial weights on one device and on MirroredStrategy over two
 # logical CPUs (two images per replica): same loss terms, same weights after one step.
 MIRRORED_VS_ONE_DEVICE = textwrap.dedent("""
