@@ -94,6 +94,8 @@ def test_options_are_checked():
         mask_rcnn.build(96, **TINY)
     with pytest.raises(UserError, match="one positive RoI"):
         mask_rcnn.build(SIZE, **{**TINY, "train_rois_per_image": 4, "roi_positive_ratio": 0.2})
+    with pytest.raises(UserError, match="from post_nms_rois_training=8 proposals"):
+        mask_rcnn.build(SIZE, **{**TINY, "post_nms_rois_training": 8})
     with pytest.raises(UserError, match="stem_filters must be 64"):
         mask_rcnn.build(SIZE, **{**TINY, "stem_filters": 16})
     with pytest.raises(UserError, match="loss_weights has unknown terms"):

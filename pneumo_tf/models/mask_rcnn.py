@@ -46,6 +46,11 @@ Differences from matterport, each for a reason:
   ones); no batch norm in the heads (matterport's is frozen, i.e. an affine map).
 - The mask target is the record's box mask (the union of the boxes) cropped to each
   positive RoI by the same RoIAlign (28x28) and thresholded at 0.5: RSNA's masks are boxes.
+- RoIAlign samples each bin's centre with half-pixel alignment (Detectron2's aligned
+  RoIAlign; matterport's crop_and_resize samples bin corners) and assigns a RoI to
+  floor(4 + log2(sqrt(area) / 224)) (the FPN paper; matterport rounds).
+- A detection's score is P(opacity) (matterport keeps a RoI's argmax class: the same
+  decision for any min confidence >= 0.5, and lower thresholds keep a ranking).
 
 The seed's settings (report section 8: DetectorConfig) are the defaults: ResNet-50 at
 256 px, TRAIN_ROIS_PER_IMAGE 8, ROI_POSITIVE_RATIO 0.225, DETECTION_MAX_INSTANCES 3,
@@ -163,6 +168,9 @@ class MaskRCNNConfig:
         if self.roi_positives < 1:
             raise UserError(f"mask_rcnn train_rois_per_image * roi_positive_ratio must allow one positive RoI; "
                             f"{self.train_rois_per_image} * {self.roi_positive_ratio} does not")
+        if self.post_nms_rois_training < self.train_rois_per_image:
+            raise UserError(f"mask_rcnn samples train_rois_per_image={self.train_rois_per_image} RoIs from "
+                            f"post_nms_rois_training={self.post_nms_rois_training} proposals: too few")
         if not 0 <= self.detection_min_confidence <= 1:
             raise UserError(f"mask_rcnn detection_min_confidence must be in [0, 1], not "
                             f"{self.detection_min_confidence}")
