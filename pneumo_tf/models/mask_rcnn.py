@@ -1,0 +1,438 @@
+"""The seed report's two-stage Mask R-CNN (matterport's design) on Keras 3, as the `mask_rcnn` architecture.
+
+Architecture (He et al. 2017; matterport/Mask_RCNN, the seed's implementation):
+
+  image -> ResNet (C2..C5) -> FPN (P2..P6) -> RPN head on every level (objectness + deltas
+  for 3 anchors per cell; anchor sides 32..512 px on P2..P6)
+  -> proposals: top `pre_nms_limit` anchors, decoded, padded NMS (rpn_nms_threshold)
+  -> training: proposals + ground truth, sampled to `train_rois_per_image` RoIs (up to
+     `roi_positive_ratio` positive, IoU >= 0.5), RoIAlign from P2..P5 (7x7 for the box
+     head, 14x14 for the mask head), box/class head (two fully connected layers), mask
+     head (four 3x3 convolutions, a 2x up-convolution, 28x28 logits)
+  -> inference: every proposal through the box/class head, refined, kept when
+     P(opacity) >= detection_min_confidence, NMS (detection_nms_threshold), the best
+     detection_max_instances.
+
+Train and inference paths. The network (`MaskRCNN`, a keras.Model) returns the first
+stage: FPN features "P2".."P6", "rpn_logits" [B, A] and "rpn_deltas" [B, A, 4]. The rest
+needs the ground truth during training, so it runs in `MaskRCNN.loss_terms` (targets,
+proposals, the RoI sampler, RoIAlign, both heads) and `MaskRCNN.detect` (proposals, box
+head, detection layer); the heads are layers of the network, so their gradients flow
+and they are saved with it. `MaskRCNNArchitecture` maps the model contract
+(pneumo_tf.models.architecture) onto these.
+
+From keras-hub (0.32): ResNetBackbone (its pyramid outputs C2..C5), the FPN layer of its
+RetinaNet (FeaturePyramid, P6 by a stride-2 convolution of P5 where matterport
+subsamples P5; not in keras-hub's public API, hence the src import), AnchorGenerator and
+BoxMatcher; from Keras, IoU and box delta encoding; from TensorFlow, the padded NMS
+(keras-hub's drops boxes in graph mode: see detection_ops). Written here
+(pneumo_tf.models.detection_ops), because keras-hub has no Mask R-CNN (keras-hub#2449)
+and because of XLA: RoIAlign with gathers (tf.image.crop_and_resize has no XLA kernel),
+a fixed-size sampler, and no dynamic shapes anywhere (padded tensors with validity
+masks), so a training step and `infer` compile with `jit_compile=True`.
+
+Differences from matterport, each for a reason:
+- No pretrained weights (no network here): random initialisation, so the backbone's
+  batch norm trains (matterport freezes it, TRAIN_BN=False, for COCO weights). It is
+  synchronised across replicas, so N replicas train what one device trains on the
+  global batch, as the RoI and anchor samplers do (see detection_ops.balanced_sample).
+- Sampled RoIs always number train_rois_per_image (negatives fill what positives leave,
+  as in Detectron): matterport's rule (negatives = positives / ratio - positives) gives
+  an image without boxes no RoI at all, and ~70% of RSNA images have none.
+- Ground-truth boxes join the proposals before sampling (Detectron), so the box and mask
+  heads see positives from the first step.
+- One objectness logit per anchor (sigmoid) instead of a two-way softmax; box deltas and
+  masks for the one foreground class only (matterport also predicts unused background
+  ones); no batch norm in the heads (matterport's is frozen, i.e. an affine map).
+- The mask target is the record's box mask (the union of the boxes) cropped to each
+  positive RoI by the same RoIAlign (28x28) and thresholded at 0.5: RSNA's masks are boxes.
+- RoIAlign samples each bin's centre with half-pixel alignment (Detectron2's aligned
+  RoIAlign; matterport's crop_and_resize samples bin corners) and assigns a RoI to
+  floor(4 + log2(sqrt(area) / 224)) (the FPN paper; matterport rounds).
+- A detection's score is P(opacity) (matterport keeps a RoI's argmax class: the same
+  decision for any min confidence >= 0.5, and lower thresholds keep a ranking).
+
+The seed's settings (report section 8: DetectorConfig) are the defaults: ResNet-50 at
+256 px, TRAIN_ROIS_PER_IMAGE 8, ROI_POSITIVE_RATIO 0.225, DETECTION_MAX_INSTANCES 3,
+DETECTION_MIN_CONFIDENCE 0.9, DETECTION_NMS_THRESHOLD 0.6, RPN_NMS_THRESHOLD 0.5, and
+LOSS_WEIGHTS rpn_class 1, rpn_bbox 1, mrcnn_class 1.25, mrcnn_bbox 1, mrcnn_mask 1;
+everything it did not set is matterport's default (anchor scales, 256 anchors per image
+for the RPN, 6000/2000/1000 proposals, 7/14 pooling, 1024-unit head, box std devs).
+See flags/mask_rcnn.flags.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import keras
+import keras_hub
+import numpy as np
+import tensorflow as tf
+from keras import layers
+from keras_hub.src.models.retinanet.feature_pyramid import FeaturePyramid
+
+from pneumo_tf.errors import UserError
+from pneumo_tf.models import detection_ops as ops
+from pneumo_tf.models.architecture import BoxDetector, detector_outputs, replica_count, sum_over_replicas
+
+# Blocks per stack and block type of keras-hub's ResNet presets.
+RESNETS = {
+    "resnet18": ((2, 2, 2, 2), "basic_block"),
+    "resnet34": ((3, 4, 6, 3), "basic_block"),
+    "resnet50": ((3, 4, 6, 3), "bottleneck_block"),
+    "resnet101": ((3, 4, 23, 3), "bottleneck_block"),
+}
+LEVELS = (2, 3, 4, 5, 6)  # P2..P6 for the RPN
+ROI_LEVELS = 4  # P2..P5 for RoIAlign (matterport's and the FPN paper's)
+LOSS_NAMES = ("rpn_class", "rpn_bbox", "mrcnn_class", "mrcnn_bbox", "mrcnn_mask")
+SEED_LOSS_WEIGHTS = {"rpn_class": 1.0, "rpn_bbox": 1.0, "mrcnn_class": 1.25, "mrcnn_bbox": 1.0, "mrcnn_mask": 1.0}
+# Background and Lung Opacity (the seed's NUM_CLASSES = 2).
+NUM_CLASSES = 2
+
+
+@dataclasses.dataclass(frozen=True)
+class MaskRCNNConfig:
+    """Every option of the network (`--model_option=name=value`); names follow matterport's Config."""
+
+    # Backbone: keras-hub's ResNet. backbone_blocks overrides the blocks per stack of
+    # `backbone`, backbone_filters the filters per stack (keras-hub needs 64 first).
+    backbone: str = "resnet50"
+    backbone_blocks: tuple | None = None
+    backbone_filters: tuple = (64, 128, 256, 512)
+    stem_filters: int = 64
+    top_down_pyramid_size: int = 256  # FPN width
+    # RPN: one anchor side (pixels) per level P2..P6, three aspect ratios (height / width).
+    rpn_anchor_scales: tuple = (32, 64, 128, 256, 512)
+    rpn_anchor_ratios: tuple = (0.5, 1.0, 2.0)
+    rpn_conv_size: int = 512
+    rpn_train_anchors_per_image: int = 256
+    rpn_positive_iou: float = 0.7
+    rpn_negative_iou: float = 0.3
+    rpn_bbox_std_dev: tuple = (0.1, 0.1, 0.2, 0.2)
+    pre_nms_limit: int = 6000
+    post_nms_rois_training: int = 2000
+    post_nms_rois_inference: int = 1000
+    rpn_nms_threshold: float = 0.5  # seed (matterport: 0.7)
+    # Second stage.
+    train_rois_per_image: int = 8  # seed (matterport: 200)
+    roi_positive_ratio: float = 0.225  # seed (matterport: 0.33)
+    roi_positive_iou: float = 0.5
+    bbox_std_dev: tuple = (0.1, 0.1, 0.2, 0.2)
+    pool_size: int = 7
+    mask_pool_size: int = 14
+    fpn_classif_fc_layers_size: int = 1024
+    mask_head_size: int = 256
+    mask_head_convs: int = 4
+    # Detection layer.
+    detection_min_confidence: float = 0.9  # seed (matterport: 0.7)
+    detection_nms_threshold: float = 0.6  # seed (matterport: 0.3)
+    detection_max_instances: int = 3  # seed (matterport: 100)
+    # Loss weights by term; missing terms keep the seed's weight.
+    loss_weights: dict = dataclasses.field(default_factory=dict)
+
+    @classmethod
+    def from_options(cls, options: dict) -> "MaskRCNNConfig":
+        known = {field.name for field in dataclasses.fields(cls)}
+        unknown = sorted(set(options) - known)
+        if unknown:
+            raise UserError(f"unknown mask_rcnn option(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+        # Lists come back from JSON (a saved model's config) where tuples went in.
+        values = {key: tuple(value) if isinstance(value, list) else value for key, value in options.items()}
+        config = cls(**values)
+        config.validate()
+        return config
+
+    @property
+    def roi_positives(self) -> int:
+        """Most positive RoIs per image: matterport's int(TRAIN_ROIS_PER_IMAGE * ROI_POSITIVE_RATIO)."""
+        return int(self.train_rois_per_image * self.roi_positive_ratio + 1e-6)
+
+    @property
+    def weights(self) -> dict:
+        return {**SEED_LOSS_WEIGHTS, **self.loss_weights}
+
+    def validate(self) -> None:
+        if self.backbone not in RESNETS:
+            raise UserError(f"mask_rcnn backbone must be one of {', '.join(RESNETS)}, not {self.backbone!r}")
+        if len(self.backbone_filters) != 4 or self.backbone_filters[0] != 64:
+            raise UserError(f"mask_rcnn backbone_filters needs 4 stacks starting at 64 (keras-hub's ResNet), "
+                            f"not {self.backbone_filters}")
+        if RESNETS[self.backbone][1] == "basic_block" and self.stem_filters != self.backbone_filters[0]:
+            raise UserError(f"mask_rcnn {self.backbone} adds its stem to its first stack: stem_filters must be "
+                            f"{self.backbone_filters[0]}, not {self.stem_filters}")
+        if self.backbone_blocks is not None and len(self.backbone_blocks) != 4:
+            raise UserError(f"mask_rcnn backbone_blocks needs 4 stacks, not {self.backbone_blocks}")
+        if len(self.rpn_anchor_scales) != len(LEVELS):
+            raise UserError(f"mask_rcnn rpn_anchor_scales needs one side per level P2..P6, not "
+                            f"{self.rpn_anchor_scales}")
+        if self.roi_positives < 1:
+            raise UserError(f"mask_rcnn train_rois_per_image * roi_positive_ratio must allow one positive RoI; "
+                            f"{self.train_rois_per_image} * {self.roi_positive_ratio} does not")
+        if self.post_nms_rois_training < self.train_rois_per_image:
+            raise UserError(f"mask_rcnn samples train_rois_per_image={self.train_rois_per_image} RoIs from "
+                            f"post_nms_rois_training={self.post_nms_rois_training} proposals: too few")
+        if not 0 <= self.detection_min_confidence <= 1:
+            raise UserError(f"mask_rcnn detection_min_confidence must be in [0, 1], not "
+                            f"{self.detection_min_confidence}")
+        unknown = sorted(set(self.loss_weights) - set(LOSS_NAMES))
+        if unknown:
+            raise UserError(f"mask_rcnn loss_weights has unknown terms {unknown}; known: {', '.join(LOSS_NAMES)}")
+
+
+def _anchors(image_size: int, config: MaskRCNNConfig) -> np.ndarray:
+    """float32 [A, 4] normalised yxyx, in the order of the RPN's outputs (level, row, column, ratio)."""
+    per_level = []
+    for level, side in zip(LEVELS, config.rpn_anchor_scales):
+        generator = keras_hub.layers.AnchorGenerator(
+            bounding_box_format="yxyx", min_level=level, max_level=level, num_scales=1,
+            aspect_ratios=list(config.rpn_anchor_ratios), anchor_size=side / 2**level,
+        )
+        per_level.append(np.asarray(generator(np.zeros((1, image_size, image_size, 1)))[f"P{level}"]))
+    return (np.concatenate(per_level) / image_size).astype(np.float32)
+
+
+def _backbone(image_size: int, config: MaskRCNNConfig) -> keras.Model:
+    """keras-hub's ResNet as image -> {"P2": C2, ..., "P5": C5}, with synchronised batch norm."""
+    blocks, block_type = RESNETS[config.backbone]
+    resnet = keras_hub.models.ResNetBackbone(
+        input_conv_filters=[config.stem_filters], input_conv_kernel_sizes=[7],
+        stackwise_num_filters=list(config.backbone_filters),
+        stackwise_num_blocks=list(config.backbone_blocks or blocks), stackwise_num_strides=[1, 2, 2, 2],
+        block_type=block_type, image_shape=(image_size, image_size, 1), name="resnet",
+    )
+    # Detection batches are small per replica: per-replica statistics would make N
+    # replicas train another model than one device on the same global batch.
+    for layer in resnet.layers:
+        if isinstance(layer, layers.BatchNormalization):
+            layer.synchronized = True
+    outputs = {f"P{level}": resnet.pyramid_outputs[f"P{level}"] for level in LEVELS[:-1]}
+    return keras.Model(resnet.inputs, outputs, name="backbone")
+
+
+def _first_stage(image_size: int, config: MaskRCNNConfig) -> keras.Model:
+    """image -> FPN features P2..P6 and the RPN's outputs over all anchors (float32)."""
+    image = keras.Input((image_size, image_size, 1), name="image")
+    fpn = FeaturePyramid(min_level=LEVELS[0], max_level=LEVELS[-1], use_p5=False,
+                         num_filters=config.top_down_pyramid_size, name="fpn")
+    features = fpn(_backbone(image_size, config)(image))
+    anchors_per_cell = len(config.rpn_anchor_ratios)
+    # One head shared by every level, as in matterport and the FPN paper.
+    shared = layers.Conv2D(config.rpn_conv_size, 3, padding="same", activation="relu", name="rpn_conv_shared")
+    objectness = layers.Conv2D(anchors_per_cell, 1, dtype="float32", name="rpn_class")
+    regression = layers.Conv2D(4 * anchors_per_cell, 1, dtype="float32", name="rpn_bbox")
+    logits, deltas = [], []
+    for level in LEVELS:
+        x = shared(features[f"P{level}"])
+        logits.append(layers.Reshape((-1,), dtype="float32")(objectness(x)))
+        deltas.append(layers.Reshape((-1, 4), dtype="float32")(regression(x)))
+    outputs = dict(features)
+    outputs["rpn_logits"] = layers.Concatenate(axis=1, dtype="float32", name="rpn_logits")(logits)
+    outputs["rpn_deltas"] = layers.Concatenate(axis=1, dtype="float32", name="rpn_deltas")(deltas)
+    return keras.Model(image, outputs, name="first_stage")
+
+
+def _box_head(config: MaskRCNNConfig) -> keras.Model:
+    """[R, pool, pool, C] RoI features -> class logits [R, 2] and opacity box deltas [R, 4] (float32)."""
+    rois = keras.Input((config.pool_size, config.pool_size, config.top_down_pyramid_size), name="roi_features")
+    x = layers.Flatten()(rois)
+    for index in range(2):
+        x = layers.Dense(config.fpn_classif_fc_layers_size, activation="relu", name=f"mrcnn_fc{index + 1}")(x)
+    outputs = {
+        "class_logits": layers.Dense(NUM_CLASSES, dtype="float32", name="mrcnn_class_logits")(x),
+        "deltas": layers.Dense(4, dtype="float32", name="mrcnn_bbox")(x),
+    }
+    return keras.Model(rois, outputs, name="box_head")
+
+
+def _mask_head(config: MaskRCNNConfig) -> keras.Model:
+    """[R, m, m, C] RoI features -> opacity mask logits [R, 2m, 2m, 1] (float32)."""
+    size = config.mask_pool_size
+    rois = keras.Input((size, size, config.top_down_pyramid_size), name="roi_features")
+    x = rois
+    for index in range(config.mask_head_convs):
+        x = layers.Conv2D(config.mask_head_size, 3, padding="same", activation="relu",
+                          name=f"mrcnn_mask_conv{index + 1}")(x)
+    x = layers.Conv2DTranspose(config.mask_head_size, 2, strides=2, activation="relu", name="mrcnn_mask_deconv")(x)
+    logits = layers.Conv2D(1, 1, dtype="float32", name="mrcnn_mask")(x)
+    return keras.Model(rois, logits, name="mask_head")
+
+
+def _pooled_mean(total, count):
+    """This replica's share of sum / count over the global batch (the contract's pooling rule)."""
+    return total * float(replica_count()) / tf.maximum(sum_over_replicas(tf.cast(count, tf.float32)), 1.0)
+
+
+@keras.saving.register_keras_serializable(package="pneumo_tf")
+class MaskRCNN(keras.Model):
+    """The network: call gives the first stage; `loss_terms` and `detect` run the second.
+
+    Built complete (every head has its weights) so the optimizer, `count_params` and a
+    saved file see all of it before the first step. `sampler_step` counts training
+    steps: the anchor and RoI samplers draw a new order at every step from it.
+    """
+
+    def __init__(self, image_size: int, name: str = "mask_rcnn", **options):
+        super().__init__(name=name)
+        if image_size % 2 ** LEVELS[-1]:
+            raise UserError(f"the mask_rcnn model needs an image size divisible by {2 ** LEVELS[-1]} "
+                            f"(its coarsest level, P6); got {image_size}")
+        self.image_size = image_size
+        self.options = dict(options)
+        self.config = MaskRCNNConfig.from_options(options)
+        self.anchors = _anchors(image_size, self.config)
+        if len(self.anchors) < self.config.rpn_train_anchors_per_image:
+            raise UserError(f"mask_rcnn at {image_size} px has {len(self.anchors)} anchors, fewer than "
+                            f"rpn_train_anchors_per_image={self.config.rpn_train_anchors_per_image}")
+        self.first_stage = _first_stage(image_size, self.config)
+        self.box_head = _box_head(self.config)
+        self.mask_head = _mask_head(self.config)
+        self.sampler_step = self.add_weight(name="sampler_step", shape=(), dtype="int32", initializer="zeros",
+                                            trainable=False, aggregation="only_first_replica")
+        self.built = True
+
+    def call(self, inputs, training=False):
+        image = inputs["image"] if isinstance(inputs, dict) else inputs
+        return self.first_stage(image, training=training)
+
+    def get_config(self):
+        return {"image_size": self.image_size, "name": self.name, **self.options}
+
+    @classmethod
+    def from_config(cls, config):
+        return cls(**config)
+
+    # -- second stage -------------------------------------------------------------------
+
+    def proposals(self, raw, training: bool):
+        """(boxes [B, K, 4], valid [B, K], anchor ids [B, K]): the RPN's proposals, K by the mode
+        (matterport's POST_NMS_ROIS_TRAINING / _INFERENCE)."""
+        config = self.config
+        count = config.post_nms_rois_training if training else config.post_nms_rois_inference
+        return ops.propose(raw["rpn_logits"], raw["rpn_deltas"], self.anchors,
+                           min(config.pre_nms_limit, len(self.anchors)), count, config.rpn_nms_threshold,
+                           config.rpn_bbox_std_dev)
+
+    def _pooled(self, raw, rois, size: int):
+        """RoIAlign of [B, N, 4] boxes from P2..P5 -> [B * N, size, size, C]."""
+        levels = ops.fpn_levels(rois, self.image_size, ROI_LEVELS, min_level=LEVELS[0])
+        maps = [raw[f"P{level}"] for level in LEVELS[:ROI_LEVELS]]
+        pooled = ops.roi_align(maps, rois, levels, size)
+        return tf.reshape(pooled, [-1, size, size, pooled.shape[-1]])
+
+    def classify(self, raw, rois, training: bool = False):
+        """Box/class head on [B, N, 4] RoIs -> (class logits [B, N, 2], opacity deltas [B, N, 4])."""
+        head = self.box_head(self._pooled(raw, rois, self.config.pool_size), training=training)
+        shape = tf.shape(rois)[:2]
+        return (tf.reshape(head["class_logits"], tf.concat([shape, [NUM_CLASSES]], 0)),
+                tf.reshape(head["deltas"], tf.concat([shape, [4]], 0)))
+
+    def mask_logits(self, raw, rois, training: bool = False):
+        """Mask head on [B, N, 4] RoIs -> logits [B, N, 2m, 2m]."""
+        logits = self.mask_head(self._pooled(raw, rois, self.config.mask_pool_size), training=training)
+        side = 2 * self.config.mask_pool_size
+        return tf.reshape(logits, tf.concat([tf.shape(rois)[:2], [side, side]], 0))
+
+    def detect(self, raw):
+        """The inference path: (boxes [B, D, 4], scores [B, D], counts [B]) with D = detection_max_instances."""
+        config = self.config
+        rois, valid, _ = self.proposals(raw, training=False)
+        class_logits, deltas = self.classify(raw, rois)
+        return ops.detect(rois, valid, class_logits, deltas, config.bbox_std_dev, config.detection_min_confidence,
+                          config.detection_nms_threshold, config.detection_max_instances)
+
+    def loss_terms(self, images, gt_boxes, num_boxes, gt_mask, raw, training: bool) -> dict:
+        """The five weighted loss terms (float32 scalars, this replica's share; see architecture.py).
+
+        images [B, S, S, 1] (they key the samplers' order), gt_boxes [B, G, 4] normalised with
+        num_boxes [B] real ones, gt_mask [B, S, S, 1] the union of the boxes, raw = call(images).
+        A training call advances `sampler_step`; a validation call draws the same samples again.
+        """
+        gt_boxes = tf.cast(gt_boxes, tf.float32)
+        gt_valid = tf.range(gt_boxes.shape[1])[None, :] < tf.cast(num_boxes, tf.int32)[:, None]
+        keys = ops.image_keys(images)
+        step = tf.identity(self.sampler_step.value)
+        terms = {
+            **self._rpn_losses(raw, gt_boxes, gt_valid, keys, step),
+            **self._head_losses(raw, gt_boxes, gt_valid, gt_mask, keys, step, training),
+        }
+        if training:
+            self.sampler_step.assign_add(1)
+        weights = self.config.weights
+        return {name: tf.cast(weights[name], tf.float32) * terms[name] for name in LOSS_NAMES}
+
+    def _rpn_losses(self, raw, gt_boxes, gt_valid, keys, step) -> dict:
+        """Objectness over sampled anchors (positives up to half), deltas over the positives
+        (matterport's build_rpn_targets, rpn_class_loss_graph and rpn_bbox_loss_graph)."""
+        config = self.config
+        labels, anchor_boxes = ops.match_anchors(self.anchors, gt_boxes, gt_valid, config.rpn_positive_iou,
+                                                 config.rpn_negative_iou)
+        size = config.rpn_train_anchors_per_image
+        priority = ops.sampling_priorities(keys, step, tf.range(len(self.anchors)), salt=1)
+        index, positive, valid = ops.balanced_sample(labels == 1, labels == 0, priority, size, size // 2)
+        logits = tf.gather(raw["rpn_logits"], index, batch_dims=1)
+        cross_entropy = tf.nn.sigmoid_cross_entropy_with_logits(tf.cast(positive, tf.float32), logits)
+        targets = ops.encode(tf.gather(self.anchors, index), tf.gather(anchor_boxes, index, batch_dims=1),
+                             config.rpn_bbox_std_dev)
+        errors = ops.smooth_l1(tf.gather(raw["rpn_deltas"], index, batch_dims=1) - targets)
+        return {
+            "rpn_class": _pooled_mean(tf.reduce_sum(tf.where(valid, cross_entropy, 0.0)),
+                                      tf.reduce_sum(tf.cast(valid, tf.int32))),
+            "rpn_bbox": _pooled_mean(tf.reduce_sum(tf.where(positive[..., None], errors, 0.0)),
+                                     4 * tf.reduce_sum(tf.cast(positive, tf.int32))),
+        }
+
+    def _head_losses(self, raw, gt_boxes, gt_valid, gt_mask, keys, step, training: bool) -> dict:
+        """Class over the sampled RoIs, deltas and masks over the positive ones (matterport's
+        DetectionTargetLayer and mrcnn_*_loss_graph, on proposals + ground truth)."""
+        config = self.config
+        proposals, proposal_valid, anchor_ids = self.proposals(raw, training=True)
+        # Candidates are named by their anchor, ground-truth box g by len(anchors) + g.
+        gt_ids = len(self.anchors) + tf.range(gt_boxes.shape[1])
+        ids = tf.concat([anchor_ids, tf.broadcast_to(gt_ids, tf.shape(gt_valid))], axis=1)
+        rois = ops.sample_rois(proposals, proposal_valid, gt_boxes, gt_valid,
+                               ops.sampling_priorities(keys, step, ids, salt=2), config.train_rois_per_image,
+                               config.roi_positives, config.roi_positive_iou, config.bbox_std_dev)
+        positive, valid = rois["is_positive"], rois["valid"]
+        class_logits, deltas = self.classify(raw, rois["rois"], training=training)
+        class_loss = tf.nn.sparse_softmax_cross_entropy_with_logits(tf.cast(positive, tf.int32), class_logits)
+        box_errors = ops.smooth_l1(deltas - rois["targets"])
+
+        # The sampler puts positives first: the first roi_positives slots hold them all.
+        mask_rois, mask_positive = rois["rois"][:, : config.roi_positives], positive[:, : config.roi_positives]
+        side = 2 * config.mask_pool_size
+        crops = ops.roi_align([tf.cast(gt_mask, tf.float32)], mask_rois, tf.zeros_like(mask_positive, tf.int32), side)
+        mask_loss = tf.nn.sigmoid_cross_entropy_with_logits(tf.cast(crops[..., 0] >= 0.5, tf.float32),
+                                                            self.mask_logits(raw, mask_rois, training=training))
+        return {
+            "mrcnn_class": _pooled_mean(tf.reduce_sum(tf.where(valid, class_loss, 0.0)),
+                                        tf.reduce_sum(tf.cast(valid, tf.int32))),
+            "mrcnn_bbox": _pooled_mean(tf.reduce_sum(tf.where(positive[..., None], box_errors, 0.0)),
+                                       4 * tf.reduce_sum(tf.cast(positive, tf.int32))),
+            "mrcnn_mask": _pooled_mean(tf.reduce_sum(tf.where(mask_positive[..., None, None], mask_loss, 0.0)),
+                                       side * side * tf.reduce_sum(tf.cast(mask_positive, tf.int32))),
+        }
+
+
+class MaskRCNNArchitecture(BoxDetector):
+    """The contract for MaskRCNN: labels are the boxes and the box mask; outputs are detections."""
+
+    name = "mask_rcnn"
+    label_keys = ("boxes", "mask")
+
+    def build(self, image_size: int, **options) -> keras.Model:
+        return MaskRCNN(image_size, **options)
+
+    def loss(self, network: keras.Model, inputs: dict, labels: dict, raw: dict, training: bool) -> dict:
+        return network.loss_terms(inputs["image"], labels["boxes"], labels["num_boxes"], labels["mask"], raw,
+                                  training)
+
+    def outputs(self, network: keras.Model, inputs: dict, raw: dict) -> dict:
+        return detector_outputs(*network.detect(raw))
+
+
+ARCHITECTURE = MaskRCNNArchitecture()
+
+
+def build(image_size: int, **options) -> keras.Model:
+    """The Mask R-CNN network for [image_size, image_size, 1] images; options: MaskRCNNConfig's fields."""
+    return ARCHITECTURE.build(image_size, **options)

@@ -1,0 +1,343 @@
+"""RetinaNet (one-stage, focal loss): keras-hub's detector behind the pneumo_tf model contract.
+
+keras-hub provides the network and its box machinery: `ResNetBackbone` (the image encoder,
+randomly initialised: no presets are downloaded), `RetinaNetBackbone` (a feature pyramid on
+the encoder's P3-P5 plus strided P6, P7), `RetinaNetObjectDetector` (shared box and class
+heads over every level), `AnchorGenerator`, `RetinaNetLabelEncoder` (anchor-to-box matching
+and delta targets) and the padded, XLA-friendly `NonMaxSuppression`. Here it is one class
+(lung opacity) on grey images, and the parts keras-hub gets wrong for RSNA or for this
+framework are replaced:
+
+* Input and outputs. `RetinaNetNetwork` wraps the detector so it takes {"image": [B, S, S, 1]}
+  and returns its raw {"bbox_regression": [B, A, 4] (center_xywh deltas), "cls_logits":
+  [B, A, 1]} as float32 under any precision policy. The encoder's BatchNormalization layers
+  are synchronised across replicas (as in mask_resnet: with small per-replica detection batches,
+  N replicas would otherwise train another model than one device on the same global batch);
+  the wrapper re-applies that after a `.keras` reload, which rebuilds keras-hub's backbone
+  from its constructor arguments.
+* Boxes (`keras_hub_labels`). keras-hub's label encoder wants boxes in pixels with padding rows
+  of -1 and classes 0 / -1 (its relative "rel_yxyx" format fails when the model is built), so
+  the batch's normalised (ymin, xmin, ymax, xmax), padded after num_boxes, are converted.
+* Loss (`RetinaNet.loss`). keras-hub's `compute_loss` sets every weight to zero when a batch
+  has no positive anchor. About 70% of RSNA images have no box and per-replica batches are
+  small, so many steps would teach nothing about false positives. Here the focal loss over
+  negative anchors is always kept, and both terms are divided by the positive anchors of the
+  GLOBAL batch (`sum_over_replicas`, then at least 1): each replica returns its local sum
+  times the replica count over that normaliser, the contract's convention, so N replicas
+  give one device's loss and gradients. Focal loss with the RetinaNet paper's alpha 0.25 and
+  gamma 2 (keras-hub's default compile leaves class balancing off); keras-hub's Huber box loss
+  (delta 1) on positive anchors.
+* Anchor matching. No anchor is ignored by default (negative_threshold = positive_threshold
+  = 0.5; keras-hub and the paper ignore IoU 0.4-0.5): ignored anchors learn to score high
+  with untrained boxes, false positives for the challenge metric (see `build`).
+* Decoding (`RetinaNet.outputs`). Under mixed_float16 keras-hub's `decode_predictions` fails
+  (a float16 x float32 Mul): predictions are cast to float32 first, and the anchor generator,
+  label encoder and NMS are float32 layers (under a mixed policy NMS would otherwise return
+  float16 scores). keras-hub's NMS walks every anchor in tiles of 512 until it has
+  max_detections boxes; with few confident anchors (most RSNA images) it visits all of them:
+  14 s (1.5 s under XLA) for two 512-px images on this project's 2-core CPU. So the `pre_nms_top_k` highest-scoring
+  anchors are taken first (the RetinaNet paper's 1000), which gives the same detections
+  unless more than that many anchors pass `min_confidence`. Boxes come back normalised to
+  [0, 1] as `detector_outputs`, padded with zeros. keras-hub's NMS also needs a static batch
+  size (Keras' validation step and a SavedModel signature have none): it runs per image.
+* XLA. The loss (label encoding included) and the outputs (decoding and NMS) run inside
+  `tf.function(jit_compile=True)` on CPU. keras-hub's own `train_on_batch` with dict labels
+  fails; training goes through pneumo_tf's trainer (`fit`) with this loss instead.
+
+keras-hub's anchors are centred on multiples of the level's stride (the top-left corner of
+each feature cell, not its centre), with sizes 4 * stride * 2^(k/3), k = 0, 1, 2, and aspect
+ratios 1:2, 1:1, 2:1 (9 per position): at 512 px, 32 to 812 pixels, which covers RSNA's
+opacities (at that size 20 to 264 pixels wide, 22 to 471 high, mostly taller than wide).
+"""
+from __future__ import annotations
+
+import keras
+import keras_hub
+import tensorflow as tf
+from keras_hub.layers import AnchorGenerator, NonMaxSuppression
+from keras_hub.src.models.retinanet.retinanet_label_encoder import RetinaNetLabelEncoder
+
+from pneumo_tf.errors import UserError
+from pneumo_tf.models.architecture import (
+    BoxDetector,
+    detector_outputs,
+    replica_count,
+    sum_over_replicas,
+)
+
+# One class, lung opacity, with keras-hub's label encoder's class values for the rest.
+OPACITY, BACKGROUND, IGNORED = 0.0, -1.0, -2.0
+# keras-hub's label encoder reads rows of -1 as "no box".
+PADDING = -1.0
+# Focal loss (Lin et al. 2017, table 1a/1b: alpha 0.25 weights positives, gamma 2).
+FOCAL_ALPHA, FOCAL_GAMMA = 0.25, 2.0
+# keras-hub's box loss: Huber with Keras' default delta on the center_xywh deltas.
+HUBER_DELTA = 1.0
+
+_BLOCK_TYPES = ("basic_block", "bottleneck_block", "basic_block_vd", "bottleneck_block_vd")
+
+
+@keras.saving.register_keras_serializable(package="pneumo_tf")
+class RetinaNetNetwork(keras.Model):
+    """keras-hub's RetinaNetObjectDetector as {"image": [B, S, S, 1]} -> float32 raw outputs.
+
+    `detector` is the wrapped `keras_hub.models.RetinaNetObjectDetector`; its
+    `anchor_generator`, `label_encoder` and `prediction_decoder` (NMS) configure the loss and
+    the decoding, and are saved with it, as is `pre_nms_top_k` (anchors NMS looks at).
+    """
+
+    def __init__(self, detector, pre_nms_top_k: int = 1000, **kwargs):
+        image = keras.Input(detector.backbone.image_shape, name="image")
+        raw = detector(image)
+        # float32 from the raw outputs on, so loss and decoding are exact under a mixed policy.
+        outputs = {
+            name: keras.layers.Identity(dtype="float32", name=name)(raw[name])
+            for name in ("bbox_regression", "cls_logits")
+        }
+        super().__init__(inputs={"image": image}, outputs=outputs, **kwargs)
+        self.detector = detector
+        self.pre_nms_top_k = pre_nms_top_k
+        for layer in detector.backbone.image_encoder.layers:  # where keras-hub's RetinaNet has them
+            if isinstance(layer, keras.layers.BatchNormalization):
+                layer.synchronized = True
+
+    def get_config(self):
+        detector = keras.layers.serialize(self.detector)
+        # keras-hub's Task compiles itself with its own losses unless told not to; unused here,
+        # and a compiled detector warns about its optimizer on every reload.
+        detector["config"]["compile"] = False
+        return {
+            "detector": detector,
+            "pre_nms_top_k": self.pre_nms_top_k,
+            "name": self.name,
+        }
+
+    @classmethod
+    def from_config(cls, config):
+        config = dict(config)
+        config["detector"] = keras.layers.deserialize(config["detector"])
+        return cls(**config)
+
+
+def build(
+    image_size: int,
+    stackwise_num_filters=(64, 128, 256, 512),
+    stackwise_num_blocks=(3, 4, 6, 3),
+    block_type: str = "bottleneck_block",
+    min_level: int = 3,
+    max_level: int = 7,
+    use_p5: bool = False,
+    pre_logits_num_conv_layers: int = 4,
+    use_prediction_head_norm: bool = False,
+    positive_threshold: float = 0.5,
+    negative_threshold: float = 0.5,
+    nms_iou_threshold: float = 0.5,
+    max_detections: int = 4,
+    min_confidence: float = 0.05,
+    pre_nms_top_k: int = 1000,
+) -> RetinaNetNetwork:
+    """Builds RetinaNet for [image_size, image_size, 1] images in [0, 1], randomly initialised.
+
+    Defaults: ResNet-50 (bottleneck blocks 3, 4, 6, 3), pyramid levels P3-P7 with 256 channels
+    and four 256-channel head convolutions, keras-hub's `retinanet_resnet50_fpn_coco` layout
+    with one class and one input channel. ResNet-18 is `block_type="basic_block",
+    stackwise_num_blocks=(2, 2, 2, 2)`; a tiny test model, e.g. `stackwise_num_filters=(64, 64,
+    64), stackwise_num_blocks=(1, 1, 1), block_type="basic_block", max_level=4,
+    pre_logits_num_conv_layers=1`. Stack i gives pyramid level P(i + 2); keras-hub needs the
+    first stack's 64 filters, and levels above the encoder's (P6, P7) are strided convolutions
+    from the pyramid's P5, or from the encoder's last stage with `use_p5`.
+
+    `positive_threshold` / `negative_threshold`: anchor IoU with a box at or above which the
+    anchor is positive, below which it is background (in between: ignored by the loss). The
+    paper (and keras-hub) ignore anchors of IoU 0.4-0.5; here no anchor is ignored by default:
+    ignored anchors overlap an opacity, so they learn to score high, but no box loss trains
+    their boxes, and the challenge metric counts each such box as a false positive. On the
+    8-image batch of tests/test_retinanet.py's learnability test, after 200 steps, they scored
+    above 0.9 with boxes off the opacities: mAP 0.08 and 0.32 (two seeds) with the band, 1.0
+    without. negative_threshold=0.4 restores the paper's band.
+    Decoding keeps the `pre_nms_top_k` best anchors, drops scores not above `min_confidence`,
+    suppresses boxes overlapping a better one by more than `nms_iou_threshold` and keeps at most
+    `max_detections` (RSNA images have at most 4 boxes).
+    """
+    stackwise_num_filters, stackwise_num_blocks = list(stackwise_num_filters), list(stackwise_num_blocks)
+    _check_options(image_size, stackwise_num_filters, stackwise_num_blocks, block_type, min_level, max_level,
+                   positive_threshold, negative_threshold, max_detections, pre_nms_top_k)
+    image_shape = (image_size, image_size, 1)
+    try:
+        encoder = keras_hub.models.ResNetBackbone(
+            input_conv_filters=[64],
+            input_conv_kernel_sizes=[7],
+            stackwise_num_filters=stackwise_num_filters,
+            stackwise_num_blocks=stackwise_num_blocks,
+            stackwise_num_strides=[1] + [2] * (len(stackwise_num_filters) - 1),
+            block_type=block_type,
+            image_shape=image_shape,
+        )
+        backbone = keras_hub.models.RetinaNetBackbone(
+            image_encoder=encoder, min_level=min_level, max_level=max_level, use_p5=use_p5,
+            image_shape=image_shape,
+        )
+    except ValueError as error:  # keras-hub's checks of the stacks against the levels
+        raise UserError(f"retinanet options do not fit together: {error}") from error
+    # keras-hub's defaults, as float32 layers: pixel coordinates lose whole pixels in 16 bits.
+    anchors = AnchorGenerator(
+        "yxyx", min_level=min_level, max_level=max_level, num_scales=3, aspect_ratios=[0.5, 1.0, 2.0],
+        anchor_size=4, dtype="float32",
+    )
+    detector = keras_hub.models.RetinaNetObjectDetector(
+        backbone=backbone,
+        num_classes=1,
+        bounding_box_format="yxyx",
+        anchor_generator=anchors,
+        label_encoder=RetinaNetLabelEncoder(
+            anchors, bounding_box_format="yxyx", encoding_format="center_xywh",
+            positive_threshold=positive_threshold, negative_threshold=negative_threshold, dtype="float32",
+        ),
+        prediction_decoder=NonMaxSuppression(
+            bounding_box_format="yxyx", from_logits=True, iou_threshold=nms_iou_threshold,
+            confidence_threshold=min_confidence, max_detections=max_detections, dtype="float32",
+        ),
+        pre_logits_num_conv_layers=pre_logits_num_conv_layers,
+        use_prediction_head_norm=use_prediction_head_norm,
+        compile=False,  # see RetinaNetNetwork.get_config
+    )
+    return RetinaNetNetwork(detector, pre_nms_top_k=pre_nms_top_k, name="retinanet")
+
+
+def _check_options(image_size, filters, blocks, block_type, min_level, max_level, positive_threshold,
+                   negative_threshold, max_detections, pre_nms_top_k):
+    """UserErrors for options keras-hub would reject with a bare error, or not at all."""
+    if block_type not in _BLOCK_TYPES:
+        raise UserError(f"retinanet block_type must be one of {', '.join(_BLOCK_TYPES)}, not {block_type!r}")
+    if not filters or len(filters) != len(blocks) or filters[0] != 64:
+        raise UserError(
+            "retinanet needs stackwise_num_filters and stackwise_num_blocks of the same length, the first "
+            f"stack with 64 filters (keras-hub's ResNet); got {filters} and {blocks}"
+        )
+    if not 2 <= min_level <= min(max_level, len(filters) + 1):
+        raise UserError(
+            f"retinanet min_level must be between 2 and both max_level and the encoder's last level "
+            f"P{len(filters) + 1}; got min_level={min_level}, max_level={max_level}"
+        )
+    # Anchors are laid on a grid of image_size / 2**level cells, the heads' maps on the
+    # encoder's; the two agree only when every level divides the image.
+    if image_size % 2**max_level:
+        raise UserError(
+            f"retinanet with max_level {max_level} needs an image size divisible by {2**max_level}; "
+            f"got {image_size}"
+        )
+    if not 0 < negative_threshold <= positive_threshold <= 1:
+        raise UserError(
+            "retinanet needs 0 < negative_threshold <= positive_threshold <= 1; got "
+            f"{negative_threshold} and {positive_threshold}"
+        )
+    if not 1 <= max_detections <= pre_nms_top_k:
+        raise UserError(
+            f"retinanet needs 1 <= max_detections <= pre_nms_top_k; got {max_detections} and {pre_nms_top_k}"
+        )
+
+
+def keras_hub_labels(boxes, num_boxes, height: int, width: int):
+    """Batch boxes -> keras-hub's label encoder's (gt_boxes, gt_classes).
+
+    boxes float32 [B, K, 4] normalised (ymin, xmin, ymax, xmax) with rows past num_boxes [B]
+    as padding -> boxes in pixels of a height x width image with padding rows of -1, and
+    classes [B, K]: 0 (opacity) for boxes, -1 for padding.
+    """
+    boxes = tf.convert_to_tensor(boxes, tf.float32)
+    present = tf.range(tf.shape(boxes)[1])[None, :] < tf.cast(num_boxes, tf.int32)[:, None]
+    pixels = boxes * tf.constant([height, width, height, width], tf.float32)
+    return (
+        tf.where(present[..., None], pixels, PADDING),
+        tf.where(present, OPACITY, BACKGROUND),
+    )
+
+
+def _shape_of_images(network: RetinaNetNetwork):
+    """A tensor of the network's image shape: keras-hub's anchor generator and label encoder read
+    the image size from their `images` argument's static shape, and nothing else from it."""
+    height, width, channels = network.detector.backbone.image_shape
+    return tf.zeros((1, height, width, channels))
+
+
+def training_targets(network: RetinaNetNetwork, boxes, num_boxes):
+    """keras-hub's label encoding of a batch's boxes: box deltas [B, A, 4] (center_xywh) and
+    anchor classes [B, A] (0 opacity, -1 background, -2 ignored), over the network's anchors."""
+    height, width, _ = network.detector.backbone.image_shape
+    gt_boxes, gt_classes = keras_hub_labels(boxes, num_boxes, height, width)
+    return network.detector.label_encoder(images=_shape_of_images(network), gt_boxes=gt_boxes, gt_classes=gt_classes)
+
+
+def anchor_boxes(network: RetinaNetNetwork) -> tf.Tensor:
+    """The network's anchors [A, 4] in pixels (ymin, xmin, ymax, xmax), in the order of the
+    heads' outputs."""
+    return tf.concat(list(network.detector.anchor_generator(_shape_of_images(network)).values()), axis=0)
+
+
+class RetinaNet(BoxDetector):
+    """The `retinanet` architecture: keras-hub's RetinaNet under the model contract."""
+
+    name = "retinanet"
+
+    def build(self, image_size: int, **options) -> keras.Model:
+        return build(image_size, **options)
+
+    def loss(self, network, inputs: dict, labels: dict, raw: dict, training: bool) -> dict:
+        """{"classification": focal loss over positive and background anchors, "box": Huber loss
+        of the positive anchors' deltas}, each divided by the global batch's positive anchors
+        (at least 1); see the module docstring."""
+        box_targets, classes = training_targets(network, labels["boxes"], labels["num_boxes"])
+        logits = tf.cast(raw["cls_logits"], tf.float32)
+        deltas = tf.cast(raw["bbox_regression"], tf.float32)
+        positive = tf.equal(classes, OPACITY)
+        focal = keras.losses.binary_focal_crossentropy(
+            tf.cast(positive, tf.float32)[..., None], logits, apply_class_balancing=True, alpha=FOCAL_ALPHA,
+            gamma=FOCAL_GAMMA, from_logits=True,
+        )  # [B, A]
+        huber = keras.losses.huber(box_targets, deltas, delta=HUBER_DELTA)  # [B, A], mean of 4 deltas
+        positives = sum_over_replicas(tf.reduce_sum(tf.cast(positive, tf.float32)))
+        scale = replica_count() / tf.maximum(positives, 1.0)
+        return {
+            "classification": tf.reduce_sum(tf.where(tf.equal(classes, IGNORED), 0.0, focal)) * scale,
+            "box": tf.reduce_sum(tf.where(positive, huber, 0.0)) * scale,
+        }
+
+    def outputs(self, network, inputs: dict, raw: dict) -> dict:
+        """Anchor deltas -> boxes, top `pre_nms_top_k` anchors -> keras-hub's NMS -> detector_outputs."""
+        detector = network.detector
+        height, width, _ = detector.backbone.image_shape
+        logits = tf.cast(raw["cls_logits"], tf.float32)
+        deltas = tf.cast(raw["bbox_regression"], tf.float32)
+        anchors = anchor_boxes(network)
+        _, best = tf.math.top_k(logits[..., 0], k=min(network.pre_nms_top_k, anchors.shape[0]))
+        boxes = keras.utils.bounding_boxes.decode_deltas_to_boxes(
+            anchors=tf.gather(anchors, best),
+            boxes_delta=tf.gather(deltas, best, batch_dims=1),
+            anchor_format=detector.anchor_generator.bounding_box_format,
+            box_format="yxyx",
+            encoded_format=detector.label_encoder.encoding_format,
+            variance=detector.label_encoder.box_variance,
+            image_shape=(height, width, 1),
+        )
+        nms = detector.prediction_decoder
+
+        def suppress(image):  # keras-hub's NMS needs a static batch size: one image at a time
+            found = nms(image[0][None], image[1][None])
+            return (
+                found["boxes"][0],
+                tf.cast(found["confidence"][0], tf.float32),
+                tf.cast(found["num_detections"][0], tf.int32),
+            )
+
+        boxes, scores, count = tf.map_fn(
+            suppress,
+            (boxes, tf.gather(logits, best, batch_dims=1)),
+            fn_output_signature=(
+                tf.TensorSpec([nms.max_detections, 4], tf.float32),
+                tf.TensorSpec([nms.max_detections], tf.float32),
+                tf.TensorSpec([], tf.int32),
+            ),
+        )
+        valid = tf.range(nms.max_detections)[None, :] < count[:, None]
+        normalised = tf.clip_by_value(boxes / tf.constant([height, width, height, width], tf.float32), 0.0, 1.0)
+        return detector_outputs(tf.where(valid[..., None], normalised, 0.0), tf.where(valid, scores, 0.0), count)
