@@ -26,6 +26,8 @@ setup(
         "google-crc32c",
         "flask>=3",
         "tqdm",
+        # The detectors (retinanet, mask_rcnn): pinned, as mask_rcnn imports its FPN from keras_hub.src.
+        "keras-hub==0.32.0",
     ],
     extras_require={
         "dev": ["pytest", "selenium"],

@@ -206,7 +206,7 @@ def test_cli_errors(tiny_records, tmp_path, args, message):
 def test_an_unknown_model_is_refused_with_the_known_names(tiny_records, tmp_path):
     result = run_train(tiny_records, tmp_path / "run", "--model=resnet9000")
     assert result.returncode != 0 and not (tmp_path / "run").exists()
-    assert "flag --model=resnet9000: value should be one of <cnn|vgg16|mask_resnet>" in result.stderr
+    assert "flag --model=resnet9000: value should be one of <cnn|vgg16|mask_resnet|retinanet|mask_rcnn>" in result.stderr
 
 
 def test_help_and_train_config_agree_on_every_default():

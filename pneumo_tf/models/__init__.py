@@ -16,6 +16,8 @@ ARCHITECTURES = {
     "cnn": "pneumo_tf.models.cnn",
     "vgg16": "pneumo_tf.models.vgg16",
     "mask_resnet": "pneumo_tf.models.mask_resnet",
+    "retinanet": "pneumo_tf.models.retinanet",
+    "mask_rcnn": "pneumo_tf.models.mask_rcnn",
 }
 NAMES = tuple(ARCHITECTURES)
 

@@ -422,6 +422,9 @@ class MaskRCNNArchitecture(BoxDetector):
     def build(self, image_size: int, **options) -> keras.Model:
         return MaskRCNN(image_size, **options)
 
+    def loss_names(self, network):
+        return LOSS_NAMES
+
     def loss(self, network: keras.Model, inputs: dict, labels: dict, raw: dict, training: bool) -> dict:
         return network.loss_terms(inputs["image"], labels["boxes"], labels["num_boxes"], labels["mask"], raw,
                                   training)

@@ -3,8 +3,8 @@
 keras-hub provides the network and its box machinery: `ResNetBackbone` (the image encoder,
 randomly initialised: no presets are downloaded), `RetinaNetBackbone` (a feature pyramid on
 the encoder's P3-P5 plus strided P6, P7), `RetinaNetObjectDetector` (shared box and class
-heads over every level), `AnchorGenerator`, `RetinaNetLabelEncoder` (anchor-to-box matching
-and delta targets) and the padded, XLA-friendly `NonMaxSuppression`. Here it is one class
+heads over every level), `AnchorGenerator` and `RetinaNetLabelEncoder` (anchor-to-box matching
+and delta targets). Here it is one class
 (lung opacity) on grey images, and the parts keras-hub gets wrong for RSNA or for this
 framework are replaced:
 
@@ -31,15 +31,18 @@ framework are replaced:
   = 0.5; keras-hub and the paper ignore IoU 0.4-0.5): ignored anchors learn to score high
   with untrained boxes, false positives for the challenge metric (see `build`).
 * Decoding (`RetinaNet.outputs`). Under mixed_float16 keras-hub's `decode_predictions` fails
-  (a float16 x float32 Mul): predictions are cast to float32 first, and the anchor generator,
-  label encoder and NMS are float32 layers (under a mixed policy NMS would otherwise return
-  float16 scores). keras-hub's NMS walks every anchor in tiles of 512 until it has
-  max_detections boxes; with few confident anchors (most RSNA images) it visits all of them:
-  14 s (1.5 s under XLA) for two 512-px images on this project's 2-core CPU. So the `pre_nms_top_k` highest-scoring
-  anchors are taken first (the RetinaNet paper's 1000), which gives the same detections
-  unless more than that many anchors pass `min_confidence`. Boxes come back normalised to
-  [0, 1] as `detector_outputs`, padded with zeros. keras-hub's NMS also needs a static batch
-  size (Keras' validation step and a SavedModel signature have none): it runs per image.
+  (a float16 x float32 Mul): predictions are cast to float32 first, and the anchor generator
+  and label encoder are float32 layers. keras-hub's `NonMaxSuppression` is not used: inside a
+  non-XLA `tf.function` (Keras' usual path on CPU and under tf.distribute) it drops or swaps
+  kept boxes (its tile indices come from a float linspace cast to int: on random boxes 1 to
+  3 of 64 kept boxes differed from its eager result, seen on keras-hub 0.32), it needs a
+  static batch size, and it walks every anchor in tiles until it has max_detections boxes
+  (14 s for two 512-px images on this project's 2-core CPU). TensorFlow's padded NMS
+  (`detection_ops.padded_nms`, shared with mask_rcnn) is exact in eager, graph and XLA mode
+  and takes any batch size; the `pre_nms_top_k` highest-scoring anchors go into it (the
+  RetinaNet paper's 1000), which gives the same detections unless more than that many
+  anchors pass `min_confidence`. Boxes come back normalised to [0, 1] as
+  `detector_outputs`, padded with zeros.
 * XLA. The loss (label encoding included) and the outputs (decoding and NMS) run inside
   `tf.function(jit_compile=True)` on CPU. keras-hub's own `train_on_batch` with dict labels
   fails; training goes through pneumo_tf's trainer (`fit`) with this loss instead.
@@ -54,16 +57,12 @@ from __future__ import annotations
 import keras
 import keras_hub
 import tensorflow as tf
-from keras_hub.layers import AnchorGenerator, NonMaxSuppression
+from keras_hub.layers import AnchorGenerator
 from keras_hub.src.models.retinanet.retinanet_label_encoder import RetinaNetLabelEncoder
 
 from pneumo_tf.errors import UserError
-from pneumo_tf.models.architecture import (
-    BoxDetector,
-    detector_outputs,
-    replica_count,
-    sum_over_replicas,
-)
+from pneumo_tf.models.architecture import BoxDetector, detector_outputs, replica_count, sum_over_replicas
+from pneumo_tf.models.detection_ops import padded_nms
 
 # One class, lung opacity, with keras-hub's label encoder's class values for the rest.
 OPACITY, BACKGROUND, IGNORED = 0.0, -1.0, -2.0
@@ -82,11 +81,12 @@ class RetinaNetNetwork(keras.Model):
     """keras-hub's RetinaNetObjectDetector as {"image": [B, S, S, 1]} -> float32 raw outputs.
 
     `detector` is the wrapped `keras_hub.models.RetinaNetObjectDetector`; its
-    `anchor_generator`, `label_encoder` and `prediction_decoder` (NMS) configure the loss and
-    the decoding, and are saved with it, as is `pre_nms_top_k` (anchors NMS looks at).
+    `anchor_generator` and `label_encoder` configure the loss and the decoding, and are saved
+    with it, as are the decoding's settings (see `build`).
     """
 
-    def __init__(self, detector, pre_nms_top_k: int = 1000, **kwargs):
+    def __init__(self, detector, pre_nms_top_k: int = 1000, nms_iou_threshold: float = 0.5,
+                 max_detections: int = 4, min_confidence: float = 0.05, **kwargs):
         image = keras.Input(detector.backbone.image_shape, name="image")
         raw = detector(image)
         # float32 from the raw outputs on, so loss and decoding are exact under a mixed policy.
@@ -97,6 +97,9 @@ class RetinaNetNetwork(keras.Model):
         super().__init__(inputs={"image": image}, outputs=outputs, **kwargs)
         self.detector = detector
         self.pre_nms_top_k = pre_nms_top_k
+        self.nms_iou_threshold = nms_iou_threshold
+        self.max_detections = max_detections
+        self.min_confidence = min_confidence
         for layer in detector.backbone.image_encoder.layers:  # where keras-hub's RetinaNet has them
             if isinstance(layer, keras.layers.BatchNormalization):
                 layer.synchronized = True
@@ -109,6 +112,9 @@ class RetinaNetNetwork(keras.Model):
         return {
             "detector": detector,
             "pre_nms_top_k": self.pre_nms_top_k,
+            "nms_iou_threshold": self.nms_iou_threshold,
+            "max_detections": self.max_detections,
+            "min_confidence": self.min_confidence,
             "name": self.name,
         }
 
@@ -193,15 +199,12 @@ def build(
             anchors, bounding_box_format="yxyx", encoding_format="center_xywh",
             positive_threshold=positive_threshold, negative_threshold=negative_threshold, dtype="float32",
         ),
-        prediction_decoder=NonMaxSuppression(
-            bounding_box_format="yxyx", from_logits=True, iou_threshold=nms_iou_threshold,
-            confidence_threshold=min_confidence, max_detections=max_detections, dtype="float32",
-        ),
         pre_logits_num_conv_layers=pre_logits_num_conv_layers,
         use_prediction_head_norm=use_prediction_head_norm,
         compile=False,  # see RetinaNetNetwork.get_config
     )
-    return RetinaNetNetwork(detector, pre_nms_top_k=pre_nms_top_k, name="retinanet")
+    return RetinaNetNetwork(detector, pre_nms_top_k=pre_nms_top_k, nms_iou_threshold=nms_iou_threshold,
+                            max_detections=max_detections, min_confidence=min_confidence, name="retinanet")
 
 
 def _check_options(image_size, filters, blocks, block_type, min_level, max_level, positive_threshold,
@@ -278,9 +281,10 @@ class RetinaNet(BoxDetector):
     """The `retinanet` architecture: keras-hub's RetinaNet under the model contract."""
 
     name = "retinanet"
+    build = staticmethod(build)
 
-    def build(self, image_size: int, **options) -> keras.Model:
-        return build(image_size, **options)
+    def loss_names(self, network):
+        return ("classification", "box")
 
     def loss(self, network, inputs: dict, labels: dict, raw: dict, training: bool) -> dict:
         """{"classification": focal loss over positive and background anchors, "box": Huber loss
@@ -303,13 +307,13 @@ class RetinaNet(BoxDetector):
         }
 
     def outputs(self, network, inputs: dict, raw: dict) -> dict:
-        """Anchor deltas -> boxes, top `pre_nms_top_k` anchors -> keras-hub's NMS -> detector_outputs."""
+        """Anchor deltas -> boxes, top `pre_nms_top_k` anchors -> padded NMS -> detector_outputs."""
         detector = network.detector
         height, width, _ = detector.backbone.image_shape
         logits = tf.cast(raw["cls_logits"], tf.float32)
         deltas = tf.cast(raw["bbox_regression"], tf.float32)
         anchors = anchor_boxes(network)
-        _, best = tf.math.top_k(logits[..., 0], k=min(network.pre_nms_top_k, anchors.shape[0]))
+        top_logits, best = tf.math.top_k(logits[..., 0], k=min(network.pre_nms_top_k, anchors.shape[0]))
         boxes = keras.utils.bounding_boxes.decode_deltas_to_boxes(
             anchors=tf.gather(anchors, best),
             boxes_delta=tf.gather(deltas, best, batch_dims=1),
@@ -319,25 +323,13 @@ class RetinaNet(BoxDetector):
             variance=detector.label_encoder.box_variance,
             image_shape=(height, width, 1),
         )
-        nms = detector.prediction_decoder
-
-        def suppress(image):  # keras-hub's NMS needs a static batch size: one image at a time
-            found = nms(image[0][None], image[1][None])
-            return (
-                found["boxes"][0],
-                tf.cast(found["confidence"][0], tf.float32),
-                tf.cast(found["num_detections"][0], tf.int32),
-            )
-
-        boxes, scores, count = tf.map_fn(
-            suppress,
-            (boxes, tf.gather(logits, best, batch_dims=1)),
-            fn_output_signature=(
-                tf.TensorSpec([nms.max_detections, 4], tf.float32),
-                tf.TensorSpec([nms.max_detections], tf.float32),
-                tf.TensorSpec([], tf.int32),
-            ),
-        )
-        valid = tf.range(nms.max_detections)[None, :] < count[:, None]
         normalised = tf.clip_by_value(boxes / tf.constant([height, width, height, width], tf.float32), 0.0, 1.0)
-        return detector_outputs(tf.where(valid[..., None], normalised, 0.0), tf.where(valid, scores, 0.0), count)
+        scores = tf.sigmoid(top_logits)
+        kept, count = padded_nms(normalised, scores, network.max_detections, network.nms_iou_threshold,
+                                 network.min_confidence)
+        valid = tf.range(network.max_detections)[None, :] < count[:, None]
+        return detector_outputs(tf.where(valid[..., None], tf.gather(normalised, kept, batch_dims=1), 0.0),
+                                tf.where(valid, tf.gather(scores, kept, batch_dims=1), 0.0), count)
+
+
+ARCHITECTURE = RetinaNet()
