@@ -6,7 +6,8 @@ type, default and help), and `config_from_flags(Config)` builds the config back 
 parsed flags. Flagfiles (`--flagfile=flags/mask_resnet.flags`) work as absl's always do.
 
 `run(main)` is every command's `if __name__ == "__main__"`: stray arguments are a usage
-error, and a UserError prints one line `error: ...` and exits 2.
+error, a UserError prints one line `error: ...` and exits 2, and INFO logging (absl's,
+TensorFlow's) stays off unless --verbosity is given.
 
 `import_tensorflow_quietly()`, called by a command module before it imports anything that
 imports TensorFlow, keeps TensorFlow's start-up logging (CUDA probing on CPU machines, CPU
@@ -19,6 +20,7 @@ from __future__ import annotations
 import ast
 import contextlib
 import dataclasses
+import logging
 import os
 import re
 import sys
@@ -26,7 +28,7 @@ import types
 import typing
 from collections.abc import Callable
 
-from absl import app, flags
+from absl import app, flags, logging as absl_logging
 
 from pneumo_tf.errors import UserError
 
@@ -188,6 +190,10 @@ def run(main: Callable[[], int | None]) -> None:
     def absl_main(argv):
         if len(argv) > 1:
             raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+        if not FLAGS["verbosity"].present:
+            # absl and TensorFlow log INFO lines (SavedModel writing, strategy set-up) by default.
+            absl_logging.set_verbosity(absl_logging.WARNING)
+            logging.getLogger("tensorflow").setLevel(logging.WARNING)
         try:
             return main() or 0
         except UserError as error:

@@ -9,6 +9,7 @@ from pneumo_tf.cli import option, parse_key_values, unparse_key_values
 from pneumo_tf.errors import UserError
 
 STRATEGIES = ("auto", "one_device", "mirrored", "multi_worker_mirrored", "tpu")
+OPTIMIZERS = ("adam", "sgd")
 PRECISIONS = ("float32", "mixed_float16", "mixed_bfloat16")
 # --learning_rate is given for this global batch and scaled linearly with the real one.
 REFERENCE_BATCH_SIZE = 16  # the seed report's batch: flagfiles carry its learning rates as they were
@@ -40,8 +41,10 @@ class TrainConfig:
     steps_per_epoch: int = option(0, "Training steps per epoch; 0 means one pass over the train split.")
     validation_steps: int = option(0, "Validation batches per epoch; 0 means the whole val split.")
     learning_rate: float = option(
-        7e-4, f"Peak Adam learning rate for a global batch of {REFERENCE_BATCH_SIZE}, scaled linearly with "
+        7e-4, f"Peak learning rate for a global batch of {REFERENCE_BATCH_SIZE}, scaled linearly with "
         "--batch_size and cosine-decayed to 0 over all steps.")
+    optimizer: str = option("adam", "adam: Adam with Keras' defaults; sgd: matterport's Mask R-CNN optimizer (momentum "
+                            "0.9, weight decay 1e-4, gradients clipped to a global norm of 5).", choices=OPTIMIZERS)
     strategy: str = option("auto", "tf.distribute strategy: auto picks mirrored with several GPUs (or "
                            "--cpu_replicas > 1), else one device; multi_worker_mirrored reads TF_CONFIG.",
                            choices=STRATEGIES)

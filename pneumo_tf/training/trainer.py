@@ -98,10 +98,14 @@ class Trainer(Prebuilt):
         return logs
 
 
-def _learning_rate(config: TrainConfig, total_steps: int):
+def _optimizer(config: TrainConfig, total_steps: int) -> tuple[float, keras.optimizers.Optimizer]:
+    """(peak learning rate, the optimizer): the rate scaled linearly with the batch, cosine-decayed
+    per step (the seed's annealing was per epoch)."""
     peak = config.learning_rate * config.batch_size / REFERENCE_BATCH_SIZE
-    # The seed's cosine annealing, per step instead of per epoch.
-    return peak, keras.optimizers.schedules.CosineDecay(peak, decay_steps=max(total_steps, 1))
+    schedule = keras.optimizers.schedules.CosineDecay(peak, decay_steps=max(total_steps, 1))
+    if config.optimizer == "sgd":  # matterport's LEARNING_MOMENTUM, WEIGHT_DECAY and GRADIENT_CLIP_NORM
+        return peak, keras.optimizers.SGD(schedule, momentum=0.9, weight_decay=1e-4, global_clipnorm=5.0)
+    return peak, keras.optimizers.Adam(schedule)
 
 
 def _worker_dir(model_dir: str, strategy) -> str:
@@ -132,7 +136,6 @@ def train_and_evaluate(config: TrainConfig) -> dict:
     if config.batch_size % replicas:
         raise UserError(f"--batch_size {config.batch_size} must be a multiple of the {replicas} replicas")
     steps_per_epoch = config.steps_per_epoch or max(1, train_examples // config.batch_size)
-    peak_rate, schedule = _learning_rate(config, steps_per_epoch * config.epochs)
     output_dir = _worker_dir(config.model_dir, strategy)
     log_dir = os.path.join(output_dir, "logs")
     os.makedirs(log_dir, exist_ok=True)
@@ -142,7 +145,8 @@ def train_and_evaluate(config: TrainConfig) -> dict:
         network = architecture.build(config.image_size, **config.model_options)
         augment_config = augment.AugmentConfig() if config.augment else augment.AugmentConfig.off()
         trainer = Trainer(network, architecture, augment_config, config.seed)
-        trainer.compile(optimizer=keras.optimizers.Adam(schedule))
+        peak_rate, optimizer = _optimizer(config, steps_per_epoch * config.epochs)
+        trainer.compile(optimizer=optimizer)
 
     train_data = pipeline.distributed_dataset(
         strategy, config.records_dir, "train", config.batch_size, config.image_size, training=True,
@@ -184,7 +188,8 @@ def train_and_evaluate(config: TrainConfig) -> dict:
     ]
     hparams = {
         "model": config.model, "image_size": config.image_size, "batch_size": config.batch_size,
-        "learning_rate": peak_rate, "precision": config.precision, "replicas": replicas,
+        "learning_rate": peak_rate, "optimizer": config.optimizer, "precision": config.precision,
+        "replicas": replicas,
         "positive_fraction": config.positive_fraction, "augment": config.augment,
     }
     callbacks_lib.log_hparams(log_dir, hparams)
