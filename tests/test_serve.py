@@ -3,6 +3,7 @@ import base64
 import io
 import json
 import os
+import pathlib
 import re
 import shutil
 import subprocess
@@ -85,7 +86,6 @@ def upload(client, path_or_bytes, filename=None, url="/api/predict"):
 
 def check_well_formed(result: dict, image_id: str, threshold: float, height: int, width: int) -> None:
     assert result["id"] == image_id and result["threshold"] == threshold
-    assert 0.0 <= result["probability"] <= 1.0
     assert result["opacity"] == (result["probability"] > threshold)
     assert result["decision"] == ("Opacity" if result["opacity"] else "No Opacity")
     assert (result["image"]["rows"], result["image"]["columns"]) == (height, width)
@@ -393,3 +393,44 @@ def test_cli_error_is_one_line(tmp_path):
                             capture_output=True, text=True, timeout=300)
     assert result.returncode == 2
     assert result.stderr.strip().splitlines()[-1] == f"error: model folder not found: {tmp_path / 'missing'}"
+
+
+# Tiny detectors (64 px), trained two steps, keeping their best detections whatever their score.
+TINY_DETECTORS = {
+    "retinanet": {"stackwise_num_filters": (64, 64, 64), "stackwise_num_blocks": (1, 1, 1),
+                  "block_type": "basic_block", "max_level": 4, "pre_logits_num_conv_layers": 1,
+                  "min_confidence": 0.0},
+    "mask_rcnn": {"backbone": "resnet18", "backbone_blocks": (1, 1, 1, 1), "backbone_filters": (64, 64, 64, 64),
+                  "top_down_pyramid_size": 16, "rpn_conv_size": 16, "rpn_anchor_scales": (16, 32, 64, 128, 256),
+                  "rpn_train_anchors_per_image": 64, "pre_nms_limit": 256, "post_nms_rois_training": 64,
+                  "post_nms_rois_inference": 64, "train_rois_per_image": 16, "roi_positive_ratio": 0.25,
+                  "fpn_classif_fc_layers_size": 32, "mask_head_size": 8, "mask_head_convs": 1,
+                  "detection_min_confidence": 0.0},
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("model", sorted(TINY_DETECTORS))
+def test_detectors_serve_what_prediction_writes(model, tiny_records, synthetic_rsna, tmp_path):
+    from pneumo_tf.training import trainer
+    from pneumo_tf.training.config import TrainConfig
+
+    model_dir = tmp_path / "model"
+    trainer.train_and_evaluate(TrainConfig(
+        records_dir=tiny_records, model_dir=str(model_dir), model=model, model_options=TINY_DETECTORS[model],
+        image_size=64, batch_size=4, epochs=1, steps_per_epoch=2, profile_steps=None,
+    ))
+    dicom_dir = synthetic_rsna["test_dir"]
+    probabilities = reference_probabilities(model_dir, dicom_dir, str(tmp_path / "probabilities"))
+    threshold = min(probabilities.values()) / 2  # every image shows its best detections
+    exported.update_info(str(model_dir), {"threshold": threshold})
+    boxes = reference_boxes(model_dir, dicom_dir, str(tmp_path))
+    client = web.create_app(str(model_dir)).test_client()
+    served_boxes = 0
+    for path in sorted(pathlib.Path(dicom_dir).glob("*.dcm")):
+        response = upload(client, path)
+        assert response.status_code == 200, response.json
+        assert response.json["model"] == model
+        check_matches_reference(response.json, (probabilities[path.stem], *boxes[path.stem]))
+        served_boxes += len(response.json["boxes"])
+    assert served_boxes > 0

@@ -1,0 +1,160 @@
+"""The box models side by side on the same budget: mask_resnet, retinanet and mask_rcnn.
+
+    python benchmarks/detectors.py                       # 1,500 hard synthetic images, 128 px
+    python benchmarks/detectors.py --models=retinanet --steps=300
+
+Synthesises the project's hard setting (`--difficulty=hard`: subtle, low-contrast opacities,
+and unlabelled sharp round nodules in half of the images without opacity, which a detector
+must learn to ignore), converts it once, then trains each model with the same budget: the
+same records, image size, global batch, number of steps (cut into --epochs epochs, each
+followed by validation; the best epoch by val mAP is exported) and seed, with the decoded
+images cached in memory after the first epoch. Each architecture keeps its own model
+options and learning rate (PRESETS below: small enough for 2 CPU cores), as a user would
+tune them. Then each export is evaluated on the val split with the challenge metric
+(`python -m pneumo_tf.evaluate`: the best threshold of the sweep).
+
+Prints, per model: val challenge mAP and AUC at the chosen threshold, training images/s,
+wall time of training, parameters and the exported folder's size; then the ranking and
+the targets: every model at val mAP >= 0.3 on the hard setting, and the whole benchmark
+(data included) under 30 minutes on 2 CPU cores. The exit status is 1 when a target fails.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+import tempfile
+import time
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+from absl import app, flags  # noqa: E402
+
+import machine  # noqa: E402  benchmarks/machine.py (the script's folder is on sys.path)
+from pneumo_tf.evaluation import report  # noqa: E402
+from pneumo_tf.models import exported  # noqa: E402
+from pneumo_tf.records import shards, synthetic  # noqa: E402
+from pneumo_tf.training import trainer  # noqa: E402
+from pneumo_tf.training.config import TrainConfig  # noqa: E402
+
+FLAGS = flags.FLAGS
+flags.DEFINE_string("work_dir", None, "Folder for the data, records and models (reused data when it holds the same "
+                    "count). A folder given here is kept; the default temporary one is removed unless --keep.")
+flags.DEFINE_bool("keep", False, "Keep the temporary work folder at the end.")
+flags.DEFINE_integer("num_images", 1500, "Labeled synthetic radiographs (hard setting; 80% train, 20% val).")
+flags.DEFINE_integer("source_size", 256, "Side of the synthetic DICOMs (JPEG frames, decoded at ratio 2 for 128).")
+flags.DEFINE_integer("image_size", 128, "Side of the images every model sees.")
+flags.DEFINE_integer("batch_size", 16, "Global batch of every model.")
+flags.DEFINE_integer("steps", 600, "Training steps of every model.")
+flags.DEFINE_integer("epochs", 6, "Epochs the steps are cut into (validation after each; the best is exported).")
+flags.DEFINE_list("models", ["mask_resnet", "retinanet", "mask_rcnn"], "Models to compare.")
+flags.DEFINE_integer("seed", 0, "Seed of the data and of every training.")
+
+# Each model's options and learning rate for CPU-sized runs at 128 px (global batch 16).
+PRESETS = {
+    "mask_resnet": ({"channels": 16, "n_blocks": 1, "depth": 3, "upsampling": "bilinear"}, 2e-3, "adam"),
+    "retinanet": ({"stackwise_num_filters": (64, 64, 128, 256), "stackwise_num_blocks": (1, 1, 1, 1),
+                   "block_type": "basic_block", "min_level": 3, "max_level": 5, "pre_logits_num_conv_layers": 2},
+                  1e-3, "adam"),
+    "mask_rcnn": ({"backbone": "resnet18", "backbone_blocks": (1, 1, 1, 1), "backbone_filters": (64, 64, 128, 256),
+                   "top_down_pyramid_size": 64, "rpn_conv_size": 64, "rpn_anchor_scales": (16, 32, 64, 128, 256),
+                   "pre_nms_limit": 1000, "post_nms_rois_training": 256, "post_nms_rois_inference": 128,
+                   "train_rois_per_image": 32, "roi_positive_ratio": 0.25, "fpn_classif_fc_layers_size": 256,
+                   "mask_head_size": 32, "mask_head_convs": 2}, 1e-3, "adam"),
+}
+MIN_MAP = 0.3
+MAX_MINUTES = 30.0
+
+
+def records(work_dir: str) -> str:
+    """The hard synthetic data set converted once (passthrough frames), reused when present."""
+    data_dir = os.path.join(work_dir, f"data_{FLAGS.num_images}_{FLAGS.source_size}_{FLAGS.seed}")
+    records_dir = data_dir + "_records"
+    if not os.path.isfile(os.path.join(records_dir, "manifest.json")):
+        shutil.rmtree(data_dir, ignore_errors=True)
+        shutil.rmtree(records_dir, ignore_errors=True)
+        paths = synthetic.write_dataset(data_dir, synthetic.SyntheticConfig(
+            FLAGS.num_images, seed=FLAGS.seed, image_size=FLAGS.source_size, difficulty="hard"))
+        shards.convert(paths["train_dir"], records_dir, paths["train_labels"], paths["detailed_class_info"],
+                       options=shards.ConvertOptions(seed=FLAGS.seed))
+    return records_dir
+
+
+def folder_bytes(path: str) -> int:
+    return sum(os.path.getsize(os.path.join(root, name)) for root, _, names in os.walk(path) for name in names)
+
+
+def run(model: str, records_dir: str, work_dir: str) -> dict:
+    options, learning_rate, optimizer = PRESETS[model]
+    model_dir = os.path.join(work_dir, "models", model)
+    shutil.rmtree(model_dir, ignore_errors=True)
+    started = time.perf_counter()
+    summary = trainer.train_and_evaluate(TrainConfig(
+        records_dir=records_dir, model_dir=model_dir, model=model, model_options=options,
+        image_size=FLAGS.image_size, batch_size=FLAGS.batch_size, epochs=FLAGS.epochs,
+        steps_per_epoch=FLAGS.steps // FLAGS.epochs, learning_rate=learning_rate, optimizer=optimizer,
+        cache=True, seed=FLAGS.seed, profile_steps=None, early_stopping_patience=FLAGS.epochs,
+    ))
+    train_seconds = time.perf_counter() - started
+    evaluated = report.evaluate(report.EvaluateConfig(model_dir=model_dir, records_dir=records_dir))
+    network = exported.load(model_dir).network
+    return {
+        "model": model, "map": evaluated.summary["map"], "auc": evaluated.summary["auc"],
+        "threshold": evaluated.summary["threshold"], "images_per_second": summary["images_per_second"],
+        "train_seconds": train_seconds, "exported_epoch": summary["exported_epoch"],
+        "parameters": network.count_params(), "exported_mb": folder_bytes(model_dir) / 2**20,
+        "val_maps": summary["history"].get("val_map", []),
+    }
+
+
+def benchmark() -> int:
+    work_dir = FLAGS.work_dir or tempfile.mkdtemp(prefix="detectors_")
+    os.makedirs(work_dir, exist_ok=True)
+    remove_work_dir = FLAGS.work_dir is None and not FLAGS.keep  # never delete a folder the user named
+    started = time.perf_counter()
+    try:
+        print(machine.describe(("tensorflow", "keras", "keras-hub", "numpy")), flush=True)
+        records_dir = records(work_dir)
+        print(f"data: {FLAGS.num_images} hard synthetic images at {FLAGS.source_size} px -> {records_dir} "
+              f"({time.perf_counter() - started:.0f} s)", flush=True)
+        results = []
+        for model in FLAGS.models:
+            print(f"\n=== {model}: {FLAGS.steps} steps of {FLAGS.batch_size} images at {FLAGS.image_size} px",
+                  flush=True)
+            results.append(run(model, records_dir, work_dir))
+            print(f"=== {model}: val mAP {results[-1]['map']}, per epoch {results[-1]['val_maps']}", flush=True)
+        total_minutes = (time.perf_counter() - started) / 60
+    finally:
+        if remove_work_dir:
+            shutil.rmtree(work_dir, ignore_errors=True)
+    return report_results(results, total_minutes)
+
+
+def report_results(results: list[dict], total_minutes: float) -> int:
+    print()
+    header = (f"{'model':<12} {'val mAP':>8} {'AUC':>6} {'thresh':>6} {'images/s':>9} {'train s':>8} "
+              f"{'best ep':>7} {'params':>11} {'export MB':>9}")
+    print(header)
+    print("-" * len(header))
+    for result in results:
+        score = "nan" if result["map"] is None else f"{result['map']:.3f}"
+        auc = "nan" if result["auc"] is None else f"{result['auc']:.3f}"
+        print(f"{result['model']:<12} {score:>8} {auc:>6} {result['threshold']:>6.2f} "
+              f"{result['images_per_second']:>9.1f} {result['train_seconds']:>8.0f} {result['exported_epoch']:>7} "
+              f"{result['parameters']:>11,} {result['exported_mb']:>9.1f}")
+    ranking = sorted(results, key=lambda result: -(result["map"] or 0.0))
+    print(f"\nranking by val mAP: {' > '.join(result['model'] for result in ranking)}")
+    failed = [result["model"] for result in results if (result["map"] or 0.0) < MIN_MAP]
+    print(f"val mAP >= {MIN_MAP} on the hard setting: {'PASS' if not failed else 'FAIL for ' + ', '.join(failed)}")
+    print(f"whole benchmark {total_minutes:.1f} min (target < {MAX_MINUTES:.0f}): "
+          f"{'PASS' if total_minutes < MAX_MINUTES else 'FAIL'}")
+    return 0 if not failed and total_minutes < MAX_MINUTES else 1
+
+
+def main(argv):
+    del argv
+    sys.exit(benchmark())
+
+
+if __name__ == "__main__":
+    app.run(main)
