@@ -27,6 +27,7 @@ import tensorflow as tf
 from tensorboard.plugins.hparams import api as hp
 
 from pneumo_tf.evaluation import metric, postprocess
+from pneumo_tf.evaluation.report import DEFAULT_THRESHOLDS
 from pneumo_tf.evaluation.visualize import draw_boxes, write_pr_curve
 from pneumo_tf.fileio import write_json_atomic
 from pneumo_tf.models.architecture import Architecture
@@ -38,6 +39,7 @@ LOSS_TAG = "step/loss"
 # keras.callbacks.TensorBoard writes logs["val_map"] to <log_dir>/validation under this tag.
 VAL_MAP_TAG = "epoch_map"
 BOXES_IMAGE_TAG = "validation_boxes"
+DRAWN_THRESHOLD = 0.5  # of the predicted boxes drawn in validation_boxes
 
 DEFAULT_HPARAM_METRICS = (
     ("validation", VAL_MAP_TAG),
@@ -130,13 +132,17 @@ class EpochEvaluation(keras.callbacks.Callback):
 
     val_loss, val_<term>_loss   the architecture's loss terms and their sum, the mean over images
     val_<metric>                the architecture's metrics (val_mask_mean_iou, val_target_auc, ...)
-    val_map                     the challenge mAP of the detections at `threshold`, for
-                                architectures that give boxes (classifiers' mAP says nothing)
+    val_map                     the challenge mAP of the detections at the best of `thresholds`
+                                (evaluation's sweep, so the epoch kept is the one evaluation would
+                                score best: detectors' scores start low, and a fixed 0.5 would
+                                read 0 for epochs that find every box at 0.3), and
+    val_map_threshold           that threshold; both only for architectures that give boxes
+                                (classifiers' mAP says nothing)
 
     and writes to <log_dir>/validation at step = epoch:
     image_probability           PR curve of the image probabilities against the targets
     validation_boxes            the first batch's first `max_images` images with true boxes
-                                (green) and predicted boxes (red)
+                                (green) and predicted boxes (red, at 0.5)
 
     One pass: the split is read and decoded once per epoch, and per image only its boxes,
     scores and probability are kept (postprocess.collect), never the images but the few
@@ -149,7 +155,7 @@ class EpochEvaluation(keras.callbacks.Callback):
     """
 
     def __init__(self, dataset: tf.data.Dataset, log_dir: str, architecture: Architecture, network: keras.Model,
-                 *, threshold: float = 0.5, max_images: int = 4):
+                 *, thresholds=DEFAULT_THRESHOLDS, max_images: int = 4):
         super().__init__()
         if dataset.cardinality() == tf.data.INFINITE_CARDINALITY:
             raise ValueError("the validation dataset must be finite: build it with repeat=False")
@@ -157,7 +163,7 @@ class EpochEvaluation(keras.callbacks.Callback):
         self._directory = os.path.join(log_dir, "validation")
         self._architecture = architecture
         self._network = network
-        self._threshold = threshold
+        self._thresholds = tuple(thresholds)
         self._max_images = max_images
         metrics = architecture.metrics(network)
         self._metric_outputs = [name for name, found in metrics.items() for _ in found]
@@ -193,12 +199,15 @@ class EpochEvaluation(keras.callbacks.Callback):
                 drawn.extend(self._drawable(batch, outputs))
             return outputs
 
-        collected = postprocess.collect(self._architecture, run, self._dataset, [self._threshold])
+        collected = postprocess.collect(self._architecture, run, self._dataset, self._thresholds)
         found = {f"val_{name}_loss": total / images for name, total in sums.items()}
         found["val_loss"] = sum(found.values())
         found.update({f"val_{tracked.name}": float(tracked.result()) for tracked in self._metrics})
         if self._architecture.gives_boxes:
-            found["val_map"] = metric.challenge_map(collected.detections[0], collected.ground_truth)
+            maps = np.array([metric.challenge_map(found_at, collected.ground_truth)
+                             for found_at in collected.detections])
+            best = int(np.nanargmax(maps)) if not np.isnan(maps).all() else 0
+            found["val_map"], found["val_map_threshold"] = float(maps[best]), self._thresholds[best]
         if logs is not None:
             logs.update(found)
         with self._writer.as_default(step=epoch):
@@ -210,7 +219,7 @@ class EpochEvaluation(keras.callbacks.Callback):
 
     def _drawable(self, batch, outputs):
         """(image, true boxes, predicted boxes) of a batch's first max_images images."""
-        found = self._architecture.detections({k: np.asarray(v) for k, v in outputs.items()}, self._threshold)
+        found = self._architecture.detections({k: np.asarray(v) for k, v in outputs.items()}, DRAWN_THRESHOLD)
         images, boxes, counts = batch["image"].numpy(), batch["boxes"].numpy(), batch["num_boxes"].numpy()
         return [(images[i], boxes[i][: counts[i]], found[i][0]) for i in range(min(self._max_images, len(images)))]
 
