@@ -96,6 +96,7 @@ def distribute(dataset: tf.data.Dataset, address: str, shared_by: tuple | None =
         job_name = "pneumo_tf-" + hashlib.sha256(repr(shared_by).encode()).hexdigest()[:24]
     return dataset.apply(tf.data.experimental.service.distribute(
         processing_mode=PROCESSING_MODE, service=service_address(address), job_name=job_name,
+        target_workers="ANY",  # every worker of the dispatcher, never only those in this process
     ))
 
 
