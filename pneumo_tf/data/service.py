@@ -56,7 +56,8 @@ class ServiceConfig:
         if not 0 <= self.port < 65536:
             raise UserError(f"--port must be in [0, 65535], not {self.port}")
         if self.role == "dispatcher" and not self.work_dir:
-            raise UserError("--role=dispatcher needs --work_dir, where it journals its state to recover after a restart")
+            raise UserError("--role=dispatcher needs --work_dir, where it journals its state to recover after a "
+                            "restart")
         if self.role == "worker" and not self.dispatcher:
             raise UserError("--role=worker needs --dispatcher=HOST:PORT")
 
