@@ -547,9 +547,9 @@ def service_scaling(runs: dict[str, list[Measurement]], best: dict[str, float]) 
         f"ms), the training process {receive_ms:.2f} ms (receive, deserialize).",
         f"  Each added worker machine adds its cores' decoding, ~1000 / {worker_ms:.2f} ms = "
         f"{1000 / worker_ms:.0f} images/s per core like these, until the training host's receiving saturates: "
-        f"~{1000 / receive_ms:.0f} images/s per core of it here (or its network: a batch element is "
-        f"{FLAGS.image_size}x{FLAGS.image_size} float32 image + mask, {8 * FLAGS.image_size ** 2 / 2**20:.2f} MB an "
-        "example before tf.data's compression).",
+        f"~{1000 / receive_ms:.0f} images/s per core of it here (or its network: an example is a "
+        f"{FLAGS.image_size}x{FLAGS.image_size} float32 image and uint8 mask, {5 * FLAGS.image_size ** 2 / 2**20:.2f} "
+        "MB, uncompressed).",
     ]
 
 

@@ -98,6 +98,10 @@ def distribute(dataset: tf.data.Dataset, address: str, shared_by: tuple | None =
     return dataset.apply(tf.data.experimental.service.distribute(
         processing_mode=PROCESSING_MODE, service=service_address(address), job_name=job_name,
         target_workers="ANY",  # every worker of the dispatcher, never only those in this process
+        # Uncompressed: decompressing costs the training host's CPU, which the service is there to
+        # spare (measured here: tf.data's default snappy compression made receiving a 256-px example
+        # cost 0.70 instead of 0.44 ms of CPU), for bytes a data-center network carries easily.
+        compression=None,
     ))
 
 
