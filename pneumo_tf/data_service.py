@@ -1,6 +1,6 @@
 """Start a tf.data service dispatcher or worker: training's input pipeline on other machines' CPUs.
 
-    python -m pneumo_tf.data_service --role=dispatcher --port=5050 --work_dir=/shared/dispatcher
+    python -m pneumo_tf.data_service --role=dispatcher --port=5050
     python -m pneumo_tf.data_service --role=worker --dispatcher=HOST:5050 --port=5051   # on each CPU machine
     python -m pneumo_tf.train ... --data_service=grpc://HOST:5050
 

@@ -98,8 +98,8 @@ def test_an_address_is_checked_before_any_work(tiny_records, tmp_path):
     assert service.service_address("host:5050") == service.service_address("grpc://host:5050") == "grpc://host:5050"
     with pytest.raises(UserError, match="cache keeps decoded images in this process"):
         pipeline.make_dataset(tiny_records, "train", 4, 64, training=True, cache=True, data_service="127.0.0.1:1")
-    with pytest.raises(UserError, match="--role=dispatcher needs --work_dir"):
-        service.serve(service.ServiceConfig(role="dispatcher", port=0))
+    with pytest.raises(UserError, match="--role=worker needs --dispatcher=HOST:PORT"):
+        service.serve(service.ServiceConfig(role="worker", port=0))
     with pytest.raises(UserError, match="unreachable"):
         service.serve(service.ServiceConfig(role="worker", port=0, dispatcher="127.0.0.1:1"))
 

@@ -5,7 +5,7 @@ service moves reading, parsing and decoding onto worker processes on any number 
 machines; the training host only receives finished batches (and augments them on the
 accelerator, as always):
 
-    python -m pneumo_tf.data_service --role=dispatcher --port=5050 --work_dir=/shared/dispatcher
+    python -m pneumo_tf.data_service --role=dispatcher --port=5050
     python -m pneumo_tf.data_service --role=worker --dispatcher=HOST:5050 --port=5051   # on each CPU machine
     python -m pneumo_tf.train ... --data_service=grpc://HOST:5050
 
@@ -26,7 +26,9 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import os
 import socket
+import tempfile
 
 import tensorflow as tf
 
@@ -47,7 +49,9 @@ class ServiceConfig:
                        "machine).", choices=ROLES)
     port: int = option(5050, "Port to serve on; 0 picks a free one (the address is printed).")
     work_dir: str = option("", "dispatcher: folder (local or gs://) where it journals its state, so that restarted "
-                           "with the same --port and folder it recovers its jobs and workers.")
+                           "with the same --port and folder it recovers its jobs and workers; default "
+                           f"{os.path.join(tempfile.gettempdir(), 'pneumo_tf_dispatcher_PORT')} (a folder on durable "
+                           "storage lets it restart on another machine).")
     dispatcher: str = option("", "worker: the dispatcher's HOST:PORT (grpc://HOST:PORT also accepted).")
     host: str = option("", "worker: the name or address by which trainers reach this machine (default: its fully "
                        "qualified domain name).")
@@ -55,9 +59,6 @@ class ServiceConfig:
     def validate(self) -> None:
         if not 0 <= self.port < 65536:
             raise UserError(f"--port must be in [0, 65535], not {self.port}")
-        if self.role == "dispatcher" and not self.work_dir:
-            raise UserError("--role=dispatcher needs --work_dir, where it journals its state to recover after a "
-                            "restart")
         if self.role == "worker" and not self.dispatcher:
             raise UserError("--role=worker needs --dispatcher=HOST:PORT")
 
@@ -125,10 +126,14 @@ def serve(config: ServiceConfig) -> None:
     """Runs one server until the process is stopped, after printing where it serves."""
     config.validate()
     if config.role == "dispatcher":
-        server = start_dispatcher(config.port, config.work_dir)
+        work_dir = config.work_dir or (
+            os.path.join(tempfile.gettempdir(), f"pneumo_tf_dispatcher_{config.port}") if config.port
+            else tempfile.mkdtemp(prefix="pneumo_tf_dispatcher_")  # a port of its own: nothing to recover
+        )
+        server = start_dispatcher(config.port, work_dir)
         port = server.target.rpartition(":")[2]
         print(f"tf.data service dispatcher serving at {PROTOCOL}://{socket.getfqdn()}:{port} "
-              f"(state journaled in {config.work_dir})", flush=True)
+              f"(state journaled in {work_dir})", flush=True)
     else:
         check_reachable(config.dispatcher)
         server = start_worker(config.dispatcher, config.port, config.host)
