@@ -32,5 +32,7 @@ setup(
     extras_require={
         "dev": ["pytest", "selenium"],
         "gpu": ["tensorflow[and-cuda]>=2.21,<2.22"],
+        # Conversion as a Beam pipeline (--beam_pipeline_options); on Dataflow add apache-beam[gcp].
+        "beam": ["apache-beam>=2.77,<2.78"],
     },
 )

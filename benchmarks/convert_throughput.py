@@ -4,12 +4,18 @@
     python benchmarks/convert_throughput.py --num_images=600 --repeats=3
 
 Synthesises RSNA-like DICOMs once (1024 px, one JPEG Baseline frame, labels CSVs), then
-times three whole processes, each writing into a fresh folder:
+times four whole processes, each writing into a fresh folder:
 
   seed loop    the seed notebook's `convert_save`: pydicom dcmread + pixel_array, PIL
                convert("RGB"), resize to 224 x 224, standardise, PNG per file, one process;
   passthrough  `python -m pneumo_tf.convert --image_size=0` (JPEG frames copied);
-  256 px       `python -m pneumo_tf.convert --image_size=256` (PNG at 256 x 256).
+  256 px       `python -m pneumo_tf.convert --image_size=256` (PNG at 256 x 256);
+  beam         passthrough as an Apache Beam pipeline on the local direct runner with as many
+               worker processes (`--beam_pipeline_options=runner=FnApiRunner,direct_num_workers=N,
+               direct_running_mode=multi_processing`: FnApiRunner is the engine runner=DirectRunner
+               runs when it cannot download its Prism binary, as here), so its ratio to
+               passthrough is Beam's overhead on the same files; its shards must equal
+               passthrough's (the manifests' sha256). Left out when apache-beam is not installed.
 
 Wall time covers interpreter start-up, imports (TensorFlow included) and every worker
 process, as a user sees it. The machine is shared and noisy, so the three methods run
@@ -21,6 +27,7 @@ from __future__ import annotations
 
 import dataclasses
 import glob
+import importlib.util
 import json
 import os
 import shutil
@@ -47,6 +54,7 @@ flags.DEFINE_string("output_dir", None, "Internal, with --run_seed_loop: the PNG
 
 SEED_SIZE = 224  # the seed report's image_size
 TARGETS = {"passthrough": 20.0, "image_size=256": 5.0}  # the issue's required speed-ups over the seed loop
+BEAM = "beam passthrough"
 
 
 def seed_loop(dicom_dir: str, output_dir: str, size: int = SEED_SIZE) -> None:
@@ -106,13 +114,20 @@ class Method:
     name: str
     description: str
     image_size: int | None  # None: the seed loop; else the converter's --image_size
+    beam: bool = False  # the converter as a Beam pipeline on the local direct runner
 
 
-METHODS = (
-    Method("seed loop", f"pydicom decode, PIL RGB, {SEED_SIZE} px PNG files, 1 process", None),
-    Method("passthrough", "pneumo_tf.convert --image_size=0", 0),
-    Method("image_size=256", "pneumo_tf.convert --image_size=256", 256),
-)
+def methods() -> tuple[Method, ...]:
+    found = (
+        Method("seed loop", f"pydicom decode, PIL RGB, {SEED_SIZE} px PNG files, 1 process", None),
+        Method("passthrough", "pneumo_tf.convert --image_size=0", 0),
+        Method("image_size=256", "pneumo_tf.convert --image_size=256", 256),
+    )
+    if importlib.util.find_spec("apache_beam") is None:
+        print(f"{BEAM}: left out, apache-beam is not installed (pip install -e \".[beam]\")")
+        return found
+    return found + (Method(BEAM, "pneumo_tf.convert --image_size=0 --beam_pipeline_options=runner=FnApiRunner,"
+                           "direct_num_workers=<workers>,direct_running_mode=multi_processing", 0, beam=True),)
 
 
 @dataclasses.dataclass
@@ -120,19 +135,25 @@ class Run:
     seconds: float  # whole-process wall time
     files: int
     inner_seconds: float | None  # the converter's own elapsed_seconds from its manifest
+    shards: tuple = ()  # (name, sha256) of the converter's shards
 
 
 def _command(method: Method, data: dict[str, str], output_dir: str, workers: int) -> list[str]:
     if method.image_size is None:
         return [sys.executable, os.path.abspath(__file__), "--run_seed_loop",
                 f"--dicom_dir={data['train_dir']}", f"--output_dir={output_dir}"]
+    engine = [f"--workers={workers}"]
+    if method.beam:
+        engine = [f"--beam_pipeline_options=runner=FnApiRunner,direct_num_workers={workers},"
+                  "direct_running_mode=multi_processing"]
     return [sys.executable, "-m", "pneumo_tf.convert", f"--dicom_dir={data['train_dir']}",
             f"--labels_csv={data['labels_csv']}", f"--class_info_csv={data['class_info_csv']}",
-            f"--output_dir={output_dir}", f"--image_size={method.image_size}", f"--workers={workers}"]
+            f"--output_dir={output_dir}", f"--image_size={method.image_size}", *engine]
 
 
-def _check_output(method: Method, output_dir: str, num_images: int) -> tuple[int, float | None]:
-    """(files written, converter's inner seconds); raises AssertionError unless every file made it."""
+def _check_output(method: Method, output_dir: str, num_images: int) -> tuple[int, float | None, tuple]:
+    """(files written, converter's inner seconds, its shards' names and sha256); raises AssertionError
+    unless every file made it."""
     if method.image_size is None:
         from PIL import Image
 
@@ -140,7 +161,7 @@ def _check_output(method: Method, output_dir: str, num_images: int) -> tuple[int
         assert len(pngs) == num_images, f"seed loop wrote {len(pngs)} PNGs, expected {num_images}"
         with Image.open(pngs[0]) as image:
             assert image.size == (SEED_SIZE, SEED_SIZE) and image.mode == "RGB", (image.size, image.mode)
-        return len(pngs), None
+        return len(pngs), None, ()
     with open(os.path.join(output_dir, "manifest.json")) as handle:
         manifest = json.load(handle)
     assert manifest["records"] == num_images and manifest["rejects"] == 0, (
@@ -154,7 +175,7 @@ def _check_output(method: Method, output_dir: str, num_images: int) -> tuple[int
     shards = [s for split in manifest["splits"].values() for s in split["shards"]]
     assert sum(s["records"] for s in shards) == num_images
     assert all(os.path.getsize(os.path.join(output_dir, s["name"])) == s["bytes"] for s in shards)
-    return manifest["records"], manifest["elapsed_seconds"]
+    return manifest["records"], manifest["elapsed_seconds"], tuple((s["name"], s["sha256"]) for s in shards)
 
 
 def time_method(method: Method, data: dict[str, str], output_dir: str, workers: int, num_images: int) -> Run:
@@ -172,23 +193,23 @@ def time_method(method: Method, data: dict[str, str], output_dir: str, workers: 
         with open(log_path) as log:
             tail = log.read()[-3000:]
         raise SystemExit(f"{method.name} exited with {result.returncode}; end of its output:\n{tail}")
-    files, inner = _check_output(method, output_dir, num_images)
+    files, inner, written = _check_output(method, output_dir, num_images)
     shutil.rmtree(output_dir)
-    return Run(seconds, files, inner)
+    return Run(seconds, files, inner, written)
 
 
 # ---------------------------------------------------------------------------------------------
 # Report.
 
 
-def report(best: dict[str, Run]) -> bool:
-    """Prints the table; True when every target is met."""
+def report(best: dict[str, Run], found: tuple[Method, ...]) -> bool:
+    """Prints the table and Beam's overhead; True when every target is met."""
     seed_rate = best["seed loop"].files / best["seed loop"].seconds
     header = f"{'method':<16} {'files':>6} {'seconds':>8} {'files/s':>8} {'vs seed':>8}  {'in-proc s':>9}  target"
     print(header)
     print("-" * (len(header) + 12))
     passed = True
-    for method in METHODS:
+    for method in found:
         run = best[method.name]
         rate = run.files / run.seconds
         ratio = rate / seed_rate
@@ -201,10 +222,17 @@ def report(best: dict[str, Run]) -> bool:
         inner = f"{run.inner_seconds:9.1f}" if run.inner_seconds is not None else f"{'-':>9}"
         print(f"{method.name:<16} {run.files:>6} {run.seconds:>8.1f} {rate:>8.1f} {ratio:>7.1f}x  {inner}  {verdict}")
     print()
-    for method in METHODS:
+    for method in found:
         print(f"  {method.name}: {method.description}")
     print("  seconds: whole-process wall time, best of repeats (start-up, imports, all workers);")
     print("  in-proc s: the converter's own elapsed_seconds from manifest.json (no start-up or imports).")
+    if BEAM in best:
+        local, beam = best["passthrough"], best[BEAM]
+        same = "the same shards (sha256)" if beam.shards == local.shards else "OTHER SHARDS THAN THE LOCAL POOL"
+        passed &= beam.shards == local.shards
+        print(f"\nBeam's overhead: the Beam pipeline converts at {local.seconds / beam.seconds:.2f}x the local pool's "
+              f"files/s ({local.inner_seconds / beam.inner_seconds:.2f}x in-process) on the same files, "
+              f"writing {same}.")
     return passed
 
 
@@ -220,10 +248,11 @@ def benchmark() -> int:
         print(f"load average at start: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
         data = synthetic_data(work_dir, FLAGS.num_images, workers)
         print(describe_input(data["train_dir"]), flush=True)
-        runs: dict[str, list[Run]] = {m.name: [] for m in METHODS}
+        found = methods()
+        runs: dict[str, list[Run]] = {m.name: [] for m in found}
         for repeat in range(FLAGS.repeats):
-            shift = repeat % len(METHODS)  # rotate so no method always runs first (cold cache) or last
-            for method in METHODS[shift:] + METHODS[:shift]:
+            shift = repeat % len(found)  # rotate so no method always runs first (cold cache) or last
+            for method in found[shift:] + found[:shift]:
                 output_dir = os.path.join(work_dir, "out", method.name.replace("=", "_").replace(" ", "_"))
                 run = time_method(method, data, output_dir, workers, FLAGS.num_images)
                 runs[method.name].append(run)
@@ -232,7 +261,7 @@ def benchmark() -> int:
         print(f"load average at end: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
         print()
         best = {name: min(method_runs, key=lambda r: r.seconds) for name, method_runs in runs.items()}
-        return 0 if report(best) else 1
+        return 0 if report(best, found) else 1
     finally:
         if remove_work_dir:
             shutil.rmtree(work_dir, ignore_errors=True)

@@ -17,7 +17,11 @@ these delivers, in one process, side by side:
                     resized on load to (S, S), color_mode="grayscale", one Python thread;
   decode ceiling    `tf.io.decode_jpeg(ratio=4)` alone over every JPEG frame of the passthrough
                     records, held in memory, in an autotuned parallel map on all cores: the most
-                    images/s any pipeline on passthrough records can deliver.
+                    images/s any pipeline on passthrough records can deliver;
+  tf.data service   passthrough's `make_dataset` with `data_service=`: a dispatcher and one worker
+                    started as their own processes on this machine (`python -m pneumo_tf.data_service`),
+                    the worker reading and decoding, this process receiving the batches over gRPC.
+                    Its ratio to passthrough is the service's overhead on one machine (--service).
 
 Diagnostics (--diagnostics, on by default) split each pipeline's per-image work the same
 tight-loop way: the image plus its mask decoded exactly as the pipeline does, the mask alone,
@@ -31,7 +35,8 @@ deleted before the next measurement so no pipeline works in the background of an
 run interleaved, in a rotated order each repeat, and the best of --repeats counts (the machine
 is shared and noisy). Images/s decide the targets; the breakdown of where the time goes uses
 CPU time per image, which other processes on the machine disturb far less.
-Targets: resized records >= 10x ImageDataGenerator; passthrough >= 80% of the decode ceiling.
+Targets: resized records >= 10x ImageDataGenerator; passthrough >= 80% of the decode ceiling;
+tf.data service >= 80% of passthrough.
 The exit status is 1 when a target fails.
 
 Needs tf_keras for the baseline only (`pip install "tf_keras~=2.21.0"`, matching TensorFlow
@@ -40,6 +45,7 @@ Needs tf_keras for the baseline only (`pip install "tf_keras~=2.21.0"`, matching
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import csv
 import dataclasses
 import gc
@@ -47,6 +53,7 @@ import glob
 import multiprocessing
 import os
 import shutil
+import subprocess
 import sys
 import tempfile
 import time
@@ -68,6 +75,7 @@ FLAGS = flags.FLAGS
 SOURCE_SIZE = 1024  # the synthetic DICOMs' pixels, as RSNA's
 TARGET_VS_IMAGE_DATA_GENERATOR = 10.0  # resized records' images/s over the seed baseline's
 TARGET_VS_CEILING = 0.80  # passthrough images/s over the decode ceiling's
+TARGET_SERVICE_VS_IN_PROCESS = 0.80  # images/s through the tf.data service over passthrough's in-process
 BIT_DEPTH = 8  # both conversions use the converter's default
 PNG_CLASSES = ("normal", "opacity")  # the seed's two flow_from_directory class folders (label/target 0, 1)
 
@@ -87,6 +95,8 @@ def define_flags() -> None:
     flags.DEFINE_integer("repeats", 2, "Measurements of each method, interleaved; the best counts.")
     flags.DEFINE_bool("diagnostics", True, "Also measure the parts of each pipeline's decode (image, mask) and two "
                       "cheaper passthrough masks.")
+    flags.DEFINE_bool("service", True, "Also measure passthrough through a tf.data service with one worker on this "
+                      "machine.")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -324,12 +334,21 @@ class Method:
     description: str
     make_batches: Callable[[], Iterator]
     diagnostic: bool = False
+    helper_pid: int | None = None  # a process doing part of the work (the tf.data service worker)
 
 
 @dataclasses.dataclass(frozen=True)
 class Measurement:
     images_per_second: float  # wall clock: what a consumer of the batches sees
     cpu_ms_per_image: float  # CPU time of this whole process (every thread) per image
+    helper_cpu_ms_per_image: float | None = None  # CPU time of the method's helper process per image
+
+
+def process_cpu_seconds(pid: int) -> float:
+    """User + system CPU time of another process so far (Linux /proc)."""
+    with open(f"/proc/{pid}/stat") as handle:
+        fields = handle.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime, stime
 
 
 def measure(method: Method, warmup: int, seconds: float, batches: int) -> Measurement:
@@ -342,6 +361,7 @@ def measure(method: Method, warmup: int, seconds: float, batches: int) -> Measur
     for _ in range(warmup):
         next(iterator)
     images = counted = 0
+    helper_started = process_cpu_seconds(method.helper_pid) if method.helper_pid else None
     started, cpu_started = time.perf_counter(), time.process_time()
     while True:
         images += images_in(next(iterator))
@@ -350,22 +370,59 @@ def measure(method: Method, warmup: int, seconds: float, batches: int) -> Measur
         if (batches and counted >= batches) or (not batches and elapsed >= seconds):
             break
     cpu = time.process_time() - cpu_started
+    helper_ms = None
+    if method.helper_pid:
+        helper_ms = 1000.0 * (process_cpu_seconds(method.helper_pid) - helper_started) / images
     del iterator  # stops its background threads before the next method runs
     gc.collect()
-    return Measurement(images / elapsed, 1000.0 * cpu / images)
+    return Measurement(images / elapsed, 1000.0 * cpu / images, helper_ms)
 
 
 IMAGE_KEYS = ("image_encoded", "image_format", "stored_size")
 PASSTHROUGH, RESIZED, BASELINE, CEILING = "passthrough", "resized records", "ImageDataGenerator", "decode ceiling"
+SERVICE = "tf.data service, 1 worker"
 
 
-def methods(bench: BenchData, image_size: int, batch_size: int, diagnostics: bool) -> list[Method]:
-    """The measured methods: the four of the targets, then the diagnostics."""
+def _start_server(*args) -> tuple[subprocess.Popen, str]:
+    """python -m pneumo_tf.data_service with args, and the port it serves on once it says so."""
+    process = subprocess.Popen([sys.executable, "-m", "pneumo_tf.data_service", *args], stdout=subprocess.PIPE,
+                               stderr=subprocess.DEVNULL, text=True)
+    line = process.stdout.readline()
+    if " serving at " not in line:
+        process.kill()
+        raise SystemExit(f"python -m pneumo_tf.data_service {' '.join(args)} did not start: {line!r}")
+    return process, line.split(" serving at ")[1].split()[0].rpartition(":")[2]
+
+
+@contextlib.contextmanager
+def local_service(work_dir: str):
+    """A tf.data service dispatcher and one worker on this machine, each its own process started as a
+    user starts them; yields (the dispatcher's address, the worker's pid)."""
+    processes = []
+    shutil.rmtree(work_dir, ignore_errors=True)  # a journal of an earlier run would bring back its dead worker
+    try:
+        dispatcher, port = _start_server("--role=dispatcher", "--port=0", f"--work_dir={work_dir}")
+        processes.append(dispatcher)
+        address = f"grpc://127.0.0.1:{port}"
+        worker, _ = _start_server("--role=worker", f"--dispatcher={address}", "--port=0", "--host=127.0.0.1")
+        processes.append(worker)
+        yield address, worker.pid
+    finally:
+        for process in processes:
+            process.kill()
+            process.wait()
+
+
+def methods(bench: BenchData, image_size: int, batch_size: int, diagnostics: bool,
+            service: tuple[str, int] | None = None) -> list[Method]:
+    """The measured methods: the four of the targets, the tf.data service (given its address and
+    worker pid), then the diagnostics."""
     ratio = jpeg_ratio(image_size)
     passthrough = load_fields(bench.passthrough_dir)
 
-    def dataset(records_dir):
-        return lambda: iter(pipeline.make_dataset(records_dir, "train", batch_size, image_size, training=True, seed=0))
+    def dataset(records_dir, **kwargs):
+        return lambda: iter(pipeline.make_dataset(records_dir, "train", batch_size, image_size, training=True, seed=0,
+                                                  **kwargs))
 
     def loop(fields, decode, keys):
         return lambda: tight_loop(fields, decode, keys, image_size, batch_size)
@@ -380,6 +437,11 @@ def methods(bench: BenchData, image_size: int, batch_size: int, diagnostics: boo
         Method(CEILING, f"decode_jpeg(ratio={ratio}) alone over the passthrough frames in memory, all cores",
                loop(passthrough, jpeg_alone, ["image_encoded"])),
     ]
+    if service is not None:
+        address, worker_pid = service
+        found.append(Method(SERVICE, "passthrough's make_dataset with data_service: a dispatcher and 1 worker process "
+                            "on this machine decode, this process receives over gRPC",
+                            dataset(bench.passthrough_dir, data_service=address), helper_pid=worker_pid))
     if not diagnostics:
         return found
     resized = load_fields(bench.resized_dir)
@@ -440,6 +502,9 @@ def report(runs: dict[str, list[Measurement]], found: list[Method]) -> bool:
                   f">= {TARGET_VS_IMAGE_DATA_GENERATOR:.0f}x ImageDataGenerator"),
         PASSTHROUGH: (best[PASSTHROUGH] / ceiling, TARGET_VS_CEILING, f">= {TARGET_VS_CEILING:.0%} of the ceiling"),
     }
+    if SERVICE in best:
+        targets[SERVICE] = (best[SERVICE] / best[PASSTHROUGH], TARGET_SERVICE_VS_IN_PROCESS,
+                            f">= {TARGET_SERVICE_VS_IN_PROCESS:.0%} of passthrough")
     header = (f"{'method':<26} {'images/s':>9} {'median':>8} {'vs IDG':>8} {'vs ceiling':>10} "
               f"{'CPU ms/img':>10}  target")
     print(header)
@@ -462,7 +527,30 @@ def report(runs: dict[str, list[Measurement]], found: list[Method]) -> bool:
     print()
     for method in found:
         print(f"  {method.name}: {method.description}")
+    if SERVICE in best:
+        print()
+        for line in service_scaling(runs, best):
+            print(line)
     return passed
+
+
+def service_scaling(runs: dict[str, list[Measurement]], best: dict[str, float]) -> list[str]:
+    """The service's cost on each side and what it implies for more workers (CPU time: see module docstring)."""
+    receive_ms = cpu_ms(runs, SERVICE)
+    worker_ms = min(run.helper_cpu_ms_per_image for run in runs[SERVICE])
+    in_process_ms = cpu_ms(runs, PASSTHROUGH)
+    cores = os.cpu_count() or 1
+    return [
+        f"tf.data service: {best[SERVICE] / best[PASSTHROUGH]:.2f}x passthrough's images/s in-process, on this one "
+        f"machine where worker and trainer share its {cores} cores.",
+        f"  CPU per image: the worker {worker_ms:.2f} ms (read, parse, decode, batch; in-process: {in_process_ms:.2f} "
+        f"ms), the training process {receive_ms:.2f} ms (receive, deserialize).",
+        f"  Each added worker machine adds its cores' decoding, ~1000 / {worker_ms:.2f} ms = "
+        f"{1000 / worker_ms:.0f} images/s per core like these, until the training host's receiving saturates: "
+        f"~{1000 / receive_ms:.0f} images/s per core of it here (or its network: an example is a "
+        f"{FLAGS.image_size}x{FLAGS.image_size} float32 image and uint8 mask, {5 * FLAGS.image_size ** 2 / 2**20:.2f} "
+        "MB, uncompressed).",
+    ]
 
 
 def cpu_ms(runs: dict[str, list[Measurement]], name: str) -> float:
@@ -508,35 +596,40 @@ def benchmark() -> int:
     os.makedirs(work_dir, exist_ok=True)
     remove_work_dir = FLAGS.work_dir is None and not FLAGS.keep  # never delete a folder the user named
     try:
-        print(machine_facts())
-        bench = prepare(work_dir, FLAGS.num_images, FLAGS.image_size)
-        print(f"num_images {FLAGS.num_images} (make_dataset reads the train split: "
-              f"{pipeline.num_examples(bench.passthrough_dir, 'train')}; the ceiling and ImageDataGenerator all), "
-              f"image_size {FLAGS.image_size}, batch_size {FLAGS.batch_size}, "
-              + (f"{FLAGS.batches} batches" if FLAGS.batches else f"{FLAGS.seconds:g} s")
-              + f" per measurement after {FLAGS.warmup_batches} warm-up batches, best of {FLAGS.repeats}", flush=True)
-        found = methods(bench, FLAGS.image_size, FLAGS.batch_size, FLAGS.diagnostics)
-        runs: dict[str, list[Measurement]] = {m.name: [] for m in found}
-        for repeat in range(FLAGS.repeats):
-            shift = repeat % len(found)  # rotate so no method always runs first or last
-            for method in found[shift:] + found[:shift]:
-                run = measure(method, FLAGS.warmup_batches, FLAGS.seconds, FLAGS.batches)
-                runs[method.name].append(run)
-                print(f"  repeat {repeat + 1}/{FLAGS.repeats} {method.name:<26} {run.images_per_second:8.1f} images/s "
-                      f"{run.cpu_ms_per_image:6.2f} CPU ms/image", flush=True)
-        print(f"load average at end: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
-        print()
-        passed = report(runs, found)
-        print()
-        print("what the pipeline decodes per image (image + mask):")
-        for line in describe_decoding(bench, FLAGS.image_size):
-            print(line)
-        print()
-        for line in where_time_goes(runs):
-            print(line)
-        print()
-        print(f"targets: {'all PASS' if passed else 'some FAIL'}")
-        return 0 if passed else 1
+        with contextlib.ExitStack() as stack:
+            print(machine_facts())
+            bench = prepare(work_dir, FLAGS.num_images, FLAGS.image_size)
+            print(f"num_images {FLAGS.num_images} (make_dataset reads the train split: "
+                  f"{pipeline.num_examples(bench.passthrough_dir, 'train')}; the ceiling and ImageDataGenerator all), "
+                  f"image_size {FLAGS.image_size}, batch_size {FLAGS.batch_size}, "
+                  + (f"{FLAGS.batches} batches" if FLAGS.batches else f"{FLAGS.seconds:g} s")
+                  + f" per measurement after {FLAGS.warmup_batches} warm-up batches, best of {FLAGS.repeats}",
+                  flush=True)
+            service = None
+            if FLAGS.service:
+                service = stack.enter_context(local_service(os.path.join(work_dir, "dispatcher")))
+            found = methods(bench, FLAGS.image_size, FLAGS.batch_size, FLAGS.diagnostics, service)
+            runs: dict[str, list[Measurement]] = {m.name: [] for m in found}
+            for repeat in range(FLAGS.repeats):
+                shift = repeat % len(found)  # rotate so no method always runs first or last
+                for method in found[shift:] + found[:shift]:
+                    run = measure(method, FLAGS.warmup_batches, FLAGS.seconds, FLAGS.batches)
+                    runs[method.name].append(run)
+                    print(f"  repeat {repeat + 1}/{FLAGS.repeats} {method.name:<26} "
+                          f"{run.images_per_second:8.1f} images/s {run.cpu_ms_per_image:6.2f} CPU ms/image", flush=True)
+            print(f"load average at end: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
+            print()
+            passed = report(runs, found)
+            print()
+            print("what the pipeline decodes per image (image + mask):")
+            for line in describe_decoding(bench, FLAGS.image_size):
+                print(line)
+            print()
+            for line in where_time_goes(runs):
+                print(line)
+            print()
+            print(f"targets: {'all PASS' if passed else 'some FAIL'}")
+            return 0 if passed else 1
     finally:
         if remove_work_dir:
             shutil.rmtree(work_dir, ignore_errors=True)

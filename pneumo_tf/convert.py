@@ -3,6 +3,11 @@
     python -m pneumo_tf.convert --dicom_dir=stage_2_train_images \\
         --labels_csv=stage_2_train_labels.csv --class_info_csv=stage_2_detailed_class_info.csv \\
         --test_dicom_dir=stage_2_test_images --output_dir=records
+
+On many machines, as an Apache Beam pipeline (here Dataflow; see BUILD.md):
+
+    python -m pneumo_tf.convert --dicom_dir=gs://B/stage_2_train_images ... --output_dir=gs://B/records \\
+        --beam_pipeline_options="runner=DataflowRunner,project=P,region=R,temp_location=gs://B/tmp,setup_file=./setup.py"
 """
 from absl import flags
 
@@ -19,24 +24,23 @@ flags.DEFINE_string("test_dicom_dir", None, "A second folder converted as the un
 flags.DEFINE_string("output_dir", None, "Where shards, manifest.json and rejects.csv go. Rerunning into it with "
                     "the same options resumes (finished shards are kept).")
 cli.define_flags(shards.ConvertOptions)
-flags.DEFINE_integer("workers", 0, "Worker processes building examples; 0 uses all cores.")
-flags.DEFINE_integer("num_workers", 1, "Machines sharing this conversion: each writes its share of the shards "
-                     "into the same --output_dir; then run once with --finalize to write the manifest.")
-flags.DEFINE_integer("worker_index", 0, "This machine's index in [0, --num_workers).")
-flags.DEFINE_bool("finalize", False, "With --num_workers > 1: write manifest.json and rejects.csv once every "
-                  "machine has written its shards.")
+flags.DEFINE_integer("workers", 0, "Local worker processes building examples (without --beam_pipeline_options); "
+                     "0 uses all cores.")
+flags.DEFINE_string("beam_pipeline_options", None, "Convert as an Apache Beam pipeline on many machines, with these "
+                    "comma-separated Beam options, e.g. runner=DataflowRunner,project=P,region=R,temp_location="
+                    "gs://B/tmp,setup_file=./setup.py (or runner=FlinkRunner,..., runner=SparkRunner,..., "
+                    "runner=DirectRunner,direct_num_workers=2,direct_running_mode=multi_processing). Same shards, "
+                    "rejects and manifest as the local pool. Folders and CSVs may be URLs that tf.io.gfile reads "
+                    '(gs://...). Needs pip install "pneumo_tf[beam]".')
 flags.mark_flags_as_required(["dicom_dir", "output_dir"])
 
 
 def main():
     manifest = shards.convert(
         FLAGS.dicom_dir, FLAGS.output_dir, FLAGS.labels_csv, FLAGS.class_info_csv, FLAGS.test_dicom_dir,
-        cli.config_from_flags(shards.ConvertOptions), workers=FLAGS.workers or None, num_machines=FLAGS.num_workers,
-        machine_index=FLAGS.worker_index, finalize=FLAGS.finalize or FLAGS.num_workers == 1,
+        cli.config_from_flags(shards.ConvertOptions), workers=FLAGS.workers or None,
+        beam_pipeline_options=FLAGS.beam_pipeline_options,
     )
-    if manifest is None:
-        print(f"worker {FLAGS.worker_index} of {FLAGS.num_workers}: shards written to {FLAGS.output_dir}")
-        return
     counts = ", ".join(f"{split} {entry['records']}" for split, entry in manifest["splits"].items())
     print(f"{manifest['records']} records ({counts}), {manifest['rejects']} rejects -> {FLAGS.output_dir} "
           f"({manifest['files_per_second']} files/s)")

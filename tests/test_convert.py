@@ -2,6 +2,7 @@
 import csv
 import io
 import os
+import pickle
 import shutil
 import signal
 import subprocess
@@ -21,6 +22,7 @@ from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage
 
 from pneumo_tf.records import boxes as box_lib
 from pneumo_tf.errors import UserError
+from pneumo_tf.fileio import write_json_atomic
 from pneumo_tf.records import shards, dicom, labels as labels_lib, manifest as manifest_lib, schema, synthetic
 
 
@@ -336,17 +338,155 @@ def test_two_processes_give_identical_shards_and_resume_after_kill(tmp_path):
     assert (killed / "rejects.csv").read_bytes() == (first / "rejects.csv").read_bytes()
 
 
-def test_machines_write_shares_then_finalize(synthetic_rsna, tmp_path):
-    common = (synthetic_rsna["train_dir"], str(tmp_path / "out"), synthetic_rsna["train_labels"],
-              synthetic_rsna["detailed_class_info"], synthetic_rsna["test_dir"])
-    options = shards.ConvertOptions(num_shards=3)
-    assert shards.convert(*common, options=options, workers=1, num_machines=2, machine_index=1) is None
-    with pytest.raises(UserError, match="not written yet"):
-        shards.convert(*common, options=options, workers=1, num_machines=2, finalize=True)
-    assert shards.convert(*common, options=options, workers=1, num_machines=2, machine_index=0) is None
-    manifest = shards.convert(*common, options=options, workers=1, num_machines=2, finalize=True)
-    single = shards.convert(*common[:1], str(tmp_path / "single"), *common[2:], options=options, workers=1)
-    assert manifest["splits"] == single["splits"]
+# Beam's FnApiRunner is what runner=DirectRunner runs offline: DirectRunner first tries the Prism
+# runner, whose binary it downloads from GitHub, and falls back to it when that fails.
+BEAM_RUNNER = "runner=FnApiRunner"
+BEAM_TWO_PROCESSES = f"{BEAM_RUNNER},direct_num_workers=2,direct_running_mode=multi_processing"
+
+
+@pytest.fixture(scope="module")
+def with_a_bad_file(synthetic_rsna, tmp_path_factory):
+    """The synthetic folders plus an unreadable file among the test images (it reaches the converter)."""
+    folder = tmp_path_factory.mktemp("with_a_bad_file")
+    shutil.copytree(synthetic_rsna["train_dir"], folder / "train")
+    shutil.copytree(synthetic_rsna["test_dir"], folder / "test")
+    (folder / "test" / "broken.dcm").write_bytes(b"DICM but not really")
+    return (str(folder / "train"), synthetic_rsna["train_labels"], synthetic_rsna["detailed_class_info"],
+            str(folder / "test"))
+
+
+def _convert(inputs, output_dir, **kwargs):
+    train_dir, labels_csv, class_info_csv, test_dir = inputs
+    return shards.convert(train_dir, str(output_dir), labels_csv, class_info_csv, test_dir,
+                          shards.ConvertOptions(num_shards=3), **kwargs)
+
+
+def _without_timing(manifest):
+    return {k: v for k, v in manifest.items() if k not in ("elapsed_seconds", "files_per_second", "versions")}
+
+
+def _folder_state(folder):
+    return {entry.name: (entry.stat().st_mtime_ns, entry.stat().st_size) for entry in os.scandir(folder)}
+
+
+@pytest.mark.slow
+def test_beam_conversion_equals_the_local_pools_byte_for_byte(with_a_bad_file, tmp_path):
+    pytest.importorskip("apache_beam")
+    local = _convert(with_a_bad_file, tmp_path / "local", workers=2)
+    beam = _convert(with_a_bad_file, tmp_path / "beam", beam_pipeline_options=BEAM_TWO_PROCESSES)
+    names = sorted(os.listdir(tmp_path / "local"))
+    assert names == sorted(os.listdir(tmp_path / "beam"))
+    assert len([n for n in names if n.endswith(".tfrecord")]) == 9 and beam["records"] == 27 and beam["rejects"] == 1
+    for name in names:
+        if name != "manifest.json":
+            assert (tmp_path / "local" / name).read_bytes() == (tmp_path / "beam" / name).read_bytes(), name
+    assert _without_timing(beam) == _without_timing(local)
+    with open(tmp_path / "beam" / "rejects.csv") as handle:
+        assert [(os.path.basename(r["file"]), r["reason"][:16]) for r in csv.DictReader(handle)] == [
+            ("broken.dcm", "unreadable DICOM")]
+
+    # A second run over the finished folder finds its manifest and writes nothing.
+    before = _folder_state(tmp_path / "beam")
+    again = _convert(with_a_bad_file, tmp_path / "beam", beam_pipeline_options=BEAM_TWO_PROCESSES)
+    assert again == beam and _folder_state(tmp_path / "beam") == before
+
+
+def test_beam_resumes_and_a_retried_shard_writes_the_same_bytes(with_a_bad_file, tmp_path):
+    """A killed Beam run leaves finished shards, their summaries and a half-written temporary file;
+    the rerun writes only the rest, and writing a shard again (Beam retrying its bundle) changes nothing."""
+    pytest.importorskip("apache_beam")
+    from pneumo_tf.records import beam
+
+    reference = _convert(with_a_bad_file, tmp_path / "reference", workers=1)
+    output = tmp_path / "resumed"
+    train_dir, labels_csv, class_info_csv, test_dir = with_a_bad_file
+    plan = shards.make_plan(train_dir, labels_lib.read_labels(labels_csv, class_info_csv), test_dir,
+                            shards.ConvertOptions(num_shards=3))
+    first, *rest = plan.shards
+    (output / shards.PARTIAL_DIR).mkdir(parents=True)
+    shards.write_shard(first, str(output), shards.ConvertOptions(num_shards=3))
+    (output / f"{rest[0].name}.tmp-0123456789abcdef").write_bytes(b"half a shard")
+    # Its options, as the killed run recorded them first.
+    recorded = shards._recorded_options(shards.ConvertOptions(num_shards=3), train_dir, labels_csv, class_info_csv,
+                                        test_dir, {s.split: s.count for s in plan.shards})
+    write_json_atomic(str(output / shards.PARTIAL_DIR / "options.json"), recorded)
+    first_written = (output / first.name).stat().st_mtime_ns
+
+    manifest = _convert(with_a_bad_file, output, beam_pipeline_options=BEAM_RUNNER)
+    assert (output / first.name).stat().st_mtime_ns == first_written  # kept, not rewritten
+    assert sorted(os.listdir(output)) == sorted(os.listdir(tmp_path / "reference"))
+    for name in os.listdir(output):
+        if name != "manifest.json":
+            assert (output / name).read_bytes() == (tmp_path / "reference" / name).read_bytes(), name
+    assert _without_timing(manifest) == _without_timing(reference)
+
+    # A retried element: the plan file is gone with _partial/ after the manifest, so write it anew.
+    retry_dir = tmp_path / "retried"
+    (retry_dir / shards.PARTIAL_DIR).mkdir(parents=True)
+    plan_path = str(retry_dir / shards.PARTIAL_DIR / beam.PLAN_NAME)
+    with open(plan_path, "wb") as handle:
+        pickle.dump({first.name: first}, handle)
+    for _ in range(2):
+        beam.write_named_shard(first.name, plan_path, str(retry_dir), shards.ConvertOptions(num_shards=3))
+    assert sorted(os.listdir(retry_dir)) == sorted([first.name, shards.PARTIAL_DIR])
+    assert (retry_dir / first.name).read_bytes() == (output / first.name).read_bytes()
+
+
+def test_beam_writes_to_and_reads_from_urls(with_a_bad_file, tmp_path):
+    """The same conversion with every path a URL (TensorFlow's in-process ram:// filesystem, so an
+    in-process runner) gives the same bytes: folders, CSVs, shards and manifest all go through tf.io.gfile."""
+    pytest.importorskip("apache_beam")
+    from pneumo_tf import fileio
+
+    local = _convert(with_a_bad_file, tmp_path / "local", workers=1)
+    url_inputs = []
+    for path in with_a_bad_file:
+        url = f"ram://inputs/{os.path.basename(path)}"
+        if os.path.isdir(path):
+            tf.io.gfile.makedirs(url)
+            for name in os.listdir(path):
+                tf.io.gfile.copy(os.path.join(path, name), f"{url}/{name}")
+        else:
+            tf.io.gfile.copy(path, url)
+        url_inputs.append(url)
+    try:
+        manifest = _convert(url_inputs, "ram://records", beam_pipeline_options=f"{BEAM_RUNNER},direct_running_mode=in_memory")
+        assert sorted(fileio.listdir("ram://records")) == sorted(os.listdir(tmp_path / "local"))
+        for name in os.listdir(tmp_path / "local"):
+            if name.endswith(".tfrecord"):
+                with fileio.open_file(f"ram://records/{name}", "rb") as handle:
+                    assert handle.read() == (tmp_path / "local" / name).read_bytes(), name
+        assert manifest["splits"] == local["splits"] and manifest["rejects"] == local["rejects"] == 1
+        assert manifest["options"]["dicom_dir"] == "ram://inputs/train"
+    finally:
+        for url in ("ram://inputs", "ram://records"):
+            fileio.rmtree(url)
+
+
+def test_beam_options_without_apache_beam_name_the_extra(synthetic_rsna, tmp_path):
+    # A package named apache_beam that fails to import stands for Beam not being installed.
+    blocker = tmp_path / "no_beam" / "apache_beam"
+    blocker.mkdir(parents=True)
+    (blocker / "__init__.py").write_text("raise ImportError(\"No module named 'apache_beam'\")\n")
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(blocker.parent), os.environ.get("PYTHONPATH", "")]))
+    output = tmp_path / "out"
+    result = subprocess.run(
+        [sys.executable, "-m", "pneumo_tf.convert", *synthetic_args(synthetic_rsna, output),
+         "--beam_pipeline_options=runner=DirectRunner,direct_num_workers=2"],
+        capture_output=True, text=True, timeout=300, env=env,
+    )
+    assert result.returncode == 2
+    error_lines = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(error_lines) == 1 and "needs Apache Beam" in error_lines[0], result.stderr
+    assert 'pip install "pneumo_tf[beam]"' in error_lines[0]
+    assert not output.exists()
+
+
+def test_an_unknown_beam_runner_is_refused_before_writing(synthetic_rsna, tmp_path):
+    pytest.importorskip("apache_beam")
+    with pytest.raises(UserError, match="runner NoSuchRunner cannot start: Unexpected pipeline runner"):
+        shards.convert(synthetic_rsna["train_dir"], str(tmp_path / "out"), beam_pipeline_options="runner=NoSuchRunner")
+    assert not (tmp_path / "out").exists()
 
 
 @pytest.mark.parametrize(
@@ -386,7 +526,7 @@ def test_cli_errors_are_one_line_and_write_nothing(case, message, synthetic_rsna
 def test_cli_help_explains_every_flag():
     result = subprocess.run([sys.executable, "-m", "pneumo_tf.convert", "--helpshort"], capture_output=True, text=True)
     for flag in ("dicom_dir", "labels_csv", "class_info_csv", "test_dicom_dir", "output_dir", "val_fraction", "seed",
-                 "num_shards", "workers", "image_size", "bit_depth", "num_workers", "worker_index", "finalize"):
+                 "num_shards", "workers", "image_size", "bit_depth", "beam_pipeline_options"):
         assert f"--{flag}" in result.stdout
 
 

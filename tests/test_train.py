@@ -200,6 +200,7 @@ def test_killed_run_resumes_from_the_last_epoch(tiny_records, tmp_path):
     (["--records_dir=/nonexistent/records"], "records folder not found"),
     (["--batch_size=0"], "--batch_size must be at least 1, not 0"),
     (["--model_option=channels"], "--model_option: expected key=value, got 'channels'"),
+    (["--data_service=grpc://127.0.0.1:1"], "the tf.data service dispatcher at grpc://127.0.0.1:1 is unreachable"),
 ])
 def test_cli_errors(tiny_records, tmp_path, args, message):
     result = run_train(tiny_records, tmp_path / "run", *TINY_MASK, *args)

@@ -6,6 +6,7 @@ gives the same pixels everywhere. No TensorFlow here: converter workers stay lig
 from __future__ import annotations
 
 import dataclasses
+import io
 import re
 
 import numpy as np
@@ -14,6 +15,7 @@ import pydicom.config
 import pydicom.encaps
 import pydicom.pixels
 
+from pneumo_tf import fileio
 from pneumo_tf.errors import RejectedFile
 from pneumo_tf.records import jpeg
 
@@ -43,8 +45,11 @@ class HeaderFacts:
 
 
 def read(source) -> pydicom.Dataset:
-    """Parses a DICOM file (path or binary file object), raising RejectedFile for non-DICOM input."""
+    """Parses a DICOM file (path, URL or binary file object), raising RejectedFile for non-DICOM input."""
     try:
+        if isinstance(source, str) and fileio.is_url(source):
+            with fileio.open_file(source, "rb") as handle:
+                source = io.BytesIO(handle.read())  # one request, then pydicom seeks in memory
         ds = pydicom.dcmread(source)
     except Exception as error:  # pydicom raises many types for corrupt input; all mean "unreadable"
         raise RejectedFile(f"unreadable DICOM: {type(error).__name__}: {error}") from error

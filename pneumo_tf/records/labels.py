@@ -2,10 +2,10 @@
 from __future__ import annotations
 
 import dataclasses
-import os
 
 import numpy as np
 
+from pneumo_tf import fileio
 from pneumo_tf.errors import UserError
 from pneumo_tf.records import schema
 
@@ -25,10 +25,11 @@ def _read_csv(path: str, columns: tuple[str, ...], what: str):
     # and pandas would add ~0.4 s to each worker's start.
     import pandas as pd
 
-    if not os.path.isfile(path):
+    if not fileio.isfile(path):
         raise UserError(f"{what} not found: {path}")
     try:
-        frame = pd.read_csv(path, dtype={"patientId": str})
+        with fileio.open_file(path, "rb") as handle:
+            frame = pd.read_csv(handle, dtype={"patientId": str})
     except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as error:
         raise UserError(f"{what} {path} is not a readable CSV: {error}") from error
     missing = [c for c in columns if c not in frame.columns]

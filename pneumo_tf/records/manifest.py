@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 
+from pneumo_tf import fileio
 from pneumo_tf.errors import UserError
 
 MANIFEST_NAME = "manifest.json"
@@ -21,13 +22,12 @@ FORMAT_VERSION = 1
 def read_manifest(records_dir: str) -> dict:
     """The manifest of a records folder, with a clear error when there is none or it is foreign."""
     path = os.path.join(records_dir, MANIFEST_NAME)
-    if not os.path.isdir(records_dir):
+    if not fileio.isdir(records_dir):
         raise UserError(f"records folder not found: {records_dir}")
-    if not os.path.isfile(path):
+    if not fileio.isfile(path):
         raise UserError(f"{records_dir} holds no {MANIFEST_NAME}: convert DICOMs first (python -m pneumo_tf.convert)")
     try:
-        with open(path) as handle:
-            manifest = json.load(handle)
+        manifest = fileio.read_json(path)
     except json.JSONDecodeError as error:
         raise UserError(f"{path} is not valid JSON: {error}") from error
     if not isinstance(manifest, dict) or manifest.get("format_version") != FORMAT_VERSION:

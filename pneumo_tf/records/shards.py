@@ -1,14 +1,16 @@
 """The sharding converter: DICOM folders + label CSVs -> TFRecord shards + manifest.json + rejects.csv.
 
 How it stays correct and fast:
-* `convert_file` is a pure function of one file (a future Apache Beam runner reuses it);
-  worker processes run it, the parent only serialises and writes, in plan order, so the
-  same inputs and options always give byte-identical shards whatever the worker count.
+* `convert_file` is a pure function of one file and `write_shard` of one shard: each shard
+  is written whole, in plan order, by one worker, so the same inputs and options always give
+  byte-identical shards whatever runs the workers: the local process pool here, or an Apache
+  Beam pipeline (records/beam.py, `beam_pipeline_options`) on Dataflow, Flink or Spark.
 * The plan (which file goes to which split and shard) depends only on the file names,
-  the labels, the options and the seed, so N machines can each write their share.
+  the labels, the options and the seed, never on the machine.
 * A shard is written under a temporary name and renamed when complete; a per-shard
-  summary kept in `_partial/` lets a rerun skip finished shards after a crash. The
-  manifest is written last and `_partial/` removed: a folder with a manifest is complete.
+  summary kept in `_partial/` lets a rerun (or a retried Beam bundle) skip finished shards.
+  The manifest is written last and `_partial/` removed: a folder with a manifest is complete.
+* Paths may be URLs (`gs://...`): every file operation goes through pneumo_tf.fileio.
 """
 from __future__ import annotations
 
@@ -16,16 +18,13 @@ import collections
 import concurrent.futures
 import dataclasses
 import functools
-import glob
 import hashlib
 import io
-import json
 import math
 import multiprocessing
 import os
 import platform
 import queue
-import shutil
 import struct
 import time
 import zlib
@@ -36,6 +35,7 @@ from PIL import Image
 from pneumo_tf.cli import option
 from pneumo_tf.records import boxes as box_lib
 from pneumo_tf.errors import RejectedFile, UserError
+from pneumo_tf import fileio
 from pneumo_tf.fileio import write_csv_atomic, write_json_atomic
 from tqdm import tqdm
 from pneumo_tf.records import dicom, jpeg, labels as labels_lib, manifest as manifest_lib, schema
@@ -206,10 +206,9 @@ def convert_or_reject(path, image_id: str, labels: PatientLabels | None, options
 
 def list_dicoms(folder: str) -> list[str]:
     """Every regular, non-hidden file in the folder, sorted: each becomes a record or a reject."""
-    if not os.path.isdir(folder):
+    if not fileio.isdir(folder):
         raise UserError(f"DICOM folder not found: {folder}")
-    names = sorted(n for n in os.listdir(folder) if not n.startswith(".") and os.path.isfile(os.path.join(folder, n)))
-    return [os.path.join(folder, n) for n in names]
+    return [os.path.join(folder, n) for n in fileio.list_files(folder) if not n.startswith(".")]
 
 
 def image_id_of(path: str) -> str:
@@ -237,7 +236,7 @@ def _shard_count(options: ConvertOptions, paths: list[str]) -> int:
     if options.num_shards:
         return max(1, min(options.num_shards, len(paths)))
     if options.image_size == 0:
-        estimate = sum(os.path.getsize(p) for p in paths)
+        estimate = sum(fileio.sizes(paths))
     else:  # PNG of a radiograph: ~0.6 of raw size, plus a small mask
         estimate = len(paths) * options.image_size**2 * (options.bit_depth // 8) * 0.6
     by_size = math.ceil(estimate / TARGET_SHARD_BYTES)
@@ -299,21 +298,26 @@ def make_plan(
 
 
 def _sha256(path: str) -> str:
-    with open(path, "rb") as handle:
-        return hashlib.file_digest(handle, "sha256").hexdigest()
+    digest = hashlib.sha256()
+    with fileio.open_file(path, "rb") as handle:
+        for block in iter(lambda: handle.read(2**20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def write_shard(shard: Shard, output_dir: str, options: ConvertOptions, report=None) -> dict:
     """Converts one shard's files and writes the shard whole; returns its summary.
 
-    Runs in a worker process, so no record crosses a process boundary; the writer needs
-    no TensorFlow (records/tfrecord.py), so workers start fast and stay small. The shard is written under a temporary name,
-    its summary kept in _partial/, then renamed: it exists complete or not at all.
-    `report(n)` is told every few files how many were done, for the progress bar.
+    Runs in a worker process (of the local pool or of a Beam runner), so no record crosses a
+    process boundary; the writer needs no TensorFlow (records/tfrecord.py), so workers start
+    fast and stay small. The shard is written under a name no other attempt uses, its summary
+    kept in _partial/, then renamed: it exists complete or not at all, and an attempt retried
+    by Beam writes the same bytes again. `report(n)` is told every few files how many were
+    done, for the progress bar.
     """
     dicom.quiet_pydicom()
     final = os.path.join(output_dir, shard.name)
-    tmp = f"{final}.tmp-{os.getpid()}"
+    tmp = fileio.temporary_name(final)
     summary = {"name": shard.name, "split": shard.split, "records": 0, "positive": 0, "boxes": 0,
                "classes": collections.Counter(), "rejects": [], "passthrough": 0, "multi_frame": 0}
     unreported = 0
@@ -337,11 +341,25 @@ def write_shard(shard: Shard, output_dir: str, options: ConvertOptions, report=N
     if report is not None and unreported:
         report(unreported)
     summary["classes"] = dict(sorted(summary["classes"].items()))
-    summary["bytes"] = os.path.getsize(tmp)
+    summary["bytes"] = fileio.getsize(tmp)
     summary["sha256"] = _sha256(tmp)
-    write_json_atomic(os.path.join(output_dir, PARTIAL_DIR, f"{shard.name}.json"), summary)
-    os.replace(tmp, final)
+    write_json_atomic(_summary_path(shard, output_dir), summary)
+    fileio.replace(tmp, final)
     return summary
+
+
+def _summary_path(shard: Shard, output_dir: str) -> str:
+    return os.path.join(output_dir, PARTIAL_DIR, f"{shard.name}.json")
+
+
+def _written_shards(output_dir: str) -> set[str]:
+    """Names of the shards complete in output_dir: the shard and its summary (written first) are there.
+
+    Two listings, not a look-up per shard: on cloud storage each look-up is a request.
+    """
+    partial = os.path.join(output_dir, PARTIAL_DIR)
+    summaries = {name[: -len(".json")] for name in fileio.listdir(partial) if name.endswith(".json")}
+    return summaries & set(fileio.listdir(output_dir))
 
 
 def _write_shards(shards, output_dir, options, workers, progress) -> None:
@@ -382,7 +400,7 @@ def _class_name(label_class: int) -> str:
 
 
 def _recorded_options(options, dicom_dir, labels_csv, class_info_csv, test_dicom_dir, num_shards_by_split):
-    absolute = lambda p: os.path.abspath(p) if p else None  # noqa: E731
+    absolute = lambda p: fileio.absolute(p) if p else None  # noqa: E731
     return {
         **dataclasses.asdict(options),
         "dicom_dir": absolute(dicom_dir),
@@ -400,23 +418,22 @@ def _differences(previous: dict, recorded: dict) -> str:
 
 def _check_output_dir(output_dir: str, recorded: dict) -> dict | None:
     """Refuses a folder holding another conversion; returns the manifest if this one is complete."""
-    if not os.path.exists(output_dir):
+    if not fileio.exists(output_dir):
         return None
-    if not os.path.isdir(output_dir):
+    if not fileio.isdir(output_dir):
         raise UserError(f"--output_dir {output_dir} exists and is not a folder")
-    if os.path.isfile(os.path.join(output_dir, manifest_lib.MANIFEST_NAME)):
+    if fileio.isfile(os.path.join(output_dir, manifest_lib.MANIFEST_NAME)):
         manifest = manifest_lib.read_manifest(output_dir)
         differences = _differences(manifest["options"], recorded)
         if differences:
             raise UserError(f"{output_dir} holds a conversion made with other options ({differences})")
         return manifest
     state_path = os.path.join(output_dir, PARTIAL_DIR, "options.json")
-    if os.path.isfile(state_path):
-        with open(state_path) as handle:
-            differences = _differences(json.load(handle), recorded)
+    if fileio.isfile(state_path):
+        differences = _differences(fileio.read_json(state_path), recorded)
         if differences:
             raise UserError(f"{output_dir} holds an unfinished conversion with other options ({differences})")
-    elif os.listdir(output_dir) and not os.path.isdir(os.path.join(output_dir, PARTIAL_DIR)):
+    elif fileio.listdir(output_dir) and not fileio.isdir(os.path.join(output_dir, PARTIAL_DIR)):
         raise UserError(f"--output_dir {output_dir} is not empty and holds no pneumo_tf conversion")
     return None
 
@@ -438,13 +455,12 @@ def _finalize(output_dir, plan, recorded, started, files_this_run):
     rejects = list(plan.rejects)
     totals = collections.Counter()
     missing = []
+    written = _written_shards(output_dir)
     for shard in plan.shards:
-        summary_path = os.path.join(output_dir, PARTIAL_DIR, f"{shard.name}.json")
-        if not (os.path.isfile(summary_path) and os.path.isfile(os.path.join(output_dir, shard.name))):
+        if shard.name not in written:
             missing.append(shard.name)
             continue
-        with open(summary_path) as handle:
-            summary = json.load(handle)
+        summary = fileio.read_json(_summary_path(shard, output_dir))
         entry = splits.setdefault(shard.split, {"records": 0, "positive": 0, "boxes": 0, "classes": {}, "shards": []})
         for key in ("records", "positive", "boxes"):
             entry[key] += summary[key]
@@ -454,7 +470,7 @@ def _finalize(output_dir, plan, recorded, started, files_this_run):
         rejects.extend(tuple(r) for r in summary["rejects"])
         totals.update(passthrough=summary["passthrough"], multi_frame=summary["multi_frame"])
     if missing:
-        raise UserError(f"{len(missing)} shard(s) not written yet (e.g. {missing[0]}): run every worker first")
+        raise UserError(f"{len(missing)} shard(s) were not written (e.g. {missing[0]}): rerun the conversion")
 
     rejects.sort()
     write_csv_atomic(os.path.join(output_dir, manifest_lib.REJECTS_NAME), ["file", "reason"], rejects)
@@ -476,7 +492,7 @@ def _finalize(output_dir, plan, recorded, started, files_this_run):
         "files_per_second": round(files_this_run / elapsed, 2) if elapsed > 0 else None,
     }
     write_json_atomic(os.path.join(output_dir, manifest_lib.MANIFEST_NAME), manifest)
-    shutil.rmtree(os.path.join(output_dir, PARTIAL_DIR), ignore_errors=True)
+    fileio.rmtree(os.path.join(output_dir, PARTIAL_DIR))
     return manifest
 
 
@@ -488,25 +504,24 @@ def convert(
     test_dicom_dir: str | None = None,
     options: ConvertOptions = ConvertOptions(),
     workers: int | None = None,
-    num_machines: int = 1,
-    machine_index: int = 0,
-    finalize: bool | None = None,
+    beam_pipeline_options: str | None = None,
     progress_stream=None,
-) -> dict | None:
-    """Converts a folder; returns the manifest (None for a machine that only wrote its share).
+) -> dict:
+    """Converts a folder and returns the manifest.
 
-    With num_machines N > 1, machine i writes the shards whose index modulo N is i; then one
-    call with finalize=True (any machine, same arguments) writes the manifest.
+    Shards are written by `workers` local processes (all cores by default), or, with
+    `beam_pipeline_options` ("runner=DataflowRunner,project=...", see records/beam.py), by
+    an Apache Beam pipeline on that runner; either way with the same bytes.
     """
     started = time.perf_counter()
     options.validate()
     if class_info_csv and not labels_csv:
         raise UserError("--class_info_csv needs --labels_csv")
-    if num_machines < 1:
-        raise UserError(f"--num_workers must be at least 1, not {num_machines}")
-    if not 0 <= machine_index < num_machines:
-        raise UserError(f"--worker_index must be in [0, {num_machines}), not {machine_index}")
-    if test_dicom_dir is not None and not os.path.isdir(test_dicom_dir):
+    if beam_pipeline_options:
+        from pneumo_tf.records import beam
+
+        beam_options = beam.pipeline_options(beam_pipeline_options)  # checked before anything is written
+    if test_dicom_dir is not None and not fileio.isdir(test_dicom_dir):
         raise UserError(f"test DICOM folder not found: {test_dicom_dir}")
     labels = labels_lib.read_labels(labels_csv, class_info_csv) if labels_csv else None
     plan = make_plan(dicom_dir, labels, test_dicom_dir, options)
@@ -517,23 +532,17 @@ def convert(
     finished = _check_output_dir(output_dir, recorded)
     if finished is not None:
         return finished
-    finalize = (num_machines == 1) if finalize is None else finalize
 
-    partial = os.path.join(output_dir, PARTIAL_DIR)
-    os.makedirs(partial, exist_ok=True)
-    write_json_atomic(os.path.join(partial, "options.json"), recorded)
-    own = [s for s in plan.shards if s.index % num_machines == machine_index] if not finalize or num_machines == 1 else []
-    for shard in own:  # temporary files of a killed run
-        for stale in glob.glob(os.path.join(glob.escape(output_dir), f"{shard.name}.tmp-*")):
-            os.remove(stale)
-    pending = [
-        s for s in own
-        if not (os.path.isfile(os.path.join(output_dir, s.name)) and os.path.isfile(os.path.join(partial, f"{s.name}.json")))
-    ]
+    fileio.makedirs(os.path.join(output_dir, PARTIAL_DIR))
+    write_json_atomic(os.path.join(output_dir, PARTIAL_DIR, "options.json"), recorded)
+    for stale in fileio.glob(output_dir, "*.tmp-*"):  # temporary files of a killed run
+        fileio.remove(stale)
+    written = _written_shards(output_dir)
+    pending = [shard for shard in plan.shards if shard.name not in written]
     files = sum(len(s.files) for s in pending)
-    workers = max(1, workers or os.cpu_count() or 1)
-    with tqdm(total=files, desc="convert", unit="files", file=progress_stream) as progress:
-        _write_shards(pending, output_dir, options, workers, progress)
-    if not finalize:
-        return None
+    if beam_pipeline_options:
+        beam.write_shards(pending, output_dir, options, beam_options)
+    else:
+        with tqdm(total=files, desc="convert", unit="files", file=progress_stream) as progress:
+            _write_shards(pending, output_dir, options, max(1, workers or os.cpu_count() or 1), progress)
     return _finalize(output_dir, plan, recorded, started, files)

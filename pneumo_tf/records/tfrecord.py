@@ -13,6 +13,8 @@ import struct
 import google_crc32c
 import numpy as np
 
+from pneumo_tf import fileio
+
 
 def _varint(value: int) -> bytes:
     value &= (1 << 64) - 1  # negative int64s are written as 10-byte two's complement
@@ -61,7 +63,7 @@ class TFRecordWriter:
     """Writes records framed as TensorFlow's TFRecordWriter does (no compression)."""
 
     def __init__(self, path: str):
-        self._file = open(path, "wb")
+        self._file = fileio.open_file(path, "wb")
 
     def write(self, record: bytes) -> None:
         length = struct.pack("<Q", len(record))

@@ -56,6 +56,15 @@ class TrainConfig:
                                       "about 23% of RSNA images are).")
     cache: bool = option(False, "Keep the decoded train and val images in memory (about 8 x image_size^2 bytes "
                          "each: small --image_size only).")
+    data_service: str = option(
+        "", "A tf.data service dispatcher (grpc://HOST:PORT, started with python -m pneumo_tf.data_service) whose "
+        "workers read, parse, decode and batch the train split; augmentation stays on this host's accelerators. "
+        "Processing mode: dynamic sharding (distributed_epoch): the dispatcher hands each shard file to one worker, "
+        "and all replicas of all hosts share one job, so every training example is read once per pass over the "
+        "split; workers may join or leave mid-run (a lost worker's in-flight examples are skipped for that pass). "
+        "Files are shuffled as without the service; records only within each worker's shuffle buffer. Workers must "
+        "read the records at the same path (shared storage or gs://). Validation reads locally. Empty: all on "
+        "this host.")
     augment: bool = option(True, "Random flip, rotation, zoom, shift, brightness and contrast, per batch on the "
                            "device; image, mask and boxes move together.")
     early_stopping_patience: int = option(15, "Epochs without improvement of the monitored metric (val_map for "

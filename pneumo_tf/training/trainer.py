@@ -19,7 +19,7 @@ import keras
 import tensorflow as tf
 
 from pneumo_tf import models
-from pneumo_tf.data import augment, pipeline
+from pneumo_tf.data import augment, pipeline, service
 from pneumo_tf.errors import UserError
 from pneumo_tf.fileio import write_json_atomic
 from pneumo_tf.models import exported
@@ -131,6 +131,8 @@ def train_and_evaluate(config: TrainConfig) -> dict:
     architecture = models.get(config.model)
     train_examples = pipeline.num_examples(config.records_dir, "train")
     pipeline.num_examples(config.records_dir, "val")  # a missing val split is a UserError before any work
+    if config.data_service:
+        service.check_reachable(config.data_service)  # before any work, too
     strategy = distribute.make_strategy(config.strategy, config.cpu_replicas, config.tpu)
     replicas = strategy.num_replicas_in_sync
     if config.batch_size % replicas:
@@ -151,7 +153,7 @@ def train_and_evaluate(config: TrainConfig) -> dict:
     train_data = pipeline.distributed_dataset(
         strategy, config.records_dir, "train", config.batch_size, config.image_size, training=True,
         map_fn=architecture.to_fit, positive_fraction=config.positive_fraction or None, cache=config.cache,
-        seed=config.seed,
+        seed=config.seed, data_service=config.data_service or None,
     )
     # Validation streams the val split once per epoch, on this worker's own pipeline: loss,
     # metrics, challenge mAP and the TensorBoard images all come from that one pass.
