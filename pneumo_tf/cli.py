@@ -84,13 +84,20 @@ def _caller_module_name() -> str:
     return sys.argv[0] if name == "__main__" else name
 
 
-def define_flags(config_cls, *, exclude=(), flag_values=FLAGS) -> None:
-    """One absl flag per field of `config_cls` (but `exclude`); fields without a default are required."""
+def define_flags(config_cls, *, exclude=(), flag_values=FLAGS, module_name: str | None = None) -> None:
+    """One absl flag per field of `config_cls` (but `exclude`); fields without a default are required.
+
+    A field whose type is itself a config dataclass (options several commands share) gives
+    that dataclass's flags, unprefixed.
+    """
     hints = typing.get_type_hints(config_cls)
-    module_name = _caller_module_name()
+    module_name = module_name or _caller_module_name()
     common = {"flag_values": flag_values, "module_name": module_name}
     for field in dataclasses.fields(config_cls):
         if field.name in exclude:
+            continue
+        if dataclasses.is_dataclass(hints[field.name]):
+            define_flags(hints[field.name], flag_values=flag_values, module_name=module_name)
             continue
         name, meta = _flag_name(field), field.metadata
         help_text = meta.get("help") or field.name
@@ -125,7 +132,12 @@ def config_from_flags(config_cls, *, flag_values=FLAGS, **values):
     """`config_cls` built from the parsed flags (fields named in `values` take those instead)."""
     hints = typing.get_type_hints(config_cls)
     for field in dataclasses.fields(config_cls):
-        if field.name in values or _flag_name(field) not in flag_values:
+        if field.name in values:
+            continue
+        if dataclasses.is_dataclass(hints[field.name]):
+            values[field.name] = config_from_flags(hints[field.name], flag_values=flag_values)
+            continue
+        if _flag_name(field) not in flag_values:
             continue
         value = flag_values[_flag_name(field)].value
         kind = _base_type(hints[field.name])
