@@ -156,6 +156,32 @@ def config_from_flags(config_cls, *, flag_values=FLAGS, **values):
     return config_cls(**values)
 
 
+def flags_from_config(config) -> list[str]:
+    """The command-line flags that `config_from_flags` turns back into `config` (a flagfile's lines).
+
+    Every field is written, defaults too, so the flags stand on their own.
+    """
+    hints = typing.get_type_hints(type(config))
+    lines = []
+    for field in dataclasses.fields(config):
+        value, name, meta = getattr(config, field.name), _flag_name(field), field.metadata
+        kind = _base_type(hints[field.name])
+        if dataclasses.is_dataclass(kind):
+            lines += flags_from_config(value)
+        elif meta.get("unparse") is not None:
+            unparsed = meta["unparse"](value) if value is not None else ""
+            lines += [f"--{name}={item}" for item in unparsed] if kind is dict else [f"--{name}={unparsed}"]
+        elif value is None:
+            continue  # the field's default is None too: a flag cannot say None otherwise
+        elif kind is bool:
+            lines.append(f"--{name}" if value else f"--no{name}")
+        elif typing.get_origin(kind) is tuple:
+            lines.append(f"--{name}={','.join(map(str, value))}")
+        else:
+            lines.append(f"--{name}={value}")
+    return lines
+
+
 @contextlib.contextmanager
 def _stderr_silenced():
     """Points file descriptor 2 at /dev/null for the block: TensorFlow's C++ start-up logging writes
