@@ -289,3 +289,45 @@ def test_cli_evaluates_an_ensemble_with_hflip(box_pictures, tmp_path):
     readings = pd.read_csv(ensemble_dir / "evaluation" / "val" / "readings.csv")
     assert readings["reading"].tolist() == [model_dir, f"{model_dir} + hflip"] * 2 + ["2 x mask_resnet, hflip, nms"]
     assert "Each member alone and the whole" in result.stdout
+
+
+class LopsidedBox(keras.layers.Layer):
+    """One box per image from its pixels, not mirror-equivariant: centred left of the image's horizontal
+    centre of mass, scored by the left half's mean brightness."""
+
+    def call(self, images):
+        columns = keras.ops.mean(images[..., 0], axis=1)  # [B, W]
+        positions = (keras.ops.arange(images.shape[2], dtype="float32") + 0.5) / images.shape[2]
+        centre = keras.ops.sum(columns * positions, axis=1) / (keras.ops.sum(columns, axis=1) + 1e-6)
+        boxes = keras.ops.stack([keras.ops.full_like(centre, 0.2), keras.ops.clip(centre - 0.3, 0.0, 1.0),
+                                 keras.ops.full_like(centre, 0.8), keras.ops.clip(centre + 0.1, 0.0, 1.0)], axis=-1)
+        scores = keras.ops.mean(columns[:, : images.shape[2] // 2], axis=1)
+        return {"boxes": boxes[:, None], "scores": scores[:, None],
+                "num_detections": keras.ops.ones_like(scores, dtype="int32")}
+
+
+def test_hflip_of_a_detector_is_its_two_separate_readings_fused(box_pictures):
+    image = keras.Input((64, 64, 1), name="image")
+    network = keras.Model({"image": image}, LopsidedBox()(image))
+    model = exported.ExportedModel("lopsided", network, BoxDetector(), {"image_size": 64, "threshold": 0.5})
+    flipped = Predictor([Member(model, tta="hflip")])
+    compared = 0
+    for batch in flipped.dataset(box_pictures["records"], "val", 4):
+        outputs = flipped.infer(batch)  # one call on the batch and its mirror images
+        plain = {name: np.asarray(value) for name, value in model.infer(batch["image"]).items()}
+        mirrored = {name: np.asarray(value) for name, value in model.infer(batch["image"][:, :, ::-1]).items()}
+        threshold = 0.01
+        expected = []
+        for own, other in zip(model.architecture.detections(plain, threshold),
+                              model.architecture.detections(mirrored, threshold)):
+            boxes, scores = fusion.fuse([own, fusion.mirror(other)])
+            expected.append((boxes[scores > threshold], scores[scores > threshold]))
+        for (boxes, scores), (want_boxes, want_scores) in zip(flipped.detections(outputs, threshold), expected):
+            np.testing.assert_allclose(boxes, want_boxes, atol=1e-6)
+            np.testing.assert_allclose(scores, want_scores, atol=1e-6)
+            compared += len(scores)
+        probability = (model.architecture.image_probability(plain) + model.architecture.image_probability(mirrored)) / 2
+        np.testing.assert_allclose(flipped.image_probability(outputs), probability, atol=1e-6)
+        # Not mirror-equivariant: the flipped reading differs from the plain one.
+        assert not np.allclose(flipped.image_probability(outputs), model.architecture.image_probability(plain))
+    assert compared > 0

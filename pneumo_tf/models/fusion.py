@@ -23,7 +23,6 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-import ensemble_boxes
 import numpy as np
 
 from pneumo_tf.models.architecture import Detections, no_detections
@@ -59,6 +58,9 @@ def fuse(readings: Sequence[Detections], weights: Sequence[float] | None = None,
              for found, _ in readings]
     scores = [np.asarray(found, np.float64).reshape(-1) for _, found in readings]
     labels = [np.zeros(len(found)) for found in scores]
+    # Imported on first fusion: it imports numba, which takes seconds that plain reads should not pay.
+    import ensemble_boxes
+
     if not any(len(found) for found in scores):
         # ensemble-boxes' NMS cannot concatenate zero results: nothing in, nothing out.
         return no_detections()
