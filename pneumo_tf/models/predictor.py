@@ -257,7 +257,7 @@ class Predictor:
                               bit_depth=max(option.bit_depth for option in options))
 
     def describe(self) -> dict:
-        """What this predictor is, as summaries and the ensemble file record it."""
+        """What this predictor is, as the evaluation summary records it."""
         return {"name": self.name, "model_dirs": self.model_dirs, "weights": self.weights, "tta": self.tta,
                 "fusion": self.fusion, "fusion_iou": self.fusion_iou,
                 "image_sizes": list(self.image_sizes)}
