@@ -26,7 +26,10 @@ tune_dir/
   trials/<id>/     each trial's model folder
   tune.json        the search as asked (a rerun must ask the same)
   best.flags       the best trial's flags: `python -m pneumo_tf.train --flagfile=tune_dir/best.flags`
-                   retrains it (into tune_dir/best_model unless --model_dir follows the flagfile)
+                   retrains it (into tune_dir/best_model unless --model_dir follows the flagfile);
+                   number for number under TensorFlow's op determinism
+                   (tf.config.experimental.enable_op_determinism(), as the tests run it), slightly
+                   differently without it, as training reads its shards out of order for speed
 
 Resuming: rerunning the same command continues the search where it stopped: finished trials
 are kept, and a trial that was running when the search was killed runs again with the same
