@@ -28,6 +28,10 @@ setup(
         "tqdm",
         # The detectors (retinanet, mask_rcnn): pinned, as mask_rcnn imports its FPN from keras_hub.src.
         "keras-hub==0.32.0",
+        # Box fusion for flip TTA and ensembles (evaluate, predict, serve); brings numba and llvmlite.
+        "ensemble-boxes>=1.0.9,<2",
+        # Hyper-parameter search (python -m pneumo_tf.tune): small, its dependencies come with TensorFlow.
+        "keras-tuner>=1.4.7,<1.5",
     ],
     extras_require={
         "dev": ["pytest", "selenium"],

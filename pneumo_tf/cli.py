@@ -86,13 +86,20 @@ def _caller_module_name() -> str:
     return sys.argv[0] if name == "__main__" else name
 
 
-def define_flags(config_cls, *, exclude=(), flag_values=FLAGS) -> None:
-    """One absl flag per field of `config_cls` (but `exclude`); fields without a default are required."""
+def define_flags(config_cls, *, exclude=(), flag_values=FLAGS, module_name: str | None = None) -> None:
+    """One absl flag per field of `config_cls` (but `exclude`); fields without a default are required.
+
+    A field whose type is itself a config dataclass (options several commands share) gives
+    that dataclass's flags, unprefixed.
+    """
     hints = typing.get_type_hints(config_cls)
-    module_name = _caller_module_name()
+    module_name = module_name or _caller_module_name()
     common = {"flag_values": flag_values, "module_name": module_name}
     for field in dataclasses.fields(config_cls):
         if field.name in exclude:
+            continue
+        if dataclasses.is_dataclass(hints[field.name]):
+            define_flags(hints[field.name], flag_values=flag_values, module_name=module_name)
             continue
         name, meta = _flag_name(field), field.metadata
         help_text = meta.get("help") or field.name
@@ -127,7 +134,12 @@ def config_from_flags(config_cls, *, flag_values=FLAGS, **values):
     """`config_cls` built from the parsed flags (fields named in `values` take those instead)."""
     hints = typing.get_type_hints(config_cls)
     for field in dataclasses.fields(config_cls):
-        if field.name in values or _flag_name(field) not in flag_values:
+        if field.name in values:
+            continue
+        if dataclasses.is_dataclass(hints[field.name]):
+            values[field.name] = config_from_flags(hints[field.name], flag_values=flag_values)
+            continue
+        if _flag_name(field) not in flag_values:
             continue
         value = flag_values[_flag_name(field)].value
         kind = _base_type(hints[field.name])
@@ -144,6 +156,32 @@ def config_from_flags(config_cls, *, flag_values=FLAGS, **values):
             raise UserError(f"--{_flag_name(field)}: {error}") from error
         values[field.name] = value
     return config_cls(**values)
+
+
+def flags_from_config(config) -> list[str]:
+    """The command-line flags that `config_from_flags` turns back into `config` (a flagfile's lines).
+
+    Every field is written, defaults too, so the flags stand on their own.
+    """
+    hints = typing.get_type_hints(type(config))
+    lines = []
+    for field in dataclasses.fields(config):
+        value, name, meta = getattr(config, field.name), _flag_name(field), field.metadata
+        kind = _base_type(hints[field.name])
+        if dataclasses.is_dataclass(kind):
+            lines += flags_from_config(value)
+        elif meta.get("unparse") is not None:
+            unparsed = meta["unparse"](value) if value is not None else ""
+            lines += [f"--{name}={item}" for item in unparsed] if kind is dict else [f"--{name}={unparsed}"]
+        elif value is None:
+            continue  # the field's default is None too: a flag cannot say None otherwise
+        elif kind is bool:
+            lines.append(f"--{name}" if value else f"--no{name}")
+        elif typing.get_origin(kind) is tuple:
+            lines.append(f"--{name}={','.join(map(str, value))}")
+        else:
+            lines.append(f"--{name}={value}")
+    return lines
 
 
 @contextlib.contextmanager

@@ -1,6 +1,7 @@
 """Serve an exported model as a web page and a JSON API.
 
-    python -m pneumo_tf.serve --model_dir=runs/mask_resnet [--host=127.0.0.1] [--port=8080] [--max_upload_mb=50]
+    python -m pneumo_tf.serve --model_dir=runs/mask_resnet [--tta=hflip] [--host=127.0.0.1] [--port=8080]
+    python -m pneumo_tf.serve --model_dir=runs/ensemble     # written by python -m pneumo_tf.evaluate --ensemble_dir
 
 See pneumo_tf/inference/web.py for what the page shows and how an upload is read.
 --verbosity=1 shows TensorFlow's start-up logging.
@@ -21,7 +22,7 @@ def main():
     dicom.quiet_pydicom()  # RSNA headers would warn on every upload
     config = cli.config_from_flags(web.ServeConfig)
     config.validate()
-    flask_app = web.create_app(config.model_dir, config.max_upload_mb)
+    flask_app = web.create_app(config.model_dir, config.max_upload_mb, config.reading)
     try:
         server = serving.make_server(config.host, config.port, flask_app, threaded=True)
     except OSError as error:

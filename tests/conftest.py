@@ -97,3 +97,53 @@ def foreign_records(tmp_path) -> str:
     folder.mkdir()
     (folder / "manifest.json").write_text(json.dumps({"format_version": 999, "splits": {}}))
     return str(folder)
+
+
+@pytest.fixture(scope="session")
+def box_pictures(tmp_path_factory) -> dict:
+    """Records whose pictures are their label boxes, and a model whose mask is its input.
+
+    Each box is drawn resized by up to 25% and at its own brightness, and some negatives
+    show a decoy box, so detections at different thresholds differ and mAP varies between
+    0 and 1: the trained tiny model alone would score 0 everywhere. Pictures are 256 px,
+    so a box in the wrong (1024-px) space would be caught.
+    """
+    import keras
+    import numpy as np
+
+    from pneumo_tf import models
+    from pneumo_tf.fileio import write_csv_atomic
+    from pneumo_tf.models import exported
+    from pneumo_tf.records import shards
+
+    root = tmp_path_factory.mktemp("box_pictures")
+    dicom_dir = root / "dicom"
+    dicom_dir.mkdir()
+    rng = np.random.default_rng(3)
+    size = 256
+    rows = []
+    for index in range(16):
+        patient_id = f"patient{index:02d}"
+        truth = synthetic.sample_boxes(rng, size) if index % 2 else []
+        drawn = truth or ([] if index % 4 == 0 else synthetic.sample_boxes(rng, size)[:1])
+        pixels = np.zeros((size, size), np.uint8)
+        for x, y, width, height in drawn:
+            grow_x, grow_y = (int(extent * rng.uniform(-0.125, 0.125)) for extent in (width, height))
+            pixels[max(y - grow_y, 0): y + height + grow_y, max(x - grow_x, 0): x + width + grow_x] = \
+                int(rng.uniform(0.15, 1.0) * 255)
+        synthetic.encode_dicom(pixels, patient_id, "PA", 40, "F").save_as(
+            dicom_dir / f"{patient_id}.dcm", enforce_file_format=True
+        )
+        rows += [[patient_id, x, y, w, h, 1] for x, y, w, h in truth] or [[patient_id, "", "", "", "", 0]]
+    labels_csv = str(root / "labels.csv")
+    write_csv_atomic(labels_csv, ["patientId", "x", "y", "width", "height", "Target"], rows)
+    records = str(root / "records")
+    shards.convert(str(dicom_dir), records, labels_csv,
+                    options=shards.ConvertOptions(image_size=64, val_fraction=0.5), workers=1)
+    image = keras.Input((64, 64, 1), name="image")
+    network = keras.Model({"image": image}, {"mask": keras.layers.Identity(name="mask")(image)})
+    model_dir = str(root / "model")
+    # Read as the mask network is: boxes are the components of the thresholded mask.
+    exported.write(network, models.get("mask_resnet"), model_dir, {"model": "mask_resnet", "image_size": 64,
+                                                                    "threshold": 0.5})
+    return {"records": records, "labels_csv": labels_csv, "model_dir": model_dir}

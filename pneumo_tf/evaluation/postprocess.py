@@ -9,12 +9,13 @@ needs, never the images.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
+from typing import Protocol
 
 import numpy as np
 
 from pneumo_tf.evaluation import metric
-from pneumo_tf.models.architecture import Architecture, Detections
+from pneumo_tf.models.architecture import Detections
 
 
 def yxyx_to_xywh(boxes_yxyx, source_height: int, source_width: int) -> np.ndarray:
@@ -36,19 +37,39 @@ def to_challenge(detections: Detections, source_height: int, source_width: int) 
     return boxes, scores
 
 
+class Reader(Protocol):
+    """What turns a batch's outputs into detections and image probabilities: an Architecture
+    (pneumo_tf.models.architecture) or a Predictor (pneumo_tf.models.predictor)."""
+
+    gives_boxes: bool
+
+    def detections(self, outputs, threshold: float) -> list[Detections]: ...
+
+    def image_probability(self, outputs) -> np.ndarray: ...
+
+
+def _as_numpy(outputs):
+    """Tensors anywhere in nested dicts and lists -> numpy arrays (a predictor's outputs nest per member)."""
+    if isinstance(outputs, dict):
+        return {name: _as_numpy(value) for name, value in outputs.items()}
+    if isinstance(outputs, (list, tuple)):
+        return [_as_numpy(value) for value in outputs]
+    return np.asarray(outputs)
+
+
 def run_batches(infer: Callable, dataset) -> Iterator[tuple[dict, dict]]:
-    """(batch, outputs) as numpy dicts for each batch of a finite pipeline dataset; `infer(batch)`
-    takes the batch's tensors and returns the architecture's outputs."""
+    """(batch, outputs) as numpy for each batch of a finite pipeline dataset; `infer(batch)`
+    takes the batch's tensors and returns the outputs its reader reads."""
     for batch in dataset:
-        outputs = {name: np.asarray(value) for name, value in infer(batch).items()}
+        outputs = _as_numpy(infer(batch))
         yield {key: value.numpy() for key, value in batch.items()}, outputs
 
 
-def challenge_detections(architecture: Architecture, outputs: dict, batch: dict,
+def challenge_detections(reader: Reader, outputs, batch: dict,
                          threshold: float) -> list[tuple[Detections, metric.Prediction]]:
     """Per image of a batch: (its detections, the same in the challenge's space)."""
     found = []
-    for index, detections in enumerate(architecture.detections(outputs, threshold)):
+    for index, detections in enumerate(reader.detections(outputs, threshold)):
         source = int(batch["source_height"][index]), int(batch["source_width"][index])
         found.append((detections, to_challenge(detections, *source)))
     return found
@@ -67,16 +88,21 @@ class Collected:
     unlabeled: int
 
 
-def collect(architecture: Architecture, infer: Callable, dataset, thresholds) -> Collected:
+def collect(reader: Reader, infer: Callable, dataset, thresholds) -> Collected:
     """Runs the model once over a finite pipeline dataset (see run_batches for `infer`), keeping
     per-image results only."""
-    ids, probabilities, targets, classes = [], [], [], []
+    return collect_readings([reader], infer, dataset, thresholds)[0]
+
+
+def collect_readings(readers: Sequence[Reader], infer: Callable, dataset, thresholds) -> list[Collected]:
+    """`collect` for several readers of the same outputs (an ensemble and each of its members) in one pass."""
+    ids, targets, classes = [], [], []
+    probabilities: list[list[float]] = [[] for _ in readers]
     ground_truth: dict[str, np.ndarray] = {}
-    detections: list[dict[str, metric.Prediction]] = [{} for _ in thresholds]
+    detections = [[{} for _ in thresholds] for _ in readers]
     unlabeled = 0
     for batch, outputs in run_batches(infer, dataset):
-        probability = architecture.image_probability(outputs)
-        found = [challenge_detections(architecture, outputs, batch, threshold) for threshold in thresholds]
+        labeled = []
         for index, image_id in enumerate(batch["id"]):
             if batch["target"][index] < 0:
                 unlabeled += 1
@@ -89,11 +115,16 @@ def collect(architecture: Architecture, infer: Callable, dataset, thresholds) ->
             ground_truth[image_id] = yxyx_to_xywh(
                 true_boxes, int(batch["source_height"][index]), int(batch["source_width"][index])
             )
-            for per_threshold, kept in zip(found, detections):
-                kept[image_id] = per_threshold[index][1]
             ids.append(image_id)
-            probabilities.append(probability[index])
             targets.append(batch["target"][index])
             classes.append(batch["class"][index])
-    return Collected(ids, np.asarray(probabilities, np.float32), np.asarray(targets, np.int64),
-                     np.asarray(classes, np.int64), ground_truth, detections, unlabeled)
+            labeled.append((index, image_id))
+        for reader, kept_probabilities, kept_detections in zip(readers, probabilities, detections):
+            probability = reader.image_probability(outputs)
+            kept_probabilities += [probability[index] for index, _ in labeled]
+            for threshold, kept in zip(thresholds, kept_detections):
+                found = challenge_detections(reader, outputs, batch, threshold)
+                kept.update({image_id: found[index][1] for index, image_id in labeled})
+    return [Collected(ids, np.asarray(kept_probabilities, np.float32), np.asarray(targets, np.int64),
+                      np.asarray(classes, np.int64), ground_truth, kept_detections, unlabeled)
+            for kept_probabilities, kept_detections in zip(probabilities, detections)]

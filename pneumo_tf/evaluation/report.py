@@ -1,27 +1,32 @@
-"""Evaluation: an exported model over one labeled split -> threshold table, curves, and the model's threshold.
+"""Evaluation: a model (or an ensemble) over one labeled split -> threshold table, curves, and its threshold.
 
 One confidence threshold t makes both of a model's decisions, as everywhere in
-pneumo_tf: an image is called positive when its `postprocess.image_probability`
-is above t (as a mask pixel is foreground when its probability is above t), and
-its boxes are `postprocess.detections(outputs, t)`. The split is streamed once;
-per image only the probability, target, class, true boxes and, for each threshold
-of the sweep, the detections are kept, never the images.
+pneumo_tf: an image is called positive when its image probability is above t (as
+a mask pixel is foreground when its probability is above t), and its boxes are its
+detections at t (pneumo_tf.models.predictor says what that means for hflip and
+ensembles). The split is streamed once; per image only the probability, target,
+class, true boxes and, for each threshold of the sweep, the detections are kept,
+never the images.
 
-Written to `output_dir` (default <model_dir>/evaluation/<split>):
+Written to `output_dir` (default <home>/evaluation/<split>, where home is the model
+folder, or the ensemble folder of a fused reading):
   thresholds.csv, thresholds.md  one row per threshold: accuracy; precision, recall
                                  and F1 of the positive and the negative class; AUC
                                  (threshold-free, the same on every row); challenge mAP
   confusion_matrix.csv           at the chosen threshold, rows by target
   confusion_by_class.csv         the same with rows by the three-way class
+  readings.csv                   a fused reading only: each member alone (without and
+                                 with hflip) and the whole, each at its own best
+                                 threshold, with its mAP and AUC there (same pass)
   images.csv                     id, target, class, probability of every labeled image
   pr_curve.png, roc_curve.png    with the chosen threshold marked
   summary.json                   what `evaluate` returns as `summary`
-and to TensorBoard under <model_dir>/logs/evaluation_<split> at the model's last
-epoch: the PR curve (as validation writes it), both curve images, the table as
-text, AUC, mAP and the chosen threshold.
+and to TensorBoard under <home>/logs/evaluation_<split> at the model's last epoch
+(0 for an ensemble): the PR curve (as validation writes it), both curve images, the
+table as text, AUC, mAP and the chosen threshold.
 
 The chosen threshold maximises the challenge mAP; it is saved into the model's
-pneumo_tf.json, where prediction and the web page read it.
+pneumo_tf.json, or the ensemble folder, where prediction and the web page read it.
 """
 from __future__ import annotations
 
@@ -40,10 +45,11 @@ from pneumo_tf.data import pipeline
 from pneumo_tf.evaluation import metric
 from pneumo_tf.evaluation.visualize import write_pr_curve
 from pneumo_tf.cli import option
-from pneumo_tf.models import exported
+from pneumo_tf.models import predictor as predictor_lib
 from pneumo_tf.models.architecture import check_threshold
+from pneumo_tf.models.predictor import ReadingConfig
 from pneumo_tf.errors import UserError
-from pneumo_tf.evaluation.postprocess import Collected, collect
+from pneumo_tf.evaluation.postprocess import Collected, collect_readings
 from pneumo_tf.fileio import atomic_open, write_json_atomic
 from pneumo_tf.records import schema
 
@@ -53,13 +59,15 @@ TABLE_COLUMNS = (
     "precision_negative", "recall_negative", "f1_negative", "auc", "map",
 )
 MAP_COLUMN = "map"
+READINGS_COLUMNS = ("reading", "weight", "threshold", "map", "auc")
 F1_COLUMN = "f1_positive"
 PREDICTED_COLUMNS = ("predicted negative", "predicted positive")
 
 
 @dataclasses.dataclass(frozen=True)
 class EvaluateConfig:
-    model_dir: str | None = option(None, "Folder of a trained model (model.keras + pneumo_tf.json).")
+    model_dir: str | None = option(None, "Folder of a trained model (model.keras + pneumo_tf.json), an ensemble "
+                                   "folder, or several model folders separated by commas (an ensemble).")
     records_dir: str | None = option(None, "Folder written by python -m pneumo_tf.convert (manifest.json + shards).")
     split: str = option("val", "Labeled split to evaluate on (val, or train).")
     batch_size: int = option(16, "Images per model call.")
@@ -67,12 +75,25 @@ class EvaluateConfig:
                                            "separated, each in (0, 1).")
     output_dir: str | None = option(None, "Where tables, curves and summary.json go (default "
                                     "<model_dir>/evaluation/<split>).")
-    save_threshold: bool = option(True, "Save the chosen threshold into the model's pneumo_tf.json (turn off when "
-                                  "evaluating on a split that should not tune the model, such as train).")
+    save_threshold: bool = option(True, "Save the chosen threshold into the model's pneumo_tf.json, or the ensemble "
+                                  "folder's (turn off when evaluating on a split that should not tune the model, "
+                                  "such as train).")
+    reading: ReadingConfig = option(ReadingConfig())
+    ensemble_dir: str | None = option(None, "For several --model_dir models or --tta=hflip: the ensemble folder to "
+                                      "write (members, weights, TTA, fusion and the chosen threshold), which "
+                                      "predict and serve take as --model_dir; the report goes inside it.")
 
     def validate(self) -> None:
         if not self.model_dir or not self.records_dir:
             raise UserError("give --model_dir and --records_dir (or --submission with --labels_csv)")
+        self.reading.validate()
+        fused = predictor_lib.is_new_fused_reading(self.model_dir, self.reading)
+        if self.ensemble_dir and not fused:
+            raise UserError("--ensemble_dir saves a fused reading (several --model_dir models or --tta=hflip); "
+                            f"{self.model_dir} read as asked keeps its threshold itself")
+        if fused and not self.ensemble_dir and (self.save_threshold or not self.output_dir):
+            raise UserError("a fused reading (several --model_dir models or --tta=hflip) keeps its threshold in an "
+                            "ensemble folder: give --ensemble_dir, or --nosave_threshold with --output_dir")
         if self.batch_size < 1:
             raise UserError(f"--batch_size must be at least 1, not {self.batch_size}")
         if not self.thresholds:
@@ -87,19 +108,24 @@ class Evaluation:
     table: pd.DataFrame
     confusion: pd.DataFrame
     confusion_by_class: pd.DataFrame
+    readings: pd.DataFrame | None = None  # for a fused reading: READINGS_COLUMNS, its parts and itself
 
     def report(self) -> str:
         """The table, the confusion matrices and the choice, as printable markdown."""
         summary = self.summary
-        return "\n\n".join([
-            f"Threshold sweep on {summary['split']} ({summary['images']} labeled images, "
+        parts = [
+            f"Threshold sweep of {summary['model']} on {summary['split']} ({summary['images']} labeled images, "
             f"{summary['positives']} positive):",
             to_markdown(self.table),
             f"Chosen threshold {summary['threshold']:g} ({summary['threshold_reason']}); "
             f"confusion matrix there:",
             to_markdown(self.confusion.reset_index()),
             to_markdown(self.confusion_by_class.reset_index()),
-        ])
+        ]
+        if self.readings is not None:
+            parts += ["Each member alone and the whole, each at its own best threshold of the sweep:",
+                      to_markdown(self.readings)]
+        return "\n\n".join(parts)
 
 
 def _both_classes(targets) -> bool:
@@ -245,28 +271,49 @@ def _write_bytes(payload: bytes, path: str) -> None:
         handle.write(payload)
 
 
+def reading_rows(readers: list[tuple[str, float]], collected: list[Collected], thresholds,
+                 has_boxes: bool) -> pd.DataFrame:
+    """One row per (label, weight) reading: its best threshold of the sweep and the mAP and AUC there."""
+    rows = []
+    for (label, weight), found in zip(readers, collected):
+        table = threshold_table(found, thresholds)
+        row = table.iloc[pick_threshold(table, has_boxes)[0]]
+        rows.append({"reading": label, "weight": weight, "threshold": row["threshold"], "map": row[MAP_COLUMN],
+                     "auc": row["auc"]})
+    return pd.DataFrame(rows, columns=list(READINGS_COLUMNS))
+
+
 def evaluate(config: EvaluateConfig) -> Evaluation:
-    """Evaluates the model of `config.model_dir` on one split, writes the reports and saves the threshold."""
+    """Evaluates the model (or ensemble) of `config.model_dir` on one split, writes the reports and saves the
+    threshold (see the module docstring)."""
     config.validate()
     thresholds = sorted(set(config.thresholds))
     # The manifest and split are checked before the (slower) model load.
     pipeline.num_examples(config.records_dir, config.split)
-    model = exported.load(config.model_dir)
-    info = model.info
-    dataset = pipeline.make_dataset(config.records_dir, config.split, config.batch_size, model.image_size,
-                                    training=False)
-    with pipeline.naming_bad_records(config.records_dir, (config.split,), model.image_size):
-        collected = collect(model.architecture, lambda batch: model.infer(batch["image"]), dataset, thresholds)
+    reader = predictor_lib.load(config.model_dir, config.reading)
+    parts = [] if reader.is_plain else reader.parts()
+    dataset = reader.dataset(config.records_dir, config.split, config.batch_size)
+    with pipeline.naming_bad_records(config.records_dir, (config.split,), reader.image_sizes[0]):
+        collected, *collected_parts = collect_readings([reader, *(part for _, part in parts)], reader.infer,
+                                                       dataset, thresholds)
     if not collected.ids:
         raise UserError(f"split '{config.split}' of {config.records_dir} has no labeled images: "
                         "evaluate a labeled split (val or train)")
 
     table = threshold_table(collected, thresholds)
-    row_index, column, reason = pick_threshold(table, model.architecture.gives_boxes)
+    row_index, column, reason = pick_threshold(table, reader.gives_boxes)
     chosen = table.iloc[row_index]
     confusion, confusion_by_class = confusion_matrices(collected, chosen["threshold"])
+    readings = None
+    if parts:
+        readings = reading_rows(
+            [(label, reader.weights[part.member_index]) for label, part in parts] + [(reader.name, math.nan)],
+            [*collected_parts, collected], thresholds, reader.gives_boxes,
+        )
 
-    output_dir = config.output_dir or os.path.join(config.model_dir, "evaluation", config.split)
+    # Where this reading lives: its ensemble folder (new or loaded) or its one model folder.
+    home = config.ensemble_dir or reader.ensemble_dir or (reader.model_dirs[0] if reader.is_plain else None)
+    output_dir = config.output_dir or os.path.join(home, "evaluation", config.split)
     os.makedirs(output_dir, exist_ok=True)
     files: dict[str, str] = {}
 
@@ -275,8 +322,9 @@ def evaluate(config: EvaluateConfig) -> Evaluation:
         return files[name]
 
     summary = {
-        "model": info["model"],
+        "model": reader.name,
         "model_dir": config.model_dir,
+        "predictor": reader.describe(),
         "records_dir": config.records_dir,
         "split": config.split,
         "images": len(collected.ids),
@@ -290,14 +338,19 @@ def evaluate(config: EvaluateConfig) -> Evaluation:
         "auc": _number(chosen["auc"]),
         "threshold_saved": config.save_threshold,
         "output_dir": output_dir,
-        "log_dir": os.path.join(config.model_dir, "logs", f"evaluation_{config.split}"),
+        "log_dir": os.path.join(home or output_dir, "logs", f"evaluation_{config.split}"),
         "files": files,
     }
+    if readings is not None:
+        summary["readings"] = [{key: _number(value) if isinstance(value, float) else value for key, value in row.items()}
+                               for row in readings.to_dict("records")]
     table_markdown = to_markdown(table)
     _write_csv(table, output("thresholds.csv"))
     _write_bytes((table_markdown + "\n").encode(), output("thresholds.md"))
     _write_csv(confusion, output("confusion_matrix.csv"), index=True)
     _write_csv(confusion_by_class, output("confusion_by_class.csv"), index=True)
+    if readings is not None:
+        _write_csv(readings, output("readings.csv"))
     images = pd.DataFrame({"id": collected.ids, "target": collected.targets, "class": collected.classes,
                            "probability": collected.probabilities})
     _write_csv(images, output("images.csv"))
@@ -305,23 +358,24 @@ def evaluate(config: EvaluateConfig) -> Evaluation:
     pngs = curve_pngs(collected, chosen) if _both_classes(collected.targets) else {}
     for name, png in pngs.items():
         _write_bytes(png, output(f"{name}.png"))
-    # At the last trained epoch, the step of validation's own PR curves.
-    step = int((info.get("epochs") or [0])[-1])
+    # A plain model's at its last trained epoch, the step of validation's own PR curves.
+    step = int((reader.members[0].model.info.get("epochs") or [0])[-1]) if reader.is_plain else 0
     write_tensorboard(summary["log_dir"], step, collected, table_markdown, pngs, summary)
     if config.save_threshold:
-        save_threshold(config.model_dir, summary)
+        summary["threshold_dir"] = predictor_lib.save_threshold(reader, threshold_info(summary), config.ensemble_dir)
     write_json_atomic(output("summary.json"), summary)
-    return Evaluation(summary, table, confusion, confusion_by_class)
+    return Evaluation(summary, table, confusion, confusion_by_class, readings)
 
 
-def save_threshold(model_dir: str, summary: dict) -> None:
-    """Stores the chosen threshold and its split's numbers in the model's pneumo_tf.json."""
+def threshold_info(summary: dict) -> dict:
+    """The chosen threshold and its split's numbers, as a model's pneumo_tf.json or an ensemble folder keeps them."""
     split = summary["split"]
-    exported.update_info(model_dir, {
+    return {
         "threshold": summary["threshold"],
         "threshold_metric": summary["threshold_metric"],
         "threshold_split": split,
         f"{split}_map": summary["map"],
         f"{split}_f1": summary["f1"],
         f"{split}_auc": summary["auc"],
-    })
+        **({f"{split}_readings": summary["readings"]} if "readings" in summary else {}),
+    }

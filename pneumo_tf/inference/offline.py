@@ -1,4 +1,5 @@
-"""Prediction: an exported model over a records split or a DICOM folder -> a Kaggle submission CSV.
+"""Prediction: an exported model (or an ensemble, or a model with flip TTA: a predictor, see
+pneumo_tf.models.predictor) over a records split or a DICOM folder -> a Kaggle submission CSV.
 
 DICOM folders are converted first (records.shards, no labels: every image lands in
 the "test" split) into a temporary records folder that is removed afterwards, so
@@ -28,8 +29,9 @@ from pneumo_tf.evaluation import submission
 from pneumo_tf.evaluation.postprocess import challenge_detections, run_batches
 from pneumo_tf.evaluation.visualize import PREDICTED_BOX_COLOR
 from pneumo_tf.fileio import atomic_open
-from pneumo_tf.models import exported
+from pneumo_tf.models import predictor as predictor_lib
 from pneumo_tf.models.architecture import check_threshold
+from pneumo_tf.models.predictor import Predictor, ReadingConfig
 from tqdm import tqdm
 from pneumo_tf.records import shards
 from pneumo_tf.records.manifest import REJECTS_NAME
@@ -39,14 +41,15 @@ BOX_COLOR = tuple(int(255 * channel) for channel in PREDICTED_BOX_COLOR)
 
 @dataclasses.dataclass(frozen=True)
 class PredictConfig:
-    model_dir: str = option(help="Folder of a trained model (model.keras + pneumo_tf.json).")
+    model_dir: str = option(help="Folder of a trained model (model.keras + pneumo_tf.json), an ensemble folder "
+                            "(python -m pneumo_tf.evaluate --ensemble_dir), or model folders separated by commas.")
     output: str = option(help="Submission CSV to write (patientId,PredictionString; boxes in source pixels).")
     records_dir: str | None = option(None, "Instead of --dicom_dir: a folder written by python -m pneumo_tf.convert.")
     split: str = option("test", "Split of --records_dir to predict.")
     dicom_dir: str | None = option(None, "Folder of DICOM files to predict (every file is predicted or reported as "
                                    "rejected).")
-    threshold: float | None = option(None, "Confidence threshold (default: the one saved in the model's "
-                                     "pneumo_tf.json by python -m pneumo_tf.evaluate).")
+    threshold: float | None = option(None, "Confidence threshold (default: the one python -m pneumo_tf.evaluate "
+                                     "saved in the model's pneumo_tf.json or the ensemble folder).")
     batch_size: int = option(16, "Images per model call.")
     overlay_dir: str | None = option(None, "Also write one PNG per image with its predicted boxes and scores here.")
     overlay_size: int = option(512, "Overlays smaller than this many pixels are upscaled to it.")
@@ -54,8 +57,10 @@ class PredictConfig:
         None, "How --dicom_dir is converted: 0 passes JPEG frames through, N stores N x N PNGs; by default as the "
         "model's training records were converted (its pixels exactly).")
     workers: int = option(0, "Processes converting --dicom_dir; 0 uses all cores.")
+    reading: ReadingConfig = option(ReadingConfig())
 
     def validate(self) -> None:
+        self.reading.validate()
         if (self.records_dir is None) == (self.dicom_dir is None):
             raise UserError("give either --records_dir (with --split) or --dicom_dir, not both or neither")
         if self.batch_size < 1:
@@ -88,20 +93,19 @@ def _write_png(picture: Image.Image, path: str) -> None:
         picture.save(handle, format="PNG")
 
 
-def predict_records(model: exported.ExportedModel, config: PredictConfig, records_dir: str, split: str,
+def predict_records(reader: Predictor, threshold: float, config: PredictConfig, records_dir: str, split: str,
                     progress_stream=None) -> dict:
     """Writes the submission for one split of a records folder; returns counts."""
-    threshold = config.threshold if config.threshold is not None else model.threshold
     total = pipeline.num_examples(records_dir, split)
-    dataset = pipeline.make_dataset(records_dir, split, config.batch_size, model.image_size, training=False)
+    dataset = reader.dataset(records_dir, split, config.batch_size)
     if config.overlay_dir:
         os.makedirs(config.overlay_dir, exist_ok=True)
     counts = {"images": 0, "images_with_boxes": 0, "boxes": 0}
 
     def rows():
         with tqdm(total=total, desc="predict", unit="images", file=progress_stream) as progress:
-            for batch, outputs in run_batches(lambda batch: model.infer(batch["image"]), dataset):
-                found = challenge_detections(model.architecture, outputs, batch, threshold)
+            for batch, outputs in run_batches(reader.infer, dataset):
+                found = challenge_detections(reader, outputs, batch, threshold)
                 for index, (image_id, ((boxes, scores), (xywh, confidences))) in enumerate(zip(batch["id"], found)):
                     image_id = image_id.decode()
                     if config.overlay_dir:
@@ -115,7 +119,7 @@ def predict_records(model: exported.ExportedModel, config: PredictConfig, record
 
     parent = os.path.dirname(os.path.abspath(config.output))
     os.makedirs(parent, exist_ok=True)
-    with pipeline.naming_bad_records(records_dir, (split,), model.image_size):
+    with pipeline.naming_bad_records(records_dir, (split,), reader.image_sizes[0]):
         submission.write_submission(config.output, rows())
     return {**counts, "threshold": threshold, "output": config.output}
 
@@ -129,17 +133,21 @@ def predict(config: PredictConfig, progress_stream=None) -> dict:
     """Writes the submission CSV (and overlays) of `config`; returns a summary with counts and rejects."""
     config.validate()
     # Before any conversion: a wrong model folder should not cost a folder's conversion first.
-    model = exported.load(config.model_dir)
-    boxes_possible = model.architecture.gives_boxes
+    reader = predictor_lib.load(config.model_dir, config.reading)
+    threshold = config.threshold if config.threshold is not None else reader.threshold
+    if threshold is None:
+        raise UserError(f"{config.model_dir} is an ensemble without a threshold: give --threshold, or evaluate it "
+                        "with python -m pneumo_tf.evaluate --ensemble_dir=DIR and predict with --model_dir=DIR")
+    boxes_possible = reader.gives_boxes
     if config.records_dir is not None:
-        summary = predict_records(model, config, config.records_dir, config.split, progress_stream)
+        summary = predict_records(reader, threshold, config, config.records_dir, config.split, progress_stream)
         return {**summary, "source": f"{config.records_dir} ({config.split})", "rejects": [],
                 "model_has_boxes": boxes_possible}
 
     scratch = tempfile.mkdtemp(prefix="pneumo_tf_predict_")
     try:
         records_dir = os.path.join(scratch, "records")
-        options = model.conversion_options(config.convert_image_size)
+        options = reader.conversion_options(config.convert_image_size)
         manifest = shards.convert(
             config.dicom_dir, records_dir, options=options,
             workers=config.workers or None, progress_stream=progress_stream,
@@ -148,7 +156,7 @@ def predict(config: PredictConfig, progress_stream=None) -> dict:
         if manifest["records"] == 0:
             reason = f" (e.g. {rejects[0][0]}: {rejects[0][1]})" if rejects else ""
             raise UserError(f"no readable DICOM file in {config.dicom_dir}: {len(rejects)} rejected{reason}")
-        summary = predict_records(model, config, records_dir, "test", progress_stream)
+        summary = predict_records(reader, threshold, config, records_dir, "test", progress_stream)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     return {**summary, "source": config.dicom_dir, "rejects": rejects, "model_has_boxes": boxes_possible}

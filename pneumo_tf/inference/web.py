@@ -1,6 +1,10 @@
-"""A web page and a JSON API that show an exported model's reading of one uploaded DICOM.
+"""A web page and a JSON API that show an exported model's (or an ensemble's) reading of one uploaded DICOM.
 
-    python -m pneumo_tf.serve --model_dir=runs/mask_resnet [--host=127.0.0.1] [--port=8080] [--max_upload_mb=50]
+    python -m pneumo_tf.serve --model_dir=runs/mask_resnet [--tta=hflip] [--host=127.0.0.1] [--port=8080] \
+        [--max_upload_mb=50]
+
+--model_dir may be an ensemble folder (python -m pneumo_tf.evaluate --ensemble_dir), read with
+its members, weights, TTA, fusion and threshold (pneumo_tf.models.predictor).
 
   GET  /              a page with a file input; POST / shows the radiograph (8-bit, windowed),
                       the predicted boxes with their confidences, the decision and the header facts
@@ -10,9 +14,9 @@
 
 An upload goes through the code training and predict use: records.shards.convert_file
 (converted as the model's training records were, pneumo_tf.json "conversion") ->
-schema.serialize_example -> pipeline.parse_batch + pipeline.decode_example -> the
-architecture's inference on the exported network -> postprocess.challenge_detections and the
-architecture's image probability, at the threshold evaluation saved. So the page shows exactly what `python -m pneumo_tf.predict --dicom_dir`
+schema.serialize_example -> pipeline.parse_batch + pipeline.decode_image (at each member's
+size) -> the predictor's networks -> postprocess.challenge_detections and the predictor's
+image probability, at the threshold evaluation saved. So the page shows exactly what `python -m pneumo_tf.predict --dicom_dir`
 writes for the same file. Uploads stay in memory (never spooled to a temporary file) and
 the page draws the boxes as SVG over the radiograph, sent inline as a data: URI PNG:
 nothing is written to disk, so simultaneous users never see each other's results.
@@ -38,7 +42,8 @@ from werkzeug import exceptions
 from pneumo_tf.cli import option
 from pneumo_tf.data import pipeline
 from pneumo_tf.evaluation import postprocess, submission
-from pneumo_tf.models import exported
+from pneumo_tf.models import predictor as predictor_lib
+from pneumo_tf.models.predictor import ReadingConfig
 from pneumo_tf.errors import RejectedFile, UserError
 from pneumo_tf.records import shards, dicom, schema
 
@@ -54,14 +59,16 @@ CONTENT_SECURITY_POLICY = (
 
 @dataclasses.dataclass(frozen=True)
 class ServeConfig:
-    model_dir: str = option(help="Folder of a trained model (model.keras + pneumo_tf.json); the threshold saved "
-                            "there by python -m pneumo_tf.evaluate makes the decision.")
+    model_dir: str = option(help="Folder of a trained model (model.keras + pneumo_tf.json) or an ensemble folder; "
+                            "the threshold saved there by python -m pneumo_tf.evaluate makes the decision.")
     host: str = option("127.0.0.1", "Address to listen on. 127.0.0.1 (default) serves this machine only; 0.0.0.0 "
                        "serves every network interface (the page has no authentication).")
     port: int = option(8080, "Port to listen on (0 picks a free one).")
     max_upload_mb: float = option(50.0, "Largest upload accepted, in MB; a larger one gets HTTP 413 and a message.")
+    reading: ReadingConfig = option(ReadingConfig())
 
     def validate(self) -> None:
+        self.reading.validate()
         if not 0 <= self.port <= 65535:
             raise UserError(f"--port must be between 0 and 65535, not {self.port}")
         if not self.max_upload_mb > 0:
@@ -130,15 +137,17 @@ class Result:
         }
 
 
-class Predictor:
-    """An exported model that reads DICOM bytes: thread-safe, nothing on disk."""
+class UploadReader:
+    """A predictor that reads DICOM bytes: thread-safe, nothing on disk."""
 
-    def __init__(self, model_dir: str):
-        self.model = exported.load(model_dir)
-        self.info = self.model.info
-        self.threshold = self.model.threshold
-        self.image_size = self.model.image_size
-        self.options = self.model.conversion_options()
+    def __init__(self, model_dir: str, reading: ReadingConfig = ReadingConfig()):
+        self.predictor = predictor_lib.load(model_dir, reading)
+        if self.predictor.threshold is None:
+            raise UserError(f"{model_dir} is an ensemble without a threshold: evaluate it with python -m "
+                            "pneumo_tf.evaluate --ensemble_dir=DIR and serve --model_dir=DIR")
+        self.threshold = self.predictor.threshold
+        self.image_size = self.predictor.image_sizes[0]
+        self.options = self.predictor.conversion_options()
         self._infer = tf.function(self._decode_and_call, input_signature=[tf.TensorSpec([], tf.string)])
         # Traced once here, before any request: requests only run the traced graph. Keras does not
         # promise that a model may be called from several threads at once, so calls take turns;
@@ -147,13 +156,16 @@ class Predictor:
         self._lock = threading.Lock()
 
     def _decode_and_call(self, serialized):
-        """One serialised record -> (its id and source size, the model's outputs), each a batch of one."""
-        # parse_batch and decode_example are the two steps of pipeline.decode_records.
+        """One serialised record -> (its id and source size, the members' outputs), each a batch of one."""
+        # parse_batch and decode_image are the steps of pipeline.decode_records that the image needs.
         fields = {key: value[0] for key, value in pipeline.parse_batch(serialized[tf.newaxis]).items()}
-        example = pipeline.decode_example(fields, self.image_size, self.options.bit_depth)
-        outputs = self.model.architecture.infer(self.model.network, example["image"][tf.newaxis])
-        batch = {key: example[key][tf.newaxis] for key in pipeline.METADATA_KEYS}
-        return batch, outputs
+        images = tuple(
+            pipeline.decode_image(fields["image_encoded"], fields["image_format"], fields["stored_size"], size,
+                                  self.options.bit_depth)[tf.newaxis]
+            for size in self.predictor.image_sizes
+        )
+        batch = {key: fields[key][tf.newaxis] for key in pipeline.METADATA_KEYS}
+        return batch, self.predictor.outputs(images)
 
     def predict(self, data: bytes, image_id: str) -> Result:
         """Reads one DICOM file's bytes; raises RejectedFile with the reason when it cannot."""
@@ -165,18 +177,18 @@ class Predictor:
         with self._lock:
             batch, outputs = self._infer(tf.constant(schema.serialize_example(record)))
         batch = {key: value.numpy() for key, value in batch.items()}
-        outputs = {key: value.numpy() for key, value in outputs.items()}
-        architecture = self.model.architecture
-        [(_, (boxes_xywh, confidences))] = postprocess.challenge_detections(architecture, outputs, batch, self.threshold)
+        outputs = self.predictor.split(outputs)
+        [(_, (boxes_xywh, confidences))] = postprocess.challenge_detections(
+            self.predictor, outputs, batch, self.threshold)
         boxes = tuple(Box(float(c), *(float(v) for v in xywh)) for xywh, c in zip(boxes_xywh, confidences))
         return Result(
             image_id=image_id,
-            probability=float(architecture.image_probability(outputs)[0]),
+            probability=float(self.predictor.image_probability(outputs)[0]),
             threshold=self.threshold,
             boxes=boxes,
             facts=dicom.header_facts(ds),
             display_png=display_png(grey),
-            model=str(self.info.get("model", "")),
+            model=self.predictor.name,
         )
 
 
@@ -210,16 +222,17 @@ def _page_facts(facts: dicom.HeaderFacts) -> list[tuple[str, str]]:
     ]
 
 
-def create_app(model_dir: str, max_upload_mb: float = ServeConfig.max_upload_mb) -> flask.Flask:
-    """The Flask app serving the exported model in `model_dir` (see the module docstring)."""
-    ServeConfig(model_dir, max_upload_mb=max_upload_mb).validate()
-    predictor = Predictor(model_dir)
+def create_app(model_dir: str, max_upload_mb: float = ServeConfig.max_upload_mb,
+               reading: ReadingConfig = ReadingConfig()) -> flask.Flask:
+    """The Flask app serving the exported model (or ensemble) in `model_dir` (see the module docstring)."""
+    ServeConfig(model_dir, max_upload_mb=max_upload_mb, reading=reading).validate()
+    reader = UploadReader(model_dir, reading)
     app = flask.Flask(__name__, template_folder="templates", static_folder="static")
     app.request_class = InMemoryRequest
     # Flask reads FLASK_DEBUG from the environment; this app never runs in debug mode.
     app.config["DEBUG"] = False
     app.config["MAX_CONTENT_LENGTH"] = int(max_upload_mb * 2**20)
-    app.extensions["pneumo_tf.predictor"] = predictor
+    app.extensions["pneumo_tf.predictor"] = reader
     limit = f"{max_upload_mb:g} MB"
 
     def read_upload() -> Result:
@@ -231,7 +244,7 @@ def create_app(model_dir: str, max_upload_mb: float = ServeConfig.max_upload_mb)
         if not data:
             raise UploadError(400, f"{name} is empty")
         try:
-            return predictor.predict(data, shards.image_id_of(name))
+            return reader.predict(data, shards.image_id_of(name))
         except RejectedFile as error:
             raise UploadError(422, f"{name} cannot be read as a radiograph: {error}") from error
 
@@ -239,8 +252,8 @@ def create_app(model_dir: str, max_upload_mb: float = ServeConfig.max_upload_mb)
         image = base64.b64encode(result.display_png).decode("ascii") if result else None
         html = flask.render_template(
             "index.html", result=result, image=image, error=error, limit=limit,
-            facts=_page_facts(result.facts) if result else [], model=predictor.info.get("model", ""),
-            threshold=predictor.threshold,
+            facts=_page_facts(result.facts) if result else [], model=reader.predictor.name,
+            threshold=reader.threshold,
         )
         return html, status
 
@@ -273,8 +286,8 @@ def create_app(model_dir: str, max_upload_mb: float = ServeConfig.max_upload_mb)
 
     @app.get("/healthz")
     def healthz():
-        return flask.jsonify(status="ok", model=predictor.info.get("model", ""), image_size=predictor.image_size,
-                             threshold=predictor.threshold)
+        return flask.jsonify(status="ok", model=reader.predictor.name, image_size=reader.image_size,
+                             threshold=reader.threshold)
 
     @app.errorhandler(exceptions.RequestEntityTooLarge)
     def too_large(error):

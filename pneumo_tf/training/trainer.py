@@ -191,8 +191,10 @@ def train_and_evaluate(config: TrainConfig) -> dict:
     hparams = {
         "model": config.model, "image_size": config.image_size, "batch_size": config.batch_size,
         "learning_rate": peak_rate, "optimizer": config.optimizer, "precision": config.precision,
-        "replicas": replicas,
-        "positive_fraction": config.positive_fraction, "augment": config.augment,
+        "replicas": replicas, "positive_fraction": config.positive_fraction, "augment": config.augment,
+        "epochs": config.epochs, "seed": config.seed,
+        # Architecture options too, so searches over them compare in TensorBoard's HParams dashboard.
+        **{f"model_option.{name}": value for name, value in config.model_options.items()},
     }
     callbacks_lib.log_hparams(log_dir, hparams)
 

@@ -1,0 +1,364 @@
+"""The predictor: what evaluate, predict and serve read boxes and image probabilities from.
+
+A predictor is one exported model (pneumo_tf.models.exported), optionally read with flip
+test-time augmentation, or an ensemble of such models, their boxes fused. It offers the
+host side of the model contract (`detections(outputs, threshold)`, `image_probability(outputs)`,
+`gives_boxes`), so the commands never know which of these they read:
+
+  outputs = predictor.infer(batch)              # one batched network call per member
+  predictor.detections(outputs, t), predictor.image_probability(outputs)
+
+Test-time augmentation (tta="hflip"): each member runs once on the batch concatenated with
+its left-right mirror image (one batched call on the accelerator), the mirrored half's boxes
+are mirrored back, and the two sets are fused; the image probability is the mean of the two.
+
+Ensembles: each member reads the records at its own image size (`dataset` decodes the split
+once per size, in lockstep, and checks the ids match); every reading (member x view) gives one
+set of boxes, weighted by its member's weight, and all sets are fused at once with the fusion
+method (pneumo_tf.models.fusion); the image probability is the weighted mean of the members'.
+Members that give no boxes (classifiers) add to the probability only.
+
+The threshold: as everywhere, one t decides both the image (probability > t) and its boxes
+(score > t). Fused boxes keep that meaning: at threshold t each reading's detections at t are
+fused, and the fused boxes with score > t are kept. Fusion happens per threshold, not once at
+a low one, because the mask network's boxes are the components of its mask thresholded at t:
+at a low threshold they are other (merged, larger) boxes. With fusion per threshold a box that
+every reading finds at t keeps its score; one that only some find is scored down (weighted
+boxes fusion) and dropped once that falls to t or below. A single reading is returned as the
+architecture gives it, untouched.
+
+Where a reading's threshold lives: one model read plainly keeps it in its pneumo_tf.json. Any
+fused reading (hflip, several models) keeps it in an ensemble folder, written by
+`python -m pneumo_tf.evaluate --ensemble_dir` together with everything that reading is:
+
+    ensemble_dir/
+      pneumo_tf_ensemble.json  members (model folders, relative to ensemble_dir), weights, tta,
+                               fusion method and IoU, the threshold evaluation chose, and the
+                               evaluation's numbers
+      evaluation/, logs/       the evaluation report and its TensorBoard events
+
+`load(ensemble_dir)` reads it back as the same predictor; predict and serve take it as their
+--model_dir. A fused reading given ad hoc (--model_dir=a,b or --tta=hflip) has no threshold of
+its own: a single model's saved threshold stands in for its hflip reading; several models need
+a threshold given or an ensemble folder.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from collections.abc import Sequence
+
+import numpy as np
+import tensorflow as tf
+
+from pneumo_tf.cli import option
+from pneumo_tf.data import pipeline
+from pneumo_tf.errors import UserError
+from pneumo_tf.fileio import write_json_atomic
+from pneumo_tf.models import exported
+from pneumo_tf.models import fusion as box_fusion
+from pneumo_tf.models.architecture import Detections, no_detections
+from pneumo_tf.records.shards import ConvertOptions
+
+TTA_MODES = ("none", "hflip")
+ENSEMBLE_FILE = "pneumo_tf_ensemble.json"
+# The pipeline batch holds the first member's images as "image", the other sizes' under this.
+IMAGE_AT_SIZE = "image_{}"
+
+
+@dataclasses.dataclass(frozen=True)
+class ReadingConfig:
+    """How the --model_dir models are read: the flags evaluate, predict and serve share."""
+
+    tta: str | None = option(None, "Test-time augmentation: none, or hflip (each image is also read mirrored in the "
+                             "same batched call; boxes fused, probabilities averaged). Default none; an ensemble "
+                             "folder uses its own.", choices=TTA_MODES)
+    weights: tuple[float, ...] = option((), "Weights of the --model_dir models (ensemble members), comma separated; "
+                                        "default equal.")
+    fusion: str | None = option(None, "How boxes of several readings (hflip views, ensemble members) are fused: wbf "
+                                "(weighted boxes fusion), soft_nms or nms, by the ensemble-boxes package. Default "
+                                "wbf; an ensemble folder uses its own.", choices=box_fusion.FUSION_METHODS)
+    fusion_iou: float | None = option(None, "IoU above which fusion takes two boxes for the same opacity; default "
+                                      f"{box_fusion.DEFAULT_IOU_THRESHOLD}; an ensemble folder uses its own.")
+
+    def validate(self) -> None:
+        if any(weight <= 0 for weight in self.weights):
+            raise UserError(f"--weights must all be positive, not {','.join(map(str, self.weights))}")
+        if self.fusion_iou is not None and not 0.0 < self.fusion_iou < 1.0:
+            raise UserError(f"--fusion_iou must be between 0 and 1 (exclusive), not {self.fusion_iou}")
+
+    def given(self) -> list[str]:
+        """The flags set to something other than their defaults."""
+        return [f"--{field.name}" for field in dataclasses.fields(self)
+                if getattr(self, field.name) != field.default]
+
+
+class Member:
+    """One exported model of a predictor, with its weight and its views (1, or 2 with hflip).
+
+    `call` is in-graph: with hflip it runs the network once on the images and their mirror
+    images concatenated along the batch; `views` splits the (numpy) outputs back per view.
+    Every output of the contract is batch-major, so the split is a slice.
+    """
+
+    def __init__(self, model: exported.ExportedModel, weight: float = 1.0, tta: str = "none"):
+        self.model, self.weight, self.tta = model, float(weight), tta
+        self.architecture = model.architecture
+        self.image_size = model.image_size
+        self.view_count = 2 if tta == "hflip" else 1
+
+    def call(self, images):
+        if self.view_count == 2:
+            images = tf.concat([images, tf.reverse(images, axis=[2])], axis=0)
+        return self.architecture.infer(self.model.network, images)
+
+    def views(self, outputs: dict) -> list[dict]:
+        """Numpy outputs of `call` -> one outputs dict per view (the second one of mirrored images)."""
+        outputs = {name: np.asarray(value) for name, value in outputs.items()}
+        count = len(next(iter(outputs.values()))) // self.view_count
+        return [{name: value[view * count:(view + 1) * count] for name, value in outputs.items()}
+                for view in range(self.view_count)]
+
+    def readings(self, views: list[dict], threshold: float) -> list[list[Detections]]:
+        """Per view, per image, the detections at `threshold` in the original image's frame."""
+        found = [self.architecture.detections(view, threshold) for view in views]
+        return [found[0]] + [[box_fusion.mirror(detections) for detections in mirrored] for mirrored in found[1:]]
+
+    def image_probability(self, views: list[dict]) -> np.ndarray:
+        return np.mean([self.architecture.image_probability(view) for view in views], axis=0).astype(np.float32)
+
+
+class Predictor:
+    """Members read together (see the module docstring); outputs are, per member, its views' numpy outputs."""
+
+    def __init__(self, members: Sequence[Member], fusion_method: str = box_fusion.DEFAULT_FUSION,
+                 fusion_iou: float = box_fusion.DEFAULT_IOU_THRESHOLD, threshold: float | None = None,
+                 ensemble_dir: str | None = None):
+        self.members = list(members)
+        self.fusion, self.fusion_iou = fusion_method, float(fusion_iou)
+        self.threshold = threshold
+        self.ensemble_dir = ensemble_dir
+        self.image_sizes = tuple(dict.fromkeys(member.image_size for member in self.members))
+        self.gives_boxes = any(member.architecture.gives_boxes for member in self.members)
+        self._traced = tf.function(self.outputs, reduce_retracing=True)
+
+    @property
+    def tta(self) -> str:
+        return self.members[0].tta
+
+    @property
+    def weights(self) -> list[float]:
+        return [member.weight for member in self.members]
+
+    @property
+    def model_dirs(self) -> list[str]:
+        return [member.model.model_dir for member in self.members]
+
+    @property
+    def is_plain(self) -> bool:
+        """One model read as it is: its threshold lives in its own pneumo_tf.json."""
+        return len(self.members) == 1 and self.tta == "none"
+
+    @property
+    def name(self) -> str:
+        """The architecture for a plain model, else what is fused ("2 x mask_resnet, hflip, wbf")."""
+        if self.is_plain:
+            return self.members[0].architecture.name
+        names = sorted({member.architecture.name for member in self.members})
+        parts = [f"{len(self.members)} x {'+'.join(names)}"] + (["hflip"] if self.tta == "hflip" else [])
+        return ", ".join(parts + [self.fusion])
+
+    # --------------------------------------------------------------------------------------------
+    # Running the networks.
+
+    def outputs(self, images: tuple):
+        """In-graph: images float32 [B, S, S, 1] at each of `image_sizes` -> each member's raw outputs."""
+        by_size = dict(zip(self.image_sizes, images))
+        return [member.call(by_size[member.image_size]) for member in self.members]
+
+    def split(self, raw) -> list[list[dict]]:
+        """Each member's outputs (tensors or numpy) -> per member, per view, numpy outputs."""
+        return [member.views(outputs) for member, outputs in zip(self.members, raw)]
+
+    def infer(self, batch: dict) -> list[list[dict]]:
+        """A batch of `dataset` (or any pipeline batch at the members' one size) -> outputs."""
+        images = tuple(batch["image"] if index == 0 else batch[IMAGE_AT_SIZE.format(size)]
+                       for index, size in enumerate(self.image_sizes))
+        return self.split(self._traced(images))
+
+    def dataset(self, records_dir: str, split: str, batch_size: int) -> tf.data.Dataset:
+        """The split's evaluation batches, with each member size's images (IMAGE_AT_SIZE beyond the first).
+
+        Sizes after the first read the split again in lockstep (the same manifest order);
+        each batch checks that the ids match.
+        """
+        datasets = [pipeline.make_dataset(records_dir, split, batch_size, size, training=False)
+                    for size in self.image_sizes]
+        if len(datasets) == 1:
+            return datasets[0]
+
+        def merge(first, *others):
+            batch = dict(first)
+            for size, other in zip(self.image_sizes[1:], others):
+                tf.debugging.assert_equal(first["id"], other["id"], message="size-wise reads out of step")
+                batch[IMAGE_AT_SIZE.format(size)] = other["image"]
+            return batch
+
+        return tf.data.Dataset.zip(tuple(datasets)).map(merge)
+
+    # --------------------------------------------------------------------------------------------
+    # Reading the outputs (the host side of the model contract).
+
+    def detections(self, outputs: list[list[dict]], threshold: float) -> list[Detections]:
+        """Per image, the fused boxes with scores above `threshold` (see the module docstring)."""
+        readings, weights = [], []
+        for member, views in zip(self.members, outputs):
+            if member.architecture.gives_boxes:
+                found = member.readings(views, threshold)
+                readings += found
+                weights += [member.weight] * len(found)
+        if len(readings) == 1:
+            return readings[0]
+        count = len(self.image_probability(outputs))
+        if not readings:
+            return [no_detections() for _ in range(count)]
+        kept = []
+        for per_image in zip(*readings):
+            boxes, scores = box_fusion.fuse(per_image, weights, self.fusion, self.fusion_iou)
+            keep = scores > threshold
+            kept.append((boxes[keep], scores[keep]))
+        return kept
+
+    def image_probability(self, outputs: list[list[dict]]) -> np.ndarray:
+        """float32 [B]: the members' probabilities (each the mean of its views), weighted mean."""
+        probabilities = [member.image_probability(views) for member, views in zip(self.members, outputs)]
+        return np.average(probabilities, axis=0, weights=self.weights).astype(np.float32)
+
+    def parts(self) -> list[tuple[str, "Part"]]:
+        """(label, reading) of each member alone, without TTA and, when this predictor uses it, with:
+        what the evaluation report compares the whole with. Parts read this predictor's outputs."""
+        found = []
+        for index, member in enumerate(self.members):
+            modes = ("none", "hflip") if member.tta == "hflip" else ("none",)
+            for tta in modes:
+                alone = Predictor([Member(member.model, 1.0, tta)], self.fusion, self.fusion_iou)
+                label = member.model.model_dir + (" + hflip" if tta == "hflip" else "")
+                found.append((label, Part(alone, index, alone.members[0].view_count)))
+        return found
+
+    def conversion_options(self, image_size: int | None = None) -> ConvertOptions:
+        """How to convert source files for this predictor: as its members' training records were when
+        they agree; else at source resolution (every member's size decodes from it) and the deepest bit depth."""
+        options = {member.model.conversion_options(image_size) for member in self.members}
+        if len(options) == 1:
+            return options.pop()
+        return ConvertOptions(image_size=0 if image_size is None else image_size,
+                              bit_depth=max(option.bit_depth for option in options))
+
+    def describe(self) -> dict:
+        """What this predictor is, as the evaluation summary records it."""
+        return {"name": self.name, "model_dirs": self.model_dirs, "weights": self.weights, "tta": self.tta,
+                "fusion": self.fusion, "fusion_iou": self.fusion_iou,
+                "image_sizes": list(self.image_sizes)}
+
+
+@dataclasses.dataclass
+class Part:
+    """One member of a predictor read alone (see Predictor.parts), from the whole predictor's outputs."""
+
+    predictor: Predictor
+    member_index: int
+    view_count: int
+
+    @property
+    def gives_boxes(self) -> bool:
+        return self.predictor.gives_boxes
+
+    def _own(self, outputs):
+        return [outputs[self.member_index][: self.view_count]]
+
+    def detections(self, outputs, threshold):
+        return self.predictor.detections(self._own(outputs), threshold)
+
+    def image_probability(self, outputs):
+        return self.predictor.image_probability(self._own(outputs))
+
+
+# ------------------------------------------------------------------------------------------------
+# Loading and the ensemble folder.
+
+
+def is_ensemble(folder: str) -> bool:
+    return os.path.isfile(os.path.join(folder, ENSEMBLE_FILE))
+
+
+def _read_ensemble_file(folder: str) -> dict:
+    with open(os.path.join(folder, ENSEMBLE_FILE)) as handle:
+        return json.load(handle)
+
+
+def _model_dirs(model_dir: str) -> list[str]:
+    dirs = [folder.strip() for folder in model_dir.split(",") if folder.strip()]
+    if not dirs:
+        raise UserError("--model_dir names no folder")
+    return dirs
+
+
+def is_new_fused_reading(model_dir: str, reading: ReadingConfig) -> bool:
+    """Whether `load(model_dir, reading)` gives a fused reading that no ensemble folder records yet."""
+    dirs = _model_dirs(model_dir)
+    if len(dirs) == 1 and is_ensemble(dirs[0]):
+        return False
+    return len(dirs) > 1 or (reading.tta or "none") != "none"
+
+
+def load(model_dir: str, reading: ReadingConfig = ReadingConfig()) -> Predictor:
+    """The predictor of `model_dir`: a model folder, an ensemble folder, or model folders separated by commas."""
+    reading.validate()
+    dirs = _model_dirs(model_dir)
+    if len(dirs) == 1 and is_ensemble(dirs[0]):
+        if reading.given():
+            raise UserError(f"{dirs[0]} is an ensemble folder: its members, weights, TTA and fusion were chosen with "
+                            f"its threshold, so drop {', '.join(reading.given())} (or evaluate a new ensemble)")
+        return read_ensemble(dirs[0])
+    nested = [folder for folder in dirs if is_ensemble(folder)]
+    if nested:
+        raise UserError(f"{nested[0]} is an ensemble folder: an ensemble's members are model folders")
+    weights = reading.weights or (1.0,) * len(dirs)
+    if len(weights) != len(dirs):
+        raise UserError(f"--weights gives {len(weights)} weights for {len(dirs)} models in --model_dir")
+    models = [exported.load(folder) for folder in dirs]
+    tta = reading.tta or "none"
+    members = [Member(model, weight, tta) for model, weight in zip(models, weights)]
+    # A model's saved threshold was chosen for its plain reading; it stands in for its hflip reading.
+    threshold = models[0].threshold if len(models) == 1 else None
+    return Predictor(members, reading.fusion or box_fusion.DEFAULT_FUSION,
+                     box_fusion.DEFAULT_IOU_THRESHOLD if reading.fusion_iou is None else reading.fusion_iou, threshold)
+
+
+def read_ensemble(ensemble_dir: str) -> Predictor:
+    """The predictor an ensemble folder records."""
+    info = _read_ensemble_file(ensemble_dir)
+    members = [Member(exported.load(os.path.normpath(os.path.join(ensemble_dir, entry["model_dir"]))),
+                      entry["weight"], info["tta"]) for entry in info["members"]]
+    return Predictor(members, info["fusion"], info["fusion_iou"], info["threshold"], ensemble_dir)
+
+
+def save_threshold(predictor: Predictor, changes: dict, ensemble_dir: str | None = None) -> str:
+    """Stores `changes` (the chosen threshold and its numbers) where `predictor`'s reading keeps them:
+    a plain model's pneumo_tf.json, or its ensemble folder (written whole, or updated); returns the folder."""
+    if predictor.is_plain and ensemble_dir is None:
+        exported.update_info(predictor.model_dirs[0], changes)
+        return predictor.model_dirs[0]
+    folder = ensemble_dir or predictor.ensemble_dir
+    if folder is None:
+        raise ValueError("a fused reading's threshold needs an ensemble folder")
+    path = os.path.join(folder, ENSEMBLE_FILE)
+    saved = _read_ensemble_file(folder) if os.path.isfile(path) and folder == predictor.ensemble_dir else {}
+    os.makedirs(folder, exist_ok=True)
+    members = [{"model_dir": os.path.relpath(os.path.abspath(model_dir), os.path.abspath(folder)), "weight": weight}
+               for model_dir, weight in zip(predictor.model_dirs, predictor.weights)]
+    write_json_atomic(path, {**saved, **changes, "members": members, "tta": predictor.tta,
+                             "fusion": predictor.fusion, "fusion_iou": predictor.fusion_iou})
+    return folder
