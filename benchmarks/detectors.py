@@ -9,8 +9,8 @@ must learn to ignore), converts it once, then trains each model with the same bu
 same records, image size, global batch, number of steps (cut into --epochs epochs, each
 followed by validation; the best epoch by val mAP is exported) and seed, with the decoded
 images cached in memory after the first epoch. Each architecture keeps its own model
-options and learning rate (PRESETS below: small enough for 2 CPU cores), as a user would
-tune them. Then each export is evaluated on the val split with the challenge metric
+options and learning rate, as a user would tune them: the demo's presets
+(pneumo_tf.demo.DEMO_PRESETS). Then each export is evaluated on the val split with the challenge metric
 (`python -m pneumo_tf.evaluate`: the best threshold of the sweep).
 
 Prints, per model: val challenge mAP and AUC at the chosen threshold, training images/s,
@@ -31,6 +31,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 from absl import app, flags  # noqa: E402
 
 import machine  # noqa: E402  benchmarks/machine.py (the script's folder is on sys.path)
+from pneumo_tf.demo import DEMO_PRESETS  # noqa: E402
 from pneumo_tf.evaluation import report  # noqa: E402
 from pneumo_tf.models import exported  # noqa: E402
 from pneumo_tf.records import shards, synthetic  # noqa: E402
@@ -50,18 +51,6 @@ flags.DEFINE_integer("epochs", 6, "Epochs the steps are cut into (validation aft
 flags.DEFINE_list("models", ["mask_resnet", "retinanet", "mask_rcnn"], "Models to compare.")
 flags.DEFINE_integer("seed", 0, "Seed of the data and of every training.")
 
-# Each model's options and learning rate for CPU-sized runs at 128 px (global batch 16).
-PRESETS = {
-    "mask_resnet": ({"channels": 16, "n_blocks": 1, "depth": 3, "upsampling": "bilinear"}, 2e-3, "adam"),
-    "retinanet": ({"stackwise_num_filters": (64, 64, 128, 256), "stackwise_num_blocks": (1, 1, 1, 1),
-                   "block_type": "basic_block", "min_level": 3, "max_level": 5, "pre_logits_num_conv_layers": 2},
-                  1e-3, "adam"),
-    "mask_rcnn": ({"backbone": "resnet18", "backbone_blocks": (1, 1, 1, 1), "backbone_filters": (64, 64, 128, 256),
-                   "top_down_pyramid_size": 64, "rpn_conv_size": 64, "rpn_anchor_scales": (16, 32, 64, 128, 256),
-                   "pre_nms_limit": 1000, "post_nms_rois_training": 256, "post_nms_rois_inference": 128,
-                   "train_rois_per_image": 32, "roi_positive_ratio": 0.25, "fpn_classif_fc_layers_size": 256,
-                   "mask_head_size": 32, "mask_head_convs": 2}, 1e-3, "adam"),
-}
 MIN_MAP = 0.3
 MAX_MINUTES = 30.0
 
@@ -80,19 +69,22 @@ def records(work_dir: str) -> str:
     return records_dir
 
 
-def folder_bytes(path: str) -> int:
-    return sum(os.path.getsize(os.path.join(root, name)) for root, _, names in os.walk(path) for name in names)
+def exported_bytes(model_dir: str) -> int:
+    """The exported model's size on disk: model.keras and saved_model/ (not logs or checkpoints)."""
+    saved = os.path.join(model_dir, exported.SAVED_MODEL_DIR)
+    return os.path.getsize(os.path.join(model_dir, exported.MODEL_FILE)) + sum(
+        os.path.getsize(os.path.join(root, name)) for root, _, names in os.walk(saved) for name in names)
 
 
 def run(model: str, records_dir: str, work_dir: str) -> dict:
-    options, learning_rate, optimizer = PRESETS[model]
+    options, learning_rate = DEMO_PRESETS[model]
     model_dir = os.path.join(work_dir, "models", model)
     shutil.rmtree(model_dir, ignore_errors=True)
     started = time.perf_counter()
     summary = trainer.train_and_evaluate(TrainConfig(
         records_dir=records_dir, model_dir=model_dir, model=model, model_options=options,
         image_size=FLAGS.image_size, batch_size=FLAGS.batch_size, epochs=FLAGS.epochs,
-        steps_per_epoch=FLAGS.steps // FLAGS.epochs, learning_rate=learning_rate, optimizer=optimizer,
+        steps_per_epoch=FLAGS.steps // FLAGS.epochs, learning_rate=learning_rate,
         cache=True, seed=FLAGS.seed, profile_steps=None, early_stopping_patience=FLAGS.epochs,
     ))
     train_seconds = time.perf_counter() - started
@@ -102,7 +94,7 @@ def run(model: str, records_dir: str, work_dir: str) -> dict:
         "model": model, "map": evaluated.summary["map"], "auc": evaluated.summary["auc"],
         "threshold": evaluated.summary["threshold"], "images_per_second": summary["images_per_second"],
         "train_seconds": train_seconds, "exported_epoch": summary["exported_epoch"],
-        "parameters": network.count_params(), "exported_mb": folder_bytes(model_dir) / 2**20,
+        "parameters": network.count_params(), "exported_mb": exported_bytes(model_dir) / 2**20,
         "val_maps": summary["history"].get("val_map", []),
     }
 

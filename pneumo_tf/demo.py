@@ -29,13 +29,27 @@ from pneumo_tf.records.synthetic import SyntheticConfig  # noqa: E402
 from pneumo_tf.training import trainer  # noqa: E402
 from pneumo_tf.training.config import TrainConfig  # noqa: E402
 
-# Per architecture, what the demo trains when --model_option is not given: small enough for
-# minutes on 2 CPU cores, large enough to learn the synthetic opacities.
-DEMO_MODEL_OPTIONS = {
-    # A slim mask network at 128 px (JPEG frames decode straight to 128 at ratio 8), with
-    # bilinear up-sampling so boxes follow the opacities between bottleneck cells.
-    "mask_resnet": {"channels": 16, "n_blocks": 1, "depth": 3, "upsampling": "bilinear"},
-    "cnn": {"width": 0.25},
+# Per architecture, what the demo trains when --model_option and --learning_rate are not given:
+# options small enough for minutes on 2 CPU cores at 128 px, and a peak learning rate for the
+# global batch of 16. benchmarks/detectors.py compares the box models with these presets.
+DEMO_PRESETS = {
+    # A slim mask network (JPEG frames decode straight to 128 at ratio 8), with bilinear
+    # up-sampling so boxes follow the opacities between bottleneck cells.
+    "mask_resnet": ({"channels": 8, "n_blocks": 1, "depth": 3, "upsampling": "bilinear"}, 2e-3),
+    "cnn": ({"width": 0.25}, 1e-3),
+    "vgg16": ({}, 5e-4),
+    # ResNet-18-like stacks of one block; anchors of 16 px and up on P3-P5, for boxes of
+    # 15-40 px at 128 px (keras-hub's default anchors start at 32 px: small boxes would
+    # match no anchor and never be learnt).
+    "retinanet": ({"stackwise_num_filters": (64, 64, 128, 256), "stackwise_num_blocks": (1, 1, 1, 1),
+                   "block_type": "basic_block", "min_level": 3, "max_level": 5, "pre_logits_num_conv_layers": 2,
+                   "anchor_size": 2.0}, 1e-3),
+    # The same backbone; anchors 16-256 px on P2-P6; the seed's detection settings.
+    "mask_rcnn": ({"backbone": "resnet18", "backbone_blocks": (1, 1, 1, 1), "backbone_filters": (64, 64, 128, 256),
+                   "top_down_pyramid_size": 64, "rpn_conv_size": 64, "rpn_anchor_scales": (16, 32, 64, 128, 256),
+                   "pre_nms_limit": 1000, "post_nms_rois_training": 256, "post_nms_rois_inference": 128,
+                   "train_rois_per_image": 32, "roi_positive_ratio": 0.25, "fpn_classif_fc_layers_size": 256,
+                   "mask_head_size": 32, "mask_head_convs": 2}, 1e-3),
 }
 
 
@@ -55,7 +69,8 @@ class DemoConfig:
     image_size: int = option(128, "Side of the images the model sees (cnn needs at least 64).")
     batch_size: int = option(16, "Global batch size.")
     epochs: int = option(8, "Training epochs.")
-    learning_rate: float = option(2e-3, "Peak learning rate for a global batch of 16.")
+    learning_rate: float = option(0.0, "Peak learning rate for a global batch of 16; 0: the demo's preset of the "
+                                  "architecture.")
     cache: bool = option(True, "Keep the decoded train and val images in memory after the first epoch (the "
                          "demo's 2,000 at 128 px take about 260 MB).")
 
@@ -90,11 +105,12 @@ def run_demo(config: DemoConfig) -> dict:
         written["test_dir"], shards.ConvertOptions(seed=config.seed), workers=config.workers or None,
     )
     phase_done("convert")
+    preset_options, preset_rate = DEMO_PRESETS[config.model]
     trained = trainer.train_and_evaluate(TrainConfig(
         records_dir=paths["records"], model_dir=paths["model"], model=config.model,
-        model_options=config.model_options or DEMO_MODEL_OPTIONS.get(config.model, {}),
-        image_size=config.image_size, batch_size=config.batch_size, epochs=config.epochs,
-        learning_rate=config.learning_rate, seed=config.seed, cache=config.cache,
+        model_options=config.model_options or preset_options, image_size=config.image_size,
+        batch_size=config.batch_size, epochs=config.epochs, learning_rate=config.learning_rate or preset_rate,
+        seed=config.seed, cache=config.cache,
     ))
     phase_done("train")
     evaluated = report.evaluate(report.EvaluateConfig(model_dir=paths["model"], records_dir=paths["records"]))

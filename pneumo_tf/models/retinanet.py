@@ -141,6 +141,7 @@ def build(
     max_detections: int = 4,
     min_confidence: float = 0.05,
     pre_nms_top_k: int = 1000,
+    anchor_size: float = 4.0,
 ) -> RetinaNetNetwork:
     """Builds RetinaNet for [image_size, image_size, 1] images in [0, 1], randomly initialised.
 
@@ -161,6 +162,9 @@ def build(
     8-image batch of tests/test_retinanet.py's learnability test, after 200 steps, they scored
     above 0.9 with boxes off the opacities: mAP 0.08 and 0.32 (two seeds) with the band, 1.0
     without. negative_threshold=0.4 restores the paper's band.
+    `anchor_size`: anchor sides are anchor_size * 2^level * 2^(k/3) pixels (keras-hub's 4 gives
+    32 to 812 px on P3-P7). Every box needs an anchor of IoU >= positive_threshold to be learnt
+    at all: at small image sizes (128 px: RSNA-like boxes of 15-40 px) 2 gives 16-px anchors on P3.
     Decoding keeps the `pre_nms_top_k` best anchors, drops scores not above `min_confidence`,
     suppresses boxes overlapping a better one by more than `nms_iou_threshold` and keeps at most
     `max_detections` (RSNA images have at most 4 boxes).
@@ -188,7 +192,7 @@ def build(
     # keras-hub's defaults, as float32 layers: pixel coordinates lose whole pixels in 16 bits.
     anchors = AnchorGenerator(
         "yxyx", min_level=min_level, max_level=max_level, num_scales=3, aspect_ratios=[0.5, 1.0, 2.0],
-        anchor_size=4, dtype="float32",
+        anchor_size=anchor_size, dtype="float32",
     )
     detector = keras_hub.models.RetinaNetObjectDetector(
         backbone=backbone,

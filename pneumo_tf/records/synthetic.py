@@ -9,7 +9,9 @@ bright opacity inside a lung field, so a detector can learn to find them.
 
 `--difficulty=easy` (the default) makes opacities every model finds (the demo scores
 val mAP near 1). `--difficulty=hard` is for comparing models: opacities are subtle
-(low contrast, about twice the ribs' amplitude, under the same noise), and half of the
+(low contrast, under twice the ribs' amplitude, under the same noise) and patchy (their
+brightness varies from 20% to 100% across the box, so what is visible does not outline
+the labelled box), and half of the
 images without opacity hold one to three small, sharp, round nodules that are NOT
 labelled, so a detector must learn what an opacity looks like rather than "anything
 bright".
@@ -45,7 +47,7 @@ CLASS_INFO_CSV = "stage_2_detailed_class_info.csv"
 # RSNA's shares: 33% Normal, 44% No Lung Opacity / Not Normal, 23% Lung Opacity.
 CLASS_SHARES = (0.33, 0.44, 0.23)
 # Peak brightness added by an opacity, in grey levels (ribs add 14, noise has sigma 6).
-OPACITY_CONTRAST = {"easy": 70.0, "hard": 28.0}
+OPACITY_CONTRAST = {"easy": 70.0, "hard": 24.0}
 NODULE_CONTRAST = 60.0
 
 
@@ -99,7 +101,14 @@ def make_radiograph(rng: np.random.Generator, boxes, size: int = 1024, difficult
         # A flat-topped bump that fills the box and fades at its edges.
         du = (u - (x + w / 2) / size) / (w / 2 / size)
         dv = (v - (y + h / 2) / size) / (h / 2 / size)
-        image += OPACITY_CONTRAST[difficulty] * np.exp(-(du**4 + dv**4) * 1.5)
+        bump = np.exp(-(du**4 + dv**4) * 1.5)
+        if difficulty == "hard":
+            # Patchy, as consolidation is: brightness varies smoothly from 20% to 100% across
+            # the box, so the opacity's visible extent is not the box's.
+            waves = sum(np.sin(rng.uniform(2, 5) * du * np.cos(a) + rng.uniform(2, 5) * dv * np.sin(a)
+                               + rng.uniform(0, 6.3)) for a in rng.uniform(0, np.pi, 3))
+            bump = bump * (0.6 + 0.4 * np.clip(waves / 1.5, -1.0, 1.0))
+        image += OPACITY_CONTRAST[difficulty] * bump
     if difficulty == "hard" and not boxes and rng.random() < 0.5:
         for _ in range(rng.integers(1, 4)):
             # A small round nodule with a sharp edge, anywhere in a lung field; never labelled.
