@@ -608,3 +608,26 @@ def test_damaged_frames_end_as_decodable_records_or_rejects(shared_rsna, tmp_pat
     for image_size in (1024, 512, 256, 128):
         dataset = pipeline.make_dataset(str(tmp_path / "records"), "test", 8, image_size, training=False)
         assert sum(int(batch["image"].shape[0]) for batch in dataset) == len(records)
+
+
+def test_hard_synthetic_setting_keeps_the_labels_and_changes_only_the_pictures(tmp_path):
+    easy = synthetic.write_dataset(str(tmp_path / "easy"), synthetic.SyntheticConfig(40, seed=5, image_size=128),
+                                   workers=1)
+    hard = synthetic.write_dataset(str(tmp_path / "hard"), synthetic.SyntheticConfig(
+        40, seed=5, image_size=128, difficulty="hard"), workers=1)
+    for key in ("train_labels", "detailed_class_info"):
+        assert open(easy[key]).read() == open(hard[key]).read()
+    labels = labels_lib.read_labels(easy["train_labels"], easy["detailed_class_info"])
+    lifted, nodules = [], 0
+    for image_id, entry in labels.items():
+        pixels = {name: pydicom.dcmread(os.path.join(paths["train_dir"], f"{image_id}.dcm")).pixel_array.astype(float)
+                  for name, paths in (("easy", easy), ("hard", hard))}
+        for x, y, w, h in (tuple(int(v) for v in box) for box in entry.boxes):
+            inside = (slice(y + h // 4, y + 3 * h // 4), slice(x + w // 4, x + 3 * w // 4))
+            lifted.append((pixels["easy"][inside] - pixels["hard"][inside]).mean())
+        # Unlabelled nodules: bright, sharp-edged discs only in the hard pictures without boxes.
+        if not entry.boxes:
+            nodules += int((pixels["hard"] - pixels["easy"] > 40).sum() > 20)
+    # Opacities lose at least the 70 - 24 grey levels of contrast (more where they are patchy).
+    assert len(lifted) >= 8 and min(lifted) > 25
+    assert 5 <= nodules <= sum(not entry.boxes for entry in labels.values()) - 5
