@@ -35,7 +35,7 @@ from pneumo_tf.demo import DEMO_PRESETS  # noqa: E402
 from pneumo_tf.evaluation import report  # noqa: E402
 from pneumo_tf.models import exported  # noqa: E402
 from pneumo_tf.records import shards, synthetic  # noqa: E402
-from pneumo_tf.training import trainer  # noqa: E402
+from pneumo_tf.training import loop  # noqa: E402
 from pneumo_tf.training.config import TrainConfig  # noqa: E402
 
 FLAGS = flags.FLAGS
@@ -81,7 +81,7 @@ def run(model: str, records_dir: str, work_dir: str) -> dict:
     model_dir = os.path.join(work_dir, "models", model)
     shutil.rmtree(model_dir, ignore_errors=True)
     started = time.perf_counter()
-    summary = trainer.train_and_evaluate(TrainConfig(
+    summary = loop.train_and_evaluate(TrainConfig(
         records_dir=records_dir, model_dir=model_dir, model=model, model_options=options,
         image_size=FLAGS.image_size, batch_size=FLAGS.batch_size, epochs=FLAGS.epochs,
         steps_per_epoch=FLAGS.steps // FLAGS.epochs, learning_rate=learning_rate,

@@ -43,7 +43,7 @@ from absl import app, flags  # noqa: E402
 import pipeline_throughput  # noqa: E402  (this folder is on sys.path when run as a script)
 from pneumo_tf import models  # noqa: E402
 from pneumo_tf.data import pipeline  # noqa: E402
-from pneumo_tf.training.trainer import Trainer  # noqa: E402
+from pneumo_tf.training.loop import Trainer  # noqa: E402
 
 FLAGS = flags.FLAGS
 flags.DEFINE_integer("num_images", 2000, "Synthetic labeled DICOMs (the train split, 80%, feeds the pipeline).")

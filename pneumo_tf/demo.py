@@ -26,7 +26,7 @@ from pneumo_tf.fileio import write_json_atomic  # noqa: E402
 from pneumo_tf.inference import offline  # noqa: E402
 from pneumo_tf.records import shards, synthetic  # noqa: E402
 from pneumo_tf.records.synthetic import SyntheticConfig  # noqa: E402
-from pneumo_tf.training import trainer  # noqa: E402
+from pneumo_tf.training import loop  # noqa: E402
 from pneumo_tf.training.config import TrainConfig  # noqa: E402
 
 # Per architecture, what the demo trains when --model_option and --learning_rate are not given:
@@ -106,7 +106,7 @@ def run_demo(config: DemoConfig) -> dict:
     )
     phase_done("convert")
     preset_options, preset_rate = DEMO_PRESETS[config.model]
-    trained = trainer.train_and_evaluate(TrainConfig(
+    trained = loop.train_and_evaluate(TrainConfig(
         records_dir=paths["records"], model_dir=paths["model"], model=config.model,
         model_options=config.model_options or preset_options, image_size=config.image_size,
         batch_size=config.batch_size, epochs=config.epochs, learning_rate=config.learning_rate or preset_rate,

@@ -11,14 +11,14 @@ Every flag is a field of pneumo_tf.training.config.TrainConfig, which holds its 
 from pneumo_tf import cli
 
 cli.import_tensorflow_quietly()  # before anything imports TensorFlow
-from pneumo_tf.training import trainer  # noqa: E402
+from pneumo_tf.training import loop  # noqa: E402
 from pneumo_tf.training.config import TrainConfig  # noqa: E402
 
 cli.define_flags(TrainConfig)
 
 
 def main():
-    summary = trainer.train_and_evaluate(cli.config_from_flags(TrainConfig))
+    summary = loop.train_and_evaluate(cli.config_from_flags(TrainConfig))
     print(f"trained {summary['model']} for {summary['epochs_run']} epochs in {summary['train_seconds']} s "
           f"({summary['images_per_second']} images/s); exported to {cli.FLAGS.model_dir}")
 

@@ -50,10 +50,10 @@ def tiny_records(synthetic_rsna, tmp_path_factory) -> str:
 @pytest.fixture(scope="session")
 def tiny_trained_model(tiny_records, tmp_path_factory) -> str:
     """A tiny mask_resnet trained for two steps on `tiny_records`; use `trained_model` to change it."""
-    from pneumo_tf.training import trainer
+    from pneumo_tf.training import loop
 
     model_dir = str(tmp_path_factory.mktemp("tiny_trained") / "model")
-    trainer.train_and_evaluate(trainer.TrainConfig(
+    loop.train_and_evaluate(loop.TrainConfig(
         records_dir=tiny_records, model_dir=model_dir, model="mask_resnet",
         model_options={"channels": 4, "n_blocks": 1, "depth": 2}, image_size=64, batch_size=4, epochs=1,
         steps_per_epoch=2,

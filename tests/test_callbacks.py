@@ -11,7 +11,7 @@ from pneumo_tf.data.augment import AugmentConfig
 from pneumo_tf.evaluation import visualize
 from pneumo_tf.records.boxes import MAX_BOXES
 from pneumo_tf.training import callbacks
-from pneumo_tf.training.trainer import Trainer
+from pneumo_tf.training.loop import Trainer
 
 SIZE = 32
 # Whole-pixel, pairwise disjoint boxes as (top, left, bottom, right) pixel rows/columns, ends exclusive.

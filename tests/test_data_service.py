@@ -16,7 +16,7 @@ from pneumo_tf import models
 from pneumo_tf.data import augment, pipeline, service
 from pneumo_tf.errors import UserError
 from pneumo_tf.models import exported
-from pneumo_tf.training import trainer
+from pneumo_tf.training import loop
 
 TINY_MASK_OPTIONS = {"channels": 4, "n_blocks": 1, "depth": 2}
 TINY_MASK = ["--model=mask_resnet", "--model_option=channels=4", "--model_option=n_blocks=1",
@@ -81,7 +81,7 @@ def test_input_pipelines_of_several_hosts_share_one_job(tiny_records, cluster):
 
 
 def test_train_through_the_service_exports(tiny_records, cluster, tmp_path):
-    summary = trainer.train_and_evaluate(trainer.TrainConfig(
+    summary = loop.train_and_evaluate(loop.TrainConfig(
         records_dir=tiny_records, model_dir=str(tmp_path / "run"), model="mask_resnet",
         model_options=TINY_MASK_OPTIONS, image_size=64, batch_size=4, epochs=2, steps_per_epoch=2,
         validation_steps=1, profile_steps=None, data_service=cluster,
@@ -137,7 +137,7 @@ def test_training_survives_a_killed_worker_and_a_restarted_dispatcher(tiny_recor
     try:
         architecture = models.get("mask_resnet")
         network = architecture.build(64, **TINY_MASK_OPTIONS)
-        model = trainer.Trainer(network, architecture, augment.AugmentConfig.off())
+        model = loop.Trainer(network, architecture, augment.AugmentConfig.off())
         model.compile(optimizer=keras.optimizers.Adam(1e-3))
         data = pipeline.make_dataset(tiny_records, "train", 4, 64, training=True, seed=0, data_service=address)
         data = data.map(architecture.to_fit)

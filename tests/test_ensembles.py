@@ -19,7 +19,7 @@ from pneumo_tf.evaluation import report, submission
 from pneumo_tf.inference import offline, web
 from pneumo_tf.models import exported, fusion, predictor
 from pneumo_tf.models.architecture import BoxDetector
-from pneumo_tf.models.predictor import Member, Predictor, ReadingConfig
+from pneumo_tf.models.reading import Member, Predictor, ReadingConfig
 
 MASK_RESNET = models.get("mask_resnet")
 

@@ -498,7 +498,7 @@ MIRRORED_VS_ONE_DEVICE = textwrap.dedent("""
     from pneumo_tf.data import augment
     from pneumo_tf.models import mask_rcnn
     from pneumo_tf.training import distribute
-    from pneumo_tf.training.trainer import Trainer
+    from pneumo_tf.training.loop import Trainer
     sys_path_tests = {tests!r}
     import sys
     sys.path.insert(0, sys_path_tests)

@@ -15,7 +15,7 @@ from pneumo_tf.models.mask_resnet import boxes_from_mask
 from pneumo_tf.records import boxes
 from pneumo_tf.records.boxes import MAX_BOXES
 from pneumo_tf.training import distribute
-from pneumo_tf.training.trainer import Trainer
+from pneumo_tf.training.loop import Trainer
 
 SIZE = 64
 

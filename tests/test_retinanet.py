@@ -397,7 +397,7 @@ MIRRORED_VS_ONE_DEVICE = textwrap.dedent("""
     from pneumo_tf.data import augment
     from pneumo_tf.models import retinanet
     from pneumo_tf.training import distribute
-    from pneumo_tf.training.trainer import Trainer
+    from pneumo_tf.training.loop import Trainer
 
     distribute.split_cpu(2)
     TINY = dict(stackwise_num_filters=(64, 64, 64), stackwise_num_blocks=(1, 1, 1), block_type="basic_block",

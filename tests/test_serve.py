@@ -412,11 +412,11 @@ TINY_DETECTORS = {
 @pytest.mark.slow
 @pytest.mark.parametrize("model", sorted(TINY_DETECTORS))
 def test_detectors_serve_what_prediction_writes(model, tiny_records, synthetic_rsna, tmp_path):
-    from pneumo_tf.training import trainer
+    from pneumo_tf.training import loop
     from pneumo_tf.training.config import TrainConfig
 
     model_dir = tmp_path / "model"
-    trainer.train_and_evaluate(TrainConfig(
+    loop.train_and_evaluate(TrainConfig(
         records_dir=tiny_records, model_dir=str(model_dir), model=model, model_options=TINY_DETECTORS[model],
         image_size=64, batch_size=4, epochs=1, steps_per_epoch=2, profile_steps=None,
     ))

@@ -33,12 +33,12 @@ def run_train(records, model_dir, *args, env=None, timeout=600):
 
 
 def test_train_and_export_mask_resnet(tiny_records, tmp_path):
-    config = trainer.TrainConfig(
+    config = loop.TrainConfig(
         records_dir=tiny_records, model_dir=str(tmp_path / "run"), model="mask_resnet",
         model_options={"channels": 4, "n_blocks": 1, "depth": 2, "classification_head": True},
         image_size=64, batch_size=4, epochs=2, steps_per_epoch=2, log_every_steps=1, profile_steps=(2, 3),
     )
-    summary = trainer.train_and_evaluate(config)
+    summary = loop.train_and_evaluate(config)
     assert summary["epochs_run"] == 2 and summary["steps_per_epoch"] == 2
     history = summary["history"]
     assert len(history["val_map"]) == 2
@@ -91,7 +91,7 @@ MIRRORED_VS_ONE_DEVICE = textwrap.dedent("""
     from pneumo_tf import models
     from pneumo_tf.data import augment
     from pneumo_tf.training import distribute
-    from pneumo_tf.training.trainer import Trainer
+    from pneumo_tf.training.loop import Trainer
 
     distribute.split_cpu(2)
     rng = np.random.default_rng(0)
@@ -262,7 +262,7 @@ def test_keras_still_calls_the_symbolic_build_shim():
         "self", "iterator", "data_batch"]
     calls = []
 
-    class Counting(trainer.Trainer):
+    class Counting(loop.Trainer):
         def _maybe_symbolic_build(self, iterator=None, data_batch=None):
             calls.append(iterator is not None)
             super()._maybe_symbolic_build(iterator, data_batch)
@@ -295,7 +295,7 @@ def test_validation_reads_the_val_split_once_an_epoch(tiny_records, tmp_path, mo
         return dataset.map(counted)
 
     monkeypatch.setattr(pipeline, "make_dataset", counting)
-    summary = trainer.train_and_evaluate(TrainConfig(
+    summary = loop.train_and_evaluate(TrainConfig(
         records_dir=tiny_records, model_dir=str(tmp_path / "run"), model="mask_resnet",
         model_options={"channels": 4, "n_blocks": 1, "depth": 2}, image_size=64, batch_size=4, epochs=2,
         steps_per_epoch=2, profile_steps=None,

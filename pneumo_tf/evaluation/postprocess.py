@@ -39,7 +39,7 @@ def to_challenge(detections: Detections, source_height: int, source_width: int) 
 
 class Reader(Protocol):
     """What turns a batch's outputs into detections and image probabilities: an Architecture
-    (pneumo_tf.models.architecture) or a Predictor (pneumo_tf.models.predictor)."""
+    (pneumo_tf.models.architecture) or a Predictor (pneumo_tf.models.reading)."""
 
     gives_boxes: bool
 

@@ -3,7 +3,7 @@
 One confidence threshold t makes both of a model's decisions, as everywhere in
 pneumo_tf: an image is called positive when its image probability is above t (as
 a mask pixel is foreground when its probability is above t), and its boxes are its
-detections at t (pneumo_tf.models.predictor says what that means for hflip and
+detections at t (pneumo_tf.models.reading says what that means for hflip and
 ensembles). The split is streamed once; per image only the probability, target,
 class, true boxes and, for each threshold of the sweep, the detections are kept,
 never the images.
@@ -45,9 +45,9 @@ from pneumo_tf.data import pipeline
 from pneumo_tf.evaluation import metric
 from pneumo_tf.evaluation.visualize import write_pr_curve
 from pneumo_tf.cli import option
-from pneumo_tf.models import predictor as predictor_lib
+from pneumo_tf.models import reading as reading_lib
 from pneumo_tf.models.architecture import check_threshold
-from pneumo_tf.models.predictor import ReadingConfig
+from pneumo_tf.models.reading import ReadingConfig
 from pneumo_tf.errors import UserError
 from pneumo_tf.evaluation.postprocess import Collected, collect_readings
 from pneumo_tf.fileio import atomic_open, write_json_atomic
@@ -87,7 +87,7 @@ class EvaluateConfig:
         if not self.model_dir or not self.records_dir:
             raise UserError("give --model_dir and --records_dir (or --submission with --labels_csv)")
         self.reading.validate()
-        fused = predictor_lib.is_new_fused_reading(self.model_dir, self.reading)
+        fused = reading_lib.is_new_fused_reading(self.model_dir, self.reading)
         if self.ensemble_dir and not fused:
             raise UserError("--ensemble_dir saves a fused reading (several --model_dir models or --tta=hflip); "
                             f"{self.model_dir} read as asked keeps its threshold itself")
@@ -290,7 +290,7 @@ def evaluate(config: EvaluateConfig) -> Evaluation:
     thresholds = sorted(set(config.thresholds))
     # The manifest and split are checked before the (slower) model load.
     pipeline.num_examples(config.records_dir, config.split)
-    reader = predictor_lib.load(config.model_dir, config.reading)
+    reader = reading_lib.load(config.model_dir, config.reading)
     parts = [] if reader.is_plain else reader.parts()
     dataset = reader.dataset(config.records_dir, config.split, config.batch_size)
     with pipeline.naming_bad_records(config.records_dir, (config.split,), reader.image_sizes[0]):
@@ -362,7 +362,7 @@ def evaluate(config: EvaluateConfig) -> Evaluation:
     step = int((reader.members[0].model.info.get("epochs") or [0])[-1]) if reader.is_plain else 0
     write_tensorboard(summary["log_dir"], step, collected, table_markdown, pngs, summary)
     if config.save_threshold:
-        summary["threshold_dir"] = predictor_lib.save_threshold(reader, threshold_info(summary), config.ensemble_dir)
+        summary["threshold_dir"] = reading_lib.save_threshold(reader, threshold_info(summary), config.ensemble_dir)
     write_json_atomic(output("summary.json"), summary)
     return Evaluation(summary, table, confusion, confusion_by_class, readings)
 

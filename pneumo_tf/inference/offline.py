@@ -1,5 +1,5 @@
 """Prediction: an exported model (or an ensemble, or a model with flip TTA: a predictor, see
-pneumo_tf.models.predictor) over a records split or a DICOM folder -> a Kaggle submission CSV.
+pneumo_tf.models.reading) over a records split or a DICOM folder -> a Kaggle submission CSV.
 
 DICOM folders are converted first (records.shards, no labels: every image lands in
 the "test" split) into a temporary records folder that is removed afterwards, so
@@ -29,9 +29,9 @@ from pneumo_tf.evaluation import submission
 from pneumo_tf.evaluation.postprocess import challenge_detections, run_batches
 from pneumo_tf.evaluation.visualize import PREDICTED_BOX_COLOR
 from pneumo_tf.fileio import atomic_open
-from pneumo_tf.models import predictor as predictor_lib
+from pneumo_tf.models import reading as reading_lib
 from pneumo_tf.models.architecture import check_threshold
-from pneumo_tf.models.predictor import Predictor, ReadingConfig
+from pneumo_tf.models.reading import Predictor, ReadingConfig
 from tqdm import tqdm
 from pneumo_tf.records import shards
 from pneumo_tf.records.manifest import REJECTS_NAME
@@ -133,7 +133,7 @@ def predict(config: PredictConfig, progress_stream=None) -> dict:
     """Writes the submission CSV (and overlays) of `config`; returns a summary with counts and rejects."""
     config.validate()
     # Before any conversion: a wrong model folder should not cost a folder's conversion first.
-    reader = predictor_lib.load(config.model_dir, config.reading)
+    reader = reading_lib.load(config.model_dir, config.reading)
     threshold = config.threshold if config.threshold is not None else reader.threshold
     if threshold is None:
         raise UserError(f"{config.model_dir} is an ensemble without a threshold: give --threshold, or evaluate it "

@@ -4,7 +4,7 @@
         [--max_upload_mb=50]
 
 --model_dir may be an ensemble folder (python -m pneumo_tf.evaluate --ensemble_dir), read with
-its members, weights, TTA, fusion and threshold (pneumo_tf.models.predictor).
+its members, weights, TTA, fusion and threshold (pneumo_tf.models.reading).
 
   GET  /              a page with a file input; POST / shows the radiograph (8-bit, windowed),
                       the predicted boxes with their confidences, the decision and the header facts
@@ -42,8 +42,8 @@ from werkzeug import exceptions
 from pneumo_tf.cli import option
 from pneumo_tf.data import pipeline
 from pneumo_tf.evaluation import postprocess, submission
-from pneumo_tf.models import predictor as predictor_lib
-from pneumo_tf.models.predictor import ReadingConfig
+from pneumo_tf.models import reading as reading_lib
+from pneumo_tf.models.reading import ReadingConfig
 from pneumo_tf.errors import RejectedFile, UserError
 from pneumo_tf.records import shards, dicom, schema
 
@@ -141,7 +141,7 @@ class UploadReader:
     """A predictor that reads DICOM bytes: thread-safe, nothing on disk."""
 
     def __init__(self, model_dir: str, reading: ReadingConfig = ReadingConfig()):
-        self.predictor = predictor_lib.load(model_dir, reading)
+        self.predictor = reading_lib.load(model_dir, reading)
         if self.predictor.threshold is None:
             raise UserError(f"{model_dir} is an ensemble without a threshold: evaluate it with python -m "
                             "pneumo_tf.evaluate --ensemble_dir=DIR and serve --model_dir=DIR")

@@ -12,7 +12,7 @@ The search space, one `name=kind:...` per comma-separated item:
 where name is a flag of python -m pneumo_tf.train (learning_rate, batch_size, image_size, epochs,
 positive_fraction, seed, augment, ...) or model_option.KEY for an architecture option.
 
-Each trial is `trainer.train_and_evaluate` on the train flags with the trial's values, in its
+Each trial is `loop.train_and_evaluate` on the train flags with the trial's values, in its
 own model folder (tune_dir/trials/<trial id>: TensorBoard logs, checkpoints, the exported
 model), so `tensorboard --logdir=tune_dir/trials` compares the trials in its HParams dashboard
 (the trainer logs every searched value as an hparam). The objective is the trial's best val
@@ -62,7 +62,7 @@ from pneumo_tf import cli, models
 from pneumo_tf.cli import option
 from pneumo_tf.errors import UserError
 from pneumo_tf.fileio import atomic_open, write_json_atomic
-from pneumo_tf.training import trainer
+from pneumo_tf.training import loop
 from pneumo_tf.training.config import TrainConfig
 
 ALGORITHMS = ("random", "bayesian", "hyperband")
@@ -175,7 +175,7 @@ def trial_score(summary: dict, name: str) -> float:
 
 
 class TrainingTuner(keras_tuner.engine.base_tuner.BaseTuner):
-    """A KerasTuner tuner whose trials are `trainer.train_and_evaluate` runs (no hypermodel)."""
+    """A KerasTuner tuner whose trials are `loop.train_and_evaluate` runs (no hypermodel)."""
 
     def __init__(self, oracle, base: TrainConfig, tune_dir: str):
         self.base = base
@@ -188,7 +188,7 @@ class TrainingTuner(keras_tuner.engine.base_tuner.BaseTuner):
     def run_trial(self, trial, *args, **kwargs):
         config = trial_config(self.base, trial.hyperparameters.values, self.trial_dir(trial.trial_id))
         try:
-            summary = trainer.train_and_evaluate(config)
+            summary = loop.train_and_evaluate(config)
         except UserError as error:  # values this data cannot train with (a batch larger than the split, ...)
             raise keras_tuner.errors.FailedTrialError(str(error)) from error
         name = self.oracle.objective.name

@@ -1,4 +1,4 @@
-"""The predictor: what evaluate, predict and serve read boxes and image probabilities from.
+"""A reading of models: what evaluate, predict and serve read boxes and image probabilities from.
 
 A predictor is one exported model (pneumo_tf.models.exported), optionally read with flip
 test-time augmentation, or an ensemble of such models, their boxes fused. It offers the
