@@ -492,7 +492,7 @@ def _finalize(output_dir, plan, recorded, started, files_this_run):
     splits = {}
     rejects = list(plan.rejects)
     totals = collections.Counter()
-    formats = collections.Counter(dict.fromkeys(images.FORMATS, 0))
+    formats = collections.Counter()
     missing = []
     for shard in plan.shards:
         summary_path = os.path.join(output_dir, PARTIAL_DIR, f"{shard.name}.json")
