@@ -29,6 +29,7 @@ import dataclasses
 import glob
 import json
 import os
+import resource
 import shutil
 import subprocess
 import sys
@@ -46,6 +47,8 @@ flags.DEFINE_string("work_dir", None, "Folder for the synthetic data (reused whe
 flags.DEFINE_bool("keep", False, "Keep the temporary work folder (synthetic DICOMs and run logs) at the end.")
 flags.DEFINE_integer("workers", 0, "Converter worker processes (and synthesis processes); 0 uses all cores.")
 flags.DEFINE_integer("repeats", 1, "Runs of each method, interleaved; the best counts.")
+flags.DEFINE_multi_enum("inputs", ["dicom", "png", "jpeg"], ["dicom", "png", "jpeg"],
+                        "Input folders to time (repeat the flag for several); each with its own seed loop.")
 # Internal: the benchmark runs the seed loop in its own process through this same file.
 flags.DEFINE_bool("run_seed_loop", False, "Internal: run only the seed loop from --input_dir into --output_dir.")
 flags.DEFINE_string("input_dir", None, "Internal, with --run_seed_loop: the DICOM, PNG or JPEG folder.")
@@ -86,9 +89,9 @@ def _file_count(folder: str, extension: str) -> int:
     return len(glob.glob(os.path.join(folder, f"*{extension}"))) if os.path.isdir(folder) else 0
 
 
-def synthetic_data(work_dir: str, num_images: int, workers: int) -> dict[str, str]:
-    """The RSNA-layout data set in work_dir/data and its PNG and JPEG exports, each written unless it
-    already holds num_images files: {dicom, png, jpeg (folders), labels_csv, class_info_csv}."""
+def synthetic_data(work_dir: str, num_images: int, workers: int, inputs) -> dict[str, str]:
+    """The RSNA-layout data set in work_dir/data and its PNG and JPEG exports (those in `inputs`), each
+    written unless it already holds num_images files: {dicom, png, jpeg (folders), labels_csv, class_info_csv}."""
     from pneumo_tf.records import synthetic
 
     data_dir = os.path.join(work_dir, "data")
@@ -107,6 +110,8 @@ def synthetic_data(work_dir: str, num_images: int, workers: int) -> dict[str, st
         synthetic.write_dataset(data_dir, synthetic.SyntheticConfig(num_images), workers=workers)
         print(f"  done in {time.perf_counter() - started:.0f} s", flush=True)
     for image_format in ("png", "jpeg"):
+        if image_format not in inputs:
+            continue
         folder = paths[image_format] = os.path.join(work_dir, f"data_{image_format}")
         if _file_count(folder, synthetic.EXPORT_EXTENSIONS[image_format]) == num_images:
             continue
@@ -154,6 +159,7 @@ class Run:
     seconds: float  # whole-process wall time
     files: int
     inner_seconds: float | None  # the converter's own elapsed_seconds from its manifest
+    cpu_seconds: float  # user + system CPU of the process and every process it waited for (its workers)
 
 
 def _command(method: Method, data: dict[str, str], output_dir: str, workers: int) -> list[str]:
@@ -200,32 +206,39 @@ def time_method(method: Method, data: dict[str, str], output_dir: str, workers: 
     log_path = f"{output_dir}.log"
     env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}
     with open(log_path, "w") as log:
+        cpu_before = _children_cpu_seconds()
         started = time.perf_counter()
         result = subprocess.run(_command(method, data, output_dir, workers), stdout=log, stderr=subprocess.STDOUT,
                                 env=env, check=False)
         seconds = time.perf_counter() - started
+        cpu_seconds = _children_cpu_seconds() - cpu_before
     if result.returncode != 0:
         with open(log_path) as log:
             tail = log.read()[-3000:]
         raise SystemExit(f"{method.label} exited with {result.returncode}; end of its output:\n{tail}")
     files, inner = _check_output(method, output_dir, num_images)
     shutil.rmtree(output_dir)
-    return Run(seconds, files, inner)
+    return Run(seconds, files, inner, cpu_seconds)
+
+
+def _children_cpu_seconds() -> float:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
 
 
 # ---------------------------------------------------------------------------------------------
 # Report.
 
 
-def report(best: dict[str, Run]) -> bool:
+def report(methods, best: dict[str, Run]) -> bool:
     """Prints the table; True when every target is met. "vs seed" compares with the seed loop over
     the same input folder."""
     header = (f"{'input: method':<22} {'files':>6} {'seconds':>8} {'files/s':>8} {'vs seed':>8}  {'in-proc s':>9}  "
-              "target")
+              f"{'CPU ms/file':>11}  target")
     print(header)
     print("-" * (len(header) + 12))
     passed = True
-    for method in METHODS:
+    for method in methods:
         seed = best[f"{method.input_format}: seed loop"]
         run = best[method.label]
         rate = run.files / run.seconds
@@ -237,12 +250,16 @@ def report(best: dict[str, Run]) -> bool:
             passed &= ok
             verdict = f">= {target:.0f}x  {'PASS' if ok else 'FAIL'}"
         inner = f"{run.inner_seconds:9.1f}" if run.inner_seconds is not None else f"{'-':>9}"
-        print(f"{method.label:<22} {run.files:>6} {run.seconds:>8.1f} {rate:>8.1f} {ratio:>7.1f}x  {inner}  {verdict}")
+        cpu = 1000 * run.cpu_seconds / run.files
+        print(f"{method.label:<22} {run.files:>6} {run.seconds:>8.1f} {rate:>8.1f} {ratio:>7.1f}x  {inner}  "
+              f"{cpu:11.1f}  {verdict}")
     print()
-    for method in METHODS:
+    for method in methods:
         print(f"  {method.label}: {method.description}")
     print("  seconds: whole-process wall time, best of repeats (start-up, imports, all workers);")
-    print("  in-proc s: the converter's own elapsed_seconds from manifest.json (no start-up or imports).")
+    print("  in-proc s: the converter's own elapsed_seconds from manifest.json (no start-up or imports);")
+    print("  CPU ms/file: CPU time of the run (all its processes, start-up included) per file: other processes")
+    print("  on a shared machine change seconds a lot, a method's CPU time much less.")
     return passed
 
 
@@ -256,13 +273,15 @@ def benchmark() -> int:
                      f"converter workers: {workers}"):
             print(line)
         print(f"load average at start: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
-        data = synthetic_data(work_dir, FLAGS.num_images, workers)
-        for input_format in INPUTS:
+        inputs = [input_format for input_format in INPUTS if input_format in FLAGS.inputs]
+        methods = [method for method in METHODS if method.input_format in inputs]
+        data = synthetic_data(work_dir, FLAGS.num_images, workers, inputs)
+        for input_format in inputs:
             print(describe_input(input_format, data[input_format]), flush=True)
-        runs: dict[str, list[Run]] = {m.label: [] for m in METHODS}
+        runs: dict[str, list[Run]] = {m.label: [] for m in methods}
         for repeat in range(FLAGS.repeats):
-            shift = repeat % len(METHODS)  # rotate so no method always runs first (cold cache) or last
-            for method in METHODS[shift:] + METHODS[:shift]:
+            shift = repeat % len(methods)  # rotate so no method always runs first (cold cache) or last
+            for method in methods[shift:] + methods[:shift]:
                 folder_name = method.label.replace(": ", "-").replace("=", "_").replace(" ", "_")
                 output_dir = os.path.join(work_dir, "out", folder_name)
                 run = time_method(method, data, output_dir, workers, FLAGS.num_images)
@@ -272,7 +291,7 @@ def benchmark() -> int:
         print(f"load average at end: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
         print()
         best = {name: min(method_runs, key=lambda r: r.seconds) for name, method_runs in runs.items()}
-        return 0 if report(best) else 1
+        return 0 if report(methods, best) else 1
     finally:
         if remove_work_dir:
             shutil.rmtree(work_dir, ignore_errors=True)
