@@ -15,6 +15,9 @@ labelled, so a detector must learn what an opacity looks like rather than "anyth
 bright".
 
     python -m pneumo_tf.records.synthetic --output_dir=/tmp/rsna --num_images=200
+
+`export_images` writes a DICOM folder again as PNG or JPEG files, the form Kaggle's
+mirrors, NIH ChestX-ray14 and CheXpert come in (tests and benchmarks of image folders).
 """
 from __future__ import annotations
 
@@ -235,7 +238,8 @@ def export_images(dicom_dir: str, output_dir: str, image_format: str, workers: i
 
     png: the pixels the DICOM's record holds (a JPEG frame decoded by libjpeg at full scale),
     8-bit grey. jpeg: the DICOM's JPEG Baseline frame byte for byte (a DICOM without one: its
-    pixels at quality 95). So converting the export gives the DICOMs' ids, boxes and pixels.
+    pixels at quality 95). So converting the export gives the DICOMs' ids and boxes, and their
+    records' pixels (PNG: as libjpeg's accurate DCT decodes the frame).
     """
     os.makedirs(output_dir, exist_ok=True)
     extension = EXPORT_EXTENSIONS[image_format]
