@@ -1,8 +1,13 @@
-"""Convert an RSNA-layout DICOM folder into TFRecord shards with a manifest.
+"""Convert an RSNA-layout folder of DICOM, PNG or JPEG radiographs into TFRecord shards with a manifest.
 
     python -m pneumo_tf.convert --dicom_dir=stage_2_train_images \\
         --labels_csv=stage_2_train_labels.csv --class_info_csv=stage_2_detailed_class_info.csv \\
         --test_dicom_dir=stage_2_test_images --output_dir=records
+
+A folder may hold DICOMs, PNGs and JPEGs in any mix (NIH ChestX-ray14, CheXpert, Kaggle's
+PNG/JPEG mirrors): each file is read by what its content is, its name without the
+extension is its id (patientId in the labels CSV). --input_dir and --test_input_dir are
+the same flags under names that do not say DICOM.
 
 On many machines, as an Apache Beam pipeline (here Dataflow; see BUILD.md):
 
@@ -15,12 +20,15 @@ from pneumo_tf import cli
 from pneumo_tf.records import shards
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string("dicom_dir", None, "Folder of training DICOM files (every file in it is converted or rejected).")
+flags.DEFINE_string("dicom_dir", None, "Folder of training images: DICOM, PNG or JPEG files, in any mix (every "
+                    "file in it is converted or rejected; its name without .dcm/.png/.jpg/.jpeg is its id).")
 flags.DEFINE_string("labels_csv", None, "stage_2_train_labels.csv (patientId,x,y,width,height,Target). "
                     "Without it every readable image goes to the 'test' split with target and class -1.")
 flags.DEFINE_string("class_info_csv", None, "stage_2_detailed_class_info.csv (patientId,class): the three-way "
                     "class used for stratification and stored in label/class.")
 flags.DEFINE_string("test_dicom_dir", None, "A second folder converted as the unlabeled 'test' split in the same run.")
+flags.DEFINE_alias("input_dir", "dicom_dir")
+flags.DEFINE_alias("test_input_dir", "test_dicom_dir")
 flags.DEFINE_string("output_dir", None, "Where shards, manifest.json and rejects.csv go. Rerunning into it with "
                     "the same options resumes (finished shards are kept).")
 cli.define_flags(shards.ConvertOptions)

@@ -3,7 +3,7 @@
     python -m pneumo_tf.predict --model_dir=runs/mask_resnet --dicom_dir=stage_2_test_images \\
         --output=submission.csv
 
-A DICOM folder is converted into temporary records first (same pipeline and
+A folder of DICOM, PNG or JPEG files is converted into temporary records first (same pipeline and
 preprocessing as training; removed afterwards); a converted records folder is read
 directly with --records_dir (and --split, default test). The threshold defaults to
 the one `python -m pneumo_tf.evaluate` saved into the model's pneumo_tf.json.

@@ -239,7 +239,7 @@ def test_transcoded_pixels_equal_pydicoms(tmp_path):
     with open(out / "rejects.csv") as handle:
         rejects = list(csv.DictReader(handle))
     assert [os.path.basename(r["file"]) for r in rejects] == ["notes.txt"]
-    assert rejects[0]["reason"].startswith("unreadable DICOM")
+    assert rejects[0]["reason"].startswith("not a DICOM, PNG or JPEG file")
     np.testing.assert_array_equal(pixels["mono2"], grey8)
     np.testing.assert_array_equal(pixels["mono1"], 255 - grey8)
     np.testing.assert_array_equal(pixels["frames"], frames[0])
@@ -300,17 +300,43 @@ def test_pydicom_corpus_each_file_one_record_or_one_reject(tmp_path):
     assert len(records) >= 40  # most of pydicom's corpus holds decodable pixels
 
 
+def _as_image_files(data: dict, root) -> dict:
+    """The synthetic DICOM folders as PNG and JPEG files (alternately) plus a junk file: data paths like data's."""
+    mixed = dict(data)
+    for key in ("train_dir", "test_dir"):
+        exports = {image_format: synthetic.export_images(data[key], str(root / image_format / key), image_format)
+                   for image_format in ("png", "jpeg")}
+        folder = root / "mixed" / key
+        folder.mkdir(parents=True)
+        for index, name in enumerate(sorted(os.listdir(exports["png"]))):
+            stem = name.removesuffix(".png")
+            image_format = ("png", "jpeg")[index % 2]
+            extension = synthetic.EXPORT_EXTENSIONS[image_format]
+            shutil.copy(os.path.join(exports[image_format], stem + extension), folder / (stem + extension))
+        (folder / "notes.txt").write_text("not an image")
+        mixed[key] = str(folder)
+    return mixed
+
+
 @pytest.mark.slow
-def test_two_processes_give_identical_shards_and_resume_after_kill(tmp_path):
+@pytest.mark.parametrize("source", ["dicom", "png_and_jpeg"])
+def test_two_processes_give_identical_shards_and_resume_after_kill(source, tmp_path):
     # 300 small images transcoded to 128 px: each shard takes long enough (tens of ms) to
     # kill the run between two shards.
     data = synthetic.write_dataset(str(tmp_path / "data"), synthetic.SyntheticConfig(300, 8, seed=3, image_size=256))
+    if source == "png_and_jpeg":
+        data = _as_image_files(data, tmp_path / "images")
     first, second, killed = tmp_path / "first", tmp_path / "second", tmp_path / "killed"
     options = ("--num_shards=8", "--image_size=128")
     assert run_cli(*synthetic_args(data, first, *options, "--workers=2")).returncode == 0
     assert run_cli(*synthetic_args(data, second, *options, "--workers=1")).returncode == 0
     shard_names = sorted(n for n in os.listdir(first) if "tfrecord" in n)
     assert len(shard_names) == 8 + 8 + 8
+    manifest = manifest_lib.read_manifest(str(first))
+    if source == "png_and_jpeg":
+        assert manifest["formats"] == {"dicom": 0, "png": 154, "jpeg": 154} and manifest["rejects"] == 2
+    else:
+        assert manifest["formats"] == {"dicom": 308, "png": 0, "jpeg": 0} and manifest["rejects"] == 0
     for name in shard_names:
         assert (first / name).read_bytes() == (second / name).read_bytes(), name
 
@@ -492,7 +518,7 @@ def test_an_unknown_beam_runner_is_refused_before_writing(synthetic_rsna, tmp_pa
 @pytest.mark.parametrize(
     "case, message",
     [
-        ("missing_dir", "DICOM folder not found"),
+        ("missing_dir", "image folder not found"),
         ("bad_columns", "lacks column(s) Target"),
         ("other_options", "holds a conversion made with other options (image_size: 0 there, 64 now)"),
         ("bad_size", "--image_size must be"),

@@ -15,6 +15,7 @@ from pneumo_tf.errors import UserError
 from pneumo_tf.evaluation import submission
 from pneumo_tf.inference import offline
 from pneumo_tf.models import exported
+from pneumo_tf.records import shards, synthetic
 
 # At 0.3 the two-step model's mask (about 0.5 everywhere) gives boxes, so box parsing is exercised.
 THRESHOLD = 0.3
@@ -83,6 +84,29 @@ def test_dicom_dir_gives_the_rows_of_its_converted_records(trained_model, tiny_r
                       convert_image_size=64, workers=1)
     assert csv_rows(from_dicoms) == csv_rows(from_records)
     assert summary["rejects"] == [] and os.listdir(scratch) == []  # the temporary records are gone
+
+
+def test_png_and_jpeg_folders(trained_model, tiny_records, synthetic_rsna, test_ids, tmp_path):
+    """The test DICOMs as JPEG files (their frames) give the DICOMs' rows; as PNG files, the rows of
+    the records the PNG folder converts to (a PNG is decoded whole, a frame at 1/8 scale, before the
+    resize to 64 px, so their pixels differ by rounding)."""
+    from_records = tmp_path / "from_records.csv"
+    predict(trained_model, from_records, records_dir=tiny_records, threshold=THRESHOLD)
+    rows = {}
+    for image_format in ("jpeg", "png"):
+        folder = synthetic.export_images(synthetic_rsna["test_dir"], str(tmp_path / image_format), image_format,
+                                         workers=1)
+        output = tmp_path / f"from_{image_format}.csv"
+        summary = predict(trained_model, output, dicom_dir=folder, threshold=THRESHOLD, convert_image_size=64,
+                          workers=1)
+        assert summary["images"] == len(test_ids) and summary["rejects"] == []
+        rows[image_format] = csv_rows(output)
+    assert rows["jpeg"] == csv_rows(from_records)
+    png_records = str(tmp_path / "png_records")
+    shards.convert(str(tmp_path / "png"), png_records, options=exported.load(trained_model).conversion_options(64),
+                   workers=1, progress_stream=io.StringIO())
+    predict(trained_model, tmp_path / "from_png_records.csv", records_dir=png_records, threshold=THRESHOLD)
+    assert rows["png"] == csv_rows(tmp_path / "from_png_records.csv") and set(rows["png"]) == test_ids
 
 
 def test_config_needs_exactly_one_source(trained_model, tmp_path):

@@ -17,6 +17,7 @@ import uuid
 import numpy as np
 import pydicom
 import pytest
+import tensorflow as tf
 from PIL import Image
 from pydicom.dataset import FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, RLELossless, SecondaryCaptureImageStorage, generate_uid
@@ -126,7 +127,7 @@ def test_real_dicoms_give_what_prediction_gives(real):
         check_matches_reference(result, real["reference"][path.stem])
         facts = dicom.header_facts(pydicom.dcmread(path))
         assert result["image"] == {"rows": facts.rows, "columns": facts.columns, "view": facts.view, "age": facts.age,
-                                   "sex": facts.sex, "pixel_spacing": list(facts.pixel_spacing)}
+                                   "sex": facts.sex, "pixel_spacing": list(facts.pixel_spacing), "format": "dicom"}
         decisions.add(result["decision"])
     assert decisions == {"Opacity", "No Opacity"}  # the threshold sits at the median probability
     assert any(reference[1].size for reference in real["reference"].values()), "no file exercised the boxes"
@@ -213,12 +214,85 @@ def test_odd_dicoms_are_accepted_and_match_prediction(app, trained_model, odd_di
         check_well_formed(result, path.stem, 0.5, int(ds.Rows), int(ds.Columns))
         check_matches_reference(result, (probabilities[path.stem], *boxes[path.stem]))
         header = {key: value for key, value in result["image"].items() if key not in ("rows", "columns")}
-        assert header == {"view": "AP", "age": 42, "sex": "F", "pixel_spacing": [0.2, 0.25]}
+        assert header == {"view": "AP", "age": 42, "sex": "F", "pixel_spacing": [0.2, 0.25], "format": "dicom"}
         page = upload(client, path, url="/").get_data(as_text=True)
         np.testing.assert_array_equal(embedded_png(page), dicom.grey_pixels(ds, 8))
     # MONOCHROME1 is shown inverted, as a viewer shows it.
     page = upload(client, folder / "mono1.dcm", url="/").get_data(as_text=True)
     np.testing.assert_array_equal(embedded_png(page), 255 - odd_dicoms["mono1"])
+
+
+def image_file(array, image_format: str, **save) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(array).save(buffer, format=image_format, **save)
+    return buffer.getvalue()
+
+
+@pytest.fixture(scope="module")
+def image_files(synthetic_rsna, tmp_path_factory):
+    """Two synthetic test DICOMs exported as PNG and JPEG, a 16-bit PNG and a colour JPEG, both not square."""
+    folder = tmp_path_factory.mktemp("image_files") / "images"
+    exports = tmp_path_factory.mktemp("exports")
+    for image_format in ("png", "jpeg"):
+        synthetic.export_images(synthetic_rsna["test_dir"], str(exports / image_format), image_format, workers=1)
+    folder.mkdir()
+    first, second = sorted(os.listdir(exports / "png"))[:2]
+    shutil.copy(exports / "png" / first, folder / first)
+    second = second.removesuffix(".png") + ".jpg"
+    shutil.copy(exports / "jpeg" / second, folder / second)
+    picture = synthetic.make_radiograph(np.random.default_rng(4), [(100, 120, 60, 80)], 320)
+    sixteen = picture[:, 40:280].astype(np.uint16) * 200 + 1000  # 320 x 240, values 1000..52000
+    (folder / "sixteen.png").write_bytes(image_file(sixteen, "PNG"))
+    colour = np.stack([picture, picture, picture // 2], axis=-1)[40:280]  # 240 x 320
+    (folder / "colour.jpg").write_bytes(image_file(colour, "JPEG", quality=90))
+    return {"folder": folder, "sixteen": sixteen, "formats": {first: "png", second: "jpeg", "sixteen.png": "png",
+                                                              "colour.jpg": "jpeg"}}
+
+
+def test_png_and_jpeg_uploads_give_what_prediction_gives(app, trained_model, image_files, tmp_path):
+    folder = image_files["folder"]
+    probabilities = reference_probabilities(trained_model, folder, str(tmp_path / "probabilities"))
+    boxes = reference_boxes(trained_model, folder, str(tmp_path))
+    client = app.test_client()
+    page = client.get("/").get_data(as_text=True)
+    assert "Chest radiograph: DICOM, PNG or JPEG, up to 50 MB" in page
+    assert 'accept=".dcm,.dicom,application/dicom,.png,image/png,.jpg,.jpeg,image/jpeg"' in page
+    for name, image_format in sorted(image_files["formats"].items()):
+        path = folder / name
+        image_id = shards.image_id_of(name)
+        with Image.open(path) as picture:
+            width, height = picture.size
+        response = upload(client, path)
+        assert response.status_code == 200, (name, response.json)
+        result = response.json
+        check_well_formed(result, image_id, 0.5, height, width)
+        check_matches_reference(result, (probabilities[image_id], *boxes[image_id]))
+        # An image file holds no header: everything but its size and format is unknown.
+        assert result["image"] == {"rows": height, "columns": width, "view": "", "age": -1, "sex": "",
+                                   "pixel_spacing": [0.0, 0.0], "format": image_format}
+        html = upload(client, path, url="/").get_data(as_text=True)
+        for fact, value in (("Format", image_format.upper()), ("View", "unknown"), ("Age", "unknown"),
+                            ("Sex", "unknown"), ("Pixel spacing", "unknown"), ("Size", f"{width} x {height} pixels")):
+            assert f'<th scope="row">{fact}</th><td>{value}</td>' in html
+        shown = embedded_png(html)
+        np.testing.assert_array_equal(shown, shards.read_radiograph(str(path)).grey_pixels(8))
+        if image_format == "jpeg":  # libjpeg's grey output (a colour file's luma), as TensorFlow's gives it
+            decoded = tf.io.decode_jpeg(path.read_bytes(), channels=1, dct_method="INTEGER_ACCURATE")
+            np.testing.assert_array_equal(shown, decoded.numpy()[..., 0])
+        elif name != "sixteen.png":  # an 8-bit PNG is shown as it is
+            with Image.open(path) as picture:
+                np.testing.assert_array_equal(shown, np.asarray(picture))
+    # A 16-bit PNG is shown stretched from its minimum to its maximum, as a 16-bit DICOM is.
+    sixteen = image_files["sixteen"].astype(np.float64)
+    stretched = np.round((sixteen - sixteen.min()) * 255 / (sixteen.max() - sixteen.min())).astype(np.uint8)
+    page = upload(client, folder / "sixteen.png", url="/").get_data(as_text=True)
+    np.testing.assert_array_equal(embedded_png(page), stretched)
+
+
+def broken_jpeg(tmp_path) -> bytes:
+    data = bytearray(image_file(synthetic.make_radiograph(np.random.default_rng(2), [], 64), "JPEG"))
+    data[len(data) // 2: len(data) // 2 + 2] = b"\xff\x27"  # a foreign marker inside the compressed data
+    return bytes(data)
 
 
 def no_pixel_data() -> bytes:
@@ -245,12 +319,16 @@ def undecodable_pixels(tmp_path) -> bytes:
 
 BAD_UPLOADS = {
     "not_dicom": (lambda tmp_path: b"patientId,Target\nabc,1\n", "notes.dcm", 422,
-                  "notes.dcm cannot be read as a radiograph: unreadable DICOM"),
+                  "notes.dcm cannot be read as a radiograph: not a DICOM, PNG or JPEG file"),
     "no_pixel_data": (lambda tmp_path: no_pixel_data(), "header.dcm", 422,
                       "header.dcm cannot be read as a radiograph: no pixel data"),
     "undecodable_pixels": (undecodable_pixels, "short.dcm", 422,
                            "short.dcm cannot be read as a radiograph: undecodable pixels"),
     "empty_file": (lambda tmp_path: b"", "empty.dcm", 400, "empty.dcm is empty"),
+    "truncated_png": (lambda tmp_path: image_file(np.zeros((64, 64), np.uint8) + 7, "PNG")[:-30], "cut.png", 422,
+                      "cut.png cannot be read as a radiograph: PNG does not decode"),
+    "broken_jpeg": (broken_jpeg, "broken.jpg", 422, "broken.jpg cannot be read as a radiograph: JPEG frame does not "
+                    "decode (marker 0xFF27 inside the compressed data"),
 }
 
 
@@ -271,7 +349,7 @@ def test_bad_uploads_get_a_4xx_and_a_message(app, case, url, tmp_path):
 @pytest.mark.parametrize("url", ["/api/predict", "/"])
 def test_no_file_gets_400(app, url):
     client = app.test_client()
-    message = "no file: choose a DICOM file (.dcm) and upload it in the form field &#39;file&#39;"
+    message = "no file: choose a DICOM (.dcm), PNG or JPEG file and upload it in the form field &#39;file&#39;"
     for data in ({}, {"other": "value"}, {"file": (io.BytesIO(b""), "")}):  # the last: a browser's empty input
         response = client.post(url, data=data, content_type="multipart/form-data")
         assert response.status_code == 400

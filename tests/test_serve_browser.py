@@ -100,5 +100,5 @@ def test_upload_in_a_browser_shows_decision_probability_and_boxes(trained_model,
         browser.find_element(By.ID, "file").send_keys(str(not_dicom))
         browser.find_element(By.ID, "submit").click()
         error = WebDriverWait(browser, 120).until(expected_conditions.presence_of_element_located((By.ID, "error")))
-        assert error.text.startswith("notes.dcm cannot be read as a radiograph: unreadable DICOM")
+        assert error.text.startswith("notes.dcm cannot be read as a radiograph: not a DICOM, PNG or JPEG file")
         assert browser.find_elements(By.ID, "result") == []

@@ -1,8 +1,9 @@
-"""Prediction: an exported model (or an ensemble, or a model with flip TTA: a predictor, see
-pneumo_tf.models.reading) over a records split or a DICOM folder -> a Kaggle submission CSV.
+"""Prediction: an exported model (or an ensemble, or a model with flip TTA: a reading, see
+pneumo_tf.models.reading) over a records split or an image folder -> a Kaggle submission CSV.
 
-DICOM folders are converted first (records.shards, no labels: every image lands in
-the "test" split) into a temporary records folder that is removed afterwards, so
+Image folders (DICOM, PNG and JPEG files, told apart by content as the converter does)
+are converted first (records.shards, no labels: every image lands in the "test" split)
+into a temporary records folder that is removed afterwards, so
 predictions see exactly the pipeline and preprocessing that training and evaluation
 saw. Batches stream through the model and straight into the submission writer:
 nothing but the current batch is held in memory, whatever the number of images.
@@ -46,8 +47,8 @@ class PredictConfig:
     output: str = option(help="Submission CSV to write (patientId,PredictionString; boxes in source pixels).")
     records_dir: str | None = option(None, "Instead of --dicom_dir: a folder written by python -m pneumo_tf.convert.")
     split: str = option("test", "Split of --records_dir to predict.")
-    dicom_dir: str | None = option(None, "Folder of DICOM files to predict (every file is predicted or reported as "
-                                   "rejected).")
+    dicom_dir: str | None = option(None, "Folder of DICOM, PNG or JPEG files to predict (every file is predicted or "
+                                   "reported as rejected; a file's id is its name without the extension).")
     threshold: float | None = option(None, "Confidence threshold (default: the one python -m pneumo_tf.evaluate "
                                      "saved in the model's pneumo_tf.json or the ensemble folder).")
     batch_size: int = option(16, "Images per model call.")
@@ -155,7 +156,9 @@ def predict(config: PredictConfig, progress_stream=None) -> dict:
         rejects = _read_rejects(records_dir)
         if manifest["records"] == 0:
             reason = f" (e.g. {rejects[0][0]}: {rejects[0][1]})" if rejects else ""
-            raise UserError(f"no readable DICOM file in {config.dicom_dir}: {len(rejects)} rejected{reason}")
+            raise UserError(
+                f"no readable DICOM, PNG or JPEG file in {config.dicom_dir}: {len(rejects)} rejected{reason}"
+            )
         summary = predict_records(reader, threshold, config, records_dir, "test", progress_stream)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)

@@ -1,4 +1,5 @@
-"""A web page and a JSON API that show an exported model's (or an ensemble's) reading of one uploaded DICOM.
+"""A web page and a JSON API that show an exported model's (or an ensemble's) reading of one uploaded
+radiograph (a DICOM, PNG or JPEG file, told apart by its content as the converter tells them apart).
 
     python -m pneumo_tf.serve --model_dir=runs/mask_resnet [--tta=hflip] [--host=127.0.0.1] [--port=8080] \
         [--max_upload_mb=50]
@@ -8,8 +9,9 @@ its members, weights, TTA, fusion and threshold (pneumo_tf.models.reading).
 
   GET  /              a page with a file input; POST / shows the radiograph (8-bit, windowed),
                       the predicted boxes with their confidences, the decision and the header facts
+                      (a PNG or JPEG has no view, age, sex or pixel spacing: shown as unknown)
   POST /api/predict   multipart field "file" -> JSON: id, decision, probability, threshold,
-                      boxes (confidence, x, y, width, height in source pixels), image facts
+                      boxes (confidence, x, y, width, height in source pixels), image facts and format
   GET  /healthz       JSON: status, model, image size, threshold
 
 An upload goes through the code training and predict use: records.shards.convert_file
@@ -17,7 +19,8 @@ An upload goes through the code training and predict use: records.shards.convert
 schema.serialize_example -> pipeline.parse_batch + pipeline.decode_image (at each member's
 size) -> the predictor's networks -> postprocess.challenge_detections and the predictor's
 image probability, at the threshold evaluation saved. So the page shows exactly what `python -m pneumo_tf.predict --dicom_dir`
-writes for the same file. Uploads stay in memory (never spooled to a temporary file) and
+writes for the same file. The page's picture and facts come from shards.read_radiograph,
+the converter's reader of every format. Uploads stay in memory (never spooled to a temporary file) and
 the page draws the boxes as SVG over the radiograph, sent inline as a data: URI PNG:
 nothing is written to disk, so simultaneous users never see each other's results.
 
@@ -45,7 +48,7 @@ from pneumo_tf.evaluation import postprocess, submission
 from pneumo_tf.models import reading as reading_lib
 from pneumo_tf.models.reading import ReadingConfig
 from pneumo_tf.errors import RejectedFile, UserError
-from pneumo_tf.records import shards, dicom, schema
+from pneumo_tf.records import shards, dicom, images, schema
 
 DISPLAY_MAX_SIZE = 1024  # the page's radiograph is downscaled to this many pixels on its long side
 POSITIVE, NEGATIVE = "Opacity", "No Opacity"
@@ -95,13 +98,14 @@ class Box:
 
 @dataclasses.dataclass(frozen=True)
 class Result:
-    """The model's reading of one DICOM."""
+    """The model's reading of one radiograph."""
 
     image_id: str
     probability: float
     threshold: float
     boxes: tuple[Box, ...]  # highest confidence first
     facts: dicom.HeaderFacts
+    source_format: str  # images.DICOM, PNG or JPEG
     display_png: bytes  # the windowed 8-bit radiograph, at most DISPLAY_MAX_SIZE pixels on its long side
     model: str
 
@@ -132,13 +136,14 @@ class Result:
                 "age": self.facts.age,
                 "sex": self.facts.sex,
                 "pixel_spacing": list(self.facts.pixel_spacing),
+                "format": self.source_format,
             },
             "model": self.model,
         }
 
 
 class UploadReader:
-    """A predictor that reads DICOM bytes: thread-safe, nothing on disk."""
+    """A predictor that reads DICOM, PNG or JPEG bytes: thread-safe, nothing on disk."""
 
     def __init__(self, model_dir: str, reading: ReadingConfig = ReadingConfig()):
         self.predictor = reading_lib.load(model_dir, reading)
@@ -168,12 +173,11 @@ class UploadReader:
         return batch, self.predictor.outputs(images)
 
     def predict(self, data: bytes, image_id: str) -> Result:
-        """Reads one DICOM file's bytes; raises RejectedFile with the reason when it cannot."""
+        """Reads one DICOM, PNG or JPEG file's bytes; raises RejectedFile with the reason when it cannot."""
         record, reason = shards.convert_or_reject(io.BytesIO(data), image_id, None, self.options)
         if record is None:
             raise RejectedFile(reason)
-        ds = dicom.read(io.BytesIO(data))
-        grey = dicom.grey_pixels(ds, 8)
+        radiograph = shards.read_radiograph(io.BytesIO(data))
         with self._lock:
             batch, outputs = self._infer(tf.constant(schema.serialize_example(record)))
         batch = {key: value.numpy() for key, value in batch.items()}
@@ -186,8 +190,9 @@ class UploadReader:
             probability=float(self.predictor.image_probability(outputs)[0]),
             threshold=self.threshold,
             boxes=boxes,
-            facts=dicom.header_facts(ds),
-            display_png=display_png(grey),
+            facts=radiograph.facts,
+            source_format=radiograph.source_format,
+            display_png=display_png(radiograph.grey_pixels(8)),
             model=self.predictor.name,
         )
 
@@ -211,9 +216,13 @@ class InMemoryRequest(flask.Request):
         return io.BytesIO()
 
 
-def _page_facts(facts: dicom.HeaderFacts) -> list[tuple[str, str]]:
+FORMAT_NAMES = {images.DICOM: "DICOM", images.PNG: "PNG", images.JPEG: "JPEG"}
+
+
+def _page_facts(facts: dicom.HeaderFacts, source_format: str) -> list[tuple[str, str]]:
     spacing = facts.pixel_spacing
     return [
+        ("Format", FORMAT_NAMES[source_format]),
         ("View", facts.view or UNKNOWN),
         ("Age", str(facts.age) if facts.age >= 0 else UNKNOWN),
         ("Sex", facts.sex or UNKNOWN),
@@ -239,8 +248,9 @@ def create_app(model_dir: str, max_upload_mb: float = ServeConfig.max_upload_mb,
         upload = flask.request.files.get("file")
         data = upload.read() if upload is not None else b""
         if not data and not (upload and upload.filename):  # a browser sends an empty, unnamed part
-            raise UploadError(400, "no file: choose a DICOM file (.dcm) and upload it in the form field 'file'")
-        name = upload.filename or "upload.dcm"
+            raise UploadError(400, "no file: choose a DICOM (.dcm), PNG or JPEG file and upload it in the form field "
+                              "'file'")
+        name = upload.filename or "upload"
         if not data:
             raise UploadError(400, f"{name} is empty")
         try:
@@ -252,7 +262,7 @@ def create_app(model_dir: str, max_upload_mb: float = ServeConfig.max_upload_mb,
         image = base64.b64encode(result.display_png).decode("ascii") if result else None
         html = flask.render_template(
             "index.html", result=result, image=image, error=error, limit=limit,
-            facts=_page_facts(result.facts) if result else [], model=reader.predictor.name,
+            facts=_page_facts(result.facts, result.source_format) if result else [], model=reader.predictor.name,
             threshold=reader.threshold,
         )
         return html, status

@@ -17,7 +17,7 @@ import pydicom.pixels
 
 from pneumo_tf import fileio
 from pneumo_tf.errors import RejectedFile
-from pneumo_tf.records import jpeg
+from pneumo_tf.records import jpeg, pixels
 
 # JPEG Baseline (Process 1): the RSNA transfer syntax, copied into records unchanged.
 JPEG_BASELINE = "1.2.840.10008.1.2.4.50"
@@ -113,9 +113,11 @@ def passthrough_frame(ds: pydicom.Dataset) -> bytes | None:
         frame = next(pydicom.encaps.generate_frames(ds.PixelData, number_of_frames=1))
     except Exception as error:
         raise RejectedFile(f"encapsulated pixel data unreadable: {type(error).__name__}: {error}") from error
-    height, width, components = jpeg.frame_shape(frame)
-    if (height, width, components) != (int(ds.Rows), int(ds.Columns), 1):
-        raise RejectedFile(f"JPEG frame is {height}x{width}x{components}, header says {ds.Rows}x{ds.Columns}x1")
+    header = jpeg.frame_header(frame)
+    if (header.height, header.width, header.components) != (int(ds.Rows), int(ds.Columns), 1):
+        raise RejectedFile(
+            f"JPEG frame is {header.height}x{header.width}x{header.components}, header says {ds.Rows}x{ds.Columns}x1"
+        )
     return frame
 
 
@@ -123,12 +125,9 @@ def grey_pixels(ds: pydicom.Dataset, bit_depth: int = 8) -> np.ndarray:
     """The first frame as display-ready grey pixels: uint8, or uint16 when bit_depth is 16.
 
     Applies the Modality LUT / rescale and the VOI window or LUT when present, reduces
-    colour to luminance (ITU-R BT.601), inverts MONOCHROME1. Values already within the
-    target range with no transform are kept exactly; anything else is stretched linearly
-    from its minimum to its maximum.
+    colour to luminance (ITU-R BT.601), inverts MONOCHROME1; the stored depth (BitsStored)
+    maps to the output's by pixels.to_bit_depth.
     """
-    if bit_depth not in (8, 16):
-        raise ValueError(f"bit_depth must be 8 or 16, not {bit_depth}")
     try:
         frame = pydicom.pixels.pixel_array(ds, index=0)
     except Exception as error:
@@ -151,24 +150,8 @@ def grey_pixels(ds: pydicom.Dataset, bit_depth: int = 8) -> np.ndarray:
             values = pydicom.pixels.apply_voi_lut(values, ds, index=0)
             transformed = True
 
-    top = 255 if bit_depth == 8 else 65535
-    out_type = np.uint8 if bit_depth == 8 else np.uint16
     stored_top = 2 ** int(ds.get("BitsStored") or 8 * frame.dtype.itemsize) - 1
-    if (
-        not transformed
-        and np.issubdtype(values.dtype, np.integer)
-        and values.size
-        and values.min() >= 0
-        and values.max() <= stored_top <= top
-    ):
-        # The stored range maps onto the output's, so white stays white: 8-bit data is kept
-        # as it is in 8 bits, and any depth up to 16 fills the 16-bit range (8-bit x 257).
-        grey = values.astype(out_type) if stored_top == top else np.round(values * (top / stored_top)).astype(out_type)
-    else:
-        values = np.asarray(values, dtype=np.float64)
-        low, high = float(values.min()), float(values.max())
-        scale = top / (high - low) if high > low else 0.0
-        grey = np.round((values - low) * scale).astype(out_type)
+    grey = pixels.to_bit_depth(values, stored_top, bit_depth, transformed)
     if str(ds.get("PhotometricInterpretation", "")) == "MONOCHROME1":
-        grey = (top - grey).astype(out_type)
+        grey = np.iinfo(grey.dtype).max - grey
     return grey

@@ -20,21 +20,34 @@ TensorFlow.
 """
 from __future__ import annotations
 
+import dataclasses
 import io
 import struct
 
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 
 from pneumo_tf.errors import RejectedFile
 
 SOI, EOI, SOS = 0xD8, 0xD9, 0xDA
+BASELINE = 0xC0  # SOF0: baseline sequential DCT, Huffman coded, 8-bit
 _SOF_MARKERS = {0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF}
 _STANDALONE_MARKERS = {0x01, *range(0xD0, 0xD8)}
 _RESTART_MARKERS = set(range(0xD0, 0xD8))
 
 
-def frame_shape(frame: bytes) -> tuple[int, int, int]:
-    """(height, width, components) from a JPEG's SOF segment, checking the stream's framing."""
+@dataclasses.dataclass(frozen=True)
+class FrameHeader:
+    """A JPEG stream's SOF segment: its coding process and what it holds."""
+
+    marker: int  # SOF marker: BASELINE (0xC0), progressive 0xC2, lossless 0xC3, ...
+    precision: int  # bits per sample
+    height: int
+    width: int
+    components: int  # 1 grey, 3 colour (YCbCr or RGB), 4 CMYK
+
+
+def frame_header(frame: bytes) -> FrameHeader:
+    """The stream's frame header (its SOF segment), checking the stream's framing (SOI ... EOI)."""
     if not frame.startswith(b"\xff\xd8") or b"\xff\xd9" not in frame[-4:]:
         raise RejectedFile("JPEG frame truncated or corrupt (no SOI/EOI marker)")
     position = 2
@@ -52,22 +65,34 @@ def frame_shape(frame: bytes) -> tuple[int, int, int]:
         if marker in _SOF_MARKERS:
             if position + 10 > len(frame):
                 break
-            height, width = struct.unpack(">HH", frame[position + 5 : position + 9])
-            return height, width, frame[position + 9]
+            precision, height, width, components = struct.unpack(">BHHB", frame[position + 4 : position + 10])
+            return FrameHeader(marker, precision, height, width, components)
         position += 2 + length
     raise RejectedFile("JPEG frame corrupt (no frame header)")
 
 
 def decode(frame: bytes, min_size: int = 1) -> Image.Image:
     """The frame decoded as grey at the smallest DCT scale (1/1..1/8) that keeps at least
-    `min_size` pixels per side; raises RejectedFile, saying what is wrong, when libjpeg cannot."""
+    `min_size` pixels per side; raises RejectedFile, saying what is wrong, when libjpeg cannot.
+
+    Colour streams give their luminance (ITU-R BT.601 weights), which libjpeg outputs
+    without converting colour (the Y of YCbCr); CMYK goes through Pillow's conversion.
+    """
     try:
         image = Image.open(io.BytesIO(frame))
         image.draft("L", (min_size, min_size))
         image.load()
+        return image if image.mode == "L" else image.convert("L")
     except Exception as error:  # Pillow reports libjpeg's fatal errors as OSError; anything else is as fatal
-        raise RejectedFile(f"JPEG frame does not decode ({describe_damage(frame) or error})") from error
-    return image
+        raise RejectedFile(f"JPEG frame does not decode ({describe_damage(frame) or pillow_error(error)})") from error
+
+
+def pillow_error(error: Exception) -> str:
+    """Pillow's error as a reason for rejects.csv, which must be the same on every run: the message
+    of UnidentifiedImageError names the in-memory file object, an address that changes."""
+    if isinstance(error, UnidentifiedImageError):
+        return "Pillow cannot identify the image"
+    return f"{type(error).__name__}: {error}"
 
 
 def verify_decodes(frame: bytes) -> None:

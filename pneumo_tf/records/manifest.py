@@ -4,7 +4,8 @@ Layout of `manifest.json`:
   format_version, versions (of Python and the packages), options (the conversion's options),
   splits: {split: {records, positive, boxes, classes: {name: n},
                    shards: [{name, records, bytes, sha256}]}},
-  rejects, labeled_without_dicom, elapsed_seconds, files_per_second.
+  rejects, labeled_without_dicom, formats: {dicom, png, jpeg: records from files of that format},
+  passthrough_records, transcoded_records, multi_frame_first_frame_only, elapsed_seconds, files_per_second.
 """
 from __future__ import annotations
 
@@ -25,14 +26,14 @@ def read_manifest(records_dir: str) -> dict:
     if not fileio.isdir(records_dir):
         raise UserError(f"records folder not found: {records_dir}")
     if not fileio.isfile(path):
-        raise UserError(f"{records_dir} holds no {MANIFEST_NAME}: convert DICOMs first (python -m pneumo_tf.convert)")
+        raise UserError(f"{records_dir} holds no {MANIFEST_NAME}: convert images first (python -m pneumo_tf.convert)")
     try:
         manifest = fileio.read_json(path)
     except json.JSONDecodeError as error:
         raise UserError(f"{path} is not valid JSON: {error}") from error
     if not isinstance(manifest, dict) or manifest.get("format_version") != FORMAT_VERSION:
         raise UserError(
-            f"{path} is not a pneumo_tf records manifest of format version {FORMAT_VERSION}: reconvert the DICOMs"
+            f"{path} is not a pneumo_tf records manifest of format version {FORMAT_VERSION}: reconvert the images"
         )
     return manifest
 

@@ -1,4 +1,4 @@
-"""The sharding converter: DICOM folders + label CSVs -> TFRecord shards + manifest.json + rejects.csv.
+"""The sharding converter: DICOM/PNG/JPEG folders + label CSVs -> TFRecord shards + manifest.json + rejects.csv.
 
 How it stays correct and fast:
 * `convert_file` is a pure function of one file and `write_shard` of one shard: each shard
@@ -28,6 +28,7 @@ import queue
 import struct
 import time
 import zlib
+from collections.abc import Callable
 
 import numpy as np
 from PIL import Image
@@ -38,7 +39,7 @@ from pneumo_tf.errors import RejectedFile, UserError
 from pneumo_tf import fileio
 from pneumo_tf.fileio import write_csv_atomic, write_json_atomic
 from tqdm import tqdm
-from pneumo_tf.records import dicom, jpeg, labels as labels_lib, manifest as manifest_lib, schema
+from pneumo_tf.records import dicom, images, jpeg, labels as labels_lib, manifest as manifest_lib, schema
 from pneumo_tf.records.labels import PatientLabels
 from pneumo_tf.records.tfrecord import TFRecordWriter
 
@@ -144,24 +145,70 @@ def _resized(grey: np.ndarray, size: int) -> np.ndarray:
     return np.clip(np.round(np.asarray(resized)), 0, 65535).astype(np.uint16)
 
 
+@dataclasses.dataclass(frozen=True)
+class Radiograph:
+    """One input file, read as far as converting it needs; whatever its format, it converts alike."""
+
+    source_format: str  # images.DICOM, PNG or JPEG: what the file's content is
+    facts: dicom.HeaderFacts  # an image file's: its size, the rest unknown
+    passthrough: bytes | None  # a JPEG stream that is the image as it is, stored unchanged at source size
+    jpeg_stream: bytes | None  # a JPEG stream of the image, decoded at 1/2..1/8 scale when pre-resizing
+    grey_pixels: Callable[[int], np.ndarray]  # bit_depth -> grey pixels at source size (pixels.to_bit_depth)
+
+
+def _read_bytes(source, count: int = -1) -> bytes:
+    """The first `count` bytes (all when -1) of a path or a seekable binary file object, left where it was."""
+    if isinstance(source, (str, os.PathLike)):
+        with open(source, "rb") as handle:
+            return handle.read(count)
+    start = source.tell()
+    try:
+        return source.read(count)
+    finally:
+        source.seek(start)
+
+
+def read_radiograph(source) -> Radiograph:
+    """A DICOM, PNG or JPEG file (a path or a binary file object), told apart by its first bytes.
+
+    Raises RejectedFile with the reason when it is none of them or cannot be read.
+    """
+    head = _read_bytes(source, images.SNIFF_BYTES)
+    source_format = images.sniff(head)
+    if source_format == images.DICOM:
+        ds = dicom.read(source)
+        frame = dicom.passthrough_frame(ds)
+        return Radiograph(images.DICOM, dicom.header_facts(ds), frame, frame,
+                          functools.partial(dicom.grey_pixels, ds))
+    if not head:
+        raise RejectedFile("empty file")
+    if source_format is None:
+        raise RejectedFile("not a DICOM, PNG or JPEG file (no DICM prefix at byte 128, no PNG or JPEG signature)")
+    image = images.read(_read_bytes(source), source_format)
+    facts = dicom.HeaderFacts(rows=image.height, columns=image.width, frames=image.frames, view="", age=-1, sex="",
+                              pixel_spacing=(0.0, 0.0))
+    return Radiograph(source_format, facts, images.passthrough_frame(image),
+                      image.data if source_format == images.JPEG else None,
+                      functools.partial(images.grey_pixels, image))
+
+
 def convert_file(source, image_id: str, labels: PatientLabels | None, options: ConvertOptions):
-    """One DICOM file (a path or a binary file object) -> (Record, facts dict).
+    """One DICOM, PNG or JPEG file (a path or a binary file object) -> (Record, facts dict).
 
     Pure: the same file and options give the same record. Raises RejectedFile with the reason.
     """
-    ds = dicom.read(source)
-    facts = dicom.header_facts(ds)
-    frame = dicom.passthrough_frame(ds)
+    radiograph = read_radiograph(source)
+    facts = radiograph.facts
     size = options.image_size
-    if frame is not None and size == 0:
-        jpeg.verify_decodes(frame)  # stored unchanged, so the pipeline must be able to decode it
-        encoded, image_format, height, width = frame, schema.JPEG, facts.rows, facts.columns
-    elif frame is not None and options.bit_depth == 8:
+    if radiograph.passthrough is not None and size == 0:
+        jpeg.verify_decodes(radiograph.passthrough)  # stored unchanged, so the pipeline must be able to decode it
+        encoded, image_format, height, width = radiograph.passthrough, schema.JPEG, facts.rows, facts.columns
+    elif radiograph.jpeg_stream is not None and size and options.bit_depth == 8:
         # Let the JPEG decoder scale by 1/2..1/8 (DCT scaling): far cheaper than a full decode.
-        grey = np.asarray(jpeg.decode(frame, size).resize((size, size), Image.BILINEAR))
+        grey = np.asarray(jpeg.decode(radiograph.jpeg_stream, size).resize((size, size), Image.BILINEAR))
         encoded, image_format, height, width = _png(grey), schema.PNG, size, size
     else:
-        grey = dicom.grey_pixels(ds, options.bit_depth)
+        grey = radiograph.grey_pixels(options.bit_depth)
         if size:
             grey = _resized(grey, size)
         encoded, image_format = _png(grey), schema.PNG
@@ -187,7 +234,8 @@ def convert_file(source, image_id: str, labels: PatientLabels | None, options: C
         sex=facts.sex,
         pixel_spacing=facts.pixel_spacing,
     )
-    return record, {"passthrough": image_format == schema.JPEG, "multi_frame": facts.frames > 1}
+    return record, {"format": radiograph.source_format, "passthrough": image_format == schema.JPEG,
+                    "multi_frame": facts.frames > 1}
 
 
 def convert_or_reject(path, image_id: str, labels: PatientLabels | None, options: ConvertOptions):
@@ -204,16 +252,21 @@ def convert_or_reject(path, image_id: str, labels: PatientLabels | None, options
 # Planning: which file goes to which split and shard.
 
 
-def list_dicoms(folder: str) -> list[str]:
+def list_inputs(folder: str) -> list[str]:
     """Every regular, non-hidden file in the folder, sorted: each becomes a record or a reject."""
     if not fileio.isdir(folder):
-        raise UserError(f"DICOM folder not found: {folder}")
+        raise UserError(f"image folder not found: {folder}")
     return [os.path.join(folder, n) for n in fileio.list_files(folder) if not n.startswith(".")]
 
 
+IMAGE_EXTENSIONS = (".dcm", ".png", ".jpg", ".jpeg")
+
+
 def image_id_of(path: str) -> str:
+    """The file name without a .dcm, .png, .jpg or .jpeg extension (any case): RSNA's patientId."""
     name = os.path.basename(path)
-    return name[: -len(".dcm")] if name.lower().endswith(".dcm") else name
+    stem, extension = os.path.splitext(name)
+    return stem if extension.lower() in IMAGE_EXTENSIONS else name
 
 
 def split_ids(labels: dict[str, PatientLabels], ids: list[str], val_fraction: float, seed: int):
@@ -257,7 +310,7 @@ def make_plan(
     for folder, is_test in ((dicom_dir, labels is None), (test_dicom_dir, True)):
         if folder is None:
             continue
-        for path in list_dicoms(folder):
+        for path in list_inputs(folder):
             image_id = image_id_of(path)
             if image_id in seen:
                 rejects.append((path, f"duplicate image id {image_id}"))
@@ -319,7 +372,8 @@ def write_shard(shard: Shard, output_dir: str, options: ConvertOptions, report=N
     final = os.path.join(output_dir, shard.name)
     tmp = fileio.temporary_name(final)
     summary = {"name": shard.name, "split": shard.split, "records": 0, "positive": 0, "boxes": 0,
-               "classes": collections.Counter(), "rejects": [], "passthrough": 0, "multi_frame": 0}
+               "classes": collections.Counter(), "rejects": [], "passthrough": 0, "multi_frame": 0,
+               "formats": dict.fromkeys(images.FORMATS, 0)}
     unreported = 0
     with TFRecordWriter(tmp) as writer:
         for path, image_id, labels in shard.files:
@@ -338,6 +392,7 @@ def write_shard(shard: Shard, output_dir: str, options: ConvertOptions, report=N
             summary["classes"][_class_name(record.label_class)] += 1
             summary["passthrough"] += int(facts["passthrough"])
             summary["multi_frame"] += int(facts["multi_frame"])
+            summary["formats"][facts["format"]] += 1
     if report is not None and unreported:
         report(unreported)
     summary["classes"] = dict(sorted(summary["classes"].items()))
@@ -454,6 +509,7 @@ def _finalize(output_dir, plan, recorded, started, files_this_run):
     splits = {}
     rejects = list(plan.rejects)
     totals = collections.Counter()
+    formats = collections.Counter()
     missing = []
     written = _written_shards(output_dir)
     for shard in plan.shards:
@@ -469,6 +525,7 @@ def _finalize(output_dir, plan, recorded, started, files_this_run):
         entry["shards"].append({k: summary[k] for k in ("name", "records", "bytes", "sha256")})
         rejects.extend(tuple(r) for r in summary["rejects"])
         totals.update(passthrough=summary["passthrough"], multi_frame=summary["multi_frame"])
+        formats.update(summary["formats"])
     if missing:
         raise UserError(f"{len(missing)} shard(s) were not written (e.g. {missing[0]}): rerun the conversion")
 
@@ -484,6 +541,7 @@ def _finalize(output_dir, plan, recorded, started, files_this_run):
         "records": sum(s["records"] for s in splits.values()),
         "rejects": len(rejects),
         "labeled_without_dicom": plan.labeled_without_dicom,
+        "formats": {name: formats[name] for name in images.FORMATS},  # records by source file format
         "passthrough_records": totals["passthrough"],
         "transcoded_records": sum(s["records"] for s in splits.values()) - totals["passthrough"],
         # Multi-frame files give their first frame only.
@@ -526,7 +584,7 @@ def convert(
     labels = labels_lib.read_labels(labels_csv, class_info_csv) if labels_csv else None
     plan = make_plan(dicom_dir, labels, test_dicom_dir, options)
     if not plan.shards:
-        raise UserError(f"nothing to convert: no usable DICOM files in {dicom_dir}")
+        raise UserError(f"nothing to convert: no usable DICOM, PNG or JPEG files in {dicom_dir}")
     shards_per_split = {s.split: s.count for s in plan.shards}
     recorded = _recorded_options(options, dicom_dir, labels_csv, class_info_csv, test_dicom_dir, shards_per_split)
     finished = _check_output_dir(output_dir, recorded)

@@ -17,6 +17,9 @@ labelled, so a detector must learn what an opacity looks like rather than "anyth
 bright".
 
     python -m pneumo_tf.records.synthetic --output_dir=/tmp/rsna --num_images=200
+
+`export_images` writes a DICOM folder again as PNG or JPEG files, the form Kaggle's
+mirrors, NIH ChestX-ray14 and CheXpert come in (tests and benchmarks of image folders).
 """
 from __future__ import annotations
 
@@ -37,7 +40,7 @@ from pydicom.uid import JPEGBaseline8Bit, SecondaryCaptureImageStorage, generate
 from pneumo_tf import cli
 from pneumo_tf.fileio import write_csv_atomic
 from tqdm import tqdm
-from pneumo_tf.records import dicom, schema
+from pneumo_tf.records import dicom, images, jpeg, schema
 
 TRAIN_DIR = "stage_2_train_images"
 TEST_DIR = "stage_2_test_images"
@@ -190,23 +193,71 @@ def write_dataset(output_dir: str, config: SyntheticConfig = SyntheticConfig(), 
         jobs.append((os.path.join(train_dir, f"{patient_id}.dcm"), patient_id, boxes, job_seed, image_size,
                      config.difficulty))
 
-    workers = workers or os.cpu_count() or 1
-    if workers > 1 and len(jobs) > 1:
-        context = multiprocessing.get_context("spawn")
-        with concurrent.futures.ProcessPoolExecutor(workers, mp_context=context) as pool:
-            for _ in pool.map(_write_one, jobs, chunksize=8):
-                progress and progress.update(1)
-    else:
-        for job in jobs:
-            _write_one(job)
-            progress and progress.update(1)
-
+    _run_jobs(_write_one, jobs, workers, progress)
     for name, header, rows in (
         (LABELS_CSV, ["patientId", "x", "y", "width", "height", "Target"], label_rows),
         (CLASS_INFO_CSV, ["patientId", "class"], class_rows),
     ):
         write_csv_atomic(os.path.join(output_dir, name), header, rows)
     return dataset_paths(output_dir, config)
+
+
+def _run_jobs(function, jobs, workers: int | None, progress) -> None:
+    """function(job) for every job, in worker processes (in this one when workers is 1)."""
+    workers = workers or os.cpu_count() or 1
+    if workers > 1 and len(jobs) > 1:
+        context = multiprocessing.get_context("spawn")
+        with concurrent.futures.ProcessPoolExecutor(workers, mp_context=context) as pool:
+            for _ in pool.map(function, jobs, chunksize=8):
+                progress and progress.update(1)
+    else:
+        for job in jobs:
+            function(job)
+            progress and progress.update(1)
+
+
+EXPORT_EXTENSIONS = {images.PNG: ".png", images.JPEG: ".jpg"}
+
+
+def _export_one(job) -> None:
+    dicom_path, output_path, image_format = job
+    dicom.quiet_pydicom()
+    ds = dicom.read(dicom_path)
+    frame = dicom.passthrough_frame(ds)
+    if image_format == images.JPEG and frame is not None:
+        data = frame
+    else:
+        # The pixels the DICOM's record holds: its JPEG frame decoded by libjpeg at full scale,
+        # or what the converter transcodes.
+        grey = np.asarray(jpeg.decode(frame, max(ds.Rows, ds.Columns))) if frame is not None else dicom.grey_pixels(ds)
+        buffer = io.BytesIO()
+        quality = {"quality": 95} if image_format == images.JPEG else {}
+        Image.fromarray(grey).save(buffer, format=image_format.upper(), **quality)
+        data = buffer.getvalue()
+    tmp = f"{output_path}.tmp"
+    with open(tmp, "wb") as handle:
+        handle.write(data)
+    os.replace(tmp, output_path)
+
+
+def export_images(dicom_dir: str, output_dir: str, image_format: str, workers: int | None = None,
+                  progress=None) -> str:
+    """Writes every DICOM of `dicom_dir` as `<id>.png` or `<id>.jpg` into output_dir, as Kaggle's
+    PNG/JPEG mirrors of RSNA hold them; returns output_dir.
+
+    png: the pixels the DICOM's record holds (a JPEG frame decoded by libjpeg at full scale),
+    8-bit grey. jpeg: the DICOM's JPEG Baseline frame byte for byte (a DICOM without one: its
+    pixels at quality 95). So converting the export gives the DICOMs' ids and boxes, and their
+    records' pixels (PNG: as libjpeg's accurate DCT decodes the frame).
+    """
+    os.makedirs(output_dir, exist_ok=True)
+    extension = EXPORT_EXTENSIONS[image_format]
+    jobs = [
+        (os.path.join(dicom_dir, name), os.path.join(output_dir, os.path.splitext(name)[0] + extension), image_format)
+        for name in sorted(os.listdir(dicom_dir))
+    ]
+    _run_jobs(_export_one, jobs, workers, progress)
+    return output_dir
 
 
 def dataset_paths(output_dir: str, config: SyntheticConfig) -> dict[str, str | None]:
