@@ -17,7 +17,7 @@ from pneumo_tf import models
 from pneumo_tf.errors import UserError
 from pneumo_tf.evaluation import report, submission
 from pneumo_tf.inference import offline, web
-from pneumo_tf.models import exported, fusion, predictor
+from pneumo_tf.models import exported, fusion, reading
 from pneumo_tf.models.architecture import BoxDetector
 from pneumo_tf.models.reading import Member, Predictor, ReadingConfig
 
@@ -154,8 +154,8 @@ def read_all(reader: Predictor, records: str, split: str = "val", batch_size: in
 
 
 def test_hflip_of_a_mirror_equivariant_model_gives_its_boxes(box_pictures):
-    plain = predictor.load(box_pictures["model_dir"])
-    flipped = predictor.load(box_pictures["model_dir"], ReadingConfig(tta="hflip"))
+    plain = reading.load(box_pictures["model_dir"])
+    flipped = reading.load(box_pictures["model_dir"], ReadingConfig(tta="hflip"))
     compared = 0
     for (_, plain_outputs), (_, flipped_outputs) in zip(read_all(plain, box_pictures["records"]),
                                                         read_all(flipped, box_pictures["records"])):
@@ -171,9 +171,9 @@ def test_hflip_of_a_mirror_equivariant_model_gives_its_boxes(box_pictures):
 
 def test_members_read_the_records_at_their_own_sizes(box_pictures, tmp_path):
     small = identity_model(tmp_path / "small", 32)
-    both = predictor.load(f"{box_pictures['model_dir']},{small}")
+    both = reading.load(f"{box_pictures['model_dir']},{small}")
     assert both.image_sizes == (64, 32)
-    alone = [predictor.load(folder) for folder in (box_pictures["model_dir"], small)]
+    alone = [reading.load(folder) for folder in (box_pictures["model_dir"], small)]
     together = read_all(both, box_pictures["records"])
     assert sum(len(batch["id"]) for batch, _ in together) == 8
     for index, reader in enumerate(alone):
@@ -201,7 +201,7 @@ def test_evaluate_writes_an_ensemble_folder_that_predict_and_serve_read(box_pict
     assert os.path.isfile(ensemble_dir / "evaluation" / "val" / "readings.csv")
     assert "Each member alone and the whole" in result.report()
 
-    saved = json.loads((ensemble_dir / predictor.ENSEMBLE_FILE).read_text())
+    saved = json.loads((ensemble_dir / reading.ENSEMBLE_FILE).read_text())
     relative = os.path.relpath(model_dir, ensemble_dir)
     assert saved["members"] == [{"model_dir": relative, "weight": 2.0}, {"model_dir": relative, "weight": 1.0}]
     assert (saved["tta"], saved["fusion"], saved["fusion_iou"]) == ("none", "wbf", 0.55)
@@ -228,7 +228,7 @@ def test_evaluate_writes_an_ensemble_folder_that_predict_and_serve_read(box_pict
                       "threshold": result.summary["threshold"]}
     # The folder fixes its reading; flags that would change it are refused.
     with pytest.raises(UserError, match="drop --tta"):
-        predictor.load(str(ensemble_dir), ReadingConfig(tta="hflip"))
+        reading.load(str(ensemble_dir), ReadingConfig(tta="hflip"))
 
 
 def test_served_hflip_reading_matches_predict(trained_model, synthetic_rsna, tmp_path):
@@ -270,7 +270,7 @@ def test_predict_needs_a_threshold_for_an_ad_hoc_ensemble(box_pictures, tmp_path
         offline.predict(offline.PredictConfig(model_dir=f"{model_dir},{model_dir}", output=str(tmp_path / "s.csv"),
                                               records_dir=box_pictures["records"], split="val"))
     with pytest.raises(UserError, match="--weights gives 1 weights for 2 models"):
-        predictor.load(f"{model_dir},{model_dir}", ReadingConfig(weights=(1.0,)))
+        reading.load(f"{model_dir},{model_dir}", ReadingConfig(weights=(1.0,)))
     assert not (tmp_path / "s.csv").exists()
 
 
@@ -282,7 +282,7 @@ def test_cli_evaluates_an_ensemble_with_hflip(box_pictures, tmp_path):
          "--weights=1,3", "--fusion=nms", "--fusion_iou=0.4", f"--records_dir={box_pictures['records']}",
          f"--ensemble_dir={ensemble_dir}"], capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
-    saved = json.loads((ensemble_dir / predictor.ENSEMBLE_FILE).read_text())
+    saved = json.loads((ensemble_dir / reading.ENSEMBLE_FILE).read_text())
     assert ([member["weight"] for member in saved["members"]], saved["tta"], saved["fusion"], saved["fusion_iou"]) \
         == ([1.0, 3.0], "hflip", "nms", 0.4)
     # Each member without and with hflip, then the whole.

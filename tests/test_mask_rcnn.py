@@ -124,7 +124,7 @@ def _flagfile_options(path):
 def test_flagfile_holds_the_seed_settings_which_are_the_defaults():
     values, options = _flagfile_options(pathlib.Path(__file__).parents[1] / "flags" / "mask_rcnn.flags")
     assert values == {"model": "mask_rcnn", "image_size": "256", "batch_size": "16", "epochs": "12",
-                      "learning_rate": "0.004"}
+                      "learning_rate": "0.004", "optimizer": "sgd"}
     config = mask_rcnn.MaskRCNNConfig.from_options(options)
     assert (config.backbone, config.train_rois_per_image, config.roi_positive_ratio, config.roi_positives) == (
         "resnet50", 8, 0.225, 1)

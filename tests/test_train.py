@@ -20,7 +20,7 @@ from absl import flags
 from pneumo_tf import cli, models
 from pneumo_tf.data import augment, pipeline
 from pneumo_tf.models import exported
-from pneumo_tf.training import keras_shim, trainer
+from pneumo_tf.training import keras_shim, loop
 from pneumo_tf.training.config import TrainConfig
 
 TINY_MASK = ["--model=mask_resnet", "--model_option=channels=4", "--model_option=n_blocks=1",

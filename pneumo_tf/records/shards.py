@@ -173,6 +173,9 @@ def read_radiograph(source) -> Radiograph:
 
     Raises RejectedFile with the reason when it is none of them or cannot be read.
     """
+    if isinstance(source, str) and fileio.is_url(source):
+        with fileio.open_file(source, "rb") as handle:
+            source = io.BytesIO(handle.read())  # one request; the readers below seek in memory
     head = _read_bytes(source, images.SNIFF_BYTES)
     source_format = images.sniff(head)
     if source_format == images.DICOM:
