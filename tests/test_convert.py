@@ -613,6 +613,7 @@ def test_damaged_frames_end_as_decodable_records_or_rejects(shared_rsna, tmp_pat
     folder.mkdir()
     kinds = _damaged_copies(shared_rsna, folder, np.random.default_rng(11))
     manifest = shards.convert(str(folder), str(tmp_path / "records"), workers=2)
+    assert manifest["records"] + manifest["rejects"] == 80
     with open(tmp_path / "records" / manifest_lib.REJECTS_NAME, newline="") as handle:
         rejects = {os.path.basename(row["file"])[:-4]: row["reason"] for row in csv.DictReader(handle)}
     records = read_records(str(tmp_path / "records"))

@@ -5,15 +5,13 @@ import ast
 import dataclasses
 import math
 import pathlib
-import subprocess
-import sys
-import textwrap
 
 import keras
 import numpy as np
 import pytest
 import tensorflow as tf
 
+import replicas  # tests/replicas.py
 from pneumo_tf.evaluation import metric
 from pneumo_tf.evaluation.postprocess import yxyx_to_xywh
 from pneumo_tf.records.boxes import MAX_BOXES
@@ -491,44 +489,15 @@ def test_saved_model_serves_infer_for_any_batch_size(tmp_path):
 
 # The same batch and initial weights on one device and on MirroredStrategy over two
 # logical CPUs (two images per replica): same loss terms, same weights after one step.
-MIRRORED_VS_ONE_DEVICE = textwrap.dedent("""
-    import numpy as np
-    import tensorflow as tf
-    import keras
-    from pneumo_tf.data import augment
-    from pneumo_tf.models import mask_rcnn
-    from pneumo_tf.training import distribute
-    from pneumo_tf.training.loop import Trainer
-    sys_path_tests = {tests!r}
-    import sys
-    sys.path.insert(0, sys_path_tests)
-    from test_mask_rcnn import ARCH, SIZE, TINY, synthetic_batch
-
-    distribute.split_cpu(2)
+def mirrored_matches_one_device():
+    """Two images per replica; the samplers draw the same RoIs and anchors on one device and on two."""
     inputs, labels = synthetic_batch(count=4)
-    dataset = tf.data.Dataset.from_tensors((inputs, labels)).repeat()
-    initial = None
-    results = []
-    for strategy in (tf.distribute.OneDeviceStrategy("/cpu:0"), distribute.make_strategy("mirrored")):
-        with strategy.scope():
-            keras.utils.set_random_seed(1)
-            network = mask_rcnn.build(SIZE, **TINY)
-            trainer = Trainer(network, ARCH, augment.AugmentConfig.off())
-            trainer.compile(optimizer=keras.optimizers.SGD(0.05))
-            if initial is None:
-                initial = network.get_weights()
-            network.set_weights(initial)
-        history = trainer.fit(strategy.experimental_distribute_dataset(dataset), epochs=1, steps_per_epoch=1,
-                              verbose=0, shuffle=False)
-        terms = {{name: history.history[f"{{name}}_loss"][0] for name in mask_rcnn.LOSS_NAMES}}
-        results.append((strategy.num_replicas_in_sync, terms, history.history["loss"][0], network.get_weights()))
-    (one, terms_one, loss_one, weights_one), (two, terms_two, loss_two, weights_two) = results
-    assert (one, two) == (1, 2), (one, two)
-    print("terms", terms_one, terms_two)
-    assert all(value > 0 for value in terms_one.values()), terms_one
-    for key in terms_one:
-        np.testing.assert_allclose(terms_two[key], terms_one[key], rtol=1e-5, err_msg=key)
-    np.testing.assert_allclose(loss_two, loss_one, rtol=1e-5)
+    results = replicas.one_step_on_one_and_two_replicas(lambda: mask_rcnn.build(SIZE, **TINY), ARCH, inputs, labels,
+                                                        learning_rate=0.05)
+    (_, logs_one, initial, weights_one), (_, logs_two, _, weights_two) = results
+    assert all(logs_one[f"{name}_loss"][0] > 0 for name in mask_rcnn.LOSS_NAMES), logs_one
+    for key in ("loss", *(f"{name}_loss" for name in mask_rcnn.LOSS_NAMES)):
+        np.testing.assert_allclose(logs_two[key], logs_one[key], rtol=1e-5, err_msg=key)
     # The same update: float sums in another order differ by ~1e-7 of the gradient.
     worst = 0.0
     for start, a, b in zip(initial, weights_one, weights_two):
@@ -538,14 +507,11 @@ MIRRORED_VS_ONE_DEVICE = textwrap.dedent("""
     print("largest relative difference of an update", worst)
     assert worst < 1e-4, worst
     print("same")
-""")
 
 
 @pytest.mark.slow
 def test_mirrored_over_two_cpus_matches_one_device():
-    script = MIRRORED_VS_ONE_DEVICE.format(tests=str(pathlib.Path(__file__).parent))
-    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0 and "same" in result.stdout, result.stdout + result.stderr[-3000:]
+    replicas.check_in_fresh_process("test_mask_rcnn", "mirrored_matches_one_device")
 
 
 def _xywh(boxes):

@@ -2,9 +2,6 @@
 from __future__ import annotations
 
 import pathlib
-import subprocess
-import sys
-import textwrap
 import time
 
 import keras
@@ -13,6 +10,7 @@ import pytest
 import tensorflow as tf
 from keras_hub.src.models.retinanet.retinanet_presets import backbone_presets
 
+import replicas  # tests/replicas.py
 from pneumo_tf.errors import UserError
 from pneumo_tf.evaluation.metric import challenge_map
 from pneumo_tf.models import retinanet
@@ -390,40 +388,15 @@ def test_option_errors_are_user_errors(options, message):
         retinanet.build(image_size, **options)
 
 
-MIRRORED_VS_ONE_DEVICE = textwrap.dedent("""
-    import keras
-    import numpy as np
-    import tensorflow as tf
-    from pneumo_tf.data import augment
-    from pneumo_tf.models import retinanet
-    from pneumo_tf.training import distribute
-    from pneumo_tf.training.loop import Trainer
-
-    distribute.split_cpu(2)
-    TINY = dict(stackwise_num_filters=(64, 64, 64), stackwise_num_blocks=(1, 1, 1), block_type="basic_block",
-                max_level=4, pre_logits_num_conv_layers=1)
+def mirrored_matches_one_device():
+    """A batch where only the first replica's half has a box: the positive-anchor normaliser is global."""
     architecture = retinanet.ARCHITECTURE
     images = np.random.default_rng(0).random((4, 64, 64, 1), dtype=np.float32)
     boxes = np.zeros((4, 8, 4), np.float32)
     boxes[0, 0] = [0.25, 0.25, 0.75, 0.75]  # only the first replica's half has a box
-    inputs, labels = {"image": images}, {"boxes": boxes, "num_boxes": np.array([1, 0, 0, 0], np.int32)}
-    dataset = tf.data.Dataset.from_tensors((inputs, labels)).repeat()
-    initial, results = None, []
-    for strategy in (tf.distribute.OneDeviceStrategy("/cpu:0"), distribute.make_strategy("mirrored")):
-        with strategy.scope():
-            keras.utils.set_random_seed(1)
-            network = retinanet.build(64, **TINY)
-            trainer = Trainer(network, architecture, augment.AugmentConfig.off())
-            trainer.compile(optimizer=keras.optimizers.SGD(0.01))
-            if initial is None:
-                initial = network.get_weights()
-            network.set_weights(initial)
-        history = trainer.fit(strategy.experimental_distribute_dataset(dataset), epochs=1, steps_per_epoch=1,
-                              verbose=0, shuffle=False)
-        results.append((strategy.num_replicas_in_sync, history.history, network.get_weights()))
-    (one, logs_one, weights_one), (two, logs_two, weights_two) = results
-    assert (one, two) == (1, 2), (one, two)
-    print("losses", logs_one, logs_two)
+    labels = {"boxes": boxes, "num_boxes": np.array([1, 0, 0, 0], np.int32)}
+    (_, logs_one, initial, weights_one), (_, logs_two, _, weights_two) = replicas.one_step_on_one_and_two_replicas(
+        lambda: retinanet.build(64, **TINY), architecture, {"image": images}, labels, learning_rate=0.01)
     for key in ("loss", "classification_loss", "box_loss"):
         np.testing.assert_allclose(logs_one[key], logs_two[key], rtol=1e-5)
     # The same step, to float32 rounding of sums taken in another order (relative to its size).
@@ -432,15 +405,11 @@ MIRRORED_VS_ONE_DEVICE = textwrap.dedent("""
         assert np.abs(step_one).max() > 0
         np.testing.assert_allclose(step_two, step_one, rtol=1e-4, atol=1e-4 * np.abs(step_one).max())
     print("same")
-""")
 
 
 @pytest.mark.slow
 def test_mirrored_over_two_cpus_matches_one_device():
-    # Logical CPUs must exist before TensorFlow starts: a fresh process, importing this tree.
-    result = subprocess.run([sys.executable, "-c", MIRRORED_VS_ONE_DEVICE], capture_output=True, text=True,
-                            timeout=600, cwd=REPO)
-    assert result.returncode == 0 and "same" in result.stdout, result.stdout + result.stderr[-3000:]
+    replicas.check_in_fresh_process("test_retinanet", "mirrored_matches_one_device")
 
 
 def _synthetic_batch(seed=0):

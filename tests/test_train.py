@@ -5,7 +5,6 @@ import signal
 import socket
 import subprocess
 import sys
-import textwrap
 import time
 
 import dataclasses
@@ -17,10 +16,11 @@ import pytest
 import tensorflow as tf
 from absl import flags
 
+import replicas  # tests/replicas.py
 from pneumo_tf import cli, models
 from pneumo_tf.data import augment, pipeline
 from pneumo_tf.models import exported
-from pneumo_tf.training import keras_shim, loop
+from pneumo_tf.training import loop
 from pneumo_tf.training.config import TrainConfig
 
 TINY_MASK = ["--model=mask_resnet", "--model_option=channels=4", "--model_option=n_blocks=1",
@@ -84,16 +84,8 @@ def test_classifiers_train_one_step_in_bfloat16(tiny_records, tmp_path):
         assert ("regularization_loss" in history) == (model == "vgg16")
 
 
-MIRRORED_VS_ONE_DEVICE = textwrap.dedent("""
-    import numpy as np
-    import tensorflow as tf
-    import keras
-    from pneumo_tf import models
-    from pneumo_tf.data import augment
-    from pneumo_tf.training import distribute
-    from pneumo_tf.training.loop import Trainer
-
-    distribute.split_cpu(2)
+def mirrored_matches_one_device():
+    """mask_resnet with its classification head (a replica-pooled IoU loss, synchronised batch norm)."""
     rng = np.random.default_rng(0)
     batch = {
         "image": rng.random((4, 32, 32, 1), dtype=np.float32),
@@ -101,36 +93,19 @@ MIRRORED_VS_ONE_DEVICE = textwrap.dedent("""
         "target": np.array([1, 0, 1, 0], np.int32),
     }
     architecture = models.get("mask_resnet")
-    dataset = tf.data.Dataset.from_tensors(batch).repeat().map(architecture.to_fit)
-    initial = None
-    results = []
-    for strategy in (tf.distribute.OneDeviceStrategy("/cpu:0"), distribute.make_strategy("mirrored")):
-        with strategy.scope():
-            keras.utils.set_random_seed(1)
-            network = architecture.build(32, channels=4, n_blocks=1, depth=2, classification_head=True)
-            trainer = Trainer(network, architecture, augment.AugmentConfig.off())
-            trainer.compile(optimizer=keras.optimizers.SGD(0.1))
-            if initial is None:
-                initial = network.get_weights()
-            network.set_weights(initial)
-        data = strategy.experimental_distribute_dataset(dataset)
-        history = trainer.fit(data, epochs=1, steps_per_epoch=1, verbose=0, shuffle=False)
-        results.append((strategy.num_replicas_in_sync, history.history, network.get_weights()))
-    (one, logs_one, weights_one), (two, logs_two, weights_two) = results
-    assert (one, two) == (1, 2), (one, two)
-    print("losses", logs_one, logs_two)
+    (_, logs_one, _, weights_one), (_, logs_two, _, weights_two) = replicas.one_step_on_one_and_two_replicas(
+        lambda: architecture.build(32, channels=4, n_blocks=1, depth=2, classification_head=True), architecture,
+        *architecture.to_fit(batch), learning_rate=0.1)
     for key in ("loss", "mask_loss", "target_loss"):
         np.testing.assert_allclose(logs_one[key], logs_two[key], rtol=1e-5)
     for a, b in zip(weights_one, weights_two):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
     print("same")
-""")
 
 
 @pytest.mark.slow
 def test_mirrored_over_two_cpus_matches_one_device():
-    result = subprocess.run([sys.executable, "-c", MIRRORED_VS_ONE_DEVICE], capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0 and "same" in result.stdout, result.stdout + result.stderr[-3000:]
+    replicas.check_in_fresh_process("test_train", "mirrored_matches_one_device")
 
 
 def _free_ports(count):

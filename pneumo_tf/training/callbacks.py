@@ -179,8 +179,8 @@ class EpochEvaluation(keras.callbacks.Callback):
         inputs, labels = self._architecture.to_fit(batch)
         raw = self._network(inputs, training=False)
         terms = self.model.loss_terms(inputs, labels, raw, training=False)
-        for name, metric in zip(self._metric_outputs, self._metrics):
-            metric.update_state(labels[name], raw[name])
+        for name, tracked in zip(self._metric_outputs, self._metrics):
+            tracked.update_state(labels[name], raw[name])
         return terms, self._architecture.outputs(self._network, inputs, raw)
 
     def on_epoch_end(self, epoch, logs=None):

@@ -21,7 +21,6 @@ import tensorflow as tf
 from pneumo_tf import models
 from pneumo_tf.data import augment, pipeline, service
 from pneumo_tf.errors import UserError
-from pneumo_tf.fileio import write_json_atomic
 from pneumo_tf.models import exported
 from pneumo_tf.models.architecture import Architecture
 from pneumo_tf.records.manifest import read_manifest
