@@ -462,3 +462,11 @@ def test_learns_a_small_batch_to_a_high_challenge_map():
           f"challenge mAP {score:.3f}")
     assert last < 0.01 * first
     assert score > 0.5
+
+
+def test_the_focal_loss_prior_is_on_the_class_head(tiny):
+    """keras-hub 0.32 initialises the box head with the prior's bias; build moves it to the class head."""
+    detector = tiny.detector
+    np.testing.assert_allclose(np.asarray(detector.classification_head.prediction_layer.bias),
+                               -np.log(0.99 / 0.01), rtol=1e-6)
+    np.testing.assert_array_equal(np.asarray(detector.box_head.prediction_layer.bias), 0.0)

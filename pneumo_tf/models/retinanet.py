@@ -27,6 +27,8 @@ framework are replaced:
   give one device's loss and gradients. Focal loss with the RetinaNet paper's alpha 0.25 and
   gamma 2 (keras-hub's default compile leaves class balancing off); keras-hub's Huber box loss
   (delta 1) on positive anchors.
+* Initialisation. keras-hub puts the focal loss's prior-probability bias on the box head
+  instead of the class head; `build` moves it back (see `_put_the_prior_on_the_class_head`).
 * Anchor matching. No anchor is ignored by default (negative_threshold = positive_threshold
   = 0.5; keras-hub and the paper ignore IoU 0.4-0.5): ignored anchors learn to score high
   with untrained boxes, false positives for the challenge metric (see `build`).
@@ -53,6 +55,8 @@ ratios 1:2, 1:1, 2:1 (9 per position): at 512 px, 32 to 812 pixels, which covers
 opacities (at that size 20 to 264 pixels wide, 22 to 471 high, mostly taller than wide).
 """
 from __future__ import annotations
+
+import math
 
 import keras
 import keras_hub
@@ -142,6 +146,7 @@ def build(
     min_confidence: float = 0.05,
     pre_nms_top_k: int = 1000,
     anchor_size: float = 4.0,
+    classification_head_prior_probability: float = 0.01,
 ) -> RetinaNetNetwork:
     """Builds RetinaNet for [image_size, image_size, 1] images in [0, 1], randomly initialised.
 
@@ -205,10 +210,26 @@ def build(
         ),
         pre_logits_num_conv_layers=pre_logits_num_conv_layers,
         use_prediction_head_norm=use_prediction_head_norm,
+        classification_head_prior_probability=classification_head_prior_probability,
         compile=False,  # see RetinaNetNetwork.get_config
     )
+    _put_the_prior_on_the_class_head(detector, classification_head_prior_probability)
     return RetinaNetNetwork(detector, pre_nms_top_k=pre_nms_top_k, nms_iou_threshold=nms_iou_threshold,
                             max_detections=max_detections, min_confidence=min_confidence, name="retinanet")
+
+
+def _put_the_prior_on_the_class_head(detector, prior: float) -> None:
+    """The focal-loss initialisation (Lin et al. 2017, section 4.1): every anchor starts at
+    P(opacity) = prior, so the thousands of background anchors do not swamp the first steps.
+    keras-hub 0.32 gives that bias, -log((1 - prior) / prior), to the BOX head's last layer (its
+    deltas then start at -4.6: boxes e^-4.6 times their anchors) and none to the class head's
+    (every anchor starts at 0.5: the first step's focal loss was ~1,200 per positive anchor here,
+    and the class head settled on one score for every anchor of every image). Swapped back.
+    """
+    box_bias = detector.box_head.prediction_layer.bias
+    class_bias = detector.classification_head.prediction_layer.bias
+    box_bias.assign(keras.ops.zeros_like(box_bias))
+    class_bias.assign(keras.ops.full_like(class_bias, -math.log((1 - prior) / prior)))
 
 
 def _check_options(image_size, filters, blocks, block_type, min_level, max_level, positive_threshold,
