@@ -10,7 +10,7 @@ these delivers, in one process, side by side:
 
   passthrough       `make_dataset` (train split, training=True) on `--image_size=0` records: the
                     1024-px JPEG frame decoded at DCT ratio 4, plus, for images with boxes, the
-                    stored mask (collapsed to its distinct rows and columns, records/masks.py)
+                    stored mask (each run of identical rows and columns kept once, records/masks.py)
                     resized to S by `decode_mask`;
   resized records   `make_dataset` on `--image_size=S` records (S x S 8-bit PNG and its mask);
   ImageDataGenerator  the seed report's baseline, tf_keras `ImageDataGenerator(rescale=1/255)
@@ -441,7 +441,7 @@ def describe_decoding(bench: BenchData, image_size: int) -> list[str]:
         columns = np.mean([len(c) for c in fields["mask_col_repeats"][boxed]])
         png_bytes = np.mean([len(b) for b in fields["mask_encoded"][boxed]])
         mask = (f"for the {np.mean(boxed):.0%} with boxes, the {stored}x{stored} mask stored collapsed to "
-                f"{rows:.1f}x{columns:.1f} distinct rows x columns on average (a {png_bytes:.0f}-byte 1-bit PNG), "
+                f"{rows:.1f}x{columns:.1f} runs of rows x columns on average (a {png_bytes:.0f}-byte 1-bit PNG), "
                 f"resized to {image_size} by two matrix products and thresholded; zeros for the rest")
         lines.append(f"  {label}: per image {image}; plus {mask}.")
     return lines

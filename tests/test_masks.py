@@ -1,4 +1,4 @@
-"""Stored masks: collapsed to distinct rows and columns, and expanded back pixel for pixel."""
+"""Stored masks: each run of identical rows and columns kept once, and expanded back pixel for pixel."""
 import io
 
 import numpy as np
@@ -44,7 +44,8 @@ def test_encode_stores_the_rasterised_union_losslessly():
     for boxes, height, width in ((RSNA_BOXES, 1024, 1024), (RSNA_BOXES, 100, 37), ((), 1024, 1024), ((), 7, 5)):
         encoded, row_repeats, col_repeats = masks.encode(boxes, height, width)
         collapsed = decode_png(encoded)
-        np.testing.assert_array_equal(masks.expand(collapsed, row_repeats, col_repeats), rasterize(boxes, height, width))
+        expanded = masks.expand(collapsed, row_repeats, col_repeats)
+        np.testing.assert_array_equal(expanded, rasterize(boxes, height, width))
     # No boxes: one empty pixel standing for the whole image, whatever its size.
     assert masks.encode((), 1024, 1000)[1:] == ((1024,), (1000,))
     assert decode_png(masks.encode((), 1024, 1000)[0]).tolist() == [[False]]

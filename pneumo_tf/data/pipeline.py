@@ -178,17 +178,19 @@ def _overlaps(repeats, size: int):
     run_starts = run_ends - repeats * size
     pixel_starts = tf.range(size, dtype=tf.int64) * length
     pixel_ends = pixel_starts + length
-    overlap = tf.minimum(pixel_ends[:, None], run_ends[None, :]) - tf.maximum(pixel_starts[:, None], run_starts[None, :])
-    return tf.maximum(overlap, 0), length
+    overlap_end = tf.minimum(pixel_ends[:, None], run_ends[None, :])
+    overlap_start = tf.maximum(pixel_starts[:, None], run_starts[None, :])
+    return tf.maximum(overlap_end - overlap_start, 0), length
 
 
 def decode_mask(encoded, row_repeats, col_repeats, image_size: int):
     """A stored mask (records/masks.py: collapsed PNG and repeats) -> float32 [S, S, 1] in {0, 1}.
 
-    A pixel is in the mask when at least half of its area is: exactly what area-resizing
-    the full-size mask and thresholding at 0.5 gives (at the stored size, the mask
-    itself), computed without the full-size raster. The covered area of every output
-    pixel is rows_overlap @ collapsed @ columns_overlap^T, whole numbers in float64.
+    A pixel is in the mask when at least half of its area is: area-resizing the full-size
+    mask and thresholding at 0.5, in exact arithmetic (at the stored size, the mask itself;
+    at whole-number scales the same as `tf.image.resize(..., "area")`, ties included),
+    computed without the full-size raster. The covered area of every output pixel is
+    rows_overlap @ collapsed @ columns_overlap^T, whole numbers, exact in float64.
     """
     collapsed = tf.cast(tf.io.decode_png(encoded, channels=1)[:, :, 0] > 0, tf.float64)
     rows, height = _overlaps(row_repeats, image_size)

@@ -15,8 +15,8 @@ from pneumo_tf.errors import UserError
 
 MANIFEST_NAME = "manifest.json"
 REJECTS_NAME = "rejects.csv"
-# What the records hold, as the input pipeline reads it. 2: masks are stored collapsed to their
-# distinct rows and columns (records/masks.py); version 1 stored them as full-size PNGs.
+# What the records hold, as the input pipeline reads it. 2: masks are stored with each run of
+# identical rows and columns kept once (records/masks.py); version 1 stored them as full-size PNGs.
 FORMAT_VERSION = 2
 
 
@@ -33,7 +33,7 @@ def read_manifest(records_dir: str) -> dict:
     except json.JSONDecodeError as error:
         raise UserError(f"{path} is not valid JSON: {error}") from error
     if not isinstance(manifest, dict) or "format_version" not in manifest:
-        raise UserError(f"{path} is not a pneumo_tf records manifest: convert DICOMs first (python -m pneumo_tf.convert)")
+        raise UserError(f"{path} is not a pneumo_tf records manifest: convert the DICOMs (python -m pneumo_tf.convert)")
     if manifest["format_version"] != FORMAT_VERSION:
         raise UserError(
             f"{records_dir} holds records of format version {manifest['format_version']}, but this pneumo_tf reads "

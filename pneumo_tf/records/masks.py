@@ -1,4 +1,4 @@
-"""How a record stores its box mask: collapsed to its distinct rows and columns, losslessly.
+"""How a record stores its box mask: each run of identical rows, and of columns, kept once (lossless).
 
 The mask of a record is the union of its boxes, rasterised at the stored image's size
 (`boxes.rasterize`). A union of n boxes is constant between consecutive box edges, so
@@ -30,7 +30,7 @@ def _runs(changes: np.ndarray, length: int) -> tuple[np.ndarray, np.ndarray]:
 
 
 def collapse(mask: np.ndarray) -> tuple[np.ndarray, tuple[int, ...], tuple[int, ...]]:
-    """A bool [H, W] mask -> (its distinct rows and columns [K, L], row repeats [K], column repeats [L])."""
+    """A bool [H, W] mask -> (a row and a column per run of identical ones [K, L], row repeats, column repeats)."""
     height, width = mask.shape
     # Rows compared 8 pixels a byte: a full-size bool temporary costs ~1 ms of page faults at 1024 px.
     packed = np.packbits(mask, axis=1)

@@ -29,8 +29,8 @@ XMIN = "bbox/xmin"
 YMIN = "bbox/ymin"
 XMAX = "bbox/xmax"
 YMAX = "bbox/ymax"
-# The union of the boxes at the stored image's size, collapsed to its distinct rows and
-# columns (records/masks.py): a 1-bit PNG plus how many stored rows and columns each stands for.
+# The union of the boxes at the stored image's size with each run of identical rows and of
+# columns kept once (records/masks.py): a 1-bit PNG plus how many stored rows and columns each stands for.
 MASK_ENCODED = "mask/encoded"
 MASK_ROW_REPEATS = "mask/row_repeats"
 MASK_COL_REPEATS = "mask/col_repeats"
