@@ -365,6 +365,18 @@ def test_user_mistakes_raise_user_errors(folder, tmp_path):
         pipeline.make_dataset(folder[0], "train", 4, 16, training=False, positive_fraction=0.5)
 
 
+@pytest.mark.parametrize(("manifest", "message"), [
+    ({"format_version": 1, "splits": {}},
+     f"holds records of format version 1, but this pneumo_tf reads version {FORMAT_VERSION}: reconvert the DICOMs"),
+    ({"splits": {}}, "is not a pneumo_tf records manifest"),
+    ([1, 2], "is not a pneumo_tf records manifest"),
+])
+def test_records_of_another_format_are_refused_with_what_to_do(tmp_path, manifest, message):
+    write_json_atomic(str(tmp_path / MANIFEST_NAME), manifest)
+    with pytest.raises(UserError, match=message):
+        pipeline.make_dataset(str(tmp_path), "train", 4, 16, training=False)
+
+
 def test_a_shard_missing_from_disk_is_a_user_error(tmp_path):
     records_dir = str(tmp_path / "rsna")
     write_records_folder(records_dir, num_shards=1)
