@@ -22,6 +22,8 @@ setup(
         "scipy",
         "absl-py",
         "tensorboard",
+        # TensorBoard's Profile tab, for the trace --profile_steps writes (tensorboard-plugin-profile's new name).
+        "xprof>=2.24",
         "pillow",
         "google-crc32c",
         "flask>=3",

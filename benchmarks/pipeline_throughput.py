@@ -9,9 +9,10 @@ them twice and writes the seed's PNG folders, then measures the images per secon
 these delivers, in one process, side by side:
 
   passthrough       `make_dataset` (train split, training=True) on `--image_size=0` records: the
-                    1024-px JPEG frame decoded at DCT ratio 4, plus the 1024-px 1-bit mask PNG
-                    decoded, area-resized and thresholded;
-  resized records   `make_dataset` on `--image_size=S` records (S x S 8-bit PNG and S x S mask);
+                    1024-px JPEG frame decoded at DCT ratio 4, plus, for images with boxes, the
+                    stored mask (each run of identical rows and columns kept once, records/masks.py)
+                    resized to S by `decode_mask`;
+  resized records   `make_dataset` on `--image_size=S` records (S x S 8-bit PNG and its mask);
   ImageDataGenerator  the seed report's baseline, tf_keras `ImageDataGenerator(rescale=1/255)
                     .flow_from_directory` over class folders of full-size (1024 px) grey PNGs,
                     resized on load to (S, S), color_mode="grayscale", one Python thread;
@@ -24,10 +25,11 @@ these delivers, in one process, side by side:
                     Its ratio to passthrough is the service's overhead on one machine (--service).
 
 Diagnostics (--diagnostics, on by default) split each pipeline's per-image work the same
-tight-loop way: the image plus its mask decoded exactly as the pipeline does, the mask alone,
-the resized records' PNG alone, and two cheaper ways to get the passthrough mask (no decode
-for empty masks; rasterise the mask from the record's boxes), so the report can say where the
-time goes.
+tight-loop way: the image plus its mask decoded exactly as the pipeline does
+(`decode_example`), the stored mask alone, the resized records' PNG alone, and two other ways
+to get the passthrough mask (decoding the stored mask of images without boxes too; records
+format 1's full-size 1-bit mask PNG, decoded, area-resized and thresholded), so the report can
+say where the time goes and what the stored form saves.
 
 Every measurement makes a fresh iterator, skips --warmup_batches, then counts the images of
 the batches delivered in --seconds (or --batches) and the process's CPU time; the iterator is
@@ -67,8 +69,7 @@ from absl import app, flags  # noqa: E402
 
 import machine  # noqa: E402  benchmarks/machine.py (the script's folder is on sys.path)
 from pneumo_tf.data import pipeline  # noqa: E402
-from pneumo_tf.records.boxes import MAX_BOXES  # noqa: E402
-from pneumo_tf.records import shards, synthetic  # noqa: E402
+from pneumo_tf.records import masks, shards, synthetic  # noqa: E402
 from pneumo_tf.records.manifest import read_manifest, shard_paths  # noqa: E402
 
 FLAGS = flags.FLAGS
@@ -208,23 +209,33 @@ def prepare(work_dir: str, num_images: int, image_size: int | None = None, pngs:
     return BenchData(data, passthrough, resized, png_dir)
 
 
-def load_fields(records_dir: str) -> dict[str, np.ndarray]:
-    """Every record of every split, parsed by the pipeline's own `parse_batch`, as numpy arrays."""
+def load_fields(records_dir: str) -> dict[str, tf.Tensor]:
+    """Every record of every split, parsed by the pipeline's own `parse_batch`, kept in memory.
+
+    The mask repeats stay ragged, one row per record, as `parse_batch` gives them.
+    """
     manifest = read_manifest(records_dir)
     paths = [path for split in manifest["splits"] for path in shard_paths(records_dir, split, manifest)]
-    keys = ("image_encoded", "image_format", "stored_size", "mask_encoded", "boxes", "num_boxes")
-    parts = {key: [] for key in keys}
-    for batch in tf.data.TFRecordDataset(paths).batch(256).map(pipeline.parse_batch):
-        for key in keys:
-            parts[key].append(batch[key].numpy())
-    return {key: np.concatenate(values) for key, values in parts.items()}
+    batches = list(tf.data.TFRecordDataset(paths).batch(256).map(pipeline.parse_batch))
+    return {key: tf.concat([batch[key] for batch in batches], axis=0) for key in batches[0]}
+
+
+def with_full_size_masks(fields: dict[str, tf.Tensor]) -> dict[str, tf.Tensor]:
+    """fields plus "full_size_mask": each stored mask expanded to a full-size 1-bit PNG, as records
+    of format version 1 stored it (for the diagnostic that decodes masks the old way)."""
+    pngs = []
+    for encoded, row_repeats, col_repeats in zip(fields["mask_encoded"].numpy(), fields["mask_row_repeats"].numpy(),
+                                                 fields["mask_col_repeats"].numpy()):
+        collapsed = tf.io.decode_png(encoded, channels=1).numpy()[:, :, 0] > 0
+        pngs.append(masks.png_1bit(masks.expand(collapsed, row_repeats, col_repeats)))
+    return {**fields, "full_size_mask": tf.constant(pngs)}
 
 
 # ---------------------------------------------------------------------------------------------
 # Batch sources. Each is a function returning a fresh iterator of batches.
 
 
-def tight_loop(fields: dict[str, np.ndarray], decode, keys, image_size: int, batch_size: int) -> Iterator:
+def tight_loop(fields: dict[str, tf.Tensor], decode, keys, image_size: int, batch_size: int) -> Iterator:
     """decode(one record's fields) over fields held in memory, in an autotuned parallel map, batched.
 
     Only `keys` are sliced, so a loop copies no bytes its decode does not read.
@@ -268,37 +279,39 @@ def _image(fields, image_size: int):
 
 
 def image_and_mask(fields, image_size: int):
-    """Exactly the pipeline's per-image decode (`decode_example` without the pass-through labels)."""
-    return _image(fields, image_size), pipeline.decode_mask(fields["mask_encoded"], image_size)
+    """Exactly the pipeline's per-image decode: `decode_example` (image, and the mask of images with boxes)."""
+    example = pipeline.decode_example(fields, image_size, BIT_DEPTH)
+    return example["image"], example["mask"]
+
+
+def _stored_mask(fields, image_size: int):
+    return pipeline.decode_mask(fields["mask_encoded"], fields["mask_row_repeats"], fields["mask_col_repeats"],
+                                image_size)
 
 
 def mask_alone(fields, image_size: int):
-    return pipeline.decode_mask(fields["mask_encoded"], image_size)
+    return _stored_mask(fields, image_size)
 
 
-def image_and_mask_skipping_empty(fields, image_size: int):
-    """Alternative: an image without boxes has an all-zero mask; decode the PNG only otherwise."""
+def image_and_every_mask(fields, image_size: int):
+    """Alternative: the stored mask decoded for every image, also those without boxes (all-zero)."""
+    return _image(fields, image_size), _stored_mask(fields, image_size)
+
+
+def full_size_mask(encoded, image_size: int):
+    """Records format 1's mask decode: the full-size 1-bit PNG, float, area resize, threshold at 0.5."""
+    mask = tf.cast(tf.io.decode_png(encoded, channels=1), tf.float32) / 255.0
+    return tf.cast(tf.image.resize(mask, [image_size, image_size], "area") >= 0.5, tf.float32)
+
+
+def image_and_full_size_mask(fields, image_size: int):
+    """Alternative: as format 1 decoded, the full-size mask PNG for images with boxes, zeros otherwise."""
     mask = tf.cond(
         fields["num_boxes"] > 0,
-        lambda: pipeline.decode_mask(fields["mask_encoded"], image_size),
+        lambda: full_size_mask(fields["full_size_mask"], image_size),
         lambda: tf.zeros([image_size, image_size, 1], tf.float32),
     )
     return _image(fields, image_size), mask
-
-
-def rasterised_mask(boxes, num_boxes, image_size: int):
-    """Alternative: the union of normalised (ymin, xmin, ymax, xmax) boxes drawn at image_size
-    directly; a pixel is in when its centre is (the area-resized PNG keeps pixels at least half in)."""
-    centres = (tf.range(image_size, dtype=tf.float32) + 0.5) / image_size
-    valid = tf.range(MAX_BOXES) < num_boxes
-    rows = (centres[None, :] >= boxes[:, 0:1]) & (centres[None, :] < boxes[:, 2:3]) & valid[:, None]
-    cols = (centres[None, :] >= boxes[:, 1:2]) & (centres[None, :] < boxes[:, 3:4]) & valid[:, None]
-    inside = tf.reduce_any(rows[:, :, None] & cols[:, None, :], axis=0)
-    return tf.cast(inside, tf.float32)[:, :, None]
-
-
-def image_and_mask_from_boxes(fields, image_size: int):
-    return _image(fields, image_size), rasterised_mask(fields["boxes"], fields["num_boxes"], image_size)
 
 
 def image_data_generator(png_dir: str, image_size: int, batch_size: int) -> Iterator:
@@ -349,6 +362,11 @@ def process_cpu_seconds(pid: int) -> float:
     with open(f"/proc/{pid}/stat") as handle:
         fields = handle.read().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime, stime
+
+    @property
+    def cores_busy(self) -> float:
+        """Cores this process kept busy on average: below the machine's count when others took a share."""
+        return self.images_per_second * self.cpu_ms_per_image / 1000.0
 
 
 def measure(method: Method, warmup: int, seconds: float, batches: int) -> Measurement:
@@ -429,7 +447,7 @@ def methods(bench: BenchData, image_size: int, batch_size: int, diagnostics: boo
 
     found = [
         Method(PASSTHROUGH, f"make_dataset, image_size=0 records: {SOURCE_SIZE}-px JPEG at ratio {ratio} + "
-               f"{SOURCE_SIZE}-px mask", dataset(bench.passthrough_dir)),
+               f"stored mask (images with boxes)", dataset(bench.passthrough_dir)),
         Method(RESIZED, f"make_dataset, image_size={image_size} records: {image_size}-px PNG + {image_size}-px mask",
                dataset(bench.resized_dir)),
         Method(BASELINE, f"tf_keras flow_from_directory, {SOURCE_SIZE}-px grey PNGs -> {image_size}, one thread",
@@ -445,19 +463,22 @@ def methods(bench: BenchData, image_size: int, batch_size: int, diagnostics: boo
     if not diagnostics:
         return found
     resized = load_fields(bench.resized_dir)
+    mask_keys = ("mask_encoded", "mask_row_repeats", "mask_col_repeats")
     return found + [
-        Method("pt: jpeg+mask", "passthrough fields in memory, decode_image + decode_mask as the pipeline",
-               loop(passthrough, image_and_mask, (*IMAGE_KEYS, "mask_encoded")), True),
-        Method("pt: mask alone", f"decode_mask alone: {SOURCE_SIZE}-px 1-bit PNG, float, area resize, threshold",
-               loop(passthrough, mask_alone, ["mask_encoded"]), True),
-        Method("pt: jpeg+mask skip empty", "as pt: jpeg+mask, but zeros instead of the PNG when num_boxes == 0",
-               loop(passthrough, image_and_mask_skipping_empty, (*IMAGE_KEYS, "mask_encoded", "num_boxes")), True),
-        Method("pt: jpeg+mask from boxes", f"decode_image + the mask rasterised from the boxes at {image_size} px",
-               loop(passthrough, image_and_mask_from_boxes, (*IMAGE_KEYS, "boxes", "num_boxes")), True),
+        Method("pt: jpeg+mask", "passthrough fields in memory, decode_example as the pipeline (image; mask of images "
+               "with boxes)", loop(passthrough, image_and_mask, tuple(passthrough)), True),
+        Method("pt: mask alone", "decode_mask alone over every stored mask (collapsed PNG, two small matrix products, "
+               "threshold)", loop(passthrough, mask_alone, mask_keys), True),
+        Method("pt: jpeg+every mask", "decode_image + decode_mask for every image, also those without boxes",
+               loop(passthrough, image_and_every_mask, (*IMAGE_KEYS, *mask_keys)), True),
+        Method("pt: jpeg+1024-px mask", f"as records format 1: decode_image + the {SOURCE_SIZE}-px 1-bit mask PNG "
+               "(images with boxes), float, area resize, threshold",
+               loop(with_full_size_masks(passthrough), image_and_full_size_mask,
+                    (*IMAGE_KEYS, "full_size_mask", "num_boxes")), True),
         Method("rs: png alone", f"decode_png alone over the {image_size}-px records' images in memory",
                loop(resized, png_alone, ["image_encoded"]), True),
-        Method("rs: png+mask", f"{image_size}-px records' fields in memory, decode_image + decode_mask",
-               loop(resized, image_and_mask, (*IMAGE_KEYS, "mask_encoded")), True),
+        Method("rs: png+mask", f"{image_size}-px records' fields in memory, decode_example as the pipeline",
+               loop(resized, image_and_mask, tuple(resized)), True),
     ]
 
 
@@ -474,22 +495,22 @@ def describe_decoding(bench: BenchData, image_size: int) -> list[str]:
     """What one example costs to decode in each records folder, from the records themselves."""
     lines = []
     for label, records_dir in ((PASSTHROUGH, bench.passthrough_dir), (RESIZED, bench.resized_dir)):
-        fields = load_fields(records_dir)
+        fields = {key: value.numpy() for key, value in load_fields(records_dir).items()}
         image_kb = np.mean([len(b) for b in fields["image_encoded"]]) / 1024
-        mask_kb = np.mean([len(b) for b in fields["mask_encoded"]]) / 1024
         stored = int(fields["stored_size"][0])
-        empty = float(np.mean(fields["num_boxes"] == 0))
+        boxed = fields["num_boxes"] > 0
         if stored == SOURCE_SIZE:
             image = (f"a {stored}x{stored} JPEG ({image_kb:.0f} KB) decoded at ratio {jpeg_ratio(image_size)} "
                      f"straight to {stored // jpeg_ratio(image_size)} px")
-            mask = (f"a {stored}x{stored} 1-bit mask PNG ({mask_kb:.2f} KB) decoded to {stored * stored / 2**20:.0f} "
-                    f"MP uint8, cast to float32 ({4 * stored * stored / 2**20:.0f} MB), area-resized to {image_size} "
-                    f"and thresholded")
         else:
             image = f"a {stored}x{stored} 8-bit PNG ({image_kb:.0f} KB), no resize"
-            mask = f"a {stored}x{stored} 1-bit mask PNG ({mask_kb:.2f} KB), no resize"
-        lines.append(f"  {label}: per image {image}; plus {mask}. {empty:.0%} of the masks are empty "
-                     f"(one constant PNG).")
+        rows = np.mean([len(r) for r in fields["mask_row_repeats"][boxed]])
+        columns = np.mean([len(c) for c in fields["mask_col_repeats"][boxed]])
+        png_bytes = np.mean([len(b) for b in fields["mask_encoded"][boxed]])
+        mask = (f"for the {np.mean(boxed):.0%} with boxes, the {stored}x{stored} mask stored collapsed to "
+                f"{rows:.1f}x{columns:.1f} runs of rows x columns on average (a {png_bytes:.0f}-byte 1-bit PNG), "
+                f"resized to {image_size} by two matrix products and thresholded; zeros for the rest")
+        lines.append(f"  {label}: per image {image}; plus {mask}.")
     return lines
 
 
@@ -524,6 +545,7 @@ def report(runs: dict[str, list[Measurement]], found: list[Method]) -> bool:
               f"{cpu_ms(runs, method.name):>10.2f}  {verdict}")
     print("images/s: best of the repeats (the ratios use it); median: of the repeats; CPU ms/img: the process's CPU "
           "time (all threads) per image, least of the repeats")
+    print(fairness(runs))
     print()
     for method in found:
         print(f"  {method.name}: {method.description}")
@@ -553,6 +575,18 @@ def service_scaling(runs: dict[str, list[Measurement]], best: dict[str, float]) 
     ]
 
 
+def fairness(runs: dict[str, list[Measurement]]) -> str:
+    """Whether passthrough and the ceiling had the machine alike: both parallel, each should keep every core busy."""
+    cores = {name: max(runs[name], key=lambda run: run.images_per_second).cores_busy for name in (PASSTHROUGH, CEILING)}
+    text = (f"cores busy in the best runs: passthrough {cores[PASSTHROUGH]:.2f}, decode ceiling {cores[CEILING]:.2f} "
+            f"(of {len(os.sched_getaffinity(0))})")
+    if abs(cores[PASSTHROUGH] / cores[CEILING] - 1.0) > 0.1:
+        return (f"{text}: other processes took different shares of the machine in the two, so their images/s ratio "
+                "reflects the load more than the pipelines; rerun when the machine is quiet, or see the CPU-time "
+                "projection below")
+    return text
+
+
 def cpu_ms(runs: dict[str, list[Measurement]], name: str) -> float:
     return min(run.cpu_ms_per_image for run in runs[name])
 
@@ -572,19 +606,19 @@ def where_time_goes(runs: dict[str, list[Measurement]]) -> list[str]:
         (RESIZED, "rs: png alone", "rs: png+mask", "PNG decode"),
     ):
         total = ms[title]
-        image_ms, mask_ms, rest_ms = ms[image_name], ms[decode_name] - ms[image_name], total - ms[decode_name]
+        image_ms, beyond_image_ms, rest_ms = ms[image_name], ms[decode_name] - ms[image_name], total - ms[decode_name]
         lines += [
             f"{title}: {total:.2f} ms per image",
             f"  {image_text:<44} {image_ms:6.2f} ms {image_ms / total:5.0%}",
-            f"  {'mask: decode, float, resize, threshold':<44} {mask_ms:6.2f} ms {mask_ms / total:5.0%}",
-            f"  {'the rest: read, parse, shuffle, batch, cast':<44} {rest_ms:6.2f} ms {rest_ms / total:5.0%}",
+            f"  {'rest of decode_example: image cast, mask':<44} {beyond_image_ms:6.2f} ms {beyond_image_ms / total:5.0%}",
+            f"  {'the rest: read, parse, shuffle, batch':<44} {rest_ms:6.2f} ms {rest_ms / total:5.0%}",
         ]
     lines.append(f"  (ImageDataGenerator: {ms[BASELINE]:.2f} ms per image, in one thread)")
     rest_ms = ms[PASSTHROUGH] - ms["pt: jpeg+mask"]
     lines.append(f"passthrough with another mask, projected from CPU time (its decode loop + the same {rest_ms:.2f} ms "
                  "rest; the ceiling's share is what its images/s would be as a fraction of the ceiling's on the "
                  "same cores):")
-    for name in ("pt: jpeg+mask", "pt: jpeg+mask skip empty", "pt: jpeg+mask from boxes"):
+    for name in ("pt: jpeg+mask", "pt: jpeg+every mask", "pt: jpeg+1024-px mask"):
         total = ms[name] + rest_ms
         lines.append(f"  {name:<26} {ms[name]:5.2f} + {rest_ms:.2f} = {total:5.2f} ms: "
                      f"{ms[CEILING] / total:4.0%} of the ceiling")
@@ -616,7 +650,8 @@ def benchmark() -> int:
                     run = measure(method, FLAGS.warmup_batches, FLAGS.seconds, FLAGS.batches)
                     runs[method.name].append(run)
                     print(f"  repeat {repeat + 1}/{FLAGS.repeats} {method.name:<26} "
-                          f"{run.images_per_second:8.1f} images/s {run.cpu_ms_per_image:6.2f} CPU ms/image", flush=True)
+                          f"{run.images_per_second:8.1f} images/s {run.cpu_ms_per_image:6.2f} CPU ms/image "
+                          f"{run.cores_busy:5.2f} cores busy", flush=True)
             print(f"load average at end: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
             print()
             passed = report(runs, found)

@@ -23,7 +23,7 @@ from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage
 from pneumo_tf.records import boxes as box_lib
 from pneumo_tf.errors import UserError
 from pneumo_tf.fileio import write_json_atomic
-from pneumo_tf.records import shards, dicom, labels as labels_lib, manifest as manifest_lib, schema, synthetic
+from pneumo_tf.records import shards, dicom, labels as labels_lib, manifest as manifest_lib, masks, schema, synthetic
 
 
 def read_records(records_dir):
@@ -46,6 +46,12 @@ def read_records(records_dir):
 
 def decode_png(data: bytes) -> np.ndarray:
     return np.asarray(Image.open(io.BytesIO(data)))
+
+
+def stored_mask(record) -> np.ndarray:
+    """The record's mask at the stored image's size: its collapsed PNG expanded by the repeats."""
+    collapsed = decode_png(record[schema.MASK_ENCODED][0]).astype(bool)
+    return masks.expand(collapsed, record[schema.MASK_ROW_REPEATS], record[schema.MASK_COL_REPEATS])
 
 
 def run_cli(*args, timeout=300):
@@ -102,8 +108,7 @@ def test_synthetic_records_match_labels_and_dicoms(synthetic_rsna, converted):
             got = list(zip(*(record[k] for k in schema.BOX_KEYS)))
             np.testing.assert_allclose(got, expected_boxes, atol=1e-7)
             assert len(got) == len(label.boxes)
-        mask = decode_png(record[schema.MASK_ENCODED][0])
-        np.testing.assert_array_equal(mask.astype(bool), box_lib.rasterize(expected_boxes, 1024, 1024))
+        np.testing.assert_array_equal(stored_mask(record), box_lib.rasterize(expected_boxes, 1024, 1024))
 
 
 def test_manifest_counts(converted):
@@ -173,8 +178,7 @@ def test_real_dicoms_convert_exactly(shared_rsna, tmp_path):
         got = sorted(zip(*(record[k] for k in schema.BOX_KEYS)))
         assert len(got) == len(expected) == (2 if image_id[:8] in expected_positive else 0)
         np.testing.assert_allclose(np.reshape(got, (-1, 4)), np.reshape(expected, (-1, 4)), atol=1e-7)
-        mask = decode_png(record[schema.MASK_ENCODED][0]).astype(bool)
-        np.testing.assert_array_equal(mask, box_lib.rasterize(expected, 1024, 1024))
+        np.testing.assert_array_equal(stored_mask(record), box_lib.rasterize(expected, 1024, 1024))
         # Decoding the passed-through bytes with TensorFlow matches pydicom's decoder within
         # the libjpeg-turbo / libjpeg difference (up to 6 grey levels, mean ~0.5).
         decoded = tf.io.decode_jpeg(frame).numpy()[..., 0].astype(int)
@@ -277,7 +281,7 @@ def test_resized_records(synthetic_rsna, tmp_path):
         block_means = source.reshape(64, 16, 64, 16).mean(axis=(1, 3))
         assert np.abs(image - block_means).mean() < 3.0
         boxes = list(zip(*(record[k] for k in schema.BOX_KEYS)))
-        np.testing.assert_array_equal(decode_png(record[schema.MASK_ENCODED][0]).astype(bool), box_lib.rasterize(boxes, 64, 64))
+        np.testing.assert_array_equal(stored_mask(record), box_lib.rasterize(boxes, 64, 64))
 
 
 def test_pydicom_corpus_each_file_one_record_or_one_reject(tmp_path):

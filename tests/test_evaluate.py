@@ -18,6 +18,7 @@ from pneumo_tf.errors import UserError
 from pneumo_tf.evaluation import report, submission, visualize
 from pneumo_tf.inference import offline
 from pneumo_tf.models import exported
+from pneumo_tf.records.manifest import FORMAT_VERSION
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
@@ -247,7 +248,7 @@ def test_cli_evaluates_without_saving_the_threshold(box_pictures, tmp_path):
 
 @pytest.mark.parametrize("case, message", [
     ("missing model", "model folder not found"),
-    ("foreign records", "not a pneumo_tf records manifest of format version 1"),
+    ("foreign records", f"format version 999, but this pneumo_tf reads version {FORMAT_VERSION}"),
 ])
 def test_cli_errors(case, message, trained_model, tiny_records, foreign_records, tmp_path):
     args = {

@@ -3,18 +3,16 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import io
 import os
 
 import numpy as np
 import pytest
 import tensorflow as tf
-from PIL import Image
 
 from pneumo_tf.data import pipeline
 from pneumo_tf.records.boxes import MAX_BOXES, rasterize
 from pneumo_tf.errors import UserError
-from pneumo_tf.records import schema
+from pneumo_tf.records import masks, schema
 from pneumo_tf.fileio import write_json_atomic
 from pneumo_tf.records.manifest import FORMAT_VERSION, MANIFEST_NAME
 
@@ -47,17 +45,12 @@ def _pixels(image_id: str, jpeg: bool, bit_depth: int) -> np.ndarray:
     return rng.integers(0, np.iinfo(dtype).max + 1, size=(SIZE, SIZE, 1)).astype(dtype)
 
 
-def _mask_png(boxes) -> bytes:
-    buffer = io.BytesIO()
-    Image.fromarray(rasterize(boxes, SIZE, SIZE)).save(buffer, format="PNG")  # a bool array is mode "1"
-    return buffer.getvalue()
-
-
 def _record(image_id: str, labeled: bool, bit_depth: int) -> tuple[schema.Record, np.ndarray]:
     jpeg = image_id in JPEG_IDS
     pixels = _pixels(image_id, jpeg, bit_depth)
     encoded = tf.io.encode_jpeg(pixels, quality=100) if jpeg else tf.io.encode_png(pixels)
     boxes = BOXES.get(image_id, ())
+    mask_encoded, mask_row_repeats, mask_col_repeats = masks.encode(boxes, SIZE, SIZE)
     record = schema.Record(
         image_id=image_id,
         image_encoded=encoded.numpy(),
@@ -66,7 +59,9 @@ def _record(image_id: str, labeled: bool, bit_depth: int) -> tuple[schema.Record
         width=SIZE,
         source_height=SIZE,
         source_width=SIZE,
-        mask_encoded=_mask_png(boxes),
+        mask_encoded=mask_encoded,
+        mask_row_repeats=mask_row_repeats,
+        mask_col_repeats=mask_col_repeats,
         target=int(bool(boxes)) if labeled else schema.UNLABELED,
         label_class=(2 if boxes else 0) if labeled else schema.UNLABELED,
         boxes=boxes,
@@ -204,6 +199,69 @@ def test_resize_averages_png_pixels_and_keeps_masks_binary(folder):
             np.testing.assert_allclose(example["image"], block_means, atol=1e-6)
 
 
+def _half_covered_reference(mask: np.ndarray, size: int) -> np.ndarray:
+    """Pixels of a size x size resize of the full mask with at least half their area in it.
+
+    In units of 1 / size stored pixel, stored pixel y spans [y size, (y + 1) size) and
+    output pixel i spans [i H, (i + 1) H), so every overlap, and every covered area, is
+    a whole number (float64 holds these exactly).
+    """
+    height, width = mask.shape
+
+    def overlaps(length):
+        stored, output = np.arange(length) * size, np.arange(size) * length
+        ends = np.minimum(output[:, None] + length, stored[None, :] + size)
+        return np.clip(ends - np.maximum(output[:, None], stored[None, :]), 0, None).astype(np.float64)
+
+    covered = overlaps(height) @ mask.astype(np.float64) @ overlaps(width).T
+    return (2 * covered >= height * width).astype(np.float32)[..., None]
+
+
+# (stored height, stored width, output size): whole and fractional scales, down and up, square
+# and not. Box edges on whole and half output pixels leave output pixels exactly half covered
+# (416 at 1024 -> 256, 281 at 1000 x 800 -> 300): they are in.
+MASK_CASES = [(1024, 1024, 256), (64, 64, 64), (64, 64, 32), (64, 64, 24), (60, 90, 32), (37, 50, 64),
+              (1000, 800, 300)]
+
+
+@pytest.mark.parametrize(("height", "width", "size"), MASK_CASES)
+def test_decode_mask_keeps_the_pixels_at_least_half_covered(height, width, size):
+    rng = np.random.default_rng(height * width + size)
+    corners = np.sort(rng.integers(0, 2 * size + 1, size=(4, 2, 2)), axis=-1) / (2 * size)
+    boxes = [(x[0], y[0], x[1], y[1]) for x, y in corners] + [(0.2, 0.3, 0.45, 0.7)]
+    full = rasterize(boxes, height, width)
+    expected = _half_covered_reference(full, size)
+    encoded, row_repeats, col_repeats = masks.encode(boxes, height, width)
+    eager = pipeline.decode_mask(encoded, tf.constant(row_repeats, tf.int64), tf.constant(col_repeats, tf.int64), size)
+    np.testing.assert_array_equal(eager, expected)
+    # In graph mode inside tf.data, from a record parsed as the pipeline parses it.
+    record = schema.Record("m", b"", schema.PNG, height, width, height, width, encoded, row_repeats, col_repeats)
+    parsed = tf.data.Dataset.from_tensors([schema.serialize_example(record)]).map(pipeline.parse_batch).unbatch()
+    decoded = parsed.map(lambda f: pipeline.decode_mask(f["mask_encoded"], f["mask_row_repeats"],
+                                                        f["mask_col_repeats"], size))
+    np.testing.assert_array_equal(next(iter(decoded)), expected)
+    if size == height == width:
+        np.testing.assert_array_equal(eager[..., 0], full)
+    if height % size == 0 and width % size == 0:
+        # What the pipeline computed before (area resize of the full PNG, threshold): at a
+        # whole-number scale TensorFlow's float sums are exact, so even ties agree.
+        area = tf.image.resize(full[..., None].astype(np.float32), [size, size], "area")
+        np.testing.assert_array_equal(eager, tf.cast(area >= 0.5, tf.float32))
+
+
+def test_decode_mask_by_hand():
+    # A 4 x 6 mask with its top row and left column set, to 2 x 2: the top-left output pixel is
+    # 4 of 6 stored pixels covered, the top-right 3 of 6 (exactly half: in), the bottom-left
+    # 2 of 6 (out), the bottom-right none.
+    mask = np.zeros((4, 6), bool)
+    mask[0, :] = mask[:, 0] = True
+    collapsed, row_repeats, col_repeats = masks.collapse(mask)
+    assert collapsed.tolist() == [[True, True], [True, False]] and row_repeats == (1, 3) and col_repeats == (1, 5)
+    decoded = pipeline.decode_mask(masks.png_1bit(collapsed), tf.constant(row_repeats, tf.int64),
+                                   tf.constant(col_repeats, tf.int64), 2)
+    assert decoded[..., 0].numpy().tolist() == [[1.0, 1.0], [0.0, 0.0]]
+
+
 def test_boxes_are_reordered_zero_padded_and_truncated(native_epoch):
     epoch = by_id(native_epoch)
     for image_id, example in epoch.items():
@@ -305,6 +363,18 @@ def test_user_mistakes_raise_user_errors(folder, tmp_path):
         pipeline.make_dataset(folder[0], "test", 4, 16, training=True, positive_fraction=0.5)
     with pytest.raises(UserError, match="training"):
         pipeline.make_dataset(folder[0], "train", 4, 16, training=False, positive_fraction=0.5)
+
+
+@pytest.mark.parametrize(("manifest", "message"), [
+    ({"format_version": 1, "splits": {}},
+     f"holds records of format version 1, but this pneumo_tf reads version {FORMAT_VERSION}: reconvert the DICOMs"),
+    ({"splits": {}}, "is not a pneumo_tf records manifest"),
+    ([1, 2], "is not a pneumo_tf records manifest"),
+])
+def test_records_of_another_format_are_refused_with_what_to_do(tmp_path, manifest, message):
+    write_json_atomic(str(tmp_path / MANIFEST_NAME), manifest)
+    with pytest.raises(UserError, match=message):
+        pipeline.make_dataset(str(tmp_path), "train", 4, 16, training=False)
 
 
 def test_a_shard_missing_from_disk_is_a_user_error(tmp_path):

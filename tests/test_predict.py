@@ -16,6 +16,7 @@ from pneumo_tf.evaluation import submission
 from pneumo_tf.inference import offline
 from pneumo_tf.models import exported
 from pneumo_tf.records import shards, synthetic
+from pneumo_tf.records.manifest import FORMAT_VERSION
 
 # At 0.3 the two-step model's mask (about 0.5 everywhere) gives boxes, so box parsing is exercised.
 THRESHOLD = 0.3
@@ -135,7 +136,7 @@ def test_cli_reports_rejected_dicoms(trained_model, synthetic_rsna, test_ids, tm
 
 @pytest.mark.parametrize("case, message", [
     ("missing model", "model folder not found"),
-    ("foreign records", "not a pneumo_tf records manifest of format version 1"),
+    ("foreign records", f"format version 999, but this pneumo_tf reads version {FORMAT_VERSION}"),
 ])
 def test_cli_errors(case, message, trained_model, tiny_records, foreign_records, tmp_path):
     model_dir, records = {

@@ -29,6 +29,8 @@ def tensorflow_serialised(record: schema.Record) -> bytes:
         schema.TARGET: feature("int64", [record.target]),
         schema.CLASS: feature("int64", [record.label_class]),
         schema.MASK_ENCODED: feature("bytes", [record.mask_encoded]),
+        schema.MASK_ROW_REPEATS: feature("int64", list(record.mask_row_repeats)),
+        schema.MASK_COL_REPEATS: feature("int64", list(record.mask_col_repeats)),
     }
     for index, key in enumerate(schema.BOX_KEYS):
         features[key] = feature("float", [box[index] for box in record.boxes])
@@ -37,12 +39,13 @@ def tensorflow_serialised(record: schema.Record) -> bytes:
 
 RECORDS = [
     schema.Record("00436515-870c-4b36-a041-de91049b9ab4", bytes(range(256)) * 700, "jpeg", 1024, 1024, 1024, 1024,
-                  b"\x89PNG mask", target=1, label_class=2, boxes=((0.1, 0.2, 0.3, 0.45), (0.6, 0.25, 0.9, 0.8)),
-                  view="AP", age=32, sex="F", pixel_spacing=(0.139, 0.139)),
-    schema.Record("unlabeled", b"", "png", 64, 48, 3000, 2500, b"", view="", age=-1, sex="",
+                  b"\x89PNG mask", (256, 51, 369, 41, 307), (205, 256, 102, 256, 205), target=1, label_class=2,
+                  boxes=((0.1, 0.2, 0.3, 0.45), (0.6, 0.25, 0.9, 0.8)), view="AP", age=32, sex="F",
+                  pixel_spacing=(0.139, 0.139)),
+    schema.Record("unlabeled", b"", "png", 64, 48, 3000, 2500, b"", (), (), view="", age=-1, sex="",
                   pixel_spacing=(0.0, 0.0)),  # -1s are 10-byte varints; empty lists and strings
-    schema.Record("ünïcode id", b"\x00" * 130, "png", 300, 200, 2**31, 2**40, b"m", target=0, label_class=0,
-                  boxes=((1e-8, 0.0, 1.0, 1.0),), age=150, sex="O", pixel_spacing=(3.4e38, 1e-30)),
+    schema.Record("ünïcode id", b"\x00" * 130, "png", 300, 200, 2**31, 2**40, b"m", (300,), (2**40,), target=0,
+                  label_class=0, boxes=((1e-8, 0.0, 1.0, 1.0),), age=150, sex="O", pixel_spacing=(3.4e38, 1e-30)),
 ]
 
 

@@ -131,6 +131,8 @@ def parse_batch(serialized):
         "image_format": features[schema.IMAGE_FORMAT],
         "stored_size": tf.minimum(features[schema.IMAGE_HEIGHT], features[schema.IMAGE_WIDTH]),
         "mask_encoded": features[schema.MASK_ENCODED],
+        "mask_row_repeats": features[schema.MASK_ROW_REPEATS],
+        "mask_col_repeats": features[schema.MASK_COL_REPEATS],
         "boxes": boxes.to_tensor(default_value=0.0, shape=[None, MAX_BOXES, 4]),
         "num_boxes": tf.cast(tf.minimum(boxes.row_lengths(), MAX_BOXES), tf.int32),
         "target": tf.cast(features[schema.TARGET], tf.int32),
@@ -172,14 +174,40 @@ def decode_image(encoded, image_format, stored_size, image_size: int, bit_depth:
     return _resize(pixels, image_size)
 
 
-def decode_mask(encoded, image_size: int):
-    """A 1-bit box-mask PNG -> float32 [S, S, 1] in {0, 1}.
+def _overlaps(repeats, size: int):
+    """How much of each of `size` equal output pixels each run of stored pixels covers, along one axis.
 
-    Thresholding the area-resized mask at 0.5 keeps it binary: a pixel is in a box
-    when at least half of it was.
+    repeats: int64 [K], the stored pixels each collapsed row (or column) stands for;
+    their sum is the stored length N. Returns (int64 [size, K], N): output pixel i spans
+    stored coordinates [i N / size, (i + 1) N / size); in units of 1 / size stored pixel
+    every span and overlap is a whole number, so the counts are exact.
     """
-    mask = tf.cast(tf.io.decode_png(encoded, channels=1), tf.float32) / 255.0
-    return tf.cast(_resize(mask, image_size) >= 0.5, tf.float32)
+    run_ends = tf.cumsum(repeats)
+    length = run_ends[-1]
+    run_ends *= size
+    run_starts = run_ends - repeats * size
+    pixel_starts = tf.range(size, dtype=tf.int64) * length
+    pixel_ends = pixel_starts + length
+    overlap_end = tf.minimum(pixel_ends[:, None], run_ends[None, :])
+    overlap_start = tf.maximum(pixel_starts[:, None], run_starts[None, :])
+    return tf.maximum(overlap_end - overlap_start, 0), length
+
+
+def decode_mask(encoded, row_repeats, col_repeats, image_size: int):
+    """A stored mask (records/masks.py: collapsed PNG and repeats) -> float32 [S, S, 1] in {0, 1}.
+
+    A pixel is in the mask when at least half of its area is: area-resizing the full-size
+    mask and thresholding at 0.5, in exact arithmetic (at the stored size, the mask itself;
+    at whole-number scales the same as `tf.image.resize(..., "area")`, ties included),
+    computed without the full-size raster. The covered area of every output pixel is
+    rows_overlap @ collapsed @ columns_overlap^T, whole numbers, exact in float64.
+    """
+    collapsed = tf.cast(tf.io.decode_png(encoded, channels=1)[:, :, 0] > 0, tf.float64)
+    rows, height = _overlaps(row_repeats, image_size)
+    columns, width = _overlaps(col_repeats, image_size)
+    covered = tf.matmul(tf.matmul(tf.cast(rows, tf.float64), collapsed), tf.cast(columns, tf.float64), transpose_b=True)
+    inside = 2.0 * covered >= tf.cast(height * width, tf.float64)  # each output pixel's area is height x width units
+    return tf.ensure_shape(tf.cast(inside, tf.float32)[:, :, None], [image_size, image_size, 1])
 
 
 def decode_example(fields, image_size: int, bit_depth: int):
@@ -188,11 +216,11 @@ def decode_example(fields, image_size: int, bit_depth: int):
     example["image"] = decode_image(
         fields["image_encoded"], fields["image_format"], fields["stored_size"], image_size, bit_depth
     )
-    # The mask is the union of the boxes (schema): with none it is empty, and skipping the
-    # decode of those (77% of RSNA) saves a third of the pipeline's CPU on passthrough records.
+    # The mask is the union of the boxes (schema): with none it is empty. Skipping the decode of
+    # those (77% of RSNA) saves ~0.1 ms of CPU per image, 6% of the passthrough pipeline's.
     example["mask"] = tf.cond(
         fields["num_boxes"] > 0,
-        lambda: decode_mask(fields["mask_encoded"], image_size),
+        lambda: decode_mask(fields["mask_encoded"], fields["mask_row_repeats"], fields["mask_col_repeats"], image_size),
         lambda: tf.zeros([image_size, image_size, 1], tf.float32),
     )
     return example

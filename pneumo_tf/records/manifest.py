@@ -17,7 +17,9 @@ from pneumo_tf.errors import UserError
 
 MANIFEST_NAME = "manifest.json"
 REJECTS_NAME = "rejects.csv"
-FORMAT_VERSION = 1
+# What the records hold, as the input pipeline reads it. 2: masks are stored with each run of
+# identical rows and columns kept once (records/masks.py); version 1 stored them as full-size PNGs.
+FORMAT_VERSION = 2
 
 
 def read_manifest(records_dir: str) -> dict:
@@ -31,9 +33,12 @@ def read_manifest(records_dir: str) -> dict:
         manifest = fileio.read_json(path)
     except json.JSONDecodeError as error:
         raise UserError(f"{path} is not valid JSON: {error}") from error
-    if not isinstance(manifest, dict) or manifest.get("format_version") != FORMAT_VERSION:
+    if not isinstance(manifest, dict) or "format_version" not in manifest:
+        raise UserError(f"{path} is not a pneumo_tf records manifest: convert the DICOMs (python -m pneumo_tf.convert)")
+    if manifest["format_version"] != FORMAT_VERSION:
         raise UserError(
-            f"{path} is not a pneumo_tf records manifest of format version {FORMAT_VERSION}: reconvert the images"
+            f"{records_dir} holds records of format version {manifest['format_version']}, but this pneumo_tf reads "
+            f"version {FORMAT_VERSION}: reconvert the images into a new folder"
         )
     return manifest
 

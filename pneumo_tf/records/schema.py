@@ -29,7 +29,11 @@ XMIN = "bbox/xmin"
 YMIN = "bbox/ymin"
 XMAX = "bbox/xmax"
 YMAX = "bbox/ymax"
+# The union of the boxes at the stored image's size with each run of identical rows and of
+# columns kept once (records/masks.py): a 1-bit PNG plus how many stored rows and columns each stands for.
 MASK_ENCODED = "mask/encoded"
+MASK_ROW_REPEATS = "mask/row_repeats"
+MASK_COL_REPEATS = "mask/col_repeats"
 
 BOX_KEYS = (XMIN, YMIN, XMAX, YMAX)
 
@@ -55,7 +59,10 @@ class Record:
     width: int
     source_height: int
     source_width: int
+    # The mask as records/masks.py `encode` gives it: collapsed PNG, row repeats, column repeats.
     mask_encoded: bytes
+    mask_row_repeats: tuple[int, ...]
+    mask_col_repeats: tuple[int, ...]
     target: int = UNLABELED
     label_class: int = UNLABELED
     # Boxes as (xmin, ymin, xmax, ymax) normalised to [0, 1] of the source image.
@@ -83,6 +90,8 @@ def serialize_example(record: Record) -> bytes:
         TARGET: encode_feature("int64", [record.target]),
         CLASS: encode_feature("int64", [record.label_class]),
         MASK_ENCODED: encode_feature("bytes", [record.mask_encoded]),
+        MASK_ROW_REPEATS: encode_feature("int64", record.mask_row_repeats),
+        MASK_COL_REPEATS: encode_feature("int64", record.mask_col_repeats),
     }
     for index, key in enumerate(BOX_KEYS):
         features[key] = encode_feature("float", [box[index] for box in record.boxes])
@@ -90,7 +99,7 @@ def serialize_example(record: Record) -> bytes:
 
 
 def parse_features():
-    """The feature spec for `tf.io.parse_example`; boxes parse as ragged tensors."""
+    """The feature spec for `tf.io.parse_example`; boxes and mask repeats parse as ragged tensors."""
     import tensorflow as tf
 
     spec = {
@@ -108,6 +117,8 @@ def parse_features():
         TARGET: tf.io.FixedLenFeature([], tf.int64),
         CLASS: tf.io.FixedLenFeature([], tf.int64),
         MASK_ENCODED: tf.io.FixedLenFeature([], tf.string),
+        MASK_ROW_REPEATS: tf.io.RaggedFeature(tf.int64),
+        MASK_COL_REPEATS: tf.io.RaggedFeature(tf.int64),
     }
     for key in BOX_KEYS:
         spec[key] = tf.io.RaggedFeature(tf.float32)

@@ -25,9 +25,7 @@ import multiprocessing
 import os
 import platform
 import queue
-import struct
 import time
-import zlib
 from collections.abc import Callable
 
 import numpy as np
@@ -39,7 +37,7 @@ from pneumo_tf.errors import RejectedFile, UserError
 from pneumo_tf import fileio
 from pneumo_tf.fileio import write_csv_atomic, write_json_atomic
 from tqdm import tqdm
-from pneumo_tf.records import dicom, images, jpeg, labels as labels_lib, manifest as manifest_lib, schema
+from pneumo_tf.records import dicom, images, jpeg, labels as labels_lib, manifest as manifest_lib, masks, schema
 from pneumo_tf.records.labels import PatientLabels
 from pneumo_tf.records.tfrecord import TFRecordWriter
 
@@ -105,36 +103,6 @@ def _png(array: np.ndarray) -> bytes:
     buffer = io.BytesIO()
     Image.fromarray(array).save(buffer, format="PNG", compress_level=1)
     return buffer.getvalue()
-
-
-def _png_chunk(tag: bytes, data: bytes) -> bytes:
-    return struct.pack(">I", len(data)) + tag + data + struct.pack(">I", zlib.crc32(tag + data))
-
-
-def png_1bit(mask: np.ndarray) -> bytes:
-    """A bool array as a 1-bit grey PNG, written directly: ~6x faster than Pillow's encoder."""
-    height, width = mask.shape
-    rows = np.packbits(mask, axis=1)
-    scanlines = np.concatenate([np.zeros((height, 1), np.uint8), rows], axis=1)  # filter byte 0 per row
-    header = struct.pack(">IIBBBBB", width, height, 1, 0, 0, 0, 0)  # bit depth 1, greyscale
-    return (
-        b"\x89PNG\r\n\x1a\n"
-        + _png_chunk(b"IHDR", header)
-        + _png_chunk(b"IDAT", zlib.compress(scanlines.tobytes(), 1))
-        + _png_chunk(b"IEND", b"")
-    )
-
-
-@functools.cache
-def _empty_mask(height: int, width: int) -> bytes:
-    return png_1bit(np.zeros((height, width), dtype=bool))
-
-
-def encode_mask(normalised_boxes, height: int, width: int) -> bytes:
-    """The union of the boxes as a 1-bit PNG; the empty mask (77% of RSNA) is encoded once per size."""
-    if not normalised_boxes:
-        return _empty_mask(height, width)
-    return png_1bit(box_lib.rasterize(normalised_boxes, height, width))
 
 
 def _resized(grey: np.ndarray, size: int) -> np.ndarray:
@@ -220,6 +188,7 @@ def convert_file(source, image_id: str, labels: PatientLabels | None, options: C
     boxes = ()
     if labels is not None:
         boxes = tuple(box_lib.xywh_to_normalised(b, facts.columns, facts.rows) for b in labels.boxes)
+    mask_encoded, mask_row_repeats, mask_col_repeats = masks.encode(boxes, height, width)
     record = schema.Record(
         image_id=image_id,
         image_encoded=encoded,
@@ -228,7 +197,9 @@ def convert_file(source, image_id: str, labels: PatientLabels | None, options: C
         width=width,
         source_height=facts.rows,
         source_width=facts.columns,
-        mask_encoded=encode_mask(boxes, height, width),
+        mask_encoded=mask_encoded,
+        mask_row_repeats=mask_row_repeats,
+        mask_col_repeats=mask_col_repeats,
         target=labels.target if labels is not None else schema.UNLABELED,
         label_class=labels.label_class if labels is not None else schema.UNLABELED,
         boxes=boxes,
