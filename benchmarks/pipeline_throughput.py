@@ -356,17 +356,17 @@ class Measurement:
     cpu_ms_per_image: float  # CPU time of this whole process (every thread) per image
     helper_cpu_ms_per_image: float | None = None  # CPU time of the method's helper process per image
 
+    @property
+    def cores_busy(self) -> float:
+        """Cores this process kept busy on average: below the machine's count when others took a share."""
+        return self.images_per_second * self.cpu_ms_per_image / 1000.0
+
 
 def process_cpu_seconds(pid: int) -> float:
     """User + system CPU time of another process so far (Linux /proc)."""
     with open(f"/proc/{pid}/stat") as handle:
         fields = handle.read().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime, stime
-
-    @property
-    def cores_busy(self) -> float:
-        """Cores this process kept busy on average: below the machine's count when others took a share."""
-        return self.images_per_second * self.cpu_ms_per_image / 1000.0
 
 
 def measure(method: Method, warmup: int, seconds: float, batches: int) -> Measurement:
