@@ -40,18 +40,15 @@ import resource
 import shutil
 import subprocess
 import sys
-import tempfile
 import time
 
 from absl import app, flags
 
-import machine  # benchmarks/machine.py (the script's folder is on sys.path)
+import common  # benchmarks/common.py (the script's folder is on sys.path)
 
 FLAGS = flags.FLAGS
 flags.DEFINE_integer("num_images", 6000, "Synthetic labeled DICOMs to convert.")
-flags.DEFINE_string("work_dir", None, "Folder for the synthetic data (reused when it holds the same count) and the "
-                    "outputs. A folder given here is kept; the default temporary one is removed unless --keep.")
-flags.DEFINE_bool("keep", False, "Keep the temporary work folder (synthetic DICOMs and run logs) at the end.")
+common.define_work_dir_flags("the synthetic data, its PNG and JPEG exports and the run logs")
 flags.DEFINE_integer("workers", 0, "Converter worker processes (and synthesis processes); 0 uses all cores.")
 flags.DEFINE_integer("repeats", 1, "Runs of each method, interleaved; the best counts.")
 flags.DEFINE_multi_enum("inputs", ["dicom", "png", "jpeg"], ["dicom", "png", "jpeg"],
@@ -287,11 +284,8 @@ def report(methods, best: dict[str, Run]) -> bool:
 
 def benchmark() -> int:
     workers = FLAGS.workers or os.cpu_count() or 1
-    work_dir = FLAGS.work_dir or tempfile.mkdtemp(prefix="convert_throughput_")
-    os.makedirs(work_dir, exist_ok=True)
-    remove_work_dir = FLAGS.work_dir is None and not FLAGS.keep  # never delete a folder the user named
-    try:
-        for line in (machine.describe(("tensorflow", "pydicom", "pillow", "numpy", "pylibjpeg-libjpeg")),
+    with common.work_folder("convert_throughput_") as work_dir:
+        for line in (common.describe(("tensorflow", "pydicom", "pillow", "numpy", "pylibjpeg-libjpeg")),
                      f"converter workers: {workers}"):
             print(line)
         print(f"load average at start: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
@@ -321,11 +315,6 @@ def benchmark() -> int:
         print()
         best = {name: min(method_runs, key=lambda r: r.seconds) for name, method_runs in runs.items()}
         return 0 if report(methods, best) else 1
-    finally:
-        if remove_work_dir:
-            shutil.rmtree(work_dir, ignore_errors=True)
-        else:
-            print(f"kept {work_dir} (synthetic data and run logs)")
 
 
 def main(argv):

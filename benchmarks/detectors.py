@@ -23,14 +23,13 @@ from __future__ import annotations
 import os
 import shutil
 import sys
-import tempfile
 import time
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 from absl import app, flags  # noqa: E402
 
-import machine  # noqa: E402  benchmarks/machine.py (the script's folder is on sys.path)
+import common  # noqa: E402  benchmarks/common.py (the script's folder is on sys.path)
 from pneumo_tf.demo import DEMO_PRESETS  # noqa: E402
 from pneumo_tf.evaluation import report  # noqa: E402
 from pneumo_tf.models import exported  # noqa: E402
@@ -39,9 +38,7 @@ from pneumo_tf.training import loop  # noqa: E402
 from pneumo_tf.training.config import TrainConfig  # noqa: E402
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string("work_dir", None, "Folder for the data, records and models (reused data when it holds the same "
-                    "count). A folder given here is kept; the default temporary one is removed unless --keep.")
-flags.DEFINE_bool("keep", False, "Keep the temporary work folder at the end.")
+common.define_work_dir_flags("the hard synthetic data, its records and the models")
 flags.DEFINE_integer("num_images", 1500, "Labeled synthetic radiographs (hard setting; 80% train, 20% val).")
 flags.DEFINE_integer("source_size", 256, "Side of the synthetic DICOMs (JPEG frames, decoded at ratio 2 for 128).")
 flags.DEFINE_integer("image_size", 128, "Side of the images every model sees.")
@@ -100,12 +97,9 @@ def run(model: str, records_dir: str, work_dir: str) -> dict:
 
 
 def benchmark() -> int:
-    work_dir = FLAGS.work_dir or tempfile.mkdtemp(prefix="detectors_")
-    os.makedirs(work_dir, exist_ok=True)
-    remove_work_dir = FLAGS.work_dir is None and not FLAGS.keep  # never delete a folder the user named
     started = time.perf_counter()
-    try:
-        print(machine.describe(("tensorflow", "keras", "keras-hub", "numpy")), flush=True)
+    with common.work_folder("detectors_") as work_dir:
+        print(common.describe(("tensorflow", "keras", "keras-hub", "numpy")), flush=True)
         records_dir = records(work_dir)
         print(f"data: {FLAGS.num_images} hard synthetic images at {FLAGS.source_size} px -> {records_dir} "
               f"({time.perf_counter() - started:.0f} s)", flush=True)
@@ -116,9 +110,7 @@ def benchmark() -> int:
             results.append(run(model, records_dir, work_dir))
             print(f"=== {model}: val mAP {results[-1]['map']}, per epoch {results[-1]['val_maps']}", flush=True)
         total_minutes = (time.perf_counter() - started) / 60
-    finally:
-        if remove_work_dir:
-            shutil.rmtree(work_dir, ignore_errors=True)
+
     return report_results(results, total_minutes)
 
 

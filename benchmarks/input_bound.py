@@ -29,9 +29,7 @@ time per image the pipeline costs. The exit status is 1 when the target fails.
 from __future__ import annotations
 
 import os
-import shutil
 import sys
-import tempfile
 import time
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -40,17 +38,15 @@ import keras  # noqa: E402
 import numpy as np  # noqa: E402
 from absl import app, flags  # noqa: E402
 
-import pipeline_throughput  # noqa: E402  (this folder is on sys.path when run as a script)
+import common  # noqa: E402  benchmarks/common.py (this folder is on sys.path when run as a script)
+import pipeline_throughput  # noqa: E402
 from pneumo_tf import models  # noqa: E402
 from pneumo_tf.data import pipeline  # noqa: E402
 from pneumo_tf.training.loop import Trainer  # noqa: E402
 
 FLAGS = flags.FLAGS
 flags.DEFINE_integer("num_images", 2000, "Synthetic labeled DICOMs (the train split, 80%, feeds the pipeline).")
-flags.DEFINE_string("work_dir", None, "Folder for the synthetic data and records (reused when they hold "
-                    "--num_images; the same layout as pipeline_throughput.py). A folder given here is kept; the "
-                    "default temporary one is removed unless --keep.")
-flags.DEFINE_bool("keep", False, "Keep the temporary work folder at the end.")
+common.define_work_dir_flags("the synthetic data and records (pipeline_throughput.py's layout)")
 flags.DEFINE_integer("image_size", 256, "Model input and pipeline output size.")
 flags.DEFINE_integer("batch_size", 16, "Images per step (16: training's default and the seed's batch).")
 flags.DEFINE_integer("steps", 2, "Timed steps per block.")
@@ -77,10 +73,7 @@ def time_steps(model: keras.Model, iterator, steps: int) -> tuple[list[float], l
 
 
 def benchmark() -> int:
-    work_dir = FLAGS.work_dir or tempfile.mkdtemp(prefix="input_bound_")
-    os.makedirs(work_dir, exist_ok=True)
-    remove_work_dir = FLAGS.work_dir is None and not FLAGS.keep  # never delete a folder the user named
-    try:
+    with common.work_folder("input_bound_") as work_dir:
         print(pipeline_throughput.machine_facts())
         bench = pipeline_throughput.prepare(work_dir, FLAGS.num_images, image_size=None, pngs=False)
         size, batch_size = FLAGS.image_size, FLAGS.batch_size
@@ -125,12 +118,6 @@ def benchmark() -> int:
         print(f"load average at end: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
         print()
         return report(steps, waits, cpu, round_ratios, batch_size)
-    finally:
-        if remove_work_dir:
-            shutil.rmtree(work_dir, ignore_errors=True)
-        else:
-            print(f"work folder kept: {work_dir}")
-
 
 def report(steps: dict, waits: dict, cpu: dict, round_ratios: list[float], batch_size: int) -> int:
     header = (f"{'fed from':<10} {'steps':>5} {'median s':>9} {'mean s':>8} {'min s':>7} {'images/s':>9} "

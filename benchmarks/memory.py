@@ -14,10 +14,11 @@ import os
 import shutil
 import subprocess
 import sys
-import tempfile
 import time
 
 from absl import app, flags
+
+import common  # benchmarks/common.py (the script's folder is on sys.path)
 
 from pneumo_tf.records import shards, synthetic
 
@@ -25,8 +26,7 @@ FLAGS = flags.FLAGS
 flags.DEFINE_integer("small", 1000, "Images in the small data set.")
 flags.DEFINE_integer("large", 20000, "Images in the large data set.")
 flags.DEFINE_integer("steps", 60, "Training steps (the same for both).")
-flags.DEFINE_string("work_dir", None, "Folder for data and records (kept; reused when present). Default: a "
-                    "temporary folder, removed at the end.")
+common.define_work_dir_flags("the data, records and models")
 TARGET = 1.15
 
 
@@ -59,8 +59,7 @@ def peak_rss_of_training(records: str, model_dir: str) -> tuple[float, float]:
 
 def main(argv):
     del argv
-    work_dir = FLAGS.work_dir or tempfile.mkdtemp(prefix="pneumo_memory_")
-    try:
+    with common.work_folder("pneumo_memory_") as work_dir:
         print(f"preparing records of {FLAGS.small} and {FLAGS.large} synthetic images in {work_dir} ...", flush=True)
         small, large = records_for(work_dir, FLAGS.small), records_for(work_dir, FLAGS.large)
         results = {}
@@ -77,9 +76,6 @@ def main(argv):
         verdict = "PASS" if ratio <= TARGET else "FAIL"
         print(f"\nlarge / small peak RSS: {ratio:.3f} (target <= {TARGET}) {verdict}")
         print(f"same job: mask_resnet 128 px, batch 16, {FLAGS.steps} steps, validation + epoch-end mAP over the val split")
-    finally:
-        if FLAGS.work_dir is None:
-            shutil.rmtree(work_dir, ignore_errors=True)
 
 
 if __name__ == "__main__":

@@ -57,7 +57,6 @@ import os
 import shutil
 import subprocess
 import sys
-import tempfile
 import time
 from typing import Callable, Iterator
 
@@ -67,7 +66,7 @@ import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 from absl import app, flags  # noqa: E402
 
-import machine  # noqa: E402  benchmarks/machine.py (the script's folder is on sys.path)
+import common  # noqa: E402  benchmarks/common.py (the script's folder is on sys.path)
 from pneumo_tf.data import pipeline  # noqa: E402
 from pneumo_tf.records import masks, shards, synthetic  # noqa: E402
 from pneumo_tf.records.manifest import read_manifest, shard_paths  # noqa: E402
@@ -84,10 +83,7 @@ PNG_CLASSES = ("normal", "opacity")  # the seed's two flow_from_directory class 
 def define_flags() -> None:
     """The flags of this script (a function, so input_bound.py can import the data helpers alone)."""
     flags.DEFINE_integer("num_images", 2000, "Synthetic labeled DICOMs (records use the 80% train split).")
-    flags.DEFINE_string("work_dir", None, "Folder for the synthetic data, records and PNGs (reused when they hold "
-                        "--num_images). A folder given here is kept; the default temporary one is removed unless "
-                        "--keep.")
-    flags.DEFINE_bool("keep", False, "Keep the temporary work folder at the end.")
+    common.define_work_dir_flags("the synthetic data, records and PNGs")
     flags.DEFINE_integer("image_size", 256, "Pixels the pipelines deliver (and the resized records store).")
     flags.DEFINE_integer("batch_size", 32, "Images per batch, for every method.")
     flags.DEFINE_float("seconds", 15.0, "Seconds of steady-state batches counted per measurement.")
@@ -487,7 +483,7 @@ def methods(bench: BenchData, image_size: int, batch_size: int, diagnostics: boo
 
 
 def machine_facts() -> str:
-    return (machine.describe(("tensorflow", "keras", "tf_keras", "pillow", "numpy"))
+    return (common.describe(("tensorflow", "keras", "tf_keras", "pillow", "numpy"))
             + f"; load average {os.getloadavg()[0]:.2f}")
 
 
@@ -626,10 +622,7 @@ def where_time_goes(runs: dict[str, list[Measurement]]) -> list[str]:
 
 
 def benchmark() -> int:
-    work_dir = FLAGS.work_dir or tempfile.mkdtemp(prefix="pipeline_throughput_")
-    os.makedirs(work_dir, exist_ok=True)
-    remove_work_dir = FLAGS.work_dir is None and not FLAGS.keep  # never delete a folder the user named
-    try:
+    with common.work_folder("pipeline_throughput_") as work_dir:
         with contextlib.ExitStack() as stack:
             print(machine_facts())
             bench = prepare(work_dir, FLAGS.num_images, FLAGS.image_size)
@@ -665,12 +658,6 @@ def benchmark() -> int:
             print()
             print(f"targets: {'all PASS' if passed else 'some FAIL'}")
             return 0 if passed else 1
-    finally:
-        if remove_work_dir:
-            shutil.rmtree(work_dir, ignore_errors=True)
-        else:
-            print(f"work folder kept: {work_dir}")
-
 
 def main(argv):
     del argv

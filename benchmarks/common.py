@@ -1,0 +1,53 @@
+"""What the benchmark scripts share: the machine they ran on (printed at the top of every
+benchmark's output) and their work folder (--work_dir, --keep)."""
+import contextlib
+import importlib.metadata
+import os
+import platform
+import shutil
+import tempfile
+
+from absl import flags
+
+FLAGS = flags.FLAGS
+
+
+def define_work_dir_flags(holds: str) -> None:
+    """--work_dir and --keep; `holds` says what the folder holds, e.g. "the synthetic data and records"."""
+    flags.DEFINE_string("work_dir", None, f"Folder for {holds} (reused by a later run when it holds the same data). "
+                        "A folder given here is kept; the default temporary one is removed unless --keep.")
+    flags.DEFINE_bool("keep", False, "Keep the temporary work folder at the end.")
+
+
+@contextlib.contextmanager
+def work_folder(prefix: str):
+    """The --work_dir folder (made if needed), or a new temporary one removed after the block unless --keep;
+    a folder the user named is never removed."""
+    work_dir = FLAGS.work_dir or tempfile.mkdtemp(prefix=prefix)
+    os.makedirs(work_dir, exist_ok=True)
+    try:
+        yield work_dir
+    finally:
+        if FLAGS.work_dir is None and not FLAGS.keep:
+            shutil.rmtree(work_dir, ignore_errors=True)
+        else:
+            print(f"work folder kept: {work_dir}")
+
+
+def describe(packages) -> str:
+    """One line: system, CPU model, cores (and how many this process may use), Python and package versions."""
+
+    def version(package):
+        try:
+            return importlib.metadata.version(package)
+        except importlib.metadata.PackageNotFoundError:
+            return "-"
+
+    cpu = platform.processor()
+    if os.path.exists("/proc/cpuinfo"):
+        with open("/proc/cpuinfo") as handle:
+            cpu = next((line.split(":", 1)[1].strip() for line in handle if line.startswith("model name")), cpu)
+    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    versions = ", ".join(f"{package} {version(package)}" for package in packages)
+    return (f"machine: {platform.system()} {platform.machine()}, {cpu}, {os.cpu_count()} cores ({usable} usable); "
+            f"python {platform.python_version()}, {versions}")
