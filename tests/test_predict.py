@@ -149,3 +149,19 @@ def test_cli_errors(case, message, trained_model, tiny_records, foreign_records,
     errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and message in errors[0], result.stderr[-2000:]
     assert not output.exists()
+
+
+def test_commands_print_only_their_own_output(trained_model, tiny_records, tmp_path):
+    """TensorFlow's start-up logging (CUDA probing, CPU features, oneDNN) and INFO lines stay off by
+    default; --verbosity=1 brings them back. (conftest sets TF_CPP_MIN_LOG_LEVEL: unset here, as a
+    user's shell has it.)"""
+    env = {key: value for key, value in os.environ.items() if key != "TF_CPP_MIN_LOG_LEVEL"}
+    args = [sys.executable, "-m", "pneumo_tf.predict", f"--model_dir={trained_model}", f"--records_dir={tiny_records}",
+            f"--output={tmp_path / 'submission.csv'}", "--threshold=0.5"]
+    quiet = subprocess.run(args, capture_output=True, text=True, timeout=300, env=env)
+    assert quiet.returncode == 0, quiet.stderr[-2000:]
+    # Only the progress bar on stderr, and the one summary line on stdout.
+    assert [line for line in quiet.stderr.replace("\r", "\n").splitlines() if line and "predict:" not in line] == []
+    assert len(quiet.stdout.splitlines()) == 1 and quiet.stdout.startswith("3 images from ")
+    verbose = subprocess.run([*args, "--verbosity=1"], capture_output=True, text=True, timeout=300, env=env)
+    assert verbose.returncode == 0 and "cuda" in verbose.stderr.lower()
