@@ -7,7 +7,8 @@
 Synthesises RSNA-like DICOMs and converts them to passthrough records (as
 pipeline_throughput.py does, sharing its --work_dir layout), builds `mask_resnet` with its
 default options at --image_size, wraps it in training's Trainer (Adam, the architecture's
-loss: the seed's IoU + BCE mask loss, and the mean-IoU metric; augmentation on the device),
+loss: the seed's IoU + BCE mask loss, and the mean-IoU metric; augmentation off: it would
+lengthen both arms' steps alike),
 and times train steps fed two ways:
 
   pipeline  `make_dataset(train, training=True)` on the passthrough records, batches mapped by
@@ -42,6 +43,7 @@ import common  # noqa: E402  benchmarks/common.py (this folder is on sys.path wh
 import pipeline_throughput  # noqa: E402
 from pneumo_tf import models  # noqa: E402
 from pneumo_tf.data import pipeline  # noqa: E402
+from pneumo_tf.data.augment import AugmentConfig  # noqa: E402
 from pneumo_tf.training.loop import Trainer  # noqa: E402
 
 FLAGS = flags.FLAGS
@@ -81,7 +83,7 @@ def benchmark() -> int:
 
         keras.utils.set_random_seed(0)
         architecture = models.get(MODEL)
-        model = Trainer(architecture.build(size), architecture)
+        model = Trainer(architecture.build(size), architecture, AugmentConfig.off())
         model.compile(optimizer=keras.optimizers.Adam())
         print(f"num_images {FLAGS.num_images} (train split {train_records} passthrough records), model {MODEL} "
               f"(default options, {model.count_params():,} parameters), image_size {size}, batch_size {batch_size}, "
