@@ -12,7 +12,8 @@ import urllib.request
 
 import pytest
 
-from pneumo_tf.training import trainer
+from pneumo_tf.training import loop
+from pneumo_tf.training.config import TrainConfig
 
 SERVER_START_SECONDS = 120  # TensorBoard imports TensorFlow for the profile plugin: slow on a busy machine
 
@@ -62,7 +63,7 @@ def get_json(url):
 @pytest.mark.slow
 def test_tensorboard_lists_and_opens_the_profile_run_of_a_training(tiny_records, tmp_path):
     model_dir = tmp_path / "run"
-    trainer.train_and_evaluate(trainer.TrainConfig(
+    loop.train_and_evaluate(TrainConfig(
         records_dir=tiny_records, model_dir=str(model_dir), model="mask_resnet",
         model_options={"channels": 4, "n_blocks": 1, "depth": 2}, image_size=64, batch_size=4, epochs=1,
         steps_per_epoch=3, profile_steps=(2, 3),
