@@ -21,9 +21,9 @@ from pydicom.dataset import FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage
 
 from pneumo_tf.records import boxes as box_lib
-from pneumo_tf.errors import UserError
+from pneumo_tf.errors import RejectedFile, UserError
 from pneumo_tf.fileio import write_json_atomic
-from pneumo_tf.records import shards, dicom, labels as labels_lib, manifest as manifest_lib, masks, schema, synthetic
+from pneumo_tf.records import jpeg, shards, dicom, labels as labels_lib, manifest as manifest_lib, masks, schema, synthetic
 
 
 def read_records(records_dir):
@@ -599,15 +599,52 @@ def _damaged_copies(shared_rsna, folder, rng):
     return kinds
 
 
-def _tensorflow_decodes(frame: bytes) -> list[bool]:
+def _tensorflow_decodes(frame: bytes, ratios=(1, 2, 4, 8)) -> list[bool]:
     verdicts = []
-    for ratio in (1, 2, 4, 8):
+    for ratio in ratios:
         try:
             tf.io.decode_jpeg(frame, channels=1, ratio=ratio)
             verdicts.append(True)
         except tf.errors.InvalidArgumentError:
             verdicts.append(False)
     return verdicts
+
+
+def test_the_jpeg_check_gives_tensorflows_verdict_on_damaged_headers_and_data(shared_rsna):
+    """verify_decodes decodes only the headers of a frame whose compressed data is clean (the fast
+    path) and the whole frame otherwise: both must agree with TensorFlow at ratio 1 and 8."""
+    rng = np.random.default_rng(5)
+    fast_path = {"clean": 0, "damaged header": 0}
+    disagreements = []
+    for path in sorted((shared_rsna / "dicom").glob("*.dcm")):
+        ds = pydicom.dcmread(path)
+        frame = next(pydicom.encaps.generate_frames(ds.PixelData, number_of_frames=1))
+        scan = jpeg._scan_start(frame)
+        assert jpeg._clean_scan_start(frame) == scan is not None  # real frames take the fast path
+        copies = [("clean", frame)]
+        for _ in range(12):  # a few bytes of the tables and headers overwritten (not SOI, not the lengths' walk)
+            data = bytearray(frame)
+            for position in rng.integers(2, scan, 3):
+                data[position] = rng.integers(256)
+            copies.append(("damaged header", bytes(data)))
+        for _ in range(8):
+            data = bytearray(frame)
+            for position in rng.integers(scan, len(data) - 2, 20):
+                data[position] = rng.integers(256)
+            copies.append(("damaged data", bytes(data)))
+        for kind, copy in copies:
+            try:
+                jpeg.verify_decodes(copy)
+                verdict = True
+            except RejectedFile:
+                verdict = False
+            if _tensorflow_decodes(copy, ratios=(1, 8)) != [verdict] * 2:
+                disagreements.append((path.name, kind))
+            if kind in fast_path and jpeg._clean_scan_start(copy) is not None:
+                fast_path[kind] += 1
+    assert disagreements == []
+    # Both paths were exercised: every clean frame, and damaged headers in front of clean data.
+    assert fast_path["clean"] == 10 and fast_path["damaged header"] >= 40
 
 
 def test_damaged_frames_end_as_decodable_records_or_rejects(shared_rsna, tmp_path):
