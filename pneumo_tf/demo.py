@@ -68,7 +68,8 @@ class DemoConfig:
                                  parse=cli.parse_key_values, unparse=cli.unparse_key_values)
     image_size: int = option(128, "Side of the images the model sees (cnn needs at least 64).")
     batch_size: int = option(16, "Global batch size.")
-    epochs: int = option(8, "Training epochs.")
+    epochs: int = option(4, "Training epochs (4: val mAP above 0.9 on the demo data; under 1 min of training "
+                         "on a 2-core AVX-512 machine, about 4 min on the slowest of the kind).")
     learning_rate: float = option(0.0, "Peak learning rate for a global batch of 16; 0: the demo's preset of the "
                                   "architecture.")
     cache: bool = option(True, "Keep the decoded train and val images in memory after the first epoch (the "
