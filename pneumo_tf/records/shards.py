@@ -18,7 +18,6 @@ import collections
 import concurrent.futures
 import dataclasses
 import functools
-import hashlib
 import io
 import math
 import multiprocessing
@@ -324,14 +323,6 @@ def make_plan(
 # Writing shards.
 
 
-def _sha256(path: str) -> str:
-    digest = hashlib.sha256()
-    with fileio.open_file(path, "rb") as handle:
-        for block in iter(lambda: handle.read(2**20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def write_shard(shard: Shard, output_dir: str, options: ConvertOptions, report=None) -> dict:
     """Converts one shard's files and writes the shard whole; returns its summary.
 
@@ -370,8 +361,8 @@ def write_shard(shard: Shard, output_dir: str, options: ConvertOptions, report=N
     if report is not None and unreported:
         report(unreported)
     summary["classes"] = dict(sorted(summary["classes"].items()))
-    summary["bytes"] = fileio.getsize(tmp)
-    summary["sha256"] = _sha256(tmp)
+    summary["bytes"] = writer.bytes_written
+    summary["sha256"] = writer.sha256.hexdigest()
     write_json_atomic(_summary_path(shard, output_dir), summary)
     fileio.replace(tmp, final)
     return summary

@@ -8,6 +8,7 @@ TFRecordWriter's (tests check both against TensorFlow).
 """
 from __future__ import annotations
 
+import hashlib
 import struct
 
 import google_crc32c
@@ -60,16 +61,23 @@ def _masked_crc(data: bytes) -> bytes:
 
 
 class TFRecordWriter:
-    """Writes records framed as TensorFlow's TFRecordWriter does (no compression)."""
+    """Writes records framed as TensorFlow's TFRecordWriter does (no compression).
+
+    `sha256` (a hashlib object) and `bytes_written` follow every byte written, so the file's
+    checksum and size need no second read (on cloud storage, a second download).
+    """
 
     def __init__(self, path: str):
         self._file = fileio.open_file(path, "wb")
+        self.sha256 = hashlib.sha256()
+        self.bytes_written = 0
 
     def write(self, record: bytes) -> None:
         length = struct.pack("<Q", len(record))
-        self._file.write(length + _masked_crc(length))
-        self._file.write(record)
-        self._file.write(_masked_crc(record))
+        for part in (length + _masked_crc(length), record, _masked_crc(record)):
+            self._file.write(part)
+            self.sha256.update(part)
+            self.bytes_written += len(part)
 
     def close(self) -> None:
         self._file.close()
