@@ -13,7 +13,7 @@ from PIL import Image
 from pneumo_tf.errors import RejectedFile
 from pneumo_tf.records import boxes as box_lib
 from pneumo_tf.records import images, jpeg, manifest as manifest_lib, schema, shards, synthetic
-from test_convert import decode_png, read_records, run_cli, synthetic_args
+from test_convert import decode_png, read_records, run_cli, stored_mask, synthetic_args
 
 # tf.io.decode_jpeg (the pipeline's decoder, libjpeg's fast integer DCT) against Pillow's decode
 # (its accurate DCT) of the same JPEG, measured on synthetic 1024-px frames: at most 3 grey levels
@@ -245,7 +245,7 @@ def test_boxes_are_normalised_by_each_images_own_size(tmp_path):
         assert [record[key] for key in schema.BOX_KEYS] == [[pytest.approx(0.1)], [pytest.approx(0.1)],
                                                           [pytest.approx(0.3)], [pytest.approx(0.3)]]
         assert record[schema.SOURCE_HEIGHT] == [height] and record[schema.SOURCE_WIDTH] == [width]
-        mask = decode_png(record[schema.MASK_ENCODED][0]).astype(bool)
+        mask = stored_mask(record)
         assert mask.shape == (height, width) and mask.sum() == (height * 0.2) * (width * 0.2)
         np.testing.assert_array_equal(mask, box_lib.rasterize([(0.1, 0.1, 0.3, 0.3)], height, width))
     assert records["clear"][schema.TARGET] == [0] and records["clear"][schema.XMIN] == []

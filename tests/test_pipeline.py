@@ -367,7 +367,7 @@ def test_user_mistakes_raise_user_errors(folder, tmp_path):
 
 @pytest.mark.parametrize(("manifest", "message"), [
     ({"format_version": 1, "splits": {}},
-     f"holds records of format version 1, but this pneumo_tf reads version {FORMAT_VERSION}: reconvert the DICOMs"),
+     f"holds records of format version 1, but this pneumo_tf reads version {FORMAT_VERSION}: reconvert the images into a new folder"),
     ({"splits": {}}, "is not a pneumo_tf records manifest"),
     ([1, 2], "is not a pneumo_tf records manifest"),
 ])

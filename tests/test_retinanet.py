@@ -399,11 +399,14 @@ def mirrored_matches_one_device():
         lambda: retinanet.build(64, **TINY), architecture, {"image": images}, labels, learning_rate=0.01)
     for key in ("loss", "classification_loss", "box_loss"):
         np.testing.assert_allclose(logs_one[key], logs_two[key], rtol=1e-5)
-    # The same step, to float32 rounding of sums taken in another order (relative to its size).
+    # The same step, to float32 rounding of sums taken in another order. Relative to the largest
+    # step in the network: some steps are zero in exact arithmetic (a convolution's bias before a
+    # batch norm) and their float32 values are rounding alone; reversing the batch's order on one
+    # device moved steps by up to 3e-5 of the largest.
+    largest = max(np.abs(a - start).max() for start, a in zip(initial, weights_one))
+    assert largest > 0
     for start, a, b in zip(initial, weights_one, weights_two):
-        step_one, step_two = a - start, b - start
-        assert np.abs(step_one).max() > 0
-        np.testing.assert_allclose(step_two, step_one, rtol=1e-4, atol=1e-4 * np.abs(step_one).max())
+        np.testing.assert_allclose(b - start, a - start, rtol=1e-4, atol=2e-4 * largest)
     print("same")
 
 
@@ -464,9 +467,19 @@ def test_learns_a_small_batch_to_a_high_challenge_map():
     assert score > 0.5
 
 
-def test_the_focal_loss_prior_is_on_the_class_head(tiny):
-    """keras-hub 0.32 initialises the box head with the prior's bias; build moves it to the class head."""
+def test_heads_start_as_the_paper_says(tiny):
+    """Lin et al. 2017, 4.1: head kernels N(0, 0.01), biases 0, the class logits' bias the prior's.
+    keras-hub 0.32 draws the kernels from N(0, 0.05) and puts the prior's bias on the box head."""
     detector = tiny.detector
+    for head in (detector.box_head, detector.classification_head):
+        kernels = [np.asarray(w) for w in head.weights if w.path.endswith("/kernel")]
+        assert len(kernels) == 2  # TINY: one 3x3 convolution, then the prediction layer
+        for kernel in kernels:
+            assert abs(kernel.std() - 0.01) < 0.0005 and abs(kernel.mean()) < 0.0005
     np.testing.assert_allclose(np.asarray(detector.classification_head.prediction_layer.bias),
                                -np.log(0.99 / 0.01), rtol=1e-6)
     np.testing.assert_array_equal(np.asarray(detector.box_head.prediction_layer.bias), 0.0)
+    # So every anchor of a random image starts at P(opacity) ~ 0.01: the logits stay within
+    # 0.5 of the prior's (keras-hub's initialisation spread them over +-25 on the demo's model).
+    logits = np.asarray(tiny({"image": tf.constant(_images(2))})["cls_logits"])
+    assert np.abs(logits + np.log(0.99 / 0.01)).max() < 0.5
