@@ -148,7 +148,7 @@ def test_training_survives_a_killed_worker_and_a_restarted_dispatcher(tiny_recor
 
         # An epoch of 12 steps (2.5 passes over the 19 records); one worker dies after step 3.
         killed = KillAt(2, kill_a_worker)
-        history = model.fit(data, epochs=1, steps_per_epoch=12, callbacks=[killed], verbose=0)
+        history = model.fit(data, epochs=1, steps_per_epoch=12, callbacks=[killed], verbose=0, shuffle=False)
         assert killed.batches == 12 and len(history.history["loss"]) == 1 and workers[0].returncode == -9
 
         restarted_dispatcher = {}
@@ -161,7 +161,7 @@ def test_training_survives_a_killed_worker_and_a_restarted_dispatcher(tiny_recor
                                                           f"--work_dir={work_dir}")[0]
 
         restarted = KillAt(1, restart_the_dispatcher)
-        model.fit(data, epochs=1, steps_per_epoch=8, callbacks=[restarted], verbose=0)
+        model.fit(data, epochs=1, steps_per_epoch=8, callbacks=[restarted], verbose=0, shuffle=False)
         assert restarted.batches == 8
         dispatcher_after = restarted_dispatcher["process"]
         assert dispatcher_after.poll() is None
