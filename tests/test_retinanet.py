@@ -211,6 +211,20 @@ def test_positive_anchor_normaliser_is_the_hand_count(tiny):
     assert float(terms["classification"]) == pytest.approx(expected, rel=1e-5)
 
 
+def test_box_targets_are_deltas_over_the_box_variance(tiny):
+    """The 32-px square anchor at (32, 32) and the box 4 px below it (IoU 0.78): center_xywh deltas
+    (0, 4 / 32, 0, 0), divided by the default box variance (0.1, 0.1, 0.2, 0.2)."""
+    box = (np.array(CENTRE_BOX) * SIZE + [4, 0, 4, 0]) / SIZE
+    labels = _labels([[box]])
+    box_targets, classes = retinanet.training_targets(tiny, labels["boxes"], labels["num_boxes"])
+    anchor = (4 * 8 + 4) * 9 + 3
+    assert classes[0, anchor] == retinanet.OPACITY
+    np.testing.assert_allclose(box_targets[0, anchor], [0.0, 0.125 / 0.1, 0.0, 0.0], atol=1e-6)
+    unit = retinanet.build(SIZE, **TINY, box_variance=(1.0, 1.0, 1.0, 1.0))  # keras-hub's default
+    unit_targets, _ = retinanet.training_targets(unit, labels["boxes"], labels["num_boxes"])
+    np.testing.assert_allclose(unit_targets[0, anchor], [0.0, 0.125, 0.0, 0.0], atol=1e-6)
+
+
 def test_loss_is_keras_hubs_when_the_batch_has_boxes(tiny):
     """Where keras-hub's compute_loss is right (a positive anchor in the batch) the two agree."""
     inputs, labels = {"image": _images(2)}, _labels([[CENTRE_BOX, [0.0, 0.5, 0.5, 1.0]], []])
