@@ -40,12 +40,10 @@ DEMO_PRESETS = {
     "vgg16": ({}, 5e-4),
     # ResNet-18-like stacks of one block; anchors of 16 px and up on P3-P5, for boxes of
     # 15-40 px at 128 px (keras-hub's default anchors start at 32 px: small boxes would
-    # match no anchor and never be learnt). One 256-channel convolution per head before its
-    # logits (keras-hub fixes the width; its heads were 2/3 of the model's FLOPs with two): on the
-    # benchmark's hard data val mAP 0.79 against 0.69-0.77 with two, in the same 600 steps.
-    # Adam 3e-4: at 1e-3 its focal loss spikes and val mAP was 0.04 after 300 steps against 0.39.
+    # match no anchor and never be learnt). Adam 3e-4: at 1e-3 its focal loss spikes and, on the
+    # benchmark's hard data, val mAP was 0.04 after 300 steps against 0.39 at 3e-4.
     "retinanet": ({"stackwise_num_filters": (64, 64, 128, 256), "stackwise_num_blocks": (1, 1, 1, 1),
-                   "block_type": "basic_block", "min_level": 3, "max_level": 5, "pre_logits_num_conv_layers": 1,
+                   "block_type": "basic_block", "min_level": 3, "max_level": 5, "pre_logits_num_conv_layers": 2,
                    "anchor_size": 2.0}, 3e-4),
     # The same backbone; anchors 16-256 px on P2-P6; the seed's detection settings.
     "mask_rcnn": ({"backbone": "resnet18", "backbone_blocks": (1, 1, 1, 1), "backbone_filters": (64, 64, 128, 256),
