@@ -30,6 +30,9 @@ import keras_hub
 import tensorflow as tf
 
 FORMAT = "yxyx"
+# Box deltas are regressed divided by these scales (centre offsets 0.1, log sizes 0.2): Faster
+# R-CNN's, matterport's BBOX_STD_DEV, keras-cv's RetinaNet's. Both detectors use them.
+BOX_DELTA_SCALES = (0.1, 0.1, 0.2, 0.2)
 
 # ---------------------------------------------------------------------------
 # Deterministic sampling order

@@ -108,7 +108,7 @@ class MaskRCNNConfig:
     rpn_train_anchors_per_image: int = 256
     rpn_positive_iou: float = 0.7
     rpn_negative_iou: float = 0.3
-    rpn_bbox_std_dev: tuple = (0.1, 0.1, 0.2, 0.2)
+    rpn_bbox_std_dev: tuple = ops.BOX_DELTA_SCALES
     pre_nms_limit: int = 6000
     post_nms_rois_training: int = 2000
     post_nms_rois_inference: int = 1000
@@ -117,7 +117,7 @@ class MaskRCNNConfig:
     train_rois_per_image: int = 8  # seed (matterport: 200)
     roi_positive_ratio: float = 0.225  # seed (matterport: 0.33)
     roi_positive_iou: float = 0.5
-    bbox_std_dev: tuple = (0.1, 0.1, 0.2, 0.2)
+    bbox_std_dev: tuple = ops.BOX_DELTA_SCALES
     pool_size: int = 7
     mask_pool_size: int = 14
     fpn_classif_fc_layers_size: int = 1024

@@ -27,11 +27,11 @@ framework are replaced:
   give one device's loss and gradients. Focal loss with the RetinaNet paper's alpha 0.25 and
   gamma 2 (keras-hub's default compile leaves class balancing off); keras-hub's Huber box loss
   (delta 1) on positive anchors.
-* Box targets. The deltas are divided by a box variance of (0.1, 0.1, 0.2, 0.2), Faster
-  R-CNN's and keras-cv's RetinaNet's; keras-hub's default is 1, which leaves the targets at
-  ~0.1, where the Huber loss is quadratic: the box term was ~0.01 against a focal term of
-  ~0.7, so the shared encoder learnt next to nothing from the boxes, and on faint opacities
-  nothing from the focal loss either (see `build` for the figures).
+* Box targets. The deltas are divided by a box variance of (0.1, 0.1, 0.2, 0.2)
+  (`detection_ops.BOX_DELTA_SCALES`, mask_rcnn's too); keras-hub's default is 1, which leaves
+  the targets at ~0.1, where the Huber loss is quadratic: the box term was ~0.01 against a
+  focal term of ~0.7, so the shared encoder learnt next to nothing from the boxes, and on
+  faint opacities nothing from the focal loss either (see `build` for the figures).
 * Initialisation. keras-hub fills the heads' kernels from N(0, 0.05), five times the paper's
   0.01, which drowns the focal loss's prior at the start, and puts the prior's bias on the box
   head instead of the class head; `build` initialises the heads as the paper does (see
@@ -73,7 +73,7 @@ from keras_hub.src.models.retinanet.retinanet_label_encoder import RetinaNetLabe
 
 from pneumo_tf.errors import UserError
 from pneumo_tf.models.architecture import BoxDetector, detector_outputs, replica_count, sum_over_replicas
-from pneumo_tf.models.detection_ops import padded_nms
+from pneumo_tf.models.detection_ops import BOX_DELTA_SCALES, padded_nms
 
 # One class, lung opacity, with keras-hub's label encoder's class values for the rest.
 OPACITY, BACKGROUND, IGNORED = 0.0, -1.0, -2.0
@@ -156,7 +156,7 @@ def build(
     pre_nms_top_k: int = 1000,
     anchor_size: float = 4.0,
     classification_head_prior_probability: float = 0.01,
-    box_variance=(0.1, 0.1, 0.2, 0.2),
+    box_variance=BOX_DELTA_SCALES,
 ) -> RetinaNetNetwork:
     """Builds RetinaNet for [image_size, image_size, 1] images in [0, 1], randomly initialised.
 
