@@ -394,6 +394,8 @@ def test_keras_file_round_trip_gives_identical_outputs(tmp_path):
     ({"min_level": 5}, "min_level must be between 2"),
     ({"negative_threshold": 0.6}, "negative_threshold <= positive_threshold"),
     ({"max_detections": 20, "pre_nms_top_k": 10}, "max_detections <= pre_nms_top_k"),
+    ({"box_variance": (0.1, 0.2)}, "box_variance needs 4 positive scales"),
+    ({"box_variance": (0.1, 0.1, 0.0, 0.2)}, "box_variance needs 4 positive scales"),
 ])
 def test_option_errors_are_user_errors(options, message):
     options = {**TINY, **options}

@@ -192,7 +192,7 @@ def build(
     """
     stackwise_num_filters, stackwise_num_blocks = list(stackwise_num_filters), list(stackwise_num_blocks)
     _check_options(image_size, stackwise_num_filters, stackwise_num_blocks, block_type, min_level, max_level,
-                   positive_threshold, negative_threshold, max_detections, pre_nms_top_k)
+                   positive_threshold, negative_threshold, max_detections, pre_nms_top_k, box_variance)
     image_shape = (image_size, image_size, 1)
     try:
         encoder = keras_hub.models.ResNetBackbone(
@@ -260,7 +260,7 @@ def _initialise_the_heads_as_the_paper(detector, prior: float) -> None:
 
 
 def _check_options(image_size, filters, blocks, block_type, min_level, max_level, positive_threshold,
-                   negative_threshold, max_detections, pre_nms_top_k):
+                   negative_threshold, max_detections, pre_nms_top_k, box_variance):
     """UserErrors for options keras-hub would reject with a bare error, or not at all."""
     if block_type not in _BLOCK_TYPES:
         raise UserError(f"retinanet block_type must be one of {', '.join(_BLOCK_TYPES)}, not {block_type!r}")
@@ -286,6 +286,8 @@ def _check_options(image_size, filters, blocks, block_type, min_level, max_level
             "retinanet needs 0 < negative_threshold <= positive_threshold <= 1; got "
             f"{negative_threshold} and {positive_threshold}"
         )
+    if len(box_variance) != 4 or min(box_variance) <= 0:
+        raise UserError(f"retinanet box_variance needs 4 positive scales (x, y, width, height); got {box_variance}")
     if not 1 <= max_detections <= pre_nms_top_k:
         raise UserError(
             f"retinanet needs 1 <= max_detections <= pre_nms_top_k; got {max_detections} and {pre_nms_top_k}"
