@@ -30,7 +30,9 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 from absl import app, flags  # noqa: E402
 
 import common  # noqa: E402  benchmarks/common.py (the script's folder is on sys.path)
+from pneumo_tf import cli  # noqa: E402
 from pneumo_tf.demo import DEMO_PRESETS  # noqa: E402
+from pneumo_tf.errors import UserError  # noqa: E402
 from pneumo_tf.evaluation import report  # noqa: E402
 from pneumo_tf.models import exported  # noqa: E402
 from pneumo_tf.records import shards, synthetic  # noqa: E402
@@ -47,6 +49,9 @@ flags.DEFINE_integer("steps", 600, "Training steps of every model.")
 flags.DEFINE_integer("epochs", 6, "Epochs the steps are cut into (validation after each; the best is exported).")
 flags.DEFINE_list("models", ["mask_resnet", "retinanet", "mask_rcnn"], "Models to compare.")
 flags.DEFINE_integer("seed", 0, "Seed of the data and of every training.")
+flags.DEFINE_multi_string("model_option", [], "MODEL.key=value, repeatable: changes one option of MODEL's preset, "
+                          "e.g. retinanet.pre_logits_num_conv_layers=2 (an ablation).")
+flags.DEFINE_float("learning_rate", 0.0, "Peak learning rate of every model; 0: each model's preset.")
 flags.DEFINE_bool("deterministic", True, "TensorFlow's op determinism (tf.config.experimental."
                   "enable_op_determinism): a rerun with the same seed gives the same numbers. Without it "
                   "training reads its shards out of order, and val mAP moved by up to 0.3 between runs.")
@@ -76,8 +81,21 @@ def exported_bytes(model_dir: str) -> int:
         os.path.getsize(os.path.join(root, name)) for root, _, names in os.walk(saved) for name in names)
 
 
-def run(model: str, records_dir: str, work_dir: str) -> dict:
+def preset(model: str) -> tuple[dict, float]:
+    """The demo's preset of `model` with the --model_option changes made to it, and its learning rate."""
     options, learning_rate = DEMO_PRESETS[model]
+    changes = {}
+    for change in FLAGS.model_option:
+        name, dot, key_value = change.partition(".")
+        if not dot or name not in DEMO_PRESETS:
+            raise UserError(f"--model_option wants MODEL.key=value with a model of {', '.join(DEMO_PRESETS)}, "
+                            f"not {change!r}")
+        if name == model:
+            changes.update(cli.parse_key_values([key_value]))
+    return {**options, **changes}, FLAGS.learning_rate or learning_rate
+
+
+def run(model: str, options: dict, learning_rate: float, records_dir: str, work_dir: str) -> dict:
     model_dir = os.path.join(work_dir, "models", model)
     shutil.rmtree(model_dir, ignore_errors=True)
     started = time.perf_counter()
@@ -101,6 +119,10 @@ def run(model: str, records_dir: str, work_dir: str) -> dict:
 
 def benchmark() -> int:
     started = time.perf_counter()
+    unknown = sorted(set(FLAGS.models) - set(DEMO_PRESETS))
+    if unknown:
+        raise UserError(f"--models: no preset for {', '.join(unknown)}; one of {', '.join(DEMO_PRESETS)}")
+    presets = {model: preset(model) for model in FLAGS.models}  # bad --model_option fails before any work
     if FLAGS.deterministic:
         import tensorflow as tf
         tf.config.experimental.enable_op_determinism()
@@ -111,9 +133,10 @@ def benchmark() -> int:
               f"({time.perf_counter() - started:.0f} s)", flush=True)
         results = []
         for model in FLAGS.models:
-            print(f"\n=== {model}: {FLAGS.steps} steps of {FLAGS.batch_size} images at {FLAGS.image_size} px",
-                  flush=True)
-            results.append(run(model, records_dir, work_dir))
+            options, learning_rate = presets[model]
+            print(f"\n=== {model}: {FLAGS.steps} steps of {FLAGS.batch_size} images at {FLAGS.image_size} px, "
+                  f"learning rate {learning_rate}, options {options}", flush=True)
+            results.append(run(model, options, learning_rate, records_dir, work_dir))
             print(f"=== {model}: val mAP {results[-1]['map']}, per epoch {results[-1]['val_maps']}", flush=True)
         total_minutes = (time.perf_counter() - started) / 60
 
@@ -143,7 +166,10 @@ def report_results(results: list[dict], total_minutes: float) -> int:
 
 def main(argv):
     del argv
-    sys.exit(benchmark())
+    try:
+        sys.exit(benchmark())
+    except UserError as error:
+        sys.exit(f"error: {error}")
 
 
 if __name__ == "__main__":
