@@ -44,7 +44,7 @@ DEMO_PRESETS = {
     # benchmark's hard data, val mAP was 0.04 after 300 steps against 0.39 at 3e-4. No convolution
     # in the heads before their 3x3 logits (the paper has four): on that data, 600 steps with two
     # seeds each (op determinism on) gave val mAP 0.77 and 0.74 with none, 0.79 and 0.75 with one,
-    # 0.31 and 0.69 with two, and a step costs 274 ms against 473 and 645 (2.4x fewer than two).
+    # 0.31 and 0.69 with two, and a training step took 274 ms against 473 and 645.
     "retinanet": ({"stackwise_num_filters": (64, 64, 128, 256), "stackwise_num_blocks": (1, 1, 1, 1),
                    "block_type": "basic_block", "min_level": 3, "max_level": 5, "pre_logits_num_conv_layers": 0,
                    "anchor_size": 2.0}, 3e-4),
