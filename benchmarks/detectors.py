@@ -53,8 +53,9 @@ flags.DEFINE_multi_string("model_option", [], "MODEL.key=value, repeatable: chan
                           "e.g. retinanet.pre_logits_num_conv_layers=2 (an ablation).")
 flags.DEFINE_float("learning_rate", 0.0, "Peak learning rate of every model; 0: each model's preset.")
 flags.DEFINE_bool("deterministic", True, "TensorFlow's op determinism (tf.config.experimental."
-                  "enable_op_determinism): a rerun with the same seed gives the same numbers. Without it "
-                  "training reads its shards out of order, and val mAP moved by up to 0.3 between runs.")
+                  "enable_op_determinism): shards are read in the same order every run, and a rerun of "
+                  "mask_resnet or retinanet gives the same numbers (mask_rcnn's still vary). Without it "
+                  "RetinaNet's val mAP was 0.79 in one run and 0.40 in the next.")
 
 MIN_MAP = 0.3
 MAX_MINUTES = 30.0

@@ -183,6 +183,10 @@ def build(
     On the hard synthetic data of benchmarks/detectors.py (600 steps of 16 images at 128 px, the
     demo's preset at Adam 3e-4), keras-hub's default of 1 left RetinaNet at val mAP 0.04 (AUC
     0.82), and (0.1, 0.1, 0.2, 0.2) took it to 0.77 (AUC 1.00).
+    `pre_logits_num_conv_layers`: the 3x3 256-channel convolutions each head applies before its
+    logits (the paper's 4; keras-hub fixes the width). Fewer learnt faster on the benchmark's
+    small hard data: with none, one and two, val mAP 0.77/0.74, 0.79/0.75 and 0.31/0.69 over two
+    seeds, and none costs 2.4x less per step than two (the demo's preset has none).
     `anchor_size`: anchor sides are anchor_size * 2^level * 2^(k/3) pixels (keras-hub's 4 gives
     32 to 812 px on P3-P7). Every box needs an anchor of IoU >= positive_threshold to be learnt
     at all: at small image sizes (128 px: RSNA-like boxes of 15-40 px) 2 gives 16-px anchors on P3.
