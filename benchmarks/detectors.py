@@ -123,7 +123,7 @@ def benchmark() -> int:
     unknown = sorted(set(FLAGS.models) - set(DEMO_PRESETS))
     if unknown:
         raise UserError(f"--models: no preset for {', '.join(unknown)}; one of {', '.join(DEMO_PRESETS)}")
-    presets = {model: preset(model) for model in FLAGS.models}  # bad --model_option fails before any work
+    presets = {model: preset(model) for model in FLAGS.models}  # a malformed --model_option fails before any work
     if FLAGS.deterministic:
         import tensorflow as tf
         tf.config.experimental.enable_op_determinism()
