@@ -298,6 +298,35 @@ def _logit(p):
     return math.log(p / (1 - p))
 
 
+def test_padded_nms_keeps_what_tensorflows_tiled_nms_keeps():
+    # Random overlapping boxes (no IoU ties): the per-image kernel keeps the boxes, in the order,
+    # of tf.image.non_max_suppression_padded, eagerly, in a tf.function and under XLA.
+    rng = np.random.default_rng(3)
+    corners = rng.random((3, 300, 2)) * 0.6
+    boxes = np.concatenate([corners, corners + rng.random((3, 300, 2)) * 0.3 + 0.1], -1).astype(np.float32)
+    scores = rng.random((3, 300)).astype(np.float32)
+    want, want_count = tf.image.non_max_suppression_padded(
+        boxes, scores, 64, iou_threshold=0.3, score_threshold=0.2, pad_to_max_output_size=True)
+    assert want_count.numpy().tolist() == [49, 40, 44]  # fewer than 64: some are suppressed
+    for nms in (ops.padded_nms, tf.function(ops.padded_nms), tf.function(ops.padded_nms, jit_compile=True)):
+        kept, count = nms(boxes, scores, 64, 0.3, 0.2)
+        assert kept.shape == (3, 64)
+        np.testing.assert_array_equal(count, want_count)
+        for row, n in enumerate(want_count.numpy()):
+            np.testing.assert_array_equal(kept[row, :n], want[row, :n])
+
+
+def test_padded_nms_suppresses_above_the_threshold_and_pads_past_n():
+    # IoU of the pair is exactly 0.5: kept at 0.5 (suppression is IoU > threshold), not at 0.49.
+    boxes = np.array([[[0, 0, 1, 1], [0, 0, 1, .5], [0, 0, .1, .1]]], np.float32)
+    scores = np.array([[.9, .8, .05]], np.float32)
+    kept, count = ops.padded_nms(boxes, scores, 5, 0.5, 0.1)
+    assert kept.shape == (1, 5) and count.numpy().tolist() == [2]  # the third scores under 0.1
+    assert kept[0, :2].numpy().tolist() == [0, 1]
+    kept, count = ops.padded_nms(boxes, scores, 5, 0.49, 0.0)
+    assert count.numpy().tolist() == [2] and kept[0, :2].numpy().tolist() == [0, 2]
+
+
 def test_detection_layer_on_hand_made_head_outputs():
     rois = np.array([[
         [.1, .1, .5, .5],  # r0 .95

@@ -46,8 +46,8 @@ framework are replaced:
   kept boxes (its tile indices come from a float linspace cast to int: on random boxes 1 to
   3 of 64 kept boxes differed from its eager result, seen on keras-hub 0.32), it needs a
   static batch size, and it walks every anchor in tiles until it has max_detections boxes
-  (14 s for two 512-px images on this project's 2-core CPU). TensorFlow's padded NMS
-  (`detection_ops.padded_nms`, shared with mask_rcnn) is exact in eager, graph and XLA mode
+  (14 s for two 512-px images on this project's 2-core CPU). TensorFlow's NMS kernel, padded
+  (`detection_ops.padded_nms`, shared with mask_rcnn), is exact in eager, graph and XLA mode
   and takes any batch size; the `pre_nms_top_k` highest-scoring anchors go into it (the
   RetinaNet paper's 1000), which gives the same detections unless more than that many
   anchors pass `min_confidence`. Boxes come back normalised to [0, 1] as
