@@ -196,18 +196,18 @@ def padded_nms(boxes, scores, max_outputs: int, iou_threshold: float, score_thre
     TensorFlow's NonMaxSuppressionV4 kernel per image: static shapes, compiles with XLA
     (tf2xla has it when padded, for at most N outputs), any batch size.
     """
-    kept = min(int(max_outputs), int(boxes.shape[1]))
+    outputs = min(int(max_outputs), int(boxes.shape[1]))  # XLA's kernel gives at most N
 
     def one_image(args):
         image_boxes, image_scores = args
         indices, count = tf.raw_ops.NonMaxSuppressionV4(
-            boxes=image_boxes, scores=image_scores, max_output_size=kept, iou_threshold=iou_threshold,
+            boxes=image_boxes, scores=image_scores, max_output_size=outputs, iou_threshold=iou_threshold,
             score_threshold=score_threshold, pad_to_max_output_size=True)
         return indices, count
 
     indices, count = tf.map_fn(one_image, (tf.cast(boxes, tf.float32), tf.cast(scores, tf.float32)),
-                               fn_output_signature=(tf.TensorSpec([kept], tf.int32), tf.TensorSpec([], tf.int32)))
-    return tf.pad(indices, [[0, 0], [0, max_outputs - kept]]), count
+                               fn_output_signature=(tf.TensorSpec([outputs], tf.int32), tf.TensorSpec([], tf.int32)))
+    return tf.pad(indices, [[0, 0], [0, max_outputs - outputs]]), count
 
 
 def propose(logits, deltas, anchors, pre_nms: int, post_nms: int, iou_threshold: float, std):
