@@ -226,6 +226,33 @@ def test_flags_round_trip_every_field():
                                  tpu="node", cache=True)
 
 
+def test_learning_rate_warms_up_linearly_then_decays_as_a_cosine():
+    def rates(optimizer, steps):
+        found = []
+        for step in steps:
+            optimizer.iterations.assign(step)
+            found.append(float(optimizer.learning_rate))
+        return found
+
+    # The peak is --learning_rate scaled from the reference batch 16 to 32.
+    config = TrainConfig(records_dir="r", model_dir="m", learning_rate=1e-3, batch_size=32, warmup_steps=10)
+    peak, optimizer = loop._optimizer(config, total_steps=110)
+    assert peak == pytest.approx(2e-3)
+    # 0 -> peak over steps 0-10, then a cosine over the last 100: half the peak at step 60, 0 at 110.
+    np.testing.assert_allclose(rates(optimizer, [0, 5, 10, 60, 110]), [0, 1e-3, 2e-3, 1e-3, 0], atol=1e-9)
+    _, plain = loop._optimizer(dataclasses.replace(config, warmup_steps=0), total_steps=110)
+    np.testing.assert_allclose(rates(plain, [0, 55, 110]), [2e-3, 1e-3, 0], atol=1e-9)
+
+
+def test_a_warm_up_as_long_as_the_run_is_refused(tiny_records, tmp_path):
+    result = run_train(tiny_records, tmp_path / "run", *TINY_MASK, "--epochs=2", "--steps_per_epoch=3",
+                       "--warmup_steps=6")
+    assert result.returncode != 0 and not (tmp_path / "run").exists()
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert errors == ["error: --warmup_steps 6 leaves no step to train at the peak rate: the run has 6 "
+                      "(2 epochs of 3)"], result.stderr[-2000:]
+
+
 def test_keras_still_calls_the_symbolic_build_shim():
     """keras_shim.Prebuilt overrides a private Keras method: this fails the day Keras renames it or
     stops calling it from fit (the multi-worker test would then fail far slower)."""

@@ -42,7 +42,9 @@ class TrainConfig:
     validation_steps: int = option(0, "Validation batches per epoch; 0 means the whole val split.")
     learning_rate: float = option(
         7e-4, f"Peak learning rate for a global batch of {REFERENCE_BATCH_SIZE}, scaled linearly with "
-        "--batch_size and cosine-decayed to 0 over all steps.")
+        "--batch_size and cosine-decayed to 0 over the steps after --warmup_steps.")
+    warmup_steps: int = option(0, "Steps over which the learning rate rises linearly from 0 to its peak before "
+                               "the cosine decay (over the remaining steps); 0: start at the peak.")
     optimizer: str = option("adam", "adam: Adam with Keras' defaults; sgd: matterport's Mask R-CNN optimizer (momentum "
                             "0.9, weight decay 1e-4, gradients clipped to a global norm of 5).", choices=OPTIMIZERS)
     strategy: str = option("auto", "tf.distribute strategy: auto picks mirrored with several GPUs (or "
@@ -82,7 +84,7 @@ class TrainConfig:
         for name in ("image_size", "batch_size", "epochs"):
             if getattr(self, name) < 1:
                 raise UserError(f"--{name} must be at least 1, not {getattr(self, name)}")
-        for name in ("steps_per_epoch", "validation_steps", "cpu_replicas", "validation_images"):
+        for name in ("steps_per_epoch", "validation_steps", "cpu_replicas", "validation_images", "warmup_steps"):
             if getattr(self, name) < 0:
                 raise UserError(f"--{name} must be >= 0, not {getattr(self, name)}")
         if self.learning_rate <= 0:

@@ -98,10 +98,15 @@ class Trainer(Prebuilt):
 
 
 def _optimizer(config: TrainConfig, total_steps: int) -> tuple[float, keras.optimizers.Optimizer]:
-    """(peak learning rate, the optimizer): the rate scaled linearly with the batch, cosine-decayed
-    per step (the seed's annealing was per epoch)."""
+    """(peak learning rate, the optimizer): the rate scaled linearly with the batch, raised linearly
+    from 0 over the warm-up steps, then cosine-decayed per step (the seed's annealing was per epoch)."""
     peak = config.learning_rate * config.batch_size / REFERENCE_BATCH_SIZE
-    schedule = keras.optimizers.schedules.CosineDecay(peak, decay_steps=max(total_steps, 1))
+    if config.warmup_steps:
+        schedule = keras.optimizers.schedules.CosineDecay(
+            0.0, decay_steps=max(total_steps - config.warmup_steps, 1), warmup_target=peak,
+            warmup_steps=config.warmup_steps)
+    else:
+        schedule = keras.optimizers.schedules.CosineDecay(peak, decay_steps=max(total_steps, 1))
     if config.optimizer == "sgd":  # matterport's LEARNING_MOMENTUM, WEIGHT_DECAY and GRADIENT_CLIP_NORM
         return peak, keras.optimizers.SGD(schedule, momentum=0.9, weight_decay=1e-4, global_clipnorm=5.0)
     return peak, keras.optimizers.Adam(schedule)
@@ -137,6 +142,9 @@ def train_and_evaluate(config: TrainConfig) -> dict:
     if config.batch_size % replicas:
         raise UserError(f"--batch_size {config.batch_size} must be a multiple of the {replicas} replicas")
     steps_per_epoch = config.steps_per_epoch or max(1, train_examples // config.batch_size)
+    if config.warmup_steps >= steps_per_epoch * config.epochs:
+        raise UserError(f"--warmup_steps {config.warmup_steps} leaves no step to train at the peak rate: "
+                        f"the run has {steps_per_epoch * config.epochs} ({config.epochs} epochs of {steps_per_epoch})")
     output_dir = _worker_dir(config.model_dir, strategy)
     log_dir = os.path.join(output_dir, "logs")
     os.makedirs(log_dir, exist_ok=True)
@@ -189,9 +197,9 @@ def train_and_evaluate(config: TrainConfig) -> dict:
     ]
     hparams = {
         "model": config.model, "image_size": config.image_size, "batch_size": config.batch_size,
-        "learning_rate": peak_rate, "optimizer": config.optimizer, "precision": config.precision,
-        "replicas": replicas, "positive_fraction": config.positive_fraction, "augment": config.augment,
-        "epochs": config.epochs, "seed": config.seed,
+        "learning_rate": peak_rate, "warmup_steps": config.warmup_steps, "optimizer": config.optimizer,
+        "precision": config.precision, "replicas": replicas, "positive_fraction": config.positive_fraction,
+        "augment": config.augment, "epochs": config.epochs, "seed": config.seed,
         # Architecture options too, so searches over them compare in TensorBoard's HParams dashboard.
         **{f"model_option.{name}": value for name, value in config.model_options.items()},
     }
