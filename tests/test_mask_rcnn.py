@@ -394,7 +394,8 @@ def test_to_fit_and_outputs_follow_the_contract():
     network = mask_rcnn.build(SIZE, **TINY, detection_min_confidence=0.0)
     outputs = ARCH.infer(network, inputs["image"])
     assert {key: (value.shape, value.dtype) for key, value in outputs.items()} == {
-        "boxes": ((4, 3, 4), tf.float32), "scores": ((4, 3), tf.float32), "num_detections": ((4,), tf.int32)}
+        "boxes": ((4, 3, 4), tf.float32), "scores": ((4, 3), tf.float32), "num_detections": ((4,), tf.int32),
+        "masks": ((4, 3, 28, 28), tf.float32)}
     scores = outputs["scores"].numpy()
     # Untrained, every RoI scores about 0.5: at min confidence 0 each image has 3 detections.
     assert outputs["num_detections"].numpy().tolist() == [3, 3, 3, 3]
@@ -481,6 +482,7 @@ def test_train_step_and_infer_compile_with_xla():
     eager = ARCH.infer(network, inputs["image"])
     np.testing.assert_array_equal(compiled["num_detections"], eager["num_detections"])
     np.testing.assert_allclose(compiled["scores"], eager["scores"], atol=1e-4)
+    np.testing.assert_allclose(compiled["masks"], eager["masks"], atol=1e-4)
 
 
 def test_keras_file_round_trip_gives_identical_inference(tmp_path):

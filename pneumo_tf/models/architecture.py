@@ -14,6 +14,7 @@ The flow of one batch (pipeline batch: see pneumo_tf.data.pipeline):
   inference  raw = network({"image": images}, training=False)
              outputs = outputs(network, {"image": images}, raw)   # in-graph; the SavedModel's signature
              detections(outputs, threshold), image_probability(outputs)   # on the host (numpy)
+             masks(outputs, threshold, sizes)   # only when gives_masks: what a segmentation holds
 
 Conventions: images float32 [B, S, S, 1] in [0, 1]; boxes normalised (ymin, xmin, ymax,
 xmax) (pneumo_tf.data.boxes); everything a loss or an output returns is float32, also
@@ -27,9 +28,13 @@ term that pools over the batch (soft IoU, a count of positive anchors) all-reduc
 it pools (`sum_over_replicas`) and multiplies a local sum by the replica count.
 
 One confidence threshold t makes both decisions everywhere: an image is positive when
-its `image_probability` is above t, and its boxes are `detections(outputs, t)`.
+its `image_probability` is above t, and its boxes are `detections(outputs, t)`. A model that
+segments (`gives_masks`) also says which pixels it calls opacity at t (`masks`): the pixels of
+its boxes' findings, drawn over the whole image at any size (the DICOM Segmentation's).
 """
 from __future__ import annotations
+
+from collections.abc import Sequence
 
 import keras
 import numpy as np
@@ -83,6 +88,8 @@ class Architecture:
     # Whether `detections` can return boxes: models that do are selected by val_map (the
     # challenge mAP), pure classifiers by val_loss, and their mAP is not reported.
     gives_boxes: bool = True
+    # Whether `masks` can say which pixels are opacity (mask_resnet's mask, mask_rcnn's mask head).
+    gives_masks: bool = False
     # Keys of a pipeline batch that the training step needs as inputs besides the image;
     # augmentation moves image, mask and boxes together, whichever side they are on.
     input_keys: tuple[str, ...] = ("image",)
@@ -134,6 +141,12 @@ class Architecture:
         """float32 [B]: the probability that each image shows an opacity."""
         raise NotImplementedError
 
+    def masks(self, outputs: dict, threshold: float, sizes: Sequence[tuple[int, int]]) -> list[np.ndarray]:
+        """Per image, bool [height, width] at its (height, width) in `sizes` (any size: the whole image,
+        the frame of the normalised boxes): the pixels of the findings `detections(outputs, threshold)`
+        returns. Only when `gives_masks` (numpy in, numpy out)."""
+        raise NotImplementedError(f"the {self.name} model gives no masks")
+
     def infer(self, network: keras.Model, images) -> dict:
         """images -> outputs, in-graph: what predict, serve and the exported SavedModel run."""
         inputs = {"image": images}
@@ -179,6 +192,14 @@ def target_metrics() -> list:
         keras.metrics.Recall(name="target_recall"),
         keras.metrics.AUC(name="target_auc"),
     ]
+
+
+def resize_nearest(mask: np.ndarray, height: int, width: int) -> np.ndarray:
+    """A [h, w] array resized to [height, width] by nearest neighbour: each output pixel takes the
+    input pixel its centre falls in, so a mask's edges stay where its boxes' edges are."""
+    rows = ((np.arange(height) + 0.5) * mask.shape[0] / height).astype(np.int64)
+    columns = ((np.arange(width) + 0.5) * mask.shape[1] / width).astype(np.int64)
+    return mask[rows[:, None], columns[None, :]]
 
 
 def detector_outputs(boxes, scores, num_detections) -> dict:

@@ -11,7 +11,8 @@ Architecture (He et al. 2017; matterport/Mask_RCNN, the seed's implementation):
      head (four 3x3 convolutions, a 2x up-convolution, 28x28 logits)
   -> inference: every proposal through the box/class head, refined, kept when
      P(opacity) >= detection_min_confidence, NMS (detection_nms_threshold), the best
-     detection_max_instances.
+     detection_max_instances; the mask head on each detection's box (RoIAlign 14x14 ->
+     28x28 probabilities, output "masks"), pasted into its box on the host (`masks`).
 
 Train and inference paths. The network (`MaskRCNN`, a keras.Model) returns the first
 stage: FPN features "P2".."P6", "rpn_logits" [B, A] and "rpn_deltas" [B, A, 4]. The rest
@@ -69,11 +70,13 @@ import keras_hub
 import numpy as np
 import tensorflow as tf
 from keras import layers
+from PIL import Image
 from keras_hub.src.models.retinanet.feature_pyramid import FeaturePyramid
 
 from pneumo_tf.errors import UserError
 from pneumo_tf.models import detection_ops as ops
-from pneumo_tf.models.architecture import BoxDetector, detector_outputs, replica_count, sum_over_replicas
+from pneumo_tf.models.architecture import (BOXES, NUM_DETECTIONS, SCORES, BoxDetector, detector_outputs,
+                                           replica_count, sum_over_replicas)
 
 # Blocks per stack and block type of keras-hub's ResNet presets.
 RESNETS = {
@@ -88,6 +91,9 @@ LOSS_NAMES = ("rpn_class", "rpn_bbox", "mrcnn_class", "mrcnn_bbox", "mrcnn_mask"
 SEED_LOSS_WEIGHTS = {"rpn_class": 1.0, "rpn_bbox": 1.0, "mrcnn_class": 1.25, "mrcnn_bbox": 1.0, "mrcnn_mask": 1.0}
 # Background and Lung Opacity (the seed's NUM_CLASSES = 2).
 NUM_CLASSES = 2
+# The inference output of the detections' masks, and the probability a pasted mask pixel needs (matterport's).
+MASKS = "masks"
+MASK_THRESHOLD = 0.5
 
 
 @dataclasses.dataclass(frozen=True)
@@ -340,6 +346,12 @@ class MaskRCNN(keras.Model):
         return ops.detect(rois, valid, class_logits, deltas, config.bbox_std_dev, config.detection_min_confidence,
                           config.detection_nms_threshold, config.detection_max_instances)
 
+    def detection_masks(self, raw, boxes, counts):
+        """The mask head on the detections: opacity probabilities [B, D, 2m, 2m] over each box, 0 past counts."""
+        masks = tf.sigmoid(self.mask_logits(raw, tf.stop_gradient(boxes)))
+        valid = tf.range(boxes.shape[1])[None, :] < counts[:, None]
+        return tf.where(valid[..., None, None], masks, 0.0)
+
     def loss_terms(self, images, gt_boxes, num_boxes, gt_mask, raw, training: bool) -> dict:
         """The five weighted loss terms (float32 scalars, this replica's share; see architecture.py).
 
@@ -414,10 +426,12 @@ class MaskRCNN(keras.Model):
 
 
 class MaskRCNNArchitecture(BoxDetector):
-    """The contract for MaskRCNN: labels are the boxes and the box mask; outputs are detections."""
+    """The contract for MaskRCNN: labels are the boxes and the box mask; outputs are detections and their
+    masks ("masks" [B, D, 2m, 2m], each over its box)."""
 
     name = "mask_rcnn"
     label_keys = ("boxes", "mask")
+    gives_masks = True
 
     def build(self, image_size: int, **options) -> keras.Model:
         return MaskRCNN(image_size, **options)
@@ -430,7 +444,30 @@ class MaskRCNNArchitecture(BoxDetector):
                                   training)
 
     def outputs(self, network: keras.Model, inputs: dict, raw: dict) -> dict:
-        return detector_outputs(*network.detect(raw))
+        boxes, scores, counts = network.detect(raw)
+        return {**detector_outputs(boxes, scores, counts), MASKS: network.detection_masks(raw, boxes, counts)}
+
+    def masks(self, outputs: dict, threshold: float, sizes) -> list[np.ndarray]:
+        """Each detection above `threshold` with its mask pasted into its box (matterport's unmold_mask:
+        resized bilinearly to the box's pixels, probability >= 0.5), their union per image."""
+        boxes = np.clip(np.asarray(outputs[BOXES], np.float32), 0.0, 1.0)
+        scores = np.asarray(outputs[SCORES], np.float32)
+        counts = np.asarray(outputs[NUM_DETECTIONS]).reshape(-1)
+        found = []
+        for image_boxes, image_scores, image_masks, count, (height, width) in zip(
+                boxes, scores, np.asarray(outputs[MASKS], np.float32), counts, sizes):
+            canvas = np.zeros((height, width), bool)
+            for (ymin, xmin, ymax, xmax), score, mask in zip(image_boxes[:count], image_scores[:count],
+                                                            image_masks[:count]):
+                if score <= threshold:
+                    continue
+                top, left = int(np.floor(ymin * height)), int(np.floor(xmin * width))
+                bottom = max(int(np.ceil(ymax * height)), top + 1)
+                right = max(int(np.ceil(xmax * width)), left + 1)
+                pasted = Image.fromarray(mask).resize((right - left, bottom - top), Image.BILINEAR)
+                canvas[top:bottom, left:right] |= np.asarray(pasted) >= MASK_THRESHOLD
+            found.append(canvas)
+        return found
 
 
 ARCHITECTURE = MaskRCNNArchitecture()

@@ -125,11 +125,13 @@ class MaskResNet(architecture.Architecture):
 
     Boxes are the connected components of the mask thresholded at the decision threshold
     (`boxes_from_mask`, on the host); the image probability is the "target" output when the
-    network has one, else the largest mask probability.
+    network has one, else the largest mask probability. Its masks are the thresholded mask
+    within those boxes (speckle dropped with its box), resized by nearest neighbour.
     """
 
     name = "mask_resnet"
     gives_boxes = True
+    gives_masks = True
     label_keys = ("mask", "target")
     build = staticmethod(build)
 
@@ -156,6 +158,18 @@ class MaskResNet(architecture.Architecture):
     def detections(self, outputs, threshold):
         mask = np.asarray(outputs["mask"], np.float32)
         return [boxes_from_mask(image_mask[..., 0], threshold) for image_mask in mask]
+
+    def masks(self, outputs, threshold, sizes):
+        found = []
+        for image_mask, (boxes, _), (height, width) in zip(np.asarray(outputs["mask"], np.float32)[..., 0],
+                                                          self.detections(outputs, threshold), sizes):
+            side_rows, side_columns = image_mask.shape
+            within = np.zeros(image_mask.shape, bool)
+            for ymin, xmin, ymax, xmax in boxes:  # whole mask pixels (boxes_from_mask)
+                within[round(ymin * side_rows):round(ymax * side_rows),
+                       round(xmin * side_columns):round(xmax * side_columns)] = True
+            found.append(architecture.resize_nearest((image_mask > threshold) & within, height, width))
+        return found
 
     def image_probability(self, outputs):
         if "target" in outputs:

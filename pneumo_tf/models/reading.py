@@ -141,6 +141,7 @@ class Predictor:
         self.ensemble_dir = ensemble_dir
         self.image_sizes = tuple(dict.fromkeys(member.image_size for member in self.members))
         self.gives_boxes = any(member.architecture.gives_boxes for member in self.members)
+        self.gives_masks = any(member.architecture.gives_masks for member in self.members)
         self._traced = tf.function(self.outputs, reduce_retracing=True)
 
     @property
@@ -234,6 +235,25 @@ class Predictor:
         """float32 [B]: the members' probabilities (each the mean of its views), weighted mean."""
         probabilities = [member.image_probability(views) for member, views in zip(self.members, outputs)]
         return np.average(probabilities, axis=0, weights=self.weights).astype(np.float32)
+
+    def masks(self, outputs: list[list[dict]], threshold: float, sizes) -> list[np.ndarray]:
+        """Per image, bool [height, width] for its (height, width) in `sizes`: the pixels called opacity at
+        `threshold` by readings (member x view, mirrored views mirrored back) holding at least half the
+        weight of those that give masks; a single reading's masks as the architecture gives them."""
+        votes, total = None, 0.0
+        for member, views in zip(self.members, outputs):
+            if not member.architecture.gives_masks:
+                continue
+            for index, view in enumerate(views):
+                found = member.architecture.masks(view, threshold, sizes)
+                if index == 1:  # the mirrored view
+                    found = [mask[:, ::-1] for mask in found]
+                weighted = [member.weight * mask for mask in found]
+                votes = weighted if votes is None else [a + b for a, b in zip(votes, weighted)]
+                total += member.weight
+        if votes is None:
+            raise ValueError(f"{self.name} gives no masks")
+        return [vote >= 0.5 * total for vote in votes]
 
     def parts(self) -> list[tuple[str, "Part"]]:
         """(label, reading) of each member alone, without TTA and, when this predictor uses it, with:
