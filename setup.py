@@ -32,6 +32,9 @@ setup(
         "keras-hub==0.32.0",
         # Box fusion for flip TTA and ensembles (evaluate, predict, serve); brings numba and llvmlite.
         "ensemble-boxes>=1.0.9,<2",
+        # DICOM results (SR, presentation state, segmentation) and the DICOM node (python -m pneumo_tf.dicom_node).
+        "highdicom>=0.28,<0.29",
+        "pynetdicom>=3.0,<3.1",
         # Hyper-parameter search (python -m pneumo_tf.tune): small, its dependencies come with TensorFlow.
         "keras-tuner>=1.4.7,<1.5",
     ],

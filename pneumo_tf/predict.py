@@ -28,6 +28,13 @@ def main():
         print(f"... and {len(summary['rejects']) - MAX_REJECTS_SHOWN} more rejected files", file=sys.stderr)
     if not summary["model_has_boxes"]:
         print("note: the model is a classifier (it gives no boxes): every PredictionString is empty", file=sys.stderr)
+    results = summary.get("dicom_results")
+    if results and results["without_dicom_context"]:
+        print(f"note: {results['without_dicom_context']} PNG/JPEG images have no DICOM context (patient, study, UIDs): "
+              "no DICOM results for them", file=sys.stderr)
+    if results:
+        print(f"DICOM results (SR, presentation state{', segmentation' if summary['model_has_masks'] else ''}) of "
+              f"{results['images']} images -> {results['folder']}")
     print(f"{summary['images']} images from {summary['source']}: {summary['boxes']} boxes on "
           f"{summary['images_with_boxes']} images at threshold {summary['threshold']:g}, "
           f"{len(summary['rejects'])} rejected -> {summary['output']}")

@@ -10,7 +10,9 @@ nothing but the current batch is held in memory, whatever the number of images.
 
 `postprocess.run_batches` and `postprocess.challenge_detections` are the model-calling
 and box-converting steps that evaluation shares, so a box written here is the box
-evaluation scored.
+evaluation scored. With --dicom_results_dir each DICOM's boxes (the same ones), image
+probability and, for models with masks, mask also become DICOM objects
+(pneumo_tf.inference.dicom_results).
 """
 from __future__ import annotations
 
@@ -34,7 +36,8 @@ from pneumo_tf.models import reading as reading_lib
 from pneumo_tf.models.architecture import check_threshold
 from pneumo_tf.models.reading import Predictor, ReadingConfig
 from tqdm import tqdm
-from pneumo_tf.records import shards
+from pneumo_tf.inference import dicom_results
+from pneumo_tf.records import images, shards
 from pneumo_tf.records.manifest import REJECTS_NAME
 
 BOX_COLOR = tuple(int(255 * channel) for channel in PREDICTED_BOX_COLOR)
@@ -58,6 +61,10 @@ class PredictConfig:
         None, "How --dicom_dir is converted: 0 passes JPEG frames through, N stores N x N PNGs; by default as the "
         "model's training records were converted (its pixels exactly).")
     workers: int = option(0, "Processes converting --dicom_dir; 0 uses all cores.")
+    dicom_results_dir: str | None = option(
+        None, "Also write DICOM results of every DICOM in --dicom_dir here: <id>.SR.dcm (a TID 1500 structured "
+        "report), <id>.PR.dcm (a presentation state drawing the boxes) and, for models with masks, <id>.SEG.dcm (a "
+        "segmentation). PNG and JPEG files have no patient, study or UIDs to refer to: they get none.")
     reading: ReadingConfig = option(ReadingConfig())
 
     def validate(self) -> None:
@@ -70,6 +77,8 @@ class PredictConfig:
             check_threshold(self.threshold, "--threshold")
         if self.overlay_size < 1:
             raise UserError(f"--overlay_size must be at least 1, not {self.overlay_size}")
+        if self.dicom_results_dir is not None and self.dicom_dir is None:
+            raise UserError("--dicom_results_dir needs --dicom_dir: records hold no DICOM header to refer to")
 
 
 def draw_overlay(image, boxes_yxyx, scores, min_size: int) -> Image.Image:
@@ -95,8 +104,8 @@ def _write_png(picture: Image.Image, path: str) -> None:
 
 
 def predict_records(reader: Predictor, threshold: float, config: PredictConfig, records_dir: str, split: str,
-                    progress_stream=None) -> dict:
-    """Writes the submission for one split of a records folder; returns counts."""
+                    progress_stream=None, results: dicom_results.FolderWriter | None = None) -> dict:
+    """Writes the submission for one split of a records folder (and each DICOM's `results`); returns counts."""
     total = pipeline.num_examples(records_dir, split)
     dataset = reader.dataset(records_dir, split, config.batch_size)
     if config.overlay_dir:
@@ -107,6 +116,8 @@ def predict_records(reader: Predictor, threshold: float, config: PredictConfig, 
         with tqdm(total=total, desc="predict", unit="images", file=progress_stream) as progress:
             for batch, outputs in run_batches(reader.infer, dataset):
                 found = challenge_detections(reader, outputs, batch, threshold)
+                if results is not None:
+                    results.add_batch(reader, outputs, batch, found, threshold)
                 for index, (image_id, ((boxes, scores), (xywh, confidences))) in enumerate(zip(batch["id"], found)):
                     image_id = image_id.decode()
                     if config.overlay_dir:
@@ -159,7 +170,25 @@ def predict(config: PredictConfig, progress_stream=None) -> dict:
             raise UserError(
                 f"no readable DICOM, PNG or JPEG file in {config.dicom_dir}: {len(rejects)} rejected{reason}"
             )
-        summary = predict_records(reader, threshold, config, records_dir, "test", progress_stream)
+        results = None
+        if config.dicom_results_dir is not None:
+            results = dicom_results.FolderWriter(config.dicom_results_dir, dicom_sources(config.dicom_dir),
+                                                 dicom_results.algorithm_of(reader, threshold))
+        summary = predict_records(reader, threshold, config, records_dir, "test", progress_stream, results)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
-    return {**summary, "source": config.dicom_dir, "rejects": rejects, "model_has_boxes": boxes_possible}
+    if results is not None:
+        summary["dicom_results"] = {"images": results.written, "without_dicom_context": summary["images"] -
+                                    results.written, "folder": config.dicom_results_dir}
+    return {**summary, "source": config.dicom_dir, "rejects": rejects, "model_has_boxes": boxes_possible,
+            "model_has_masks": reader.gives_masks}
+
+
+def dicom_sources(folder: str) -> dict[str, str]:
+    """{image id: path} of the DICOM files in `folder` (told apart by content, as the converter does)."""
+    sources = {}
+    for path in shards.list_inputs(folder):
+        with open(path, "rb") as handle:
+            if images.sniff(handle.read(images.SNIFF_BYTES)) == images.DICOM:
+                sources[shards.image_id_of(path)] = path
+    return sources

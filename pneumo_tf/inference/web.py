@@ -12,6 +12,9 @@ its members, weights, TTA, fusion and threshold (pneumo_tf.models.reading).
                       (a PNG or JPEG has no view, age, sex or pixel spacing: shown as unknown)
   POST /api/predict   multipart field "file" -> JSON: id, decision, probability, threshold,
                       boxes (confidence, x, y, width, height in source pixels), image facts and format
+  POST /api/dicom_results  multipart field "file" (a DICOM) -> a zip of its DICOM result objects
+                      (SR, presentation state, and a segmentation for models with masks; see
+                      pneumo_tf.inference.dicom_results); the page links the same zip after a DICOM upload
   GET  /healthz       JSON: status, model, image size, threshold
 
 An upload goes through the code training and predict use: records.shards.convert_file
@@ -38,6 +41,7 @@ import threading
 
 import flask
 import numpy as np
+import pydicom
 import tensorflow as tf
 from PIL import Image
 from werkzeug import exceptions
@@ -45,6 +49,7 @@ from werkzeug import exceptions
 from pneumo_tf.cli import option
 from pneumo_tf.data import pipeline
 from pneumo_tf.evaluation import postprocess, submission
+from pneumo_tf.inference import dicom_results
 from pneumo_tf.models import reading as reading_lib
 from pneumo_tf.models.reading import ReadingConfig
 from pneumo_tf.errors import RejectedFile, UserError
@@ -108,6 +113,8 @@ class Result:
     source_format: str  # images.DICOM, PNG or JPEG
     display_png: bytes  # the windowed 8-bit radiograph, at most DISPLAY_MAX_SIZE pixels on its long side
     model: str
+    mask: np.ndarray | None = None  # bool [rows, columns], when asked for and the model gives masks
+    dicom_results: bytes | None = None  # a zip of the DICOM result objects (DICOM uploads to the page)
 
     @property
     def positive(self) -> bool:
@@ -153,6 +160,7 @@ class UploadReader:
         self.threshold = self.predictor.threshold
         self.image_size = self.predictor.image_sizes[0]
         self.options = self.predictor.conversion_options()
+        self.algorithm = dicom_results.algorithm_of(self.predictor, self.threshold)
         self._infer = tf.function(self._decode_and_call, input_signature=[tf.TensorSpec([], tf.string)])
         # Traced once here, before any request: requests only run the traced graph. Keras does not
         # promise that a model may be called from several threads at once, so calls take turns;
@@ -172,8 +180,11 @@ class UploadReader:
         batch = {key: fields[key][tf.newaxis] for key in pipeline.METADATA_KEYS}
         return batch, self.predictor.outputs(images)
 
-    def predict(self, data: bytes, image_id: str) -> Result:
-        """Reads one DICOM, PNG or JPEG file's bytes; raises RejectedFile with the reason when it cannot."""
+    def predict(self, data: bytes, image_id: str, with_mask: bool = False, display: bool = True) -> Result:
+        """Reads one DICOM, PNG or JPEG file's bytes; raises RejectedFile with the reason when it cannot.
+
+        with_mask: also the pixels called opacity at source size (models with masks); display: the page's picture.
+        """
         record, reason = shards.convert_or_reject(io.BytesIO(data), image_id, None, self.options)
         if record is None:
             raise RejectedFile(reason)
@@ -185,6 +196,9 @@ class UploadReader:
         [(_, (boxes_xywh, confidences))] = postprocess.challenge_detections(
             self.predictor, outputs, batch, self.threshold)
         boxes = tuple(Box(float(c), *(float(v) for v in xywh)) for xywh, c in zip(boxes_xywh, confidences))
+        facts, mask = radiograph.facts, None
+        if with_mask and self.predictor.gives_masks:
+            [mask] = self.predictor.masks(outputs, self.threshold, [(facts.rows, facts.columns)])
         return Result(
             image_id=image_id,
             probability=float(self.predictor.image_probability(outputs)[0]),
@@ -192,9 +206,18 @@ class UploadReader:
             boxes=boxes,
             facts=radiograph.facts,
             source_format=radiograph.source_format,
-            display_png=display_png(radiograph.grey_pixels(8)),
+            display_png=display_png(radiograph.grey_pixels(8)) if display else b"",
             model=self.predictor.name,
+            mask=mask,
         )
+
+    def dicom_results(self, data: bytes, result: Result) -> list:
+        """The DICOM result objects (pneumo_tf.inference.dicom_results) of a DICOM upload read by `predict`."""
+        source = pydicom.dcmread(io.BytesIO(data), stop_before_pixels=True)
+        findings = dicom_results.Findings(
+            np.array([[b.x, b.y, b.width, b.height] for b in result.boxes]).reshape(-1, 4),
+            np.array([b.confidence for b in result.boxes]), result.probability, self.threshold, result.mask)
+        return dicom_results.result_objects(source, findings, self.algorithm)
 
 
 def display_png(grey: np.ndarray) -> bytes:
@@ -244,7 +267,8 @@ def create_app(model_dir: str, max_upload_mb: float = ServeConfig.max_upload_mb,
     app.extensions["pneumo_tf.predictor"] = reader
     limit = f"{max_upload_mb:g} MB"
 
-    def read_upload() -> Result:
+    def read_upload(results: bool = False) -> Result:
+        """The upload's reading; with `results`, a DICOM's result objects too (zipped)."""
         upload = flask.request.files.get("file")
         data = upload.read() if upload is not None else b""
         if not data and not (upload and upload.filename):  # a browser sends an empty, unnamed part
@@ -254,14 +278,19 @@ def create_app(model_dir: str, max_upload_mb: float = ServeConfig.max_upload_mb,
         if not data:
             raise UploadError(400, f"{name} is empty")
         try:
-            return reader.predict(data, shards.image_id_of(name))
+            result = reader.predict(data, shards.image_id_of(name), with_mask=results)
         except RejectedFile as error:
             raise UploadError(422, f"{name} cannot be read as a radiograph: {error}") from error
+        if results and result.source_format == images.DICOM:
+            archive = dicom_results.zip_archive(reader.dicom_results(data, result), result.image_id)
+            result = dataclasses.replace(result, dicom_results=archive)
+        return result
 
     def page(result: Result | None = None, error: str | None = None, status: int = 200):
         image = base64.b64encode(result.display_png).decode("ascii") if result else None
+        archive = base64.b64encode(result.dicom_results).decode("ascii") if result and result.dicom_results else None
         html = flask.render_template(
-            "index.html", result=result, image=image, error=error, limit=limit,
+            "index.html", result=result, image=image, dicom_results=archive, error=error, limit=limit,
             facts=_page_facts(result.facts, result.source_format) if result else [], model=reader.predictor.name,
             threshold=reader.threshold,
         )
@@ -283,9 +312,21 @@ def create_app(model_dir: str, max_upload_mb: float = ServeConfig.max_upload_mb,
     @app.post("/")
     def upload_page():
         try:
-            return page(read_upload())
+            return page(read_upload(results=True))
         except UploadError as error:
             return page(error=error.message, status=error.status)
+
+    @app.post("/api/dicom_results")
+    def api_dicom_results():
+        try:
+            result = read_upload(results=True)
+        except UploadError as error:
+            return flask.jsonify(error=error.message), error.status
+        if result.dicom_results is None:
+            return flask.jsonify(error=f"{result.image_id} is a {FORMAT_NAMES[result.source_format]} file: it has no "
+                                 "patient, study or UIDs, so no DICOM results refer to it"), 422
+        return flask.Response(result.dicom_results, mimetype="application/zip", headers={
+            "Content-Disposition": f'attachment; filename="{result.image_id}.dicom_results.zip"'})
 
     @app.post("/api/predict")
     def api_predict():
