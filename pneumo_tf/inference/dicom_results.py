@@ -10,7 +10,8 @@ models that give masks the pixels they call opacity), `result_objects` returns:
        (abnormal opacity Present/Absent at the threshold, the image probability); the model as
        the algorithm identification and as the observing device.
   PR   Grayscale Softcopy Presentation State: the boxes as closed polylines and their scores as
-       text on one graphic layer, so an ordinary viewer draws them over the image.
+       text on one graphic layer, so an ordinary viewer draws them over the image, and the
+       decision with the image probability as a line of text in the top left corner.
   SEG  Segmentation (BINARY, one segment "Lung opacity"), for models that give masks only; an
        image with nothing found gets an empty frame, so "nothing" is said, not left out.
 
@@ -125,11 +126,20 @@ def _age_string(value) -> str | None:
     return f"{int(match.group(1)):03d}{(match.group(2) or 'Y').upper()}" if match else None
 
 
+def _decimal_string(value) -> str:
+    """The nearest decimal of at most 16 characters (DS), without trailing zeros: 0.14300000000000002 -> 0.143."""
+    text = str(value)
+    if len(text) <= 16:
+        return text
+    text = format_number_as_ds(float(value))
+    return text.rstrip("0").rstrip(".") if "." in text and "e" not in text.lower() else text
+
+
 def _decimal_strings(value) -> list[str] | None:
-    """DS values of at most 16 characters: the nearest such decimal of each (None when not numbers)."""
+    """DS values of at most 16 characters (None when they are not numbers)."""
     values = value if isinstance(value, (list, tuple, pydicom.multival.MultiValue)) else [value]
     try:
-        return [str(item) if len(str(item)) <= 16 else format_number_as_ds(float(item)) for item in values]
+        return [_decimal_string(item) for item in values]
     except (TypeError, ValueError):
         return None
 
@@ -216,6 +226,12 @@ def structured_report(source: pydicom.Dataset, findings: Findings, algorithm: Al
     )
 
 
+def summary_text(findings: Findings) -> str:
+    """The presentation state's line about the whole image: "opacity, probability 0.93 (threshold 0.5)"."""
+    decision = "opacity" if findings.positive else "no opacity"
+    return f"{decision}, probability {findings.probability:.2f} (threshold {findings.threshold:g})"
+
+
 def presentation_state(source: pydicom.Dataset, findings: Findings,
                        algorithm: Algorithm) -> hd.pr.GrayscaleSoftcopyPresentationState:
     """The boxes and their scores drawn over `source` by any viewer that applies presentation states."""
@@ -231,9 +247,11 @@ def presentation_state(source: pydicom.Dataset, findings: Findings,
         texts.append(hd.pr.TextObject(f"opacity {score:.2f}", hd.pr.AnnotationUnitsValues.PIXEL,
                                       bounding_box=(x, y, min(x + 6 * line, columns), min(y + line, rows)),
                                       text_justification=hd.pr.TextJustificationValues.LEFT))
-    annotations = []
-    if graphics:
-        annotations.append(hd.pr.GraphicAnnotation([source], layer, graphic_objects=graphics, text_objects=texts))
+    # The decision in the top left corner: a state without boxes still says what the model found.
+    texts.insert(0, hd.pr.TextObject(summary_text(findings), hd.pr.AnnotationUnitsValues.PIXEL,
+                                     bounding_box=(0.0, 0.0, min(16 * line, columns), min(line, rows)),
+                                     text_justification=hd.pr.TextJustificationValues.LEFT))
+    annotations = [hd.pr.GraphicAnnotation([source], layer, graphic_objects=graphics or None, text_objects=texts)]
     state = hd.pr.GrayscaleSoftcopyPresentationState(
         referenced_images=[source], series_instance_uid=hd.UID(), series_number=SERIES_NUMBERS["PR"],
         sop_instance_uid=hd.UID(), instance_number=1, manufacturer=MANUFACTURER,
