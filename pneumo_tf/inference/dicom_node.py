@@ -134,6 +134,7 @@ class DicomNode:
         self.counts = {"received": 0, "refused": 0, "results": 0, "sent": 0, "send_failures": 0}
         self._counts_lock = threading.Lock()
         self._received_bytes: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+        self._aborted: weakref.WeakSet = weakref.WeakSet()
         self._sends: queue.Queue = queue.Queue()
         self._sender = threading.Thread(target=self._send_loop, name="dicom-node-sender", daemon=True)
         self._server = None
@@ -181,7 +182,7 @@ class DicomNode:
 
     def _on_pdu(self, event) -> None:
         """Aborts an association whose current request's data set passes --max_object_mb."""
-        if not isinstance(event.pdu, P_DATA_TF):
+        if not isinstance(event.pdu, P_DATA_TF) or event.assoc in self._aborted:
             return
         received = self._received_bytes.get(event.assoc, 0)
         for item in event.pdu.presentation_data_value_items:
@@ -193,6 +194,7 @@ class DicomNode:
                 LOG.warning("aborting the association of %s: an object of more than %g MB",
                             event.assoc.requestor.ae_title, self.config.max_object_mb)
                 self._count("refused")
+                self._aborted.add(event.assoc)
                 event.assoc.abort()
                 return
             if value[0] & 2:  # the request's last data set fragment
