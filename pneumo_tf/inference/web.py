@@ -282,7 +282,10 @@ def create_app(model_dir: str, max_upload_mb: float = ServeConfig.max_upload_mb,
         except RejectedFile as error:
             raise UploadError(422, f"{name} cannot be read as a radiograph: {error}") from error
         if results and result.source_format == images.DICOM:
-            archive = dicom_results.zip_archive(reader.dicom_results(data, result), result.image_id)
+            try:
+                archive = dicom_results.zip_archive(reader.dicom_results(data, result), result.image_id)
+            except Exception:  # noqa: BLE001 - a header without what results copy (UIDs): the reading still shows
+                return result
             result = dataclasses.replace(result, dicom_results=archive)
         return result
 
@@ -322,9 +325,12 @@ def create_app(model_dir: str, max_upload_mb: float = ServeConfig.max_upload_mb,
             result = read_upload(results=True)
         except UploadError as error:
             return flask.jsonify(error=error.message), error.status
-        if result.dicom_results is None:
+        if result.dicom_results is None and result.source_format != images.DICOM:
             return flask.jsonify(error=f"{result.image_id} is a {FORMAT_NAMES[result.source_format]} file: it has no "
                                  "patient, study or UIDs, so no DICOM results refer to it"), 422
+        if result.dicom_results is None:
+            return flask.jsonify(error=f"{result.image_id}'s header lacks what DICOM results refer to or copy "
+                                 "(its study, series and instance UIDs)"), 422
         return flask.Response(result.dicom_results, mimetype="application/zip", headers={
             "Content-Disposition": f'attachment; filename="{result.image_id}.dicom_results.zip"'})
 
