@@ -35,7 +35,7 @@ from pneumo_tf.demo import DEMO_PRESETS  # noqa: E402
 from pneumo_tf.errors import UserError  # noqa: E402
 from pneumo_tf.evaluation import report  # noqa: E402
 from pneumo_tf.models import exported  # noqa: E402
-from pneumo_tf.records import shards, synthetic  # noqa: E402
+from pneumo_tf.records import radiograph, shards, synthetic  # noqa: E402
 from pneumo_tf.training import loop  # noqa: E402
 from pneumo_tf.training.config import TrainConfig  # noqa: E402
 
@@ -75,7 +75,7 @@ def records(work_dir: str) -> str:
         paths = synthetic.write_dataset(data_dir, synthetic.SyntheticConfig(
             FLAGS.num_images, seed=FLAGS.seed, image_size=FLAGS.source_size, difficulty="hard"))
         shards.convert(paths["train_dir"], records_dir, paths["train_labels"], paths["detailed_class_info"],
-                       options=shards.ConvertOptions(seed=FLAGS.seed))
+                       options=radiograph.ConvertOptions(seed=FLAGS.seed))
     return records_dir
 
 

@@ -68,7 +68,7 @@ from absl import app, flags  # noqa: E402
 
 import common  # noqa: E402  benchmarks/common.py (the script's folder is on sys.path)
 from pneumo_tf.data import pipeline  # noqa: E402
-from pneumo_tf.records import masks, shards, synthetic  # noqa: E402
+from pneumo_tf.records import masks, radiograph, shards, synthetic  # noqa: E402
 from pneumo_tf.records.manifest import read_manifest, shard_paths  # noqa: E402
 
 FLAGS = flags.FLAGS
@@ -147,7 +147,7 @@ def records(data: dict, output_dir: str, image_size: int, num_images: int, fresh
     with open(os.devnull, "w") as quiet:
         shards.convert(
             data["train_dir"], output_dir, data["labels"], data["class_info"],
-            options=shards.ConvertOptions(image_size=image_size), progress_stream=quiet,
+            options=radiograph.ConvertOptions(image_size=image_size), writer=shards.LocalPool(progress_stream=quiet),
         )
     print(f"  done in {time.perf_counter() - started:.0f} s", flush=True)
     return output_dir

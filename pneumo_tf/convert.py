@@ -17,7 +17,7 @@ On many machines, as an Apache Beam pipeline (here Dataflow; see BUILD.md):
 from absl import flags
 
 from pneumo_tf import cli
-from pneumo_tf.records import shards
+from pneumo_tf.records import beam, radiograph, shards
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("dicom_dir", None, "Folder of training images: DICOM, PNG or JPEG files, in any mix (every "
@@ -31,7 +31,7 @@ flags.DEFINE_alias("input_dir", "dicom_dir")
 flags.DEFINE_alias("test_input_dir", "test_dicom_dir")
 flags.DEFINE_string("output_dir", None, "Where shards, manifest.json and rejects.csv go. Rerunning into it with "
                     "the same options resumes (finished shards are kept).")
-cli.define_flags(shards.ConvertOptions)
+cli.define_flags(radiograph.ConvertOptions)
 flags.DEFINE_integer("workers", 0, "Local worker processes building examples (without --beam_pipeline_options); "
                      "0 uses all cores.")
 flags.DEFINE_string("beam_pipeline_options", None, "Convert as an Apache Beam pipeline on many machines, with these "
@@ -44,11 +44,13 @@ flags.mark_flags_as_required(["dicom_dir", "output_dir"])
 
 
 def main():
-    manifest = shards.convert(
-        FLAGS.dicom_dir, FLAGS.output_dir, FLAGS.labels_csv, FLAGS.class_info_csv, FLAGS.test_dicom_dir,
-        cli.config_from_flags(shards.ConvertOptions), workers=FLAGS.workers or None,
-        beam_pipeline_options=FLAGS.beam_pipeline_options,
-    )
+    options = cli.config_from_flags(radiograph.ConvertOptions)
+    options.validate()
+    # Checked (Beam installed, runner known) before anything is written.
+    writer = (beam.BeamPipeline(FLAGS.beam_pipeline_options) if FLAGS.beam_pipeline_options
+              else shards.LocalPool(FLAGS.workers or None))
+    manifest = shards.convert(FLAGS.dicom_dir, FLAGS.output_dir, FLAGS.labels_csv, FLAGS.class_info_csv,
+                              FLAGS.test_dicom_dir, options, writer)
     counts = ", ".join(f"{split} {entry['records']}" for split, entry in manifest["splits"].items())
     print(f"{manifest['records']} records ({counts}), {manifest['rejects']} rejects -> {FLAGS.output_dir} "
           f"({manifest['files_per_second']} files/s)")

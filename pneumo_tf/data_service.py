@@ -6,19 +6,19 @@
 
 Workers read the records at the paths the trainer names, so put them on storage every
 machine reads (a shared file system, or gs:// records). Workers need TensorFlow only. The
-server runs until the process is stopped. See pneumo_tf/data/service.py for the processing
+server runs until the process is stopped. See pneumo_tf/data/remote.py for the processing
 mode (dynamic sharding: each example once per pass over the split).
 """
 from pneumo_tf import cli
 
 cli.import_tensorflow_quietly()  # before anything imports TensorFlow
-from pneumo_tf.data import service  # noqa: E402
+from pneumo_tf.data import remote  # noqa: E402
 
-cli.define_flags(service.ServiceConfig)
+cli.define_flags(remote.ServiceConfig)
 
 
 def main():
-    service.serve(cli.config_from_flags(service.ServiceConfig))
+    remote.serve(cli.config_from_flags(remote.ServiceConfig))
 
 
 if __name__ == "__main__":

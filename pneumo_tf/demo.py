@@ -24,7 +24,7 @@ from pneumo_tf.errors import UserError  # noqa: E402
 from pneumo_tf.evaluation import report  # noqa: E402
 from pneumo_tf.fileio import write_json_atomic  # noqa: E402
 from pneumo_tf.inference import offline  # noqa: E402
-from pneumo_tf.records import shards, synthetic  # noqa: E402
+from pneumo_tf.records import radiograph, shards, synthetic  # noqa: E402
 from pneumo_tf.records.synthetic import SyntheticConfig  # noqa: E402
 from pneumo_tf.training import loop  # noqa: E402
 from pneumo_tf.training.config import TrainConfig  # noqa: E402
@@ -121,7 +121,7 @@ def run_demo(config: DemoConfig) -> dict:
     phase_done("synthesise")
     manifest = shards.convert(
         written["train_dir"], paths["records"], written["train_labels"], written["detailed_class_info"],
-        written["test_dir"], shards.ConvertOptions(seed=config.seed), workers=config.workers or None,
+        written["test_dir"], radiograph.ConvertOptions(seed=config.seed), shards.LocalPool(config.workers or None),
     )
     phase_done("convert")
     preset_options, preset_rate = DEMO_PRESETS[config.model]

@@ -6,7 +6,7 @@
 takes every flag of python -m pneumo_tf.train (but --model_dir: each trial gets its own folder
 under --tune_dir) plus the search's own, runs or resumes the search, and writes the best trial's
 flags to <tune_dir>/best.flags, which python -m pneumo_tf.train --flagfile=... retrains.
-See pneumo_tf/training/tune.py for the search space, resuming and parallel trials.
+See pneumo_tf/training/search.py for the search space, resuming and parallel trials.
 --verbosity=1 shows TensorFlow's start-up logging.
 """
 import sys
@@ -14,19 +14,19 @@ import sys
 from pneumo_tf import cli
 
 cli.import_tensorflow_quietly()  # before anything imports TensorFlow
-from pneumo_tf.training import tune  # noqa: E402
+from pneumo_tf.training import search  # noqa: E402
 from pneumo_tf.training.config import TrainConfig  # noqa: E402
 
 cli.define_flags(TrainConfig, exclude=("model_dir",))
-cli.define_flags(tune.TuneConfig)
+cli.define_flags(search.TuneConfig)
 
 
 def main():
-    config = cli.config_from_flags(tune.TuneConfig)
+    config = cli.config_from_flags(search.TuneConfig)
     if config.parallel > 1:
         config.validate()
-        return tune.run_parallel(sys.argv[1:], config.parallel)
-    summary = tune.tune(config, cli.config_from_flags(TrainConfig, model_dir=""))
+        return search.run_parallel(sys.argv[1:], config.parallel)
+    summary = search.tune(config, cli.config_from_flags(TrainConfig, model_dir=""))
     if summary is not None:
         print(f"{summary['trials_completed']} trials finished; best: trial {summary['best_trial']} with "
               f"{summary['objective']} {summary['score']:.4g} ({summary['trial_dir']}), values {summary['values']}")

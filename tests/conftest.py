@@ -36,13 +36,13 @@ def pytest_configure(config):
 @pytest.fixture(scope="session")
 def tiny_records(synthetic_rsna, tmp_path_factory) -> str:
     """The synthetic folder converted at 64 px: 24 labeled records in train and val, 3 in test."""
-    from pneumo_tf.records import shards
+    from pneumo_tf.records import radiograph, shards
 
     output = tmp_path_factory.mktemp("tiny_records") / "records"
     shards.convert(
         synthetic_rsna["train_dir"], str(output), synthetic_rsna["train_labels"],
         synthetic_rsna["detailed_class_info"], synthetic_rsna["test_dir"],
-        shards.ConvertOptions(image_size=64, num_shards=2), workers=1,
+        radiograph.ConvertOptions(image_size=64, num_shards=2), shards.LocalPool(1),
     )
     return str(output)
 
@@ -114,7 +114,7 @@ def box_pictures(tmp_path_factory) -> dict:
     from pneumo_tf import models
     from pneumo_tf.fileio import write_csv_atomic
     from pneumo_tf.models import exported
-    from pneumo_tf.records import shards
+    from pneumo_tf.records import radiograph, shards
 
     root = tmp_path_factory.mktemp("box_pictures")
     dicom_dir = root / "dicom"
@@ -139,7 +139,8 @@ def box_pictures(tmp_path_factory) -> dict:
     write_csv_atomic(labels_csv, ["patientId", "x", "y", "width", "height", "Target"], rows)
     records = str(root / "records")
     shards.convert(str(dicom_dir), records, labels_csv,
-                    options=shards.ConvertOptions(image_size=64, val_fraction=0.5), workers=1)
+                    options=radiograph.ConvertOptions(image_size=64, val_fraction=0.5),
+                   writer=shards.LocalPool(1))
     image = keras.Input((64, 64, 1), name="image")
     network = keras.Model({"image": image}, {"mask": keras.layers.Identity(name="mask")(image)})
     model_dir = str(root / "model")

@@ -24,7 +24,8 @@ from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage
 from pneumo_tf.records import boxes as box_lib
 from pneumo_tf.errors import RejectedFile, UserError
 from pneumo_tf.fileio import write_json_atomic
-from pneumo_tf.records import jpeg, shards, dicom, labels as labels_lib, manifest as manifest_lib, masks, schema, synthetic
+from pneumo_tf.records import beam, dicom, jpeg, labels as labels_lib, manifest as manifest_lib, masks, plan, radiograph
+from pneumo_tf.records import schema, shards, synthetic
 
 
 def read_records(records_dir):
@@ -75,7 +76,7 @@ def converted(synthetic_rsna, tmp_path_factory):
     manifest = shards.convert(
         synthetic_rsna["train_dir"], str(output), synthetic_rsna["train_labels"],
         synthetic_rsna["detailed_class_info"], synthetic_rsna["test_dir"],
-        shards.ConvertOptions(num_shards=2), workers=2,
+        radiograph.ConvertOptions(num_shards=2), shards.LocalPool(2),
     )
     return output, manifest, read_records(str(output))
 
@@ -138,12 +139,12 @@ def test_manifest_counts(converted):
 def test_val_split_is_stratified_by_class():
     labels = {f"id{i:03d}": labels_lib.PatientLabels(int(i % 10 < 2), (0 if i % 10 >= 6 else 1) if i % 10 >= 2 else 2, ())
               for i in range(100)}
-    train, val = shards.split_ids(labels, list(labels), 0.2, seed=3)
+    train, val = plan.split_ids(labels, list(labels), 0.2, seed=3)
     assert len(val) == 20 and len(train) == 80 and not set(train) & set(val)
     counts = pd.Series([labels[i].label_class for i in val]).value_counts().to_dict()
     assert counts == {0: 8, 1: 8, 2: 4}  # 40 / 40 / 20 patients per class, 20% of each
-    assert shards.split_ids(labels, list(labels), 0.2, seed=3) == (train, val)
-    assert shards.split_ids(labels, list(labels), 0.2, seed=4) != (train, val)
+    assert plan.split_ids(labels, list(labels), 0.2, seed=3) == (train, val)
+    assert plan.split_ids(labels, list(labels), 0.2, seed=4) != (train, val)
 
 
 def test_real_csvs_facts(shared_rsna):
@@ -161,8 +162,8 @@ def test_real_csvs_facts(shared_rsna):
 def test_real_dicoms_convert_exactly(shared_rsna, tmp_path):
     manifest = shards.convert(
         str(shared_rsna / "dicom"), str(tmp_path / "out"), str(shared_rsna / "stage_2_train_labels.csv"),
-        str(shared_rsna / "stage_2_detailed_class_info.csv"), options=shards.ConvertOptions(val_fraction=0.3),
-        workers=1,
+        str(shared_rsna / "stage_2_detailed_class_info.csv"), options=radiograph.ConvertOptions(val_fraction=0.3),
+        writer=shards.LocalPool(1),
     )
     records = read_records(str(tmp_path / "out"))
     assert manifest["records"] == 10 and manifest["rejects"] == 0
@@ -232,7 +233,8 @@ def test_transcoded_pixels_equal_pydicoms(tmp_path):
 
     def stored(bit_depth):
         out = tmp_path / f"out{bit_depth}"
-        manifest = shards.convert(str(folder), str(out), options=shards.ConvertOptions(bit_depth=bit_depth), workers=1)
+        manifest = shards.convert(str(folder), str(out), options=radiograph.ConvertOptions(bit_depth=bit_depth),
+                                  writer=shards.LocalPool(1))
         records = read_records(str(out))
         pixels = {}
         for image_id, record in records.items():
@@ -271,7 +273,8 @@ def test_transcoded_pixels_equal_pydicoms(tmp_path):
 def test_resized_records(synthetic_rsna, tmp_path):
     manifest = shards.convert(
         synthetic_rsna["train_dir"], str(tmp_path / "out"), synthetic_rsna["train_labels"],
-        synthetic_rsna["detailed_class_info"], options=shards.ConvertOptions(image_size=64), workers=1,
+        synthetic_rsna["detailed_class_info"], options=radiograph.ConvertOptions(image_size=64),
+        writer=shards.LocalPool(1),
     )
     records = read_records(str(tmp_path / "out"))
     assert manifest["passthrough_records"] == 0 and len(records) == 24
@@ -293,7 +296,7 @@ def test_pydicom_corpus_each_file_one_record_or_one_reject(tmp_path):
     names = sorted(n for n in os.listdir(corpus) if os.path.isfile(os.path.join(corpus, n)))
     for index, name in enumerate(names):
         shutil.copy(os.path.join(corpus, name), folder / f"{index:03d}_{name}")
-    manifest = shards.convert(str(folder), str(tmp_path / "out"), workers=2)
+    manifest = shards.convert(str(folder), str(tmp_path / "out"), writer=shards.LocalPool(2))
     records = read_records(str(tmp_path / "out"))
     with open(tmp_path / "out" / "rejects.csv") as handle:
         rejects = list(csv.DictReader(handle))
@@ -301,7 +304,7 @@ def test_pydicom_corpus_each_file_one_record_or_one_reject(tmp_path):
     reject_files = {os.path.basename(r["file"]) for r in rejects}
     all_files = {f"{i:03d}_{n}" for i, n in enumerate(names)}
     assert len(records) + len(rejects) == len(names) == manifest["records"] + manifest["rejects"]
-    assert {shards.image_id_of(f) for f in reject_files} | record_files == {shards.image_id_of(f) for f in all_files}
+    assert {radiograph.image_id_of(f) for f in reject_files} | record_files == {radiograph.image_id_of(f) for f in all_files}
     assert all(r["reason"] for r in rejects)
     assert len(records) >= 40  # most of pydicom's corpus holds decodable pixels
 
@@ -387,10 +390,10 @@ def with_a_bad_file(synthetic_rsna, tmp_path_factory):
             str(folder / "test"))
 
 
-def _convert(inputs, output_dir, **kwargs):
+def _convert(inputs, output_dir, writer):
     train_dir, labels_csv, class_info_csv, test_dir = inputs
     return shards.convert(train_dir, str(output_dir), labels_csv, class_info_csv, test_dir,
-                          shards.ConvertOptions(num_shards=3), **kwargs)
+                          radiograph.ConvertOptions(num_shards=3), writer)
 
 
 def _without_timing(manifest):
@@ -404,47 +407,46 @@ def _folder_state(folder):
 @pytest.mark.slow
 def test_beam_conversion_equals_the_local_pools_byte_for_byte(with_a_bad_file, tmp_path):
     pytest.importorskip("apache_beam")
-    local = _convert(with_a_bad_file, tmp_path / "local", workers=2)
-    beam = _convert(with_a_bad_file, tmp_path / "beam", beam_pipeline_options=BEAM_TWO_PROCESSES)
+    local = _convert(with_a_bad_file, tmp_path / "local", shards.LocalPool(2))
+    by_beam = _convert(with_a_bad_file, tmp_path / "beam", beam.BeamPipeline(BEAM_TWO_PROCESSES))
     names = sorted(os.listdir(tmp_path / "local"))
     assert names == sorted(os.listdir(tmp_path / "beam"))
-    assert len([n for n in names if n.endswith(".tfrecord")]) == 9 and beam["records"] == 27 and beam["rejects"] == 1
+    assert len([n for n in names if n.endswith(".tfrecord")]) == 9 and by_beam["records"] == 27
+    assert by_beam["rejects"] == 1
     for name in names:
         if name != "manifest.json":
             assert (tmp_path / "local" / name).read_bytes() == (tmp_path / "beam" / name).read_bytes(), name
-    assert _without_timing(beam) == _without_timing(local)
+    assert _without_timing(by_beam) == _without_timing(local)
     with open(tmp_path / "beam" / "rejects.csv") as handle:
         assert [(os.path.basename(r["file"]), r["reason"][:29]) for r in csv.DictReader(handle)] == [
             ("broken.dcm", "not a DICOM, PNG or JPEG file")]
 
     # A second run over the finished folder finds its manifest and writes nothing.
     before = _folder_state(tmp_path / "beam")
-    again = _convert(with_a_bad_file, tmp_path / "beam", beam_pipeline_options=BEAM_TWO_PROCESSES)
-    assert again == beam and _folder_state(tmp_path / "beam") == before
+    again = _convert(with_a_bad_file, tmp_path / "beam", beam.BeamPipeline(BEAM_TWO_PROCESSES))
+    assert again == by_beam and _folder_state(tmp_path / "beam") == before
 
 
 def test_beam_resumes_and_a_retried_shard_writes_the_same_bytes(with_a_bad_file, tmp_path):
     """A killed Beam run leaves finished shards, their summaries and a half-written temporary file;
     the rerun writes only the rest, and writing a shard again (Beam retrying its bundle) changes nothing."""
     pytest.importorskip("apache_beam")
-    from pneumo_tf.records import beam
-
-    reference = _convert(with_a_bad_file, tmp_path / "reference", workers=1)
+    reference = _convert(with_a_bad_file, tmp_path / "reference", shards.LocalPool(1))
     output = tmp_path / "resumed"
     train_dir, labels_csv, class_info_csv, test_dir = with_a_bad_file
-    plan = shards.make_plan(train_dir, labels_lib.read_labels(labels_csv, class_info_csv), test_dir,
-                            shards.ConvertOptions(num_shards=3))
-    first, *rest = plan.shards
+    planned = plan.make_plan(train_dir, labels_lib.read_labels(labels_csv, class_info_csv), test_dir,
+                             radiograph.ConvertOptions(num_shards=3))
+    first, *rest = planned.shards
     (output / shards.PARTIAL_DIR).mkdir(parents=True)
-    shards.write_shard(first, str(output), shards.ConvertOptions(num_shards=3))
+    shards.write_shard(first, str(output), radiograph.ConvertOptions(num_shards=3))
     (output / f"{rest[0].name}.tmp-0123456789abcdef").write_bytes(b"half a shard")
     # Its options, as the killed run recorded them first.
-    recorded = shards._recorded_options(shards.ConvertOptions(num_shards=3), train_dir, labels_csv, class_info_csv,
-                                        test_dir, {s.split: s.count for s in plan.shards})
+    recorded = shards._recorded_options(radiograph.ConvertOptions(num_shards=3), train_dir, labels_csv, class_info_csv,
+                                        test_dir, {s.split: s.count for s in planned.shards})
     write_json_atomic(str(output / shards.PARTIAL_DIR / "options.json"), recorded)
     first_written = (output / first.name).stat().st_mtime_ns
 
-    manifest = _convert(with_a_bad_file, output, beam_pipeline_options=BEAM_RUNNER)
+    manifest = _convert(with_a_bad_file, output, beam.BeamPipeline(BEAM_RUNNER))
     assert (output / first.name).stat().st_mtime_ns == first_written  # kept, not rewritten
     assert sorted(os.listdir(output)) == sorted(os.listdir(tmp_path / "reference"))
     for name in os.listdir(output):
@@ -459,7 +461,7 @@ def test_beam_resumes_and_a_retried_shard_writes_the_same_bytes(with_a_bad_file,
     with open(plan_path, "wb") as handle:
         pickle.dump({first.name: first}, handle)
     for _ in range(2):
-        beam.write_named_shard(first.name, plan_path, str(retry_dir), shards.ConvertOptions(num_shards=3))
+        beam.write_named_shard(first.name, plan_path, str(retry_dir), radiograph.ConvertOptions(num_shards=3))
     assert sorted(os.listdir(retry_dir)) == sorted([first.name, shards.PARTIAL_DIR])
     assert (retry_dir / first.name).read_bytes() == (output / first.name).read_bytes()
 
@@ -470,7 +472,7 @@ def test_beam_writes_to_and_reads_from_urls(with_a_bad_file, tmp_path):
     pytest.importorskip("apache_beam")
     from pneumo_tf import fileio
 
-    local = _convert(with_a_bad_file, tmp_path / "local", workers=1)
+    local = _convert(with_a_bad_file, tmp_path / "local", shards.LocalPool(1))
     url_inputs = []
     for path in with_a_bad_file:
         url = f"ram://inputs/{os.path.basename(path)}"
@@ -482,7 +484,7 @@ def test_beam_writes_to_and_reads_from_urls(with_a_bad_file, tmp_path):
             tf.io.gfile.copy(path, url)
         url_inputs.append(url)
     try:
-        manifest = _convert(url_inputs, "ram://records", beam_pipeline_options=f"{BEAM_RUNNER},direct_running_mode=in_memory")
+        manifest = _convert(url_inputs, "ram://records", beam.BeamPipeline(f"{BEAM_RUNNER},direct_running_mode=in_memory"))
         assert sorted(fileio.listdir("ram://records")) == sorted(os.listdir(tmp_path / "local"))
         for name in os.listdir(tmp_path / "local"):
             if name.endswith(".tfrecord"):
@@ -517,7 +519,7 @@ def test_beam_options_without_apache_beam_name_the_extra(synthetic_rsna, tmp_pat
 def test_an_unknown_beam_runner_is_refused_before_writing(synthetic_rsna, tmp_path):
     pytest.importorskip("apache_beam")
     with pytest.raises(UserError, match="runner NoSuchRunner cannot start: Unexpected pipeline runner"):
-        shards.convert(synthetic_rsna["train_dir"], str(tmp_path / "out"), beam_pipeline_options="runner=NoSuchRunner")
+        shards.convert(synthetic_rsna["train_dir"], str(tmp_path / "out"), writer=beam.BeamPipeline("runner=NoSuchRunner"))
     assert not (tmp_path / "out").exists()
 
 
@@ -655,7 +657,7 @@ def test_damaged_frames_end_as_decodable_records_or_rejects(shared_rsna, tmp_pat
     folder = tmp_path / "damaged"
     folder.mkdir()
     kinds = _damaged_copies(shared_rsna, folder, np.random.default_rng(11))
-    manifest = shards.convert(str(folder), str(tmp_path / "records"), workers=2)
+    manifest = shards.convert(str(folder), str(tmp_path / "records"), writer=shards.LocalPool(2))
     assert manifest["records"] + manifest["rejects"] == 80
     with open(tmp_path / "records" / manifest_lib.REJECTS_NAME, newline="") as handle:
         rejects = {os.path.basename(row["file"])[:-4]: row["reason"] for row in csv.DictReader(handle)}

@@ -13,7 +13,7 @@ import pytest
 import tensorflow as tf
 
 from pneumo_tf import models
-from pneumo_tf.data import augment, pipeline, service
+from pneumo_tf.data import augment, pipeline, remote
 from pneumo_tf.errors import UserError
 from pneumo_tf.models import exported
 from pneumo_tf.training import loop
@@ -30,9 +30,9 @@ def _port(target: str) -> str:
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory):
     """A dispatcher and two workers in this process, on 127.0.0.1 and ports the system picks."""
-    dispatcher = service.start_dispatcher(0, str(tmp_path_factory.mktemp("dispatcher")))
+    dispatcher = remote.start_dispatcher(0, str(tmp_path_factory.mktemp("dispatcher")))
     address = f"grpc://127.0.0.1:{_port(dispatcher.target)}"
-    workers = [service.start_worker(address, 0, "127.0.0.1") for _ in range(2)]
+    workers = [remote.start_worker(address, 0, "127.0.0.1") for _ in range(2)]
     yield address
     gc.collect()  # the trainers' iterators, whose open requests would hold the servers' shutdown for seconds
     for server in (*workers, dispatcher):
@@ -92,16 +92,16 @@ def test_train_through_the_service_exports(tiny_records, cluster, tmp_path):
 
 def test_an_address_is_checked_before_any_work(tiny_records, tmp_path):
     with pytest.raises(UserError, match=r"dispatcher at grpc://127\.0\.0\.1:1 is unreachable \(.*refused"):
-        service.check_reachable("grpc://127.0.0.1:1")
+        remote.check_reachable("grpc://127.0.0.1:1")
     with pytest.raises(UserError, match="'http://host:5050' is not HOST:PORT or grpc://HOST:PORT"):
-        service.service_address("http://host:5050")
-    assert service.service_address("host:5050") == service.service_address("grpc://host:5050") == "grpc://host:5050"
+        remote.service_address("http://host:5050")
+    assert remote.service_address("host:5050") == remote.service_address("grpc://host:5050") == "grpc://host:5050"
     with pytest.raises(UserError, match="cache keeps decoded images in this process"):
         pipeline.make_dataset(tiny_records, "train", 4, 64, training=True, cache=True, data_service="127.0.0.1:1")
     with pytest.raises(UserError, match="--role=worker needs --dispatcher=HOST:PORT"):
-        service.serve(service.ServiceConfig(role="worker", port=0))
+        remote.serve(remote.ServiceConfig(role="worker", port=0))
     with pytest.raises(UserError, match="unreachable"):
-        service.serve(service.ServiceConfig(role="worker", port=0, dispatcher="127.0.0.1:1"))
+        remote.serve(remote.ServiceConfig(role="worker", port=0, dispatcher="127.0.0.1:1"))
 
 
 def start_server(*args) -> tuple[subprocess.Popen, str]:

@@ -100,12 +100,12 @@ def test_a_readings_masks_with_flip_tta_are_mirrored_back(box_pictures):
     model = exported.load(box_pictures["model_dir"])
     images = np.zeros((1, 64, 64, 1), np.float32)
     images[0, 8:24, 4:20] = 0.9  # off-centre: mirroring matters
-    plain = reading_lib.Predictor([reading_lib.Member(model)])
-    flipped = reading_lib.Predictor([reading_lib.Member(model, tta="hflip")])
+    plain = reading_lib.Reading([reading_lib.Member(model)])
+    flipped = reading_lib.Reading([reading_lib.Member(model, tta="hflip")])
     assert plain.gives_masks and flipped.gives_masks
     expected = np.zeros((128, 128), bool)
     expected[16:48, 8:40] = True
-    for predictor in (plain, flipped):
-        outputs = predictor.split(predictor.outputs((tf.constant(images),)))
-        [mask] = predictor.masks(outputs, 0.5, [(128, 128)])
+    for reading in (plain, flipped):
+        outputs = reading.split(reading.outputs((tf.constant(images),)))
+        [mask] = reading.masks(outputs, 0.5, [(128, 128)])
         np.testing.assert_array_equal(mask, expected)

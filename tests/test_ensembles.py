@@ -1,4 +1,4 @@
-"""Flip TTA and ensembles: fusion on hand-made boxes, mirroring, the predictor on hand-made outputs, a
+"""Flip TTA and ensembles: fusion on hand-made boxes, mirroring, the reading on hand-made outputs, a
 mirror-equivariant model, ensembles across image sizes, the ensemble folder through evaluate, predict
 and serve, and the flags."""
 import io
@@ -19,7 +19,7 @@ from pneumo_tf.evaluation import report, submission
 from pneumo_tf.inference import offline, web
 from pneumo_tf.models import exported, fusion, reading
 from pneumo_tf.models.architecture import BoxDetector
-from pneumo_tf.models.reading import Member, Predictor, ReadingConfig
+from pneumo_tf.models.reading import Member, Reading, ReadingConfig
 
 MASK_RESNET = models.get("mask_resnet")
 
@@ -77,7 +77,7 @@ def test_mirroring_is_exact_and_its_own_inverse():
 
 
 # ---------------------------------------------------------------------------------------------
-# The predictor on hand-made outputs (the host side: no network runs).
+# The reading on hand-made outputs (the host side: no network runs).
 
 
 def offline_member(architecture, weight=1.0, tta="none", image_size=16) -> Member:
@@ -96,7 +96,7 @@ def test_two_copies_fuse_to_the_model_and_disjoint_boxes_are_both_kept():
     one = {"mask": block_mask(0, 0)}
     alone = MASK_RESNET.detections(one, 0.3)[0]
     np.testing.assert_array_equal(alone[0], [[0.0, 0.0, 0.25, 0.25]])
-    copies = Predictor([offline_member(MASK_RESNET), offline_member(MASK_RESNET)])
+    copies = Reading([offline_member(MASK_RESNET), offline_member(MASK_RESNET)])
     boxes, scores = copies.detections([[one], [one]], 0.3)[0]
     np.testing.assert_allclose(boxes, alone[0], atol=1e-7)
     np.testing.assert_allclose(scores, alone[1], rtol=1e-6)
@@ -109,7 +109,7 @@ def test_two_copies_fuse_to_the_model_and_disjoint_boxes_are_both_kept():
     # ... and the threshold applies to the fused scores: at 0.4 only the first remains.
     np.testing.assert_allclose(copies.detections([[one], [other]], 0.4)[0][1], [0.45], rtol=1e-6)
     # The image probability is the members' weighted mean (the mask's largest value here).
-    weighted = Predictor([offline_member(MASK_RESNET, 3.0), offline_member(MASK_RESNET, 1.0)])
+    weighted = Reading([offline_member(MASK_RESNET, 3.0), offline_member(MASK_RESNET, 1.0)])
     np.testing.assert_allclose(weighted.image_probability([[one], [other]]), [(3 * 0.9 + 0.7) / 4], rtol=1e-6)
 
 
@@ -122,7 +122,7 @@ def test_hflip_views_are_split_mirrored_back_and_fused():
         "num_detections": np.array([1, 1], np.int32),
     }
     member = offline_member(detector, tta="hflip")
-    flipped = Predictor([member])
+    flipped = Reading([member])
     views = flipped.split([outputs])
     assert len(views) == 1 and len(views[0]) == 2 and views[0][1]["scores"].tolist() == [[np.float32(0.7)]]
     boxes, scores = flipped.detections(views, 0.5)[0]
@@ -149,8 +149,8 @@ def identity_model(model_dir, image_size: int, threshold: float = 0.5) -> str:
     return str(model_dir)
 
 
-def read_all(reader: Predictor, records: str, split: str = "val", batch_size: int = 4) -> list:
-    return [(batch, reader.infer(batch)) for batch in reader.dataset(records, split, batch_size)]
+def read_all(whole: Reading, records: str, split: str = "val", batch_size: int = 4) -> list:
+    return [(batch, whole.infer(batch)) for batch in whole.dataset(records, split, batch_size)]
 
 
 def test_hflip_of_a_mirror_equivariant_model_gives_its_boxes(box_pictures):
@@ -176,8 +176,8 @@ def test_members_read_the_records_at_their_own_sizes(box_pictures, tmp_path):
     alone = [reading.load(folder) for folder in (box_pictures["model_dir"], small)]
     together = read_all(both, box_pictures["records"])
     assert sum(len(batch["id"]) for batch, _ in together) == 8
-    for index, reader in enumerate(alone):
-        for (batch, outputs), (own_batch, own_outputs) in zip(together, read_all(reader, box_pictures["records"])):
+    for index, one in enumerate(alone):
+        for (batch, outputs), (own_batch, own_outputs) in zip(together, read_all(one, box_pictures["records"])):
             assert batch["id"].numpy().tolist() == own_batch["id"].numpy().tolist()
             np.testing.assert_array_equal(outputs[index][0]["mask"], own_outputs[0][0]["mask"])
 
@@ -310,7 +310,7 @@ def test_hflip_of_a_detector_is_its_two_separate_readings_fused(box_pictures):
     image = keras.Input((64, 64, 1), name="image")
     network = keras.Model({"image": image}, LopsidedBox()(image))
     model = exported.ExportedModel("lopsided", network, BoxDetector(), {"image_size": 64, "threshold": 0.5})
-    flipped = Predictor([Member(model, tta="hflip")])
+    flipped = Reading([Member(model, tta="hflip")])
     compared = 0
     for batch in flipped.dataset(box_pictures["records"], "val", 4):
         outputs = flipped.infer(batch)  # one call on the batch and its mirror images

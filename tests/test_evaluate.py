@@ -15,7 +15,7 @@ from PIL import Image
 from tensorboard.backend.event_processing import event_accumulator
 
 from pneumo_tf.errors import UserError
-from pneumo_tf.evaluation import report, submission, visualize
+from pneumo_tf.evaluation import collect, report, submission, sweep, visualize
 from pneumo_tf.inference import offline
 from pneumo_tf.models import exported
 from pneumo_tf.records.manifest import FORMAT_VERSION
@@ -40,14 +40,14 @@ BOX = np.array([[0.0, 0.0, 10.0, 10.0]])
 NO_BOX = np.zeros((0, 4))
 
 
-def hand_worked() -> report.Collected:
+def hand_worked() -> collect.Collected:
     """Four images, probabilities 0.9 / 0.6 / 0.3 / 0.05 for targets 1 / 0 / 1 / 0, at thresholds 0.5 and 0.7.
 
     Detections: a exact (score 0.9) at both; b a false box (0.6) at 0.5 only; c and d nothing.
     """
     ground_truth = {"a": BOX, "b": NO_BOX, "c": BOX, "d": NO_BOX}
     found = {"a": (BOX, np.array([0.9])), "b": (BOX + 50, np.array([0.6]))}
-    return report.Collected(
+    return collect.Collected(
         ids=list(ground_truth), probabilities=np.array([0.9, 0.6, 0.3, 0.05], np.float32),
         targets=np.array([1, 0, 1, 0]), classes=np.array([2, 1, 2, 0]), ground_truth=ground_truth,
         detections=[found, {"a": found["a"]}], unlabeled=0,
@@ -55,8 +55,8 @@ def hand_worked() -> report.Collected:
 
 
 def test_threshold_table_on_a_hand_worked_case():
-    table = report.threshold_table(hand_worked(), [0.5, 0.7])
-    assert list(table.columns) == list(report.TABLE_COLUMNS)
+    table = sweep.threshold_table(hand_worked(), [0.5, 0.7])
+    assert list(table.columns) == list(sweep.TABLE_COLUMNS)
     # At 0.5: TP a, FP b, FN c, TN d. mAP: a 1, b 0 (a box, no truth), c 0, d left out.
     # At 0.7: TP a, FN c, TN b and d. mAP: a 1, c 0; b and d left out.
     # AUC: of the 4 positive-negative pairs, only (0.3, 0.6) is misordered.
@@ -70,13 +70,13 @@ def test_threshold_table_on_a_hand_worked_case():
 
 
 def test_confusion_matrices_by_target_and_by_class():
-    by_target, by_class = report.confusion_matrices(hand_worked(), 0.5)
+    by_target, by_class = sweep.confusion_matrices(hand_worked(), 0.5)
     assert by_target.to_numpy().tolist() == [[1, 1], [1, 1]]
     assert list(by_class.index) == ["Normal", "No Lung Opacity / Not Normal", "Lung Opacity"]
     assert by_class.to_numpy().tolist() == [[1, 0], [0, 1], [1, 1]]
 
 
-def sweep(maps, f1s) -> pd.DataFrame:
+def sweep_table(maps, f1s) -> pd.DataFrame:
     thresholds = np.round(np.arange(1, len(maps) + 1) * 0.1, 1)
     return pd.DataFrame({"threshold": thresholds, "map": maps, "f1_positive": f1s})
 
@@ -89,12 +89,12 @@ def sweep(maps, f1s) -> pd.DataFrame:
     ([0.0, 0.0, 0.0], [0.1, 0.2, 0.7], False, 2, "f1_positive"),  # a classifier: F1
 ])
 def test_pick_threshold(maps, f1s, has_boxes, row, column):
-    table = sweep(maps, f1s)
-    picked_row, picked_column, reason = report.pick_threshold(table, has_boxes)
+    table = sweep_table(maps, f1s)
+    picked_row, picked_column, reason = sweep.pick_threshold(table, has_boxes)
     assert (picked_row, picked_column) == (row, column)
     assert ("F1" in reason) == (column == "f1_positive")
     # The same threshold whatever the row order.
-    reversed_row, _, _ = report.pick_threshold(table.iloc[::-1].reset_index(drop=True), has_boxes)
+    reversed_row, _, _ = sweep.pick_threshold(table.iloc[::-1].reset_index(drop=True), has_boxes)
     assert reversed_row == len(maps) - 1 - row
 
 
@@ -121,7 +121,7 @@ def test_evaluate_trained_model(trained_model, tiny_records, tmp_path):
     assert summary["output_dir"] == str(output)
 
     table = pd.read_csv(output / "thresholds.csv")
-    assert list(table.columns) == list(report.TABLE_COLUMNS)
+    assert list(table.columns) == list(sweep.TABLE_COLUMNS)
     np.testing.assert_allclose(table["threshold"], np.arange(1, 10) / 10)
     pd.testing.assert_frame_equal(table, result.table, check_exact=True)
     assert table["auc"].nunique() == 1
@@ -203,7 +203,7 @@ def submission_matches_evaluation(model_dir, records, labels_csv, thresholds, tm
 def test_scored_submission_reproduces_evaluation_map(box_pictures, tmp_path):
     submission_matches_evaluation(
         copy_model(box_pictures["model_dir"], tmp_path), box_pictures["records"], box_pictures["labels_csv"],
-        report.DEFAULT_THRESHOLDS, tmp_path,
+        sweep.DEFAULT_THRESHOLDS, tmp_path,
     )
 
 

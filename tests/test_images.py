@@ -12,7 +12,7 @@ from PIL import Image
 
 from pneumo_tf.errors import RejectedFile
 from pneumo_tf.records import boxes as box_lib
-from pneumo_tf.records import images, jpeg, manifest as manifest_lib, schema, shards, synthetic
+from pneumo_tf.records import images, jpeg, manifest as manifest_lib, radiograph, schema, shards, synthetic
 from test_convert import decode_png, read_records, run_cli, stored_mask, synthetic_args
 
 # tf.io.decode_jpeg (the pipeline's decoder, libjpeg's fast integer DCT) against Pillow's decode
@@ -43,7 +43,7 @@ def dicom_records(synthetic_rsna, tmp_path_factory) -> dict:
     output = tmp_path_factory.mktemp("dicom_records") / "records"
     shards.convert(synthetic_rsna["train_dir"], str(output), synthetic_rsna["train_labels"],
                    synthetic_rsna["detailed_class_info"], synthetic_rsna["test_dir"],
-                   shards.ConvertOptions(num_shards=2), workers=1, progress_stream=io.StringIO())
+                   radiograph.ConvertOptions(num_shards=2), writer=shards.LocalPool(1, progress_stream=io.StringIO()))
     return read_records(str(output))
 
 
@@ -59,7 +59,7 @@ def test_image_folders_give_the_records_of_their_dicoms(image_format, exported, 
         assert result.returncode == 0, result.stderr[-3000:]
     else:
         shards.convert(data["train_dir"], str(output), data["train_labels"], data["detailed_class_info"],
-                       data["test_dir"], shards.ConvertOptions(num_shards=2), workers=1, progress_stream=io.StringIO())
+                       data["test_dir"], radiograph.ConvertOptions(num_shards=2), writer=shards.LocalPool(1, progress_stream=io.StringIO()))
     manifest = manifest_lib.read_manifest(str(output))
     records = read_records(str(output))
     assert manifest["formats"] == {"dicom": 0, "png": 0, "jpeg": 0, image_format: 27}
@@ -158,8 +158,8 @@ EXPECTED_REJECTS = {
 
 
 def _convert(folder, output, **options):
-    manifest = shards.convert(str(folder), str(output), options=shards.ConvertOptions(**options), workers=1,
-                              progress_stream=io.StringIO())
+    manifest = shards.convert(str(folder), str(output), options=radiograph.ConvertOptions(**options), writer=shards.LocalPool(1,
+                              progress_stream=io.StringIO()))
     with open(output / manifest_lib.REJECTS_NAME, newline="") as handle:
         rejects = {os.path.basename(row["file"]): row["reason"] for row in csv.DictReader(handle)}
     return manifest, read_records(str(output)), rejects
@@ -237,7 +237,7 @@ def test_boxes_are_normalised_by_each_images_own_size(tmp_path):
     labels = tmp_path / "labels.csv"
     labels.write_text("patientId,x,y,width,height,Target\nwide,30,20,60,40,1\ntall,20,30,40,60,1\nclear,,,,,0\n")
     manifest = shards.convert(str(folder), str(tmp_path / "out"), str(labels),
-                              options=shards.ConvertOptions(val_fraction=0.0), workers=1, progress_stream=io.StringIO())
+                              options=radiograph.ConvertOptions(val_fraction=0.0), writer=shards.LocalPool(1, progress_stream=io.StringIO()))
     records = read_records(str(tmp_path / "out"))
     assert manifest["splits"]["train"]["records"] == 3 and manifest["splits"]["train"]["boxes"] == 2
     for image_id, (height, width) in (("wide", (200, 300)), ("tall", (300, 200))):
@@ -268,7 +268,7 @@ def test_sniff_reads_content_not_names(head, expected):
     ("a.b.png", "a.b"), ("notes.txt", "notes.txt"), ("abc", "abc"),
 ])
 def test_image_id_is_the_name_without_an_image_extension(name, image_id):
-    assert shards.image_id_of(os.path.join("folder", name)) == image_id
+    assert radiograph.image_id_of(os.path.join("folder", name)) == image_id
 
 
 def test_frame_header_names_the_coding_process():

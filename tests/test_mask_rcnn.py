@@ -13,7 +13,7 @@ import tensorflow as tf
 
 import replicas  # tests/replicas.py
 from pneumo_tf.evaluation import metric
-from pneumo_tf.evaluation.postprocess import yxyx_to_xywh
+from pneumo_tf.evaluation.collect import yxyx_to_xywh
 from pneumo_tf.records.boxes import MAX_BOXES
 from pneumo_tf.errors import UserError
 from pneumo_tf.models import detection_ops as ops

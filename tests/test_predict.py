@@ -105,7 +105,7 @@ def test_png_and_jpeg_folders(trained_model, tiny_records, synthetic_rsna, test_
     assert rows["jpeg"] == csv_rows(from_records)
     png_records = str(tmp_path / "png_records")
     shards.convert(str(tmp_path / "png"), png_records, options=exported.load(trained_model).conversion_options(64),
-                   workers=1, progress_stream=io.StringIO())
+                   writer=shards.LocalPool(1, progress_stream=io.StringIO()))
     predict(trained_model, tmp_path / "from_png_records.csv", records_dir=png_records, threshold=THRESHOLD)
     assert rows["png"] == csv_rows(tmp_path / "from_png_records.csv") and set(rows["png"]) == test_ids
 

@@ -24,11 +24,11 @@ from pydicom.uid import ExplicitVRLittleEndian, RLELossless, SecondaryCaptureIma
 
 from pneumo_tf.inference import web
 from pneumo_tf.data import pipeline
-from pneumo_tf.evaluation import postprocess
+from pneumo_tf.evaluation import collect
 from pneumo_tf.inference import offline
 from pneumo_tf.evaluation import submission
 from pneumo_tf.models import exported
-from pneumo_tf.records import shards, dicom, synthetic
+from pneumo_tf.records import dicom, radiograph, shards, synthetic
 
 SOURCE_SIZE = 1024  # the real and the synthetic DICOMs
 
@@ -40,14 +40,14 @@ def app(trained_model):
 
 def reference_probabilities(model_dir, dicom_dir, scratch) -> dict:
     """{id: probability} through prediction's own path: the folder converted as predict converts it, the
-    pipeline's records, postprocess.run_batches (a submission holds no probability)."""
+    pipeline's records, collect.run_batches (a submission holds no probability)."""
     model = exported.load(str(model_dir))
     records = os.path.join(scratch, "records")
-    shards.convert(str(dicom_dir), records, options=model.conversion_options(), workers=1,
-                   progress_stream=io.StringIO())
+    shards.convert(str(dicom_dir), records, options=model.conversion_options(), 
+                   writer=shards.LocalPool(1, progress_stream=io.StringIO()))
     dataset = pipeline.make_dataset(records, "test", 4, model.image_size, training=False)
     probabilities = {}
-    for batch, outputs in postprocess.run_batches(lambda batch: model.infer(batch["image"]), dataset):
+    for batch, outputs in collect.run_batches(lambda batch: model.infer(batch["image"]), dataset):
         for image_id, probability in zip(batch["id"], model.architecture.image_probability(outputs)):
             probabilities[image_id.decode()] = float(probability)
     return probabilities
@@ -259,7 +259,7 @@ def test_png_and_jpeg_uploads_give_what_prediction_gives(app, trained_model, ima
     assert 'accept=".dcm,.dicom,application/dicom,.png,image/png,.jpg,.jpeg,image/jpeg"' in page
     for name, image_format in sorted(image_files["formats"].items()):
         path = folder / name
-        image_id = shards.image_id_of(name)
+        image_id = radiograph.image_id_of(name)
         with Image.open(path) as picture:
             width, height = picture.size
         response = upload(client, path)
@@ -275,7 +275,7 @@ def test_png_and_jpeg_uploads_give_what_prediction_gives(app, trained_model, ima
                             ("Sex", "unknown"), ("Pixel spacing", "unknown"), ("Size", f"{width} x {height} pixels")):
             assert f'<th scope="row">{fact}</th><td>{value}</td>' in html
         shown = embedded_png(html)
-        np.testing.assert_array_equal(shown, shards.read_radiograph(str(path)).grey_pixels(8))
+        np.testing.assert_array_equal(shown, radiograph.read_radiograph(str(path)).grey_pixels(8))
         if image_format == "jpeg":  # libjpeg's grey output (a colour file's luma), as TensorFlow's gives it
             decoded = tf.io.decode_jpeg(path.read_bytes(), channels=1, dct_method="INTEGER_ACCURATE")
             np.testing.assert_array_equal(shown, decoded.numpy()[..., 0])

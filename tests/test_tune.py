@@ -12,14 +12,14 @@ from absl import flags
 
 from pneumo_tf import cli
 from pneumo_tf.errors import UserError
-from pneumo_tf.training import tune
+from pneumo_tf.training import search
 from pneumo_tf.training.config import TrainConfig
 
 BASE = TrainConfig(records_dir="records", model_dir="", model_options={"channels": 4, "depth": 2})
 
 
 def test_search_space_kinds():
-    space = tune.search_space(["learning_rate=log:1e-4:3e-3", "positive_fraction=float:0.2:0.5",
+    space = search.search_space(["learning_rate=log:1e-4:3e-3", "positive_fraction=float:0.2:0.5",
                                "epochs=int:2:8:2", "batch_size=choice:8:16:32",
                                "model_option.upsampling=choice:nearest:bilinear", "augment=choice:True:False"])
     by_name = {entry.name: entry for entry in space.space}
@@ -42,12 +42,12 @@ def test_search_space_kinds():
 ])
 def test_search_space_errors(item, message):
     with pytest.raises(UserError, match=message):
-        tune.search_space([item])
+        search.search_space([item])
 
 
 def test_trial_config_applies_values_with_the_flags_types():
-    config = tune.trial_config(BASE, {"learning_rate": 0.002, "batch_size": 8, "model_option.channels": 8,
-                                      "image_size": 64.0, tune.HYPERBAND_EPOCHS: 3, "tuner/round": 0}, "trial")
+    config = search.trial_config(BASE, {"learning_rate": 0.002, "batch_size": 8, "model_option.channels": 8,
+                                      "image_size": 64.0, search.HYPERBAND_EPOCHS: 3, "tuner/round": 0}, "trial")
     assert config == TrainConfig(records_dir="records", model_dir="trial", learning_rate=0.002, batch_size=8,
                                  image_size=64, epochs=3, model_options={"channels": 8, "depth": 2})
     assert isinstance(config.image_size, int)
@@ -65,18 +65,18 @@ def test_flags_from_config_round_trip():
 
 
 def test_objective_and_oracles():
-    assert tune.objective("mask_resnet").name == "val_map" and tune.objective("cnn").name == "val_target_auc"
-    space = tune.search_space(["learning_rate=log:1e-4:3e-3"])
-    oracles = {algorithm: tune.make_oracle(tune.TuneConfig(search=("x",), tune_dir="t", trials=5, algorithm=algorithm),
-                                           BASE, space) for algorithm in tune.ALGORITHMS}
+    assert search.objective("mask_resnet").name == "val_map" and search.objective("cnn").name == "val_target_auc"
+    space = search.search_space(["learning_rate=log:1e-4:3e-3"])
+    oracles = {algorithm: search.make_oracle(search.TuneConfig(search=("x",), tune_dir="t", trials=5, algorithm=algorithm),
+                                           BASE, space) for algorithm in search.ALGORITHMS}
     assert isinstance(oracles["random"], keras_tuner.oracles.RandomSearchOracle)
     assert isinstance(oracles["bayesian"], keras_tuner.oracles.BayesianOptimizationOracle)
     assert oracles["random"].max_trials == 5 and oracles["hyperband"].max_epochs == BASE.epochs
 
 
 def test_trial_score_is_the_best_epoch():
-    assert tune.trial_score({"history": {"val_map": [float("nan"), 0.25, 0.5, 0.125]}}, "val_map") == 0.5
-    assert str(tune.trial_score({"history": {"val_map": [float("nan")]}}, "val_map")) == "nan"
+    assert search.trial_score({"history": {"val_map": [float("nan"), 0.25, 0.5, 0.125]}}, "val_map") == 0.5
+    assert str(search.trial_score({"history": {"val_map": [float("nan")]}}, "val_map")) == "nan"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -88,12 +88,12 @@ import os, runpy, sys
 import tensorflow as tf
 tf.config.experimental.enable_op_determinism()
 if os.environ.get("KILL_AFTER_FIRST_TRIAL"):
-    from pneumo_tf.training import tune
-    end = tune.TrainingTuner.on_trial_end
+    from pneumo_tf.training import search
+    end = search.TrainingTuner.on_trial_end
     def end_then_die(self, trial):
         end(self, trial)
         os._exit(137)  # as a kill would: no cleanup at all
-    tune.TrainingTuner.on_trial_end = end_then_die
+    search.TrainingTuner.on_trial_end = end_then_die
 module = sys.argv.pop(1)
 runpy.run_module(module, run_name="__main__")
 """

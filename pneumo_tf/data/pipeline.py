@@ -24,7 +24,7 @@ Distribution: under a `tf.distribute.InputContext` each input pipeline reads its
 own shards (or, with fewer shards than pipelines, its own records of every shard)
 and batches at the per-replica batch size; `distributed_dataset` wires that up.
 
-With `data_service` (data/service.py) all of the above up to the batches runs on the
+With `data_service` (data/remote.py) all of the above up to the batches runs on the
 tf.data service's workers instead of in this process: the dispatcher then splits the
 files among the workers (dynamic sharding), and the input pipelines of all training
 hosts share one job instead of reading their own shards.
@@ -36,7 +36,7 @@ import contextlib
 import tensorflow as tf
 
 from pneumo_tf import fileio
-from pneumo_tf.data import service
+from pneumo_tf.data import remote
 from pneumo_tf.records.boxes import MAX_BOXES
 from pneumo_tf.errors import UserError
 from pneumo_tf.records import schema
@@ -338,7 +338,7 @@ def make_dataset(
     options.deterministic = not training
     dataset = dataset.prefetch(tf.data.AUTOTUNE).with_options(options)
     if data_service:
-        dataset = service.distribute(dataset, data_service, shared_by)
+        dataset = remote.distribute(dataset, data_service, shared_by)
         dataset = dataset.map(lambda batch: {**batch, "mask": tf.cast(batch["mask"], tf.float32)})
         dataset = dataset.prefetch(tf.data.AUTOTUNE)
     return dataset

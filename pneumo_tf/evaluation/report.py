@@ -1,5 +1,9 @@
 """Evaluation: a model (or an ensemble) over one labeled split -> threshold table, curves, and its threshold.
 
+`evaluate(config)` is python -m pneumo_tf.evaluate: it runs the pass (evaluation/collect.py),
+the sweep and the choice of threshold (evaluation/sweep.py), draws the curves and writes
+TensorBoard (evaluation/visualize.py), and writes the files below and the threshold (here).
+
 One confidence threshold t makes both of a model's decisions, as everywhere in
 pneumo_tf: an image is called positive when its image probability is above t (as
 a mask pixel is foreground when its probability is above t), and its boxes are its
@@ -31,38 +35,25 @@ pneumo_tf.json, or the ensemble folder, where prediction and the web page read i
 from __future__ import annotations
 
 import dataclasses
-import io
 import math
 import os
 
 import numpy as np
 import pandas as pd
-import tensorflow as tf
-from matplotlib.figure import Figure
-from sklearn import metrics as sk_metrics
 
-from pneumo_tf.data import pipeline
-from pneumo_tf.evaluation import metric
-from pneumo_tf.evaluation.visualize import write_pr_curve
 from pneumo_tf.cli import option
+from pneumo_tf.data import pipeline
+from pneumo_tf.errors import UserError
+from pneumo_tf.evaluation.collect import collect_readings
+from pneumo_tf.evaluation.sweep import (
+    DEFAULT_THRESHOLDS, F1_COLUMN, MAP_COLUMN, both_classes, confusion_matrices, pick_threshold, reading_rows,
+    threshold_table,
+)
+from pneumo_tf.evaluation.visualize import curve_pngs, write_tensorboard
+from pneumo_tf.fileio import atomic_open, write_json_atomic
 from pneumo_tf.models import reading as reading_lib
 from pneumo_tf.models.architecture import check_threshold
 from pneumo_tf.models.reading import ReadingConfig
-from pneumo_tf.errors import UserError
-from pneumo_tf.evaluation.postprocess import Collected, collect_readings
-from pneumo_tf.fileio import atomic_open, write_json_atomic
-from pneumo_tf.records import schema
-
-DEFAULT_THRESHOLDS = tuple(round(0.1 * step, 2) for step in range(1, 10))
-TABLE_COLUMNS = (
-    "threshold", "accuracy", "precision_positive", "recall_positive", "f1_positive",
-    "precision_negative", "recall_negative", "f1_negative", "auc", "map",
-)
-MAP_COLUMN = "map"
-READINGS_COLUMNS = ("reading", "weight", "threshold", "map", "auc")
-F1_COLUMN = "f1_positive"
-PREDICTED_COLUMNS = ("predicted negative", "predicted positive")
-
 
 @dataclasses.dataclass(frozen=True)
 class EvaluateConfig:
@@ -108,7 +99,7 @@ class Evaluation:
     table: pd.DataFrame
     confusion: pd.DataFrame
     confusion_by_class: pd.DataFrame
-    readings: pd.DataFrame | None = None  # for a fused reading: READINGS_COLUMNS, its parts and itself
+    readings: pd.DataFrame | None = None  # for a fused reading: sweep.READINGS_COLUMNS, its parts and itself
 
     def report(self) -> str:
         """The table, the confusion matrices and the choice, as printable markdown."""
@@ -126,121 +117,6 @@ class Evaluation:
             parts += ["Each member alone and the whole, each at its own best threshold of the sweep:",
                       to_markdown(self.readings)]
         return "\n\n".join(parts)
-
-
-def _both_classes(targets) -> bool:
-    return len(np.unique(targets)) == 2
-
-
-def threshold_table(collected: Collected, thresholds) -> pd.DataFrame:
-    """One row per threshold with the columns of TABLE_COLUMNS (see the module docstring)."""
-    targets = collected.targets
-    # AUC is undefined with one class only; NaN says so rather than a misleading number.
-    auc = sk_metrics.roc_auc_score(targets, collected.probabilities) if _both_classes(targets) else math.nan
-    rows = []
-    for threshold, detections in zip(thresholds, collected.detections):
-        predicted = (collected.probabilities > threshold).astype(np.int64)
-        precision, recall, f1, _ = sk_metrics.precision_recall_fscore_support(
-            targets, predicted, labels=[1, 0], zero_division=0
-        )
-        rows.append({
-            "threshold": float(threshold),
-            "accuracy": float(np.mean(predicted == targets)),
-            "precision_positive": precision[0], "recall_positive": recall[0], "f1_positive": f1[0],
-            "precision_negative": precision[1], "recall_negative": recall[1], "f1_negative": f1[1],
-            "auc": auc,
-            MAP_COLUMN: metric.challenge_map(detections, collected.ground_truth),
-        })
-    return pd.DataFrame(rows, columns=list(TABLE_COLUMNS))
-
-
-def pick_threshold(table: pd.DataFrame, has_boxes: bool) -> tuple[int, str, str]:
-    """(row index, column maximised, reason in words) of the threshold to use.
-
-    The mAP decides; NaN rows (nothing to score at that threshold) never win. Ties,
-    common since mAP moves in steps, go to the better positive-class F1 and then to
-    the lower threshold, which favours recall as screening does. Models without
-    boxes, or a split where mAP is NaN at every threshold, maximise F1 instead.
-    """
-    if not has_boxes:
-        column, reason = F1_COLUMN, "the model gives no boxes, so the positive-class F1 is maximised instead of mAP"
-    elif table[MAP_COLUMN].isna().all():
-        column, reason = F1_COLUMN, "mAP is undefined at every threshold, so the positive-class F1 is maximised"
-    else:
-        column, reason = MAP_COLUMN, "maximises the challenge mAP"
-    score = table[column].to_numpy(dtype=np.float64)
-    best = np.flatnonzero(score == np.nanmax(score))
-    # lexsort's last key sorts first: highest F1, then lowest threshold.
-    order = np.lexsort((table["threshold"].to_numpy()[best], -table[F1_COLUMN].to_numpy()[best]))
-    return int(best[order[0]]), column, reason
-
-
-def confusion_matrices(collected: Collected, threshold: float) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """Counts of predicted negative/positive at `threshold`, with rows by target and by three-way class."""
-    predicted = (collected.probabilities > threshold).astype(np.int64)
-    by_target = pd.DataFrame(
-        sk_metrics.confusion_matrix(collected.targets, predicted, labels=[0, 1]),
-        index=pd.Index(["target 0 (negative)", "target 1 (positive)"], name="actual"),
-        columns=list(PREDICTED_COLUMNS),
-    )
-    names = [*schema.CLASS_NAMES, "unknown class"]
-    present = [c for c in (0, 1, 2, schema.UNLABELED) if (collected.classes == c).any()]
-    by_class = pd.DataFrame(
-        [[int(np.sum((collected.classes == c) & (predicted == p))) for p in (0, 1)] for c in present],
-        index=pd.Index([names[c] for c in present], name="class"),
-        columns=list(PREDICTED_COLUMNS),
-    )
-    return by_target, by_class
-
-
-def _curve_png(x, y, curve_label: str, chosen_point, threshold: float, xlabel: str, ylabel: str, title: str,
-               **plot_options) -> bytes:
-    # Matplotlib's Figure without pyplot: no global backend or figure state, so this is
-    # safe in a notebook and on a machine without a display.
-    figure = Figure(figsize=(5, 5))
-    axes = figure.subplots()
-    axes.plot(x, y, label=curve_label, **plot_options)
-    axes.plot(*chosen_point, "o", label=f"threshold {threshold:g}")
-    axes.set(xlabel=xlabel, ylabel=ylabel, xlim=(0, 1), ylim=(0, 1.02), title=title)
-    axes.legend(loc="best")
-    buffer = io.BytesIO()
-    figure.savefig(buffer, format="png", dpi=100)
-    return buffer.getvalue()
-
-
-def curve_pngs(collected: Collected, chosen: pd.Series) -> dict[str, bytes]:
-    """{"pr_curve": PNG, "roc_curve": PNG} of the image probabilities, the chosen threshold's point marked."""
-    targets, probabilities = collected.targets, collected.probabilities
-    precision, recall, _ = sk_metrics.precision_recall_curve(targets, probabilities)
-    average_precision = sk_metrics.average_precision_score(targets, probabilities)
-    false_positive_rate, true_positive_rate, _ = sk_metrics.roc_curve(targets, probabilities)
-    return {
-        "pr_curve": _curve_png(
-            recall, precision, f"AP {average_precision:.3f}",
-            (chosen["recall_positive"], chosen["precision_positive"]), chosen["threshold"],
-            "recall", "precision", "Precision-recall (image level)", drawstyle="steps-post",
-        ),
-        # The false positive rate is 1 - specificity, the negative class's recall.
-        "roc_curve": _curve_png(
-            false_positive_rate, true_positive_rate, f"AUC {chosen['auc']:.3f}",
-            (1.0 - chosen["recall_negative"], chosen["recall_positive"]), chosen["threshold"],
-            "false positive rate", "true positive rate", "ROC (image level)",
-        ),
-    }
-
-
-def write_tensorboard(log_dir: str, step: int, collected: Collected, table_markdown: str, pngs: dict[str, bytes],
-                      summary: dict) -> None:
-    writer = tf.summary.create_file_writer(log_dir)
-    with writer.as_default(step=step):
-        write_pr_curve(collected.targets, collected.probabilities, step)
-        for name, png in pngs.items():
-            tf.summary.image(f"evaluation/{name}", tf.io.decode_png(png, channels=3)[None])
-        tf.summary.text("evaluation/thresholds", table_markdown)
-        for name in ("auc", "map", "threshold"):
-            if summary[name] is not None:
-                tf.summary.scalar(f"evaluation/{name}", summary[name])
-    writer.close()
 
 
 def _cell(value) -> str:
@@ -271,18 +147,6 @@ def _write_bytes(payload: bytes, path: str) -> None:
         handle.write(payload)
 
 
-def reading_rows(readers: list[tuple[str, float]], collected: list[Collected], thresholds,
-                 has_boxes: bool) -> pd.DataFrame:
-    """One row per (label, weight) reading: its best threshold of the sweep and the mAP and AUC there."""
-    rows = []
-    for (label, weight), found in zip(readers, collected):
-        table = threshold_table(found, thresholds)
-        row = table.iloc[pick_threshold(table, has_boxes)[0]]
-        rows.append({"reading": label, "weight": weight, "threshold": row["threshold"], "map": row[MAP_COLUMN],
-                     "auc": row["auc"]})
-    return pd.DataFrame(rows, columns=list(READINGS_COLUMNS))
-
-
 def evaluate(config: EvaluateConfig) -> Evaluation:
     """Evaluates the model (or ensemble) of `config.model_dir` on one split, writes the reports and saves the
     threshold (see the module docstring)."""
@@ -290,29 +154,29 @@ def evaluate(config: EvaluateConfig) -> Evaluation:
     thresholds = sorted(set(config.thresholds))
     # The manifest and split are checked before the (slower) model load.
     pipeline.num_examples(config.records_dir, config.split)
-    reader = reading_lib.load(config.model_dir, config.reading)
-    parts = [] if reader.is_plain else reader.parts()
-    dataset = reader.dataset(config.records_dir, config.split, config.batch_size)
-    with pipeline.naming_bad_records(config.records_dir, (config.split,), reader.image_sizes[0]):
-        collected, *collected_parts = collect_readings([reader, *(part for _, part in parts)], reader.infer,
+    reading = reading_lib.load(config.model_dir, config.reading)
+    parts = [] if reading.is_plain else reading.parts()
+    dataset = reading.dataset(config.records_dir, config.split, config.batch_size)
+    with pipeline.naming_bad_records(config.records_dir, (config.split,), reading.image_sizes[0]):
+        collected, *collected_parts = collect_readings([reading, *(part for _, part in parts)], reading.infer,
                                                        dataset, thresholds)
     if not collected.ids:
         raise UserError(f"split '{config.split}' of {config.records_dir} has no labeled images: "
                         "evaluate a labeled split (val or train)")
 
     table = threshold_table(collected, thresholds)
-    row_index, column, reason = pick_threshold(table, reader.gives_boxes)
+    row_index, column, reason = pick_threshold(table, reading.gives_boxes)
     chosen = table.iloc[row_index]
     confusion, confusion_by_class = confusion_matrices(collected, chosen["threshold"])
     readings = None
     if parts:
         readings = reading_rows(
-            [(label, reader.weights[part.member_index]) for label, part in parts] + [(reader.name, math.nan)],
-            [*collected_parts, collected], thresholds, reader.gives_boxes,
+            [(label, reading.weights[part.member_index]) for label, part in parts] + [(reading.name, math.nan)],
+            [*collected_parts, collected], thresholds, reading.gives_boxes,
         )
 
     # Where this reading lives: its ensemble folder (new or loaded) or its one model folder.
-    home = config.ensemble_dir or reader.ensemble_dir or (reader.model_dirs[0] if reader.is_plain else None)
+    home = config.ensemble_dir or reading.ensemble_dir or (reading.model_dirs[0] if reading.is_plain else None)
     output_dir = config.output_dir or os.path.join(home, "evaluation", config.split)
     os.makedirs(output_dir, exist_ok=True)
     files: dict[str, str] = {}
@@ -322,9 +186,9 @@ def evaluate(config: EvaluateConfig) -> Evaluation:
         return files[name]
 
     summary = {
-        "model": reader.name,
+        "model": reading.name,
         "model_dir": config.model_dir,
-        "predictor": reader.describe(),
+        "reading": reading.describe(),
         "records_dir": config.records_dir,
         "split": config.split,
         "images": len(collected.ids),
@@ -355,14 +219,14 @@ def evaluate(config: EvaluateConfig) -> Evaluation:
                            "probability": collected.probabilities})
     _write_csv(images, output("images.csv"))
     # Curves need both classes; a split of one class still gets its table.
-    pngs = curve_pngs(collected, chosen) if _both_classes(collected.targets) else {}
+    pngs = curve_pngs(collected, chosen) if both_classes(collected.targets) else {}
     for name, png in pngs.items():
         _write_bytes(png, output(f"{name}.png"))
     # A plain model's at its last trained epoch, the step of validation's own PR curves.
-    step = int((reader.members[0].model.info.get("epochs") or [0])[-1]) if reader.is_plain else 0
+    step = int((reading.members[0].model.info.get("epochs") or [0])[-1]) if reading.is_plain else 0
     write_tensorboard(summary["log_dir"], step, collected, table_markdown, pngs, summary)
     if config.save_threshold:
-        summary["threshold_dir"] = reading_lib.save_threshold(reader, threshold_info(summary), config.ensemble_dir)
+        summary["threshold_dir"] = reading_lib.save_threshold(reading, threshold_info(summary), config.ensemble_dir)
     write_json_atomic(output("summary.json"), summary)
     return Evaluation(summary, table, confusion, confusion_by_class, readings)
 

@@ -87,14 +87,14 @@ class Algorithm:
         return [f"{key}={value}"[:64] for key, value in self.parameters.items()] or None
 
 
-def algorithm_of(predictor, threshold: float) -> Algorithm:
-    """The algorithm of a reading (pneumo_tf.models.reading.Predictor) at its decision threshold."""
+def algorithm_of(reading, threshold: float) -> Algorithm:
+    """The algorithm of a reading (pneumo_tf.models.reading.Reading) at its decision threshold."""
     try:
         version = importlib.metadata.version("pneumo_tf")
     except importlib.metadata.PackageNotFoundError:
         version = "unknown"
-    models = ",".join(os.path.basename(os.path.normpath(folder)) for folder in predictor.model_dirs)
-    return Algorithm(f"pneumo_tf {predictor.name}"[:64], version,
+    models = ",".join(os.path.basename(os.path.normpath(folder)) for folder in reading.model_dirs)
+    return Algorithm(f"pneumo_tf {reading.name}"[:64], version,
                      {"threshold": f"{threshold:g}", "model_dir": models})
 
 
@@ -340,21 +340,21 @@ class FolderWriter:
     """Writes each predicted DICOM's objects into a folder (predict --dicom_results_dir), batch by batch.
 
     `sources` maps image ids to their DICOM files (others, PNG and JPEG files, get no objects);
-    a batch is read with its reading (pneumo_tf.models.reading.Predictor) as predict reads it.
+    a batch is read with its reading (pneumo_tf.models.reading.Reading) as predict reads it.
     """
 
     def __init__(self, folder: str, sources: dict[str, str], algorithm: Algorithm):
         self.folder, self.sources, self.algorithm = folder, sources, algorithm
         self.written = 0
 
-    def add_batch(self, reader, outputs, batch: dict, found: list, threshold: float) -> None:
-        """`found` is postprocess.challenge_detections(reader, outputs, batch, threshold)."""
+    def add_batch(self, reading, outputs, batch: dict, found: list, threshold: float) -> None:
+        """`found` is collect.challenge_detections(reading, outputs, batch, threshold)."""
         ids = [image_id.decode() for image_id in batch["id"]]
         if not any(image_id in self.sources for image_id in ids):
             return
-        probabilities = reader.image_probability(outputs)
+        probabilities = reading.image_probability(outputs)
         sizes = [(int(height), int(width)) for height, width in zip(batch["source_height"], batch["source_width"])]
-        masks = reader.masks(outputs, threshold, sizes) if reader.gives_masks else [None] * len(ids)
+        masks = reading.masks(outputs, threshold, sizes) if reading.gives_masks else [None] * len(ids)
         for image_id, (_, (boxes, scores)), probability, mask in zip(ids, found, probabilities, masks):
             if image_id not in self.sources:
                 continue

@@ -2,13 +2,13 @@
 pneumo_tf.models.reading) over a records split or an image folder -> a Kaggle submission CSV.
 
 Image folders (DICOM, PNG and JPEG files, told apart by content as the converter does)
-are converted first (records.shards, no labels: every image lands in the "test" split)
+are converted first (records/shards.py, no labels: every image lands in the "test" split)
 into a temporary records folder that is removed afterwards, so
 predictions see exactly the pipeline and preprocessing that training and evaluation
 saw. Batches stream through the model and straight into the submission writer:
 nothing but the current batch is held in memory, whatever the number of images.
 
-`postprocess.run_batches` and `postprocess.challenge_detections` are the model-calling
+`collect.run_batches` and `collect.challenge_detections` are the model-calling
 and box-converting steps that evaluation shares, so a box written here is the box
 evaluation scored. With --dicom_results_dir each DICOM's boxes (the same ones), image
 probability and, for models with masks, mask also become DICOM objects
@@ -29,15 +29,15 @@ from pneumo_tf.cli import option
 from pneumo_tf.data import pipeline
 from pneumo_tf.errors import UserError
 from pneumo_tf.evaluation import submission
-from pneumo_tf.evaluation.postprocess import challenge_detections, run_batches
+from pneumo_tf.evaluation.collect import challenge_detections, run_batches
 from pneumo_tf.evaluation.visualize import PREDICTED_BOX_COLOR
 from pneumo_tf.fileio import atomic_open
 from pneumo_tf.models import reading as reading_lib
 from pneumo_tf.models.architecture import check_threshold
-from pneumo_tf.models.reading import Predictor, ReadingConfig
+from pneumo_tf.models.reading import Reading, ReadingConfig
 from tqdm import tqdm
 from pneumo_tf.inference import dicom_results
-from pneumo_tf.records import images, shards
+from pneumo_tf.records import images, plan, radiograph, shards
 from pneumo_tf.records.manifest import REJECTS_NAME
 
 BOX_COLOR = tuple(int(255 * channel) for channel in PREDICTED_BOX_COLOR)
@@ -103,21 +103,21 @@ def _write_png(picture: Image.Image, path: str) -> None:
         picture.save(handle, format="PNG")
 
 
-def predict_records(reader: Predictor, threshold: float, config: PredictConfig, records_dir: str, split: str,
+def predict_records(reading: Reading, threshold: float, config: PredictConfig, records_dir: str, split: str,
                     progress_stream=None, results: dicom_results.FolderWriter | None = None) -> dict:
     """Writes the submission for one split of a records folder (and each DICOM's `results`); returns counts."""
     total = pipeline.num_examples(records_dir, split)
-    dataset = reader.dataset(records_dir, split, config.batch_size)
+    dataset = reading.dataset(records_dir, split, config.batch_size)
     if config.overlay_dir:
         os.makedirs(config.overlay_dir, exist_ok=True)
     counts = {"images": 0, "images_with_boxes": 0, "boxes": 0}
 
     def rows():
         with tqdm(total=total, desc="predict", unit="images", file=progress_stream) as progress:
-            for batch, outputs in run_batches(reader.infer, dataset):
-                found = challenge_detections(reader, outputs, batch, threshold)
+            for batch, outputs in run_batches(reading.infer, dataset):
+                found = challenge_detections(reading, outputs, batch, threshold)
                 if results is not None:
-                    results.add_batch(reader, outputs, batch, found, threshold)
+                    results.add_batch(reading, outputs, batch, found, threshold)
                 for index, (image_id, ((boxes, scores), (xywh, confidences))) in enumerate(zip(batch["id"], found)):
                     image_id = image_id.decode()
                     if config.overlay_dir:
@@ -131,7 +131,7 @@ def predict_records(reader: Predictor, threshold: float, config: PredictConfig, 
 
     parent = os.path.dirname(os.path.abspath(config.output))
     os.makedirs(parent, exist_ok=True)
-    with pipeline.naming_bad_records(records_dir, (split,), reader.image_sizes[0]):
+    with pipeline.naming_bad_records(records_dir, (split,), reading.image_sizes[0]):
         submission.write_submission(config.output, rows())
     return {**counts, "threshold": threshold, "output": config.output}
 
@@ -145,24 +145,24 @@ def predict(config: PredictConfig, progress_stream=None) -> dict:
     """Writes the submission CSV (and overlays) of `config`; returns a summary with counts and rejects."""
     config.validate()
     # Before any conversion: a wrong model folder should not cost a folder's conversion first.
-    reader = reading_lib.load(config.model_dir, config.reading)
-    threshold = config.threshold if config.threshold is not None else reader.threshold
+    reading = reading_lib.load(config.model_dir, config.reading)
+    threshold = config.threshold if config.threshold is not None else reading.threshold
     if threshold is None:
         raise UserError(f"{config.model_dir} is an ensemble without a threshold: give --threshold, or evaluate it "
                         "with python -m pneumo_tf.evaluate --ensemble_dir=DIR and predict with --model_dir=DIR")
-    boxes_possible = reader.gives_boxes
+    boxes_possible = reading.gives_boxes
     if config.records_dir is not None:
-        summary = predict_records(reader, threshold, config, config.records_dir, config.split, progress_stream)
+        summary = predict_records(reading, threshold, config, config.records_dir, config.split, progress_stream)
         return {**summary, "source": f"{config.records_dir} ({config.split})", "rejects": [],
                 "model_has_boxes": boxes_possible}
 
     scratch = tempfile.mkdtemp(prefix="pneumo_tf_predict_")
     try:
         records_dir = os.path.join(scratch, "records")
-        options = reader.conversion_options(config.convert_image_size)
+        options = reading.conversion_options(config.convert_image_size)
         manifest = shards.convert(
             config.dicom_dir, records_dir, options=options,
-            workers=config.workers or None, progress_stream=progress_stream,
+            writer=shards.LocalPool(config.workers or None, progress_stream=progress_stream),
         )
         rejects = _read_rejects(records_dir)
         if manifest["records"] == 0:
@@ -173,22 +173,22 @@ def predict(config: PredictConfig, progress_stream=None) -> dict:
         results = None
         if config.dicom_results_dir is not None:
             results = dicom_results.FolderWriter(config.dicom_results_dir, dicom_sources(config.dicom_dir),
-                                                 dicom_results.algorithm_of(reader, threshold))
-        summary = predict_records(reader, threshold, config, records_dir, "test", progress_stream, results)
+                                                 dicom_results.algorithm_of(reading, threshold))
+        summary = predict_records(reading, threshold, config, records_dir, "test", progress_stream, results)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     if results is not None:
         summary["dicom_results"] = {"images": results.written, "without_dicom_context": summary["images"] -
                                     results.written, "folder": config.dicom_results_dir}
     return {**summary, "source": config.dicom_dir, "rejects": rejects, "model_has_boxes": boxes_possible,
-            "model_has_masks": reader.gives_masks}
+            "model_has_masks": reading.gives_masks}
 
 
 def dicom_sources(folder: str) -> dict[str, str]:
     """{image id: path} of the DICOM files in `folder` (told apart by content, as the converter does)."""
     sources = {}
-    for path in shards.list_inputs(folder):
+    for path in plan.list_inputs(folder):
         with open(path, "rb") as handle:
             if images.sniff(handle.read(images.SNIFF_BYTES)) == images.DICOM:
-                sources[shards.image_id_of(path)] = path
+                sources[radiograph.image_id_of(path)] = path
     return sources

@@ -17,12 +17,12 @@ its members, weights, TTA, fusion and threshold (pneumo_tf.models.reading).
                       pneumo_tf.inference.dicom_results); the page links the same zip after a DICOM upload
   GET  /healthz       JSON: status, model, image size, threshold
 
-An upload goes through the code training and predict use: records.shards.convert_file
+An upload goes through the code training and predict use: records.radiograph.convert_file
 (converted as the model's training records were, pneumo_tf.json "conversion") ->
 schema.serialize_example -> pipeline.parse_batch + pipeline.decode_image (at each member's
-size) -> the predictor's networks -> postprocess.challenge_detections and the predictor's
+size) -> the reading's networks -> collect.challenge_detections and the reading's
 image probability, at the threshold evaluation saved. So the page shows exactly what `python -m pneumo_tf.predict --dicom_dir`
-writes for the same file. The page's picture and facts come from shards.read_radiograph,
+writes for the same file. The page's picture and facts come from radiograph.read_radiograph,
 the converter's reader of every format. Uploads stay in memory (never spooled to a temporary file) and
 the page draws the boxes as SVG over the radiograph, sent inline as a data: URI PNG:
 nothing is written to disk, so simultaneous users never see each other's results.
@@ -48,12 +48,12 @@ from werkzeug import exceptions
 
 from pneumo_tf.cli import option
 from pneumo_tf.data import pipeline
-from pneumo_tf.evaluation import postprocess, submission
+from pneumo_tf.evaluation import collect, submission
 from pneumo_tf.inference import dicom_results
 from pneumo_tf.models import reading as reading_lib
 from pneumo_tf.models.reading import ReadingConfig
 from pneumo_tf.errors import RejectedFile, UserError
-from pneumo_tf.records import shards, dicom, images, schema
+from pneumo_tf.records import dicom, images, radiograph as radiograph_lib, schema
 
 DISPLAY_MAX_SIZE = 1024  # the page's radiograph is downscaled to this many pixels on its long side
 POSITIVE, NEGATIVE = "Opacity", "No Opacity"
@@ -149,18 +149,19 @@ class Result:
         }
 
 
-class UploadReader:
-    """A predictor that reads DICOM, PNG or JPEG bytes: thread-safe, nothing on disk."""
+class UploadReading:
+    """The reading of `model_dir` applied to the bytes of an uploaded DICOM, PNG or JPEG file: thread-safe,
+    nothing on disk."""
 
-    def __init__(self, model_dir: str, reading: ReadingConfig = ReadingConfig()):
-        self.predictor = reading_lib.load(model_dir, reading)
-        if self.predictor.threshold is None:
+    def __init__(self, model_dir: str, config: ReadingConfig = ReadingConfig()):
+        self.reading = reading_lib.load(model_dir, config)
+        if self.reading.threshold is None:
             raise UserError(f"{model_dir} is an ensemble without a threshold: evaluate it with python -m "
                             "pneumo_tf.evaluate --ensemble_dir=DIR and serve --model_dir=DIR")
-        self.threshold = self.predictor.threshold
-        self.image_size = self.predictor.image_sizes[0]
-        self.options = self.predictor.conversion_options()
-        self.algorithm = dicom_results.algorithm_of(self.predictor, self.threshold)
+        self.threshold = self.reading.threshold
+        self.image_size = self.reading.image_sizes[0]
+        self.options = self.reading.conversion_options()
+        self.algorithm = dicom_results.algorithm_of(self.reading, self.threshold)
         self._infer = tf.function(self._decode_and_call, input_signature=[tf.TensorSpec([], tf.string)])
         # Traced once here, before any request: requests only run the traced graph. Keras does not
         # promise that a model may be called from several threads at once, so calls take turns;
@@ -175,39 +176,39 @@ class UploadReader:
         images = tuple(
             pipeline.decode_image(fields["image_encoded"], fields["image_format"], fields["stored_size"], size,
                                   self.options.bit_depth)[tf.newaxis]
-            for size in self.predictor.image_sizes
+            for size in self.reading.image_sizes
         )
         batch = {key: fields[key][tf.newaxis] for key in pipeline.METADATA_KEYS}
-        return batch, self.predictor.outputs(images)
+        return batch, self.reading.outputs(images)
 
     def predict(self, data: bytes, image_id: str, with_mask: bool = False, display: bool = True) -> Result:
         """Reads one DICOM, PNG or JPEG file's bytes; raises RejectedFile with the reason when it cannot.
 
         with_mask: also the pixels called opacity at source size (models with masks); display: the page's picture.
         """
-        record, reason = shards.convert_or_reject(io.BytesIO(data), image_id, None, self.options)
+        record, reason = radiograph_lib.convert_or_reject(io.BytesIO(data), image_id, None, self.options)
         if record is None:
             raise RejectedFile(reason)
-        radiograph = shards.read_radiograph(io.BytesIO(data))
+        radiograph = radiograph_lib.read_radiograph(io.BytesIO(data))
         with self._lock:
             batch, outputs = self._infer(tf.constant(schema.serialize_example(record)))
         batch = {key: value.numpy() for key, value in batch.items()}
-        outputs = self.predictor.split(outputs)
-        [(_, (boxes_xywh, confidences))] = postprocess.challenge_detections(
-            self.predictor, outputs, batch, self.threshold)
+        outputs = self.reading.split(outputs)
+        [(_, (boxes_xywh, confidences))] = collect.challenge_detections(
+            self.reading, outputs, batch, self.threshold)
         boxes = tuple(Box(float(c), *(float(v) for v in xywh)) for xywh, c in zip(boxes_xywh, confidences))
         facts, mask = radiograph.facts, None
-        if with_mask and self.predictor.gives_masks:
-            [mask] = self.predictor.masks(outputs, self.threshold, [(facts.rows, facts.columns)])
+        if with_mask and self.reading.gives_masks:
+            [mask] = self.reading.masks(outputs, self.threshold, [(facts.rows, facts.columns)])
         return Result(
             image_id=image_id,
-            probability=float(self.predictor.image_probability(outputs)[0]),
+            probability=float(self.reading.image_probability(outputs)[0]),
             threshold=self.threshold,
             boxes=boxes,
             facts=radiograph.facts,
             source_format=radiograph.source_format,
             display_png=display_png(radiograph.grey_pixels(8)) if display else b"",
-            model=self.predictor.name,
+            model=self.reading.name,
             mask=mask,
         )
 
@@ -258,13 +259,13 @@ def create_app(model_dir: str, max_upload_mb: float = ServeConfig.max_upload_mb,
                reading: ReadingConfig = ReadingConfig()) -> flask.Flask:
     """The Flask app serving the exported model (or ensemble) in `model_dir` (see the module docstring)."""
     ServeConfig(model_dir, max_upload_mb=max_upload_mb, reading=reading).validate()
-    reader = UploadReader(model_dir, reading)
+    upload_reading = UploadReading(model_dir, reading)
     app = flask.Flask(__name__, template_folder="templates", static_folder="static")
     app.request_class = InMemoryRequest
     # Flask reads FLASK_DEBUG from the environment; this app never runs in debug mode.
     app.config["DEBUG"] = False
     app.config["MAX_CONTENT_LENGTH"] = int(max_upload_mb * 2**20)
-    app.extensions["pneumo_tf.predictor"] = reader
+    app.extensions["pneumo_tf.reading"] = upload_reading
     limit = f"{max_upload_mb:g} MB"
 
     def read_upload(results: bool = False) -> Result:
@@ -278,12 +279,12 @@ def create_app(model_dir: str, max_upload_mb: float = ServeConfig.max_upload_mb,
         if not data:
             raise UploadError(400, f"{name} is empty")
         try:
-            result = reader.predict(data, shards.image_id_of(name), with_mask=results)
+            result = upload_reading.predict(data, radiograph_lib.image_id_of(name), with_mask=results)
         except RejectedFile as error:
             raise UploadError(422, f"{name} cannot be read as a radiograph: {error}") from error
         if results and result.source_format == images.DICOM:
             try:
-                archive = dicom_results.zip_archive(reader.dicom_results(data, result), result.image_id)
+                archive = dicom_results.zip_archive(upload_reading.dicom_results(data, result), result.image_id)
             except Exception:  # noqa: BLE001 - a header without what results copy (UIDs): the reading still shows
                 return result
             result = dataclasses.replace(result, dicom_results=archive)
@@ -294,8 +295,8 @@ def create_app(model_dir: str, max_upload_mb: float = ServeConfig.max_upload_mb,
         archive = base64.b64encode(result.dicom_results).decode("ascii") if result and result.dicom_results else None
         html = flask.render_template(
             "index.html", result=result, image=image, dicom_results=archive, error=error, limit=limit,
-            facts=_page_facts(result.facts, result.source_format) if result else [], model=reader.predictor.name,
-            threshold=reader.threshold,
+            facts=_page_facts(result.facts, result.source_format) if result else [],
+            model=upload_reading.reading.name, threshold=upload_reading.threshold,
         )
         return html, status
 
@@ -343,8 +344,8 @@ def create_app(model_dir: str, max_upload_mb: float = ServeConfig.max_upload_mb,
 
     @app.get("/healthz")
     def healthz():
-        return flask.jsonify(status="ok", model=reader.predictor.name, image_size=reader.image_size,
-                             threshold=reader.threshold)
+        return flask.jsonify(status="ok", model=upload_reading.reading.name,
+                             image_size=upload_reading.image_size, threshold=upload_reading.threshold)
 
     @app.errorhandler(exceptions.RequestEntityTooLarge)
     def too_large(error):

@@ -35,6 +35,7 @@ its boxes' findings, drawn over the whole image at any size (the DICOM Segmentat
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Protocol
 
 import keras
 import numpy as np
@@ -48,6 +49,18 @@ Detections = tuple[np.ndarray, np.ndarray]
 
 # Outputs of a box detector (`detector_outputs`): fixed-size, padded after num_detections.
 BOXES, SCORES, NUM_DETECTIONS = "boxes", "scores", "num_detections"
+
+
+class ReadsOutputs(Protocol):
+    """The host side of the contract: what turns a batch's outputs into detections and image
+    probabilities. An Architecture reads one network's outputs; a pneumo_tf.models.reading.Reading
+    reads its members' (one model, flip TTA, an ensemble)."""
+
+    gives_boxes: bool
+
+    def detections(self, outputs, threshold: float) -> list[Detections]: ...
+
+    def image_probability(self, outputs) -> np.ndarray: ...
 
 
 def check_threshold(value: float, flag: str) -> None:

@@ -26,7 +26,7 @@ from pneumo_tf import models
 from pneumo_tf.errors import UserError
 from pneumo_tf.fileio import write_json_atomic
 from pneumo_tf.models.architecture import Architecture
-from pneumo_tf.records.shards import ConvertOptions
+from pneumo_tf.records.radiograph import ConvertOptions
 
 MODEL_FILE = "model.keras"
 SAVED_MODEL_DIR = "saved_model"

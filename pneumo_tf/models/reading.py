@@ -1,31 +1,35 @@
-"""A reading of models: what evaluate, predict and serve read boxes and image probabilities from.
+"""A model's reading of images: what evaluate, predict and serve read boxes and image probabilities from.
 
-A predictor is one exported model (pneumo_tf.models.exported), optionally read with flip
-test-time augmentation, or an ensemble of such models, their boxes fused. It offers the
-host side of the model contract (`detections(outputs, threshold)`, `image_probability(outputs)`,
+A reading (`Reading`, made by `load` from --model_dir and the `ReadingConfig` flags) is one
+exported model (pneumo_tf.models.exported), optionally read with flip test-time augmentation,
+or an ensemble of such models, their boxes fused. Its models are its members (`Member`);
+each member reads every image in one or two views (as it is, and mirrored with hflip); a
+member read alone is a part of the reading (`Part`, what the evaluation report compares the
+whole with). A reading offers the host side of the model contract (`ReadsOutputs` in
+pneumo_tf.models.architecture: `detections(outputs, threshold)`, `image_probability(outputs)`,
 `gives_boxes`), so the commands never know which of these they read:
 
-  outputs = predictor.infer(batch)              # one batched network call per member
-  predictor.detections(outputs, t), predictor.image_probability(outputs)
+  outputs = reading.infer(batch)              # one batched network call per member
+  reading.detections(outputs, t), reading.image_probability(outputs)
 
 Test-time augmentation (tta="hflip"): each member runs once on the batch concatenated with
 its left-right mirror image (one batched call on the accelerator), the mirrored half's boxes
 are mirrored back, and the two sets are fused; the image probability is the mean of the two.
 
 Ensembles: each member reads the records at its own image size (`dataset` decodes the split
-once per size, in lockstep, and checks the ids match); every reading (member x view) gives one
+once per size, in lockstep, and checks the ids match); every view of every member gives one
 set of boxes, weighted by its member's weight, and all sets are fused at once with the fusion
 method (pneumo_tf.models.fusion); the image probability is the weighted mean of the members'.
 Members that give no boxes (classifiers) add to the probability only.
 
 The threshold: as everywhere, one t decides both the image (probability > t) and its boxes
-(score > t). Fused boxes keep that meaning: at threshold t each reading's detections at t are
+(score > t). Fused boxes keep that meaning: at threshold t each view's detections at t are
 fused, and the fused boxes with score > t are kept. Fusion happens per threshold, not once at
 a low one, because the mask network's boxes are the components of its mask thresholded at t:
 at a low threshold they are other (merged, larger) boxes. With fusion per threshold a box that
-every reading finds at t keeps its score; one that only some find is scored down (weighted
-boxes fusion) and dropped once that falls to t or below. A single reading is returned as the
-architecture gives it, untouched.
+every view finds at t keeps its score; one that only some find is scored down (weighted
+boxes fusion) and dropped once that falls to t or below. A single view's detections are returned
+as the architecture gives them, untouched.
 
 Where a reading's threshold lives: one model read plainly keeps it in its pneumo_tf.json. Any
 fused reading (hflip, several models) keeps it in an ensemble folder, written by
@@ -37,7 +41,7 @@ fused reading (hflip, several models) keeps it in an ensemble folder, written by
                                evaluation's numbers
       evaluation/, logs/       the evaluation report and its TensorBoard events
 
-`load(ensemble_dir)` reads it back as the same predictor; predict and serve take it as their
+`load(ensemble_dir)` reads it back as the same reading; predict and serve take it as their
 --model_dir. A fused reading given ad hoc (--model_dir=a,b or --tta=hflip) has no threshold of
 its own: a single model's saved threshold stands in for its hflip reading; several models need
 a threshold given or an ensemble folder.
@@ -59,7 +63,7 @@ from pneumo_tf.fileio import write_json_atomic
 from pneumo_tf.models import exported
 from pneumo_tf.models import fusion as box_fusion
 from pneumo_tf.models.architecture import Detections, no_detections
-from pneumo_tf.records.shards import ConvertOptions
+from pneumo_tf.records.radiograph import ConvertOptions
 
 TTA_MODES = ("none", "hflip")
 ENSEMBLE_FILE = "pneumo_tf_ensemble.json"
@@ -95,7 +99,7 @@ class ReadingConfig:
 
 
 class Member:
-    """One exported model of a predictor, with its weight and its views (1, or 2 with hflip).
+    """One exported model of a reading, with its weight and its views (1, or 2 with hflip).
 
     `call` is in-graph: with hflip it runs the network once on the images and their mirror
     images concatenated along the batch; `views` splits the (numpy) outputs back per view.
@@ -120,7 +124,7 @@ class Member:
         return [{name: value[view * count:(view + 1) * count] for name, value in outputs.items()}
                 for view in range(self.view_count)]
 
-    def readings(self, views: list[dict], threshold: float) -> list[list[Detections]]:
+    def view_detections(self, views: list[dict], threshold: float) -> list[list[Detections]]:
         """Per view, per image, the detections at `threshold` in the original image's frame."""
         found = [self.architecture.detections(view, threshold) for view in views]
         return [found[0]] + [[box_fusion.mirror(detections) for detections in mirrored] for mirrored in found[1:]]
@@ -129,7 +133,7 @@ class Member:
         return np.mean([self.architecture.image_probability(view) for view in views], axis=0).astype(np.float32)
 
 
-class Predictor:
+class Reading:
     """Members read together (see the module docstring); outputs are, per member, its views' numpy outputs."""
 
     def __init__(self, members: Sequence[Member], fusion_method: str = box_fusion.DEFAULT_FUSION,
@@ -213,19 +217,19 @@ class Predictor:
 
     def detections(self, outputs: list[list[dict]], threshold: float) -> list[Detections]:
         """Per image, the fused boxes with scores above `threshold` (see the module docstring)."""
-        readings, weights = [], []
+        per_view, weights = [], []
         for member, views in zip(self.members, outputs):
             if member.architecture.gives_boxes:
-                found = member.readings(views, threshold)
-                readings += found
+                found = member.view_detections(views, threshold)
+                per_view += found
                 weights += [member.weight] * len(found)
-        if len(readings) == 1:
-            return readings[0]
+        if len(per_view) == 1:
+            return per_view[0]
         count = len(self.image_probability(outputs))
-        if not readings:
+        if not per_view:
             return [no_detections() for _ in range(count)]
         kept = []
-        for per_image in zip(*readings):
+        for per_image in zip(*per_view):
             boxes, scores = box_fusion.fuse(per_image, weights, self.fusion, self.fusion_iou)
             keep = scores > threshold
             kept.append((boxes[keep], scores[keep]))
@@ -238,8 +242,8 @@ class Predictor:
 
     def masks(self, outputs: list[list[dict]], threshold: float, sizes) -> list[np.ndarray]:
         """Per image, bool [height, width] for its (height, width) in `sizes`: the pixels called opacity at
-        `threshold` by readings (member x view, mirrored views mirrored back) holding at least half the
-        weight of those that give masks; a single reading's masks as the architecture gives them."""
+        `threshold` by views (each member's, mirrored views mirrored back) holding at least half the
+        weight of those that give masks; a single view's masks as the architecture gives them."""
         votes, total = None, 0.0
         for member, views in zip(self.members, outputs):
             if not member.architecture.gives_masks:
@@ -256,19 +260,19 @@ class Predictor:
         return [vote >= 0.5 * total for vote in votes]
 
     def parts(self) -> list[tuple[str, "Part"]]:
-        """(label, reading) of each member alone, without TTA and, when this predictor uses it, with:
-        what the evaluation report compares the whole with. Parts read this predictor's outputs."""
+        """(label, part) of each member alone, without TTA and, when this reading uses it, with:
+        what the evaluation report compares the whole with. Parts read this reading's outputs."""
         found = []
         for index, member in enumerate(self.members):
             modes = ("none", "hflip") if member.tta == "hflip" else ("none",)
             for tta in modes:
-                alone = Predictor([Member(member.model, 1.0, tta)], self.fusion, self.fusion_iou)
+                alone = Reading([Member(member.model, 1.0, tta)], self.fusion, self.fusion_iou)
                 label = member.model.model_dir + (" + hflip" if tta == "hflip" else "")
                 found.append((label, Part(alone, index, alone.members[0].view_count)))
         return found
 
     def conversion_options(self, image_size: int | None = None) -> ConvertOptions:
-        """How to convert source files for this predictor: as its members' training records were when
+        """How to convert source files for this reading: as its members' training records were when
         they agree; else at source resolution (every member's size decodes from it) and the deepest bit depth."""
         options = {member.model.conversion_options(image_size) for member in self.members}
         if len(options) == 1:
@@ -277,7 +281,7 @@ class Predictor:
                               bit_depth=max(option.bit_depth for option in options))
 
     def describe(self) -> dict:
-        """What this predictor is, as the evaluation summary records it."""
+        """What this reading is, as the evaluation summary records it."""
         return {"name": self.name, "model_dirs": self.model_dirs, "weights": self.weights, "tta": self.tta,
                 "fusion": self.fusion, "fusion_iou": self.fusion_iou,
                 "image_sizes": list(self.image_sizes)}
@@ -285,24 +289,24 @@ class Predictor:
 
 @dataclasses.dataclass
 class Part:
-    """One member of a predictor read alone (see Predictor.parts), from the whole predictor's outputs."""
+    """One member of a reading read alone (see Reading.parts), from the whole reading's outputs."""
 
-    predictor: Predictor
+    reading: Reading
     member_index: int
     view_count: int
 
     @property
     def gives_boxes(self) -> bool:
-        return self.predictor.gives_boxes
+        return self.reading.gives_boxes
 
     def _own(self, outputs):
         return [outputs[self.member_index][: self.view_count]]
 
     def detections(self, outputs, threshold):
-        return self.predictor.detections(self._own(outputs), threshold)
+        return self.reading.detections(self._own(outputs), threshold)
 
     def image_probability(self, outputs):
-        return self.predictor.image_probability(self._own(outputs))
+        return self.reading.image_probability(self._own(outputs))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -325,60 +329,60 @@ def _model_dirs(model_dir: str) -> list[str]:
     return dirs
 
 
-def is_new_fused_reading(model_dir: str, reading: ReadingConfig) -> bool:
-    """Whether `load(model_dir, reading)` gives a fused reading that no ensemble folder records yet."""
+def is_new_fused_reading(model_dir: str, config: ReadingConfig) -> bool:
+    """Whether `load(model_dir, config)` gives a fused reading that no ensemble folder records yet."""
     dirs = _model_dirs(model_dir)
     if len(dirs) == 1 and is_ensemble(dirs[0]):
         return False
-    return len(dirs) > 1 or (reading.tta or "none") != "none"
+    return len(dirs) > 1 or (config.tta or "none") != "none"
 
 
-def load(model_dir: str, reading: ReadingConfig = ReadingConfig()) -> Predictor:
-    """The predictor of `model_dir`: a model folder, an ensemble folder, or model folders separated by commas."""
-    reading.validate()
+def load(model_dir: str, config: ReadingConfig = ReadingConfig()) -> Reading:
+    """The reading of `model_dir`: a model folder, an ensemble folder, or model folders separated by commas."""
+    config.validate()
     dirs = _model_dirs(model_dir)
     if len(dirs) == 1 and is_ensemble(dirs[0]):
-        if reading.given():
+        if config.given():
             raise UserError(f"{dirs[0]} is an ensemble folder: its members, weights, TTA and fusion were chosen with "
-                            f"its threshold, so drop {', '.join(reading.given())} (or evaluate a new ensemble)")
+                            f"its threshold, so drop {', '.join(config.given())} (or evaluate a new ensemble)")
         return read_ensemble(dirs[0])
     nested = [folder for folder in dirs if is_ensemble(folder)]
     if nested:
         raise UserError(f"{nested[0]} is an ensemble folder: an ensemble's members are model folders")
-    weights = reading.weights or (1.0,) * len(dirs)
+    weights = config.weights or (1.0,) * len(dirs)
     if len(weights) != len(dirs):
         raise UserError(f"--weights gives {len(weights)} weights for {len(dirs)} models in --model_dir")
     models = [exported.load(folder) for folder in dirs]
-    tta = reading.tta or "none"
+    tta = config.tta or "none"
     members = [Member(model, weight, tta) for model, weight in zip(models, weights)]
     # A model's saved threshold was chosen for its plain reading; it stands in for its hflip reading.
     threshold = models[0].threshold if len(models) == 1 else None
-    return Predictor(members, reading.fusion or box_fusion.DEFAULT_FUSION,
-                     box_fusion.DEFAULT_IOU_THRESHOLD if reading.fusion_iou is None else reading.fusion_iou, threshold)
+    return Reading(members, config.fusion or box_fusion.DEFAULT_FUSION,
+                     box_fusion.DEFAULT_IOU_THRESHOLD if config.fusion_iou is None else config.fusion_iou, threshold)
 
 
-def read_ensemble(ensemble_dir: str) -> Predictor:
-    """The predictor an ensemble folder records."""
+def read_ensemble(ensemble_dir: str) -> Reading:
+    """The reading an ensemble folder records."""
     info = _read_ensemble_file(ensemble_dir)
     members = [Member(exported.load(os.path.normpath(os.path.join(ensemble_dir, entry["model_dir"]))),
                       entry["weight"], info["tta"]) for entry in info["members"]]
-    return Predictor(members, info["fusion"], info["fusion_iou"], info["threshold"], ensemble_dir)
+    return Reading(members, info["fusion"], info["fusion_iou"], info["threshold"], ensemble_dir)
 
 
-def save_threshold(predictor: Predictor, changes: dict, ensemble_dir: str | None = None) -> str:
-    """Stores `changes` (the chosen threshold and its numbers) where `predictor`'s reading keeps them:
+def save_threshold(reading: Reading, changes: dict, ensemble_dir: str | None = None) -> str:
+    """Stores `changes` (the chosen threshold and its numbers) where `reading` keeps them:
     a plain model's pneumo_tf.json, or its ensemble folder (written whole, or updated); returns the folder."""
-    if predictor.is_plain and ensemble_dir is None:
-        exported.update_info(predictor.model_dirs[0], changes)
-        return predictor.model_dirs[0]
-    folder = ensemble_dir or predictor.ensemble_dir
+    if reading.is_plain and ensemble_dir is None:
+        exported.update_info(reading.model_dirs[0], changes)
+        return reading.model_dirs[0]
+    folder = ensemble_dir or reading.ensemble_dir
     if folder is None:
         raise ValueError("a fused reading's threshold needs an ensemble folder")
     path = os.path.join(folder, ENSEMBLE_FILE)
-    saved = _read_ensemble_file(folder) if os.path.isfile(path) and folder == predictor.ensemble_dir else {}
+    saved = _read_ensemble_file(folder) if os.path.isfile(path) and folder == reading.ensemble_dir else {}
     os.makedirs(folder, exist_ok=True)
     members = [{"model_dir": os.path.relpath(os.path.abspath(model_dir), os.path.abspath(folder)), "weight": weight}
-               for model_dir, weight in zip(predictor.model_dirs, predictor.weights)]
-    write_json_atomic(path, {**saved, **changes, "members": members, "tta": predictor.tta,
-                             "fusion": predictor.fusion, "fusion_iou": predictor.fusion_iou})
+               for model_dir, weight in zip(reading.model_dirs, reading.weights)]
+    write_json_atomic(path, {**saved, **changes, "members": members, "tta": reading.tta,
+                             "fusion": reading.fusion, "fusion_iou": reading.fusion_iou})
     return folder

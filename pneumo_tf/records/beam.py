@@ -3,12 +3,13 @@ people already run (Dataflow, Flink, Spark; TensorFlow Datasets builds large dat
 
     python -m pneumo_tf.convert ... --beam_pipeline_options="runner=DirectRunner,direct_num_workers=2,direct_running_mode=multi_processing"
 
-Only the writing of shards moves to Beam. The launching process plans as the local
-converter does (shards.make_plan), then runs a pipeline whose elements are the pending
+Only the writing of shards moves to Beam: `BeamPipeline` is a `shards.ShardWriter`, which the
+command passes to `shards.convert` in place of the local process pool. The launching process
+plans as locally (records/plan.py), then runs a pipeline whose elements are the pending
 shards, one element per shard, each written whole by `shards.write_shard` (temporary name,
 then rename), so the shards are byte-identical to the local process pool's and a retried
 bundle writes the same bytes again. When the pipeline is done, the launching process writes
-rejects.csv and the manifest (shards._finalize) from the shards' summaries, as locally.
+rejects.csv and the manifest from the shards' summaries, as locally.
 
 Apache Beam is imported only here and only when asked for: `pip install "pneumo_tf[beam]"`.
 """
@@ -21,6 +22,8 @@ import pickle
 from pneumo_tf import fileio
 from pneumo_tf.errors import UserError
 from pneumo_tf.records import shards as shards_lib
+from pneumo_tf.records.plan import Shard
+from pneumo_tf.records.radiograph import ConvertOptions
 
 # The pending shards, written by the launching process into _partial/ for the workers. Beam's
 # Create would embed them in the job graph instead, and a large data set's file list (MIMIC-CXR:
@@ -50,21 +53,27 @@ def pipeline_options(text: str):
     return options
 
 
-def write_shards(pending, output_dir: str, options: shards_lib.ConvertOptions, beam_options) -> None:
-    """Writes the pending shards with a Beam pipeline on the runner of `beam_options`; returns when done."""
-    import apache_beam as beam
+class BeamPipeline:
+    """A `shards.ShardWriter` that writes the pending shards with a Beam pipeline on the runner of
+    `text` (pipeline_options' form); the options are checked when it is made."""
 
-    if not pending:
-        return
-    plan_path = os.path.join(output_dir, shards_lib.PARTIAL_DIR, PLAN_NAME)
-    with fileio.atomic_open(plan_path, "wb") as handle:
-        pickle.dump({shard.name: shard for shard in pending}, handle)
-    with beam.Pipeline(options=beam_options) as pipeline:
-        _ = (
-            pipeline
-            | "Shards" >> beam.Create(sorted(shard.name for shard in pending))
-            | "Write" >> beam.Map(write_named_shard, plan_path, output_dir, options)
-        )
+    def __init__(self, text: str):
+        self.options = pipeline_options(text)
+
+    def __call__(self, pending: list[Shard], output_dir: str, options: ConvertOptions) -> None:
+        import apache_beam as beam
+
+        if not pending:
+            return
+        plan_path = os.path.join(output_dir, shards_lib.PARTIAL_DIR, PLAN_NAME)
+        with fileio.atomic_open(plan_path, "wb") as handle:
+            pickle.dump({shard.name: shard for shard in pending}, handle)
+        with beam.Pipeline(options=self.options) as pipeline:
+            _ = (
+                pipeline
+                | "Shards" >> beam.Create(sorted(shard.name for shard in pending))
+                | "Write" >> beam.Map(write_named_shard, plan_path, output_dir, options)
+            )
 
 
 @functools.lru_cache(maxsize=1)
@@ -74,7 +83,7 @@ def _pending_shards(plan_path: str) -> dict:
         return pickle.load(handle)
 
 
-def write_named_shard(name: str, plan_path: str, output_dir: str, options: shards_lib.ConvertOptions) -> str:
+def write_named_shard(name: str, plan_path: str, output_dir: str, options: ConvertOptions) -> str:
     """One Beam element: writes the named shard of the plan; counts its records and rejects for the
     runner's monitoring (Dataflow's job page shows them while it runs)."""
     from apache_beam.metrics import Metrics

@@ -16,7 +16,7 @@ images without opacity hold one to three small, sharp, round nodules that are NO
 labelled, so a detector must learn what an opacity looks like rather than "anything
 bright".
 
-    python -m pneumo_tf.records.synthetic --output_dir=/tmp/rsna --num_images=200
+    python -m pneumo_tf.synthesise --output_dir=/tmp/rsna --num_images=200
 
 `export_images` writes a DICOM folder again as PNG or JPEG files, the form Kaggle's
 mirrors, NIH ChestX-ray14 and CheXpert come in (tests and benchmarks of image folders).
@@ -39,7 +39,6 @@ from pydicom.uid import JPEGBaseline8Bit, SecondaryCaptureImageStorage, generate
 
 from pneumo_tf import cli
 from pneumo_tf.fileio import write_csv_atomic
-from tqdm import tqdm
 from pneumo_tf.records import dicom, images, jpeg, schema
 
 TRAIN_DIR = "stage_2_train_images"
@@ -269,23 +268,3 @@ def dataset_paths(output_dir: str, config: SyntheticConfig) -> dict[str, str | N
         "train_labels": os.path.join(output_dir, LABELS_CSV),
         "detailed_class_info": os.path.join(output_dir, CLASS_INFO_CSV),
     }
-
-
-def main():
-    from absl import flags
-
-    config = cli.config_from_flags(SyntheticConfig)
-    with tqdm(total=config.num_images + config.num_test_images, desc="synthesise", unit="files") as progress:
-        paths = write_dataset(flags.FLAGS.output_dir, config, flags.FLAGS.workers or None, progress)
-    for name, path in paths.items():
-        print(f"{name}: {path}")
-
-
-if __name__ == "__main__":
-    from absl import flags
-
-    flags.DEFINE_string("output_dir", None, "Folder to write the RSNA-layout data set into.")
-    cli.define_flags(SyntheticConfig)
-    flags.DEFINE_integer("workers", 0, "Processes writing files; 0 uses all cores.")
-    flags.mark_flag_as_required("output_dir")
-    cli.run(main)

@@ -26,8 +26,8 @@ import numpy as np
 import tensorflow as tf
 from tensorboard.plugins.hparams import api as hp
 
-from pneumo_tf.evaluation import metric, postprocess
-from pneumo_tf.evaluation.report import DEFAULT_THRESHOLDS
+from pneumo_tf.evaluation import collect, metric
+from pneumo_tf.evaluation.sweep import DEFAULT_THRESHOLDS
 from pneumo_tf.evaluation.visualize import draw_boxes, write_pr_curve
 from pneumo_tf.fileio import write_json_atomic
 from pneumo_tf.models.architecture import Architecture
@@ -145,7 +145,7 @@ class EpochEvaluation(keras.callbacks.Callback):
                                 (green) and predicted boxes (red, at 0.5)
 
     One pass: the split is read and decoded once per epoch, and per image only its boxes,
-    scores and probability are kept (postprocess.collect), never the images but the few
+    scores and probability are kept (evaluation/collect.py), never the images but the few
     drawn. Images with target -1 (unlabeled) are left out of the mAP and the PR curve. mAP
     is NaN when no labeled image has a true or predicted box (metric.challenge_map); validate
     on a split with positives, since a NaN first val_map becomes ModelCheckpoint's "best" and
@@ -199,7 +199,7 @@ class EpochEvaluation(keras.callbacks.Callback):
                 drawn.extend(self._drawable(batch, outputs))
             return outputs
 
-        collected = postprocess.collect(self._architecture, run, self._dataset, self._thresholds)
+        collected = collect.collect(self._architecture, run, self._dataset, self._thresholds)
         found = {f"val_{name}_loss": total / images for name, total in sums.items()}
         found["val_loss"] = sum(found.values())
         found.update({f"val_{tracked.name}": float(tracked.result()) for tracked in self._metrics})

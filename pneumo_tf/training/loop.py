@@ -19,7 +19,7 @@ import keras
 import tensorflow as tf
 
 from pneumo_tf import models
-from pneumo_tf.data import augment, pipeline, service
+from pneumo_tf.data import augment, pipeline, remote
 from pneumo_tf.errors import UserError
 from pneumo_tf.models import exported
 from pneumo_tf.models.architecture import Architecture
@@ -136,7 +136,7 @@ def train_and_evaluate(config: TrainConfig) -> dict:
     train_examples = pipeline.num_examples(config.records_dir, "train")
     pipeline.num_examples(config.records_dir, "val")  # a missing val split is a UserError before any work
     if config.data_service:
-        service.check_reachable(config.data_service)  # before any work, too
+        remote.check_reachable(config.data_service)  # before any work, too
     strategy = distribute.make_strategy(config.strategy, config.cpu_replicas, config.tpu)
     replicas = strategy.num_replicas_in_sync
     if config.batch_size % replicas:

@@ -1,11 +1,11 @@
 """Model outputs -> probabilities and detections (the architectures' contract) and the challenge's
-space (postprocess), on hand-made outputs with exact answers."""
+space (evaluation/collect.py), on hand-made outputs with exact answers."""
 import numpy as np
 import pytest
 import tensorflow as tf
 
 from pneumo_tf import models
-from pneumo_tf.evaluation import postprocess
+from pneumo_tf.evaluation import collect
 from pneumo_tf.models.architecture import BoxDetector, detector_outputs
 
 MASK_RESNET = models.get("mask_resnet")
@@ -89,22 +89,22 @@ def test_box_detector_outputs_keep_valid_rows_above_the_threshold_highest_first(
 
 
 def test_to_challenge_gives_source_pixel_xywh_exactly():
-    boxes, scores = postprocess.to_challenge((EXPECTED_BOXES, EXPECTED_SCORES), 1024, 1024)
+    boxes, scores = collect.to_challenge((EXPECTED_BOXES, EXPECTED_SCORES), 1024, 1024)
     np.testing.assert_array_equal(boxes, [[512, 640, 256, 320], [96, 64, 256, 128]])
     np.testing.assert_array_equal(scores, [0.75, 0.625])
     assert boxes.dtype == np.float64 and scores.dtype == np.float64
 
 
 def test_to_challenge_scales_height_and_width_separately():
-    boxes, _ = postprocess.to_challenge(([[0.25, 0.5, 0.75, 1.0]], [0.5]), source_height=512, source_width=1024)
+    boxes, _ = collect.to_challenge(([[0.25, 0.5, 0.75, 1.0]], [0.5]), source_height=512, source_width=1024)
     np.testing.assert_array_equal(boxes, [[512, 128, 512, 256]])
 
 
 def test_to_challenge_of_no_boxes_is_empty():
-    boxes, scores = postprocess.to_challenge((np.zeros((0, 4), np.float32), np.zeros(0, np.float32)), 1024, 1024)
+    boxes, scores = collect.to_challenge((np.zeros((0, 4), np.float32), np.zeros(0, np.float32)), 1024, 1024)
     assert boxes.shape == (0, 4) and scores.shape == (0,)
 
 
 def test_to_challenge_needs_one_score_per_box():
     with pytest.raises(ValueError, match="one score per box"):
-        postprocess.to_challenge((EXPECTED_BOXES, [0.5]), 1024, 1024)
+        collect.to_challenge((EXPECTED_BOXES, [0.5]), 1024, 1024)

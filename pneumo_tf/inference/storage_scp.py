@@ -5,7 +5,7 @@ model's results back as DICOM objects.
         --destination=PACS@pacs.example.org:104 [--output_dir=results/]
 
 A modality or PACS sends CR, DX or Secondary Capture images to this AE (C-STORE). Each is read
-as the web page reads an upload (pneumo_tf.inference.web.UploadReader: the converter's reader,
+as the web page reads an upload (pneumo_tf.inference.web.UploadReading: the converter's reader,
 the model at its saved threshold) and its result objects (pneumo_tf.inference.dicom_results: a
 TID 1500 SR, a presentation state with the boxes, a segmentation for models with masks) are
 written to --output_dir as <source SOP Instance UID>.<SR|PR|SEG>.dcm and/or sent by C-STORE to
@@ -125,12 +125,12 @@ class DicomNode:
     """The Storage SCP of `config`, with its sender thread. `start()` listens, `stop()` finishes the
     queued sends and closes. `counts` says what happened (received, refused, results, sent, send_failures)."""
 
-    def __init__(self, config: NodeConfig, reader=None):
+    def __init__(self, config: NodeConfig, reading=None):
         config.validate()
-        from pneumo_tf.inference import web  # the web page's reader of one file (Flask comes with it)
+        from pneumo_tf.inference import web  # the web page's reading of one file (Flask comes with it)
 
         self.config = config
-        self.reader = reader or web.UploadReader(config.model_dir, config.reading)
+        self.reading = reading or web.UploadReading(config.model_dir, config.reading)
         self.counts = {"received": 0, "refused": 0, "results": 0, "sent": 0, "send_failures": 0}
         self._counts_lock = threading.Lock()
         self._received_bytes: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
@@ -226,11 +226,11 @@ class DicomNode:
         except dicom.ImageTooLarge as error:
             return _status(OUT_OF_RESOURCES, str(error))
         try:
-            result = self.reader.predict(data, str(source.SOPInstanceUID), with_mask=True, display=False)
+            result = self.reading.predict(data, str(source.SOPInstanceUID), with_mask=True, display=False)
         except RejectedFile as error:
             return _status(CANNOT_UNDERSTAND, str(error))
         try:
-            objects = self.reader.dicom_results(data, result)
+            objects = self.reading.dicom_results(data, result)
             if self.config.output_dir is not None:
                 dicom_results.write(objects, self.config.output_dir, str(source.SOPInstanceUID))
         except Exception as error:  # noqa: BLE001 - the modality is told, the node keeps serving

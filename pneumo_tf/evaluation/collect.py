@@ -1,21 +1,22 @@
-"""Model outputs -> challenge detections, and the one pass over a split that evaluation and the
-epoch-end validation share.
+"""The evaluation pass: a reading over one split, once, keeping per image what scoring needs (`collect`).
 
-What a model's outputs mean (its boxes and its image probability) is the architecture's to
-say (pneumo_tf.models.architecture); this module puts them in the challenge's space (boxes
-(x, y, width, height) in the source image's pixels) and keeps, per image, what scoring
-needs, never the images.
+Evaluation (evaluation/report.py) and training's epoch-end validation run it; prediction and
+the web page share its steps: `run_batches` (the model calls) and `challenge_detections` (a
+batch's outputs -> each image's detections in the challenge's space: boxes (x, y, width,
+height) in the source image's pixels). What the outputs mean (boxes and image probability) is
+the reading's to say (pneumo_tf.models.architecture.ReadsOutputs); per image only the
+probability, target, class, true boxes and the detections at each threshold are kept, never
+the images.
 """
 from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable, Iterator, Sequence
-from typing import Protocol
 
 import numpy as np
 
 from pneumo_tf.evaluation import metric
-from pneumo_tf.models.architecture import Detections
+from pneumo_tf.models.architecture import Detections, ReadsOutputs
 
 
 def yxyx_to_xywh(boxes_yxyx, source_height: int, source_width: int) -> np.ndarray:
@@ -37,19 +38,8 @@ def to_challenge(detections: Detections, source_height: int, source_width: int) 
     return boxes, scores
 
 
-class Reader(Protocol):
-    """What turns a batch's outputs into detections and image probabilities: an Architecture
-    (pneumo_tf.models.architecture) or a Predictor (pneumo_tf.models.reading)."""
-
-    gives_boxes: bool
-
-    def detections(self, outputs, threshold: float) -> list[Detections]: ...
-
-    def image_probability(self, outputs) -> np.ndarray: ...
-
-
 def _as_numpy(outputs):
-    """Tensors anywhere in nested dicts and lists -> numpy arrays (a predictor's outputs nest per member)."""
+    """Tensors anywhere in nested dicts and lists -> numpy arrays (a reading's outputs nest per member)."""
     if isinstance(outputs, dict):
         return {name: _as_numpy(value) for name, value in outputs.items()}
     if isinstance(outputs, (list, tuple)):
@@ -59,17 +49,17 @@ def _as_numpy(outputs):
 
 def run_batches(infer: Callable, dataset) -> Iterator[tuple[dict, dict]]:
     """(batch, outputs) as numpy for each batch of a finite pipeline dataset; `infer(batch)`
-    takes the batch's tensors and returns the outputs its reader reads."""
+    takes the batch's tensors and returns the outputs its reading reads."""
     for batch in dataset:
         outputs = _as_numpy(infer(batch))
         yield {key: value.numpy() for key, value in batch.items()}, outputs
 
 
-def challenge_detections(reader: Reader, outputs, batch: dict,
+def challenge_detections(reading: ReadsOutputs, outputs, batch: dict,
                          threshold: float) -> list[tuple[Detections, metric.Prediction]]:
     """Per image of a batch: (its detections, the same in the challenge's space)."""
     found = []
-    for index, detections in enumerate(reader.detections(outputs, threshold)):
+    for index, detections in enumerate(reading.detections(outputs, threshold)):
         source = int(batch["source_height"][index]), int(batch["source_width"][index])
         found.append((detections, to_challenge(detections, *source)))
     return found
@@ -88,18 +78,18 @@ class Collected:
     unlabeled: int
 
 
-def collect(reader: Reader, infer: Callable, dataset, thresholds) -> Collected:
+def collect(reading: ReadsOutputs, infer: Callable, dataset, thresholds) -> Collected:
     """Runs the model once over a finite pipeline dataset (see run_batches for `infer`), keeping
     per-image results only."""
-    return collect_readings([reader], infer, dataset, thresholds)[0]
+    return collect_readings([reading], infer, dataset, thresholds)[0]
 
 
-def collect_readings(readers: Sequence[Reader], infer: Callable, dataset, thresholds) -> list[Collected]:
-    """`collect` for several readers of the same outputs (an ensemble and each of its members) in one pass."""
+def collect_readings(readings: Sequence[ReadsOutputs], infer: Callable, dataset, thresholds) -> list[Collected]:
+    """`collect` for several readings of the same outputs (an ensemble and each of its parts) in one pass."""
     ids, targets, classes = [], [], []
-    probabilities: list[list[float]] = [[] for _ in readers]
+    probabilities: list[list[float]] = [[] for _ in readings]
     ground_truth: dict[str, np.ndarray] = {}
-    detections = [[{} for _ in thresholds] for _ in readers]
+    detections = [[{} for _ in thresholds] for _ in readings]
     unlabeled = 0
     for batch, outputs in run_batches(infer, dataset):
         labeled = []
@@ -119,11 +109,11 @@ def collect_readings(readers: Sequence[Reader], infer: Callable, dataset, thresh
             targets.append(batch["target"][index])
             classes.append(batch["class"][index])
             labeled.append((index, image_id))
-        for reader, kept_probabilities, kept_detections in zip(readers, probabilities, detections):
-            probability = reader.image_probability(outputs)
+        for reading, kept_probabilities, kept_detections in zip(readings, probabilities, detections):
+            probability = reading.image_probability(outputs)
             kept_probabilities += [probability[index] for index, _ in labeled]
             for threshold, kept in zip(thresholds, kept_detections):
-                found = challenge_detections(reader, outputs, batch, threshold)
+                found = challenge_detections(reading, outputs, batch, threshold)
                 kept.update({image_id: found[index][1] for index, image_id in labeled})
     return [Collected(ids, np.asarray(kept_probabilities, np.float32), np.asarray(targets, np.int64),
                       np.asarray(classes, np.int64), ground_truth, kept_detections, unlabeled)

@@ -1,4 +1,4 @@
-"""The DICOM node (inference/dicom_node.py): DCMTK's storescu sends the real DICOMs, DCMTK's storescp
+"""The DICOM node (inference/storage_scp.py): DCMTK's storescu sends the real DICOMs, DCMTK's storescp
 receives the results; concurrent associations, the association limit, and refusals with their DIMSE status."""
 import os
 import subprocess
@@ -14,7 +14,7 @@ from pynetdicom import AE
 from pynetdicom.sop_class import BasicTextSRStorage, SecondaryCaptureImageStorage
 
 from dicom_tools import dciodvfy_errors, storescp, storescu  # tests/dicom_tools.py
-from pneumo_tf.inference import dicom_node
+from pneumo_tf.inference import storage_scp
 from pneumo_tf.models import exported
 
 KINDS = ("SR", "PR", "SEG")
@@ -30,10 +30,10 @@ def mask_model(box_pictures, tmp_path_factory) -> str:
 
 
 @pytest.fixture(scope="module")
-def reader(mask_model):
+def upload_reading(mask_model):
     from pneumo_tf.inference import web
 
-    return web.UploadReader(mask_model)
+    return web.UploadReading(mask_model)
 
 
 def wait_until(condition, seconds=120):
@@ -43,17 +43,17 @@ def wait_until(condition, seconds=120):
         time.sleep(0.05)
 
 
-def run_node(reader, **options):
-    node = dicom_node.DicomNode(dicom_node.NodeConfig(model_dir=reader.predictor.model_dirs[0], port=0, **options),
-                                reader)
+def run_node(upload_reading, **options):
+    node = storage_scp.DicomNode(storage_scp.NodeConfig(model_dir=upload_reading.reading.model_dirs[0], port=0, **options),
+                                upload_reading)
     node.start()
     return node
 
 
-def test_ten_real_dicoms_round_trip_to_storescp(reader, shared_rsna, tmp_path):
+def test_ten_real_dicoms_round_trip_to_storescp(upload_reading, shared_rsna, tmp_path):
     paths = sorted((shared_rsna / "dicom").glob("*.dcm"))
     with storescp(tmp_path / "received") as port:
-        node = run_node(reader, destination=f"RECEIVER@127.0.0.1:{port}", output_dir=str(tmp_path / "out"))
+        node = run_node(upload_reading, destination=f"RECEIVER@127.0.0.1:{port}", output_dir=str(tmp_path / "out"))
         try:
             started = time.perf_counter()
             sent = storescu(node.port, *paths)
@@ -81,9 +81,9 @@ def test_ten_real_dicoms_round_trip_to_storescp(reader, shared_rsna, tmp_path):
         assert dciodvfy_errors(tmp_path / "received" / name) == []
 
 
-def test_ten_concurrent_associations(reader, shared_rsna, tmp_path):
+def test_ten_concurrent_associations(upload_reading, shared_rsna, tmp_path):
     paths = sorted((shared_rsna / "dicom").glob("*.dcm"))
-    node = run_node(reader, output_dir=str(tmp_path / "out"), max_associations=10)
+    node = run_node(upload_reading, output_dir=str(tmp_path / "out"), max_associations=10)
     try:
         results = [None] * len(paths)
         start = threading.Barrier(len(paths))
@@ -103,9 +103,9 @@ def test_ten_concurrent_associations(reader, shared_rsna, tmp_path):
     assert node.counts["results"] == 10 and len(os.listdir(tmp_path / "out")) == 30
 
 
-def test_associations_past_the_limit_are_rejected_and_the_node_keeps_serving(reader, shared_rsna, tmp_path):
+def test_associations_past_the_limit_are_rejected_and_the_node_keeps_serving(upload_reading, shared_rsna, tmp_path):
     path = sorted((shared_rsna / "dicom").glob("*.dcm"))[0]
-    node = run_node(reader, output_dir=str(tmp_path / "out"), max_associations=2)
+    node = run_node(upload_reading, output_dir=str(tmp_path / "out"), max_associations=2)
     held = []
     try:
         client = AE()
@@ -162,9 +162,9 @@ def text_report() -> pydicom.Dataset:
     return report
 
 
-def test_bad_input_is_refused_with_its_dimse_status_and_the_node_keeps_serving(reader, shared_rsna, tmp_path):
+def test_bad_input_is_refused_with_its_dimse_status_and_the_node_keeps_serving(upload_reading, shared_rsna, tmp_path):
     real = dataset_of(sorted((shared_rsna / "dicom").glob("*.dcm"))[0])
-    node = run_node(reader, output_dir=str(tmp_path / "out"))
+    node = run_node(upload_reading, output_dir=str(tmp_path / "out"))
     client = AE()
     client.add_requested_context(SecondaryCaptureImageStorage, [real.file_meta.TransferSyntaxUID])
     client.add_requested_context(BasicTextSRStorage, [ExplicitVRLittleEndian])
@@ -186,16 +186,16 @@ def test_bad_input_is_refused_with_its_dimse_status_and_the_node_keeps_serving(r
     assert node.counts == {"received": 4, "refused": 3, "results": 1, "sent": 0, "send_failures": 0}
 
 
-def test_an_object_over_the_size_limit_aborts_its_association(reader, shared_rsna, tmp_path):
+def test_an_object_over_the_size_limit_aborts_its_association(upload_reading, shared_rsna, tmp_path):
     path = sorted((shared_rsna / "dicom").glob("*.dcm"))[0]  # 140 KB
-    node = run_node(reader, output_dir=str(tmp_path / "out"), max_object_mb=0.05)
+    node = run_node(upload_reading, output_dir=str(tmp_path / "out"), max_object_mb=0.05)
     try:
         refused = storescu(node.port, path)
         assert refused.returncode != 0
         assert node.counts["results"] == 0 and node.counts["refused"] == 1
     finally:
         node.stop()
-    small = run_node(reader, output_dir=str(tmp_path / "out2"), max_object_mb=1.0)
+    small = run_node(upload_reading, output_dir=str(tmp_path / "out2"), max_object_mb=1.0)
     try:
         assert storescu(small.port, path).returncode == 0
     finally:
