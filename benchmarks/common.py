@@ -1,6 +1,7 @@
 """What the benchmark scripts share: the machine they ran on (printed at the top of every
 benchmark's output) and their work folder (--work_dir, --keep)."""
 import contextlib
+import dataclasses
 import importlib.metadata
 import os
 import platform
@@ -9,7 +10,19 @@ import tempfile
 
 from absl import flags
 
+from pneumo_tf.cli import option
+
 FLAGS = flags.FLAGS
+
+
+@dataclasses.dataclass(frozen=True)
+class WorkFolderConfig:
+    """The flags of a benchmark's work folder (a field of its config: `work: WorkFolderConfig`)."""
+
+    work_dir: str | None = option(None, "Folder for the benchmark's data and outputs (reused by a later run when it "
+                                  "holds the same data). A folder given here is kept; the default temporary one is "
+                                  "removed unless --keep.")
+    keep: bool = option(False, "Keep the temporary work folder at the end.")
 
 
 def define_work_dir_flags(holds: str) -> None:
@@ -20,15 +33,16 @@ def define_work_dir_flags(holds: str) -> None:
 
 
 @contextlib.contextmanager
-def work_folder(prefix: str):
+def work_folder(prefix: str, config: WorkFolderConfig | None = None):
     """The --work_dir folder (made if needed), or a new temporary one removed after the block unless --keep;
-    a folder the user named is never removed."""
-    work_dir = FLAGS.work_dir or tempfile.mkdtemp(prefix=prefix)
+    a folder the user named is never removed. `config`: the flags' values (default: read from the flags)."""
+    config = config or WorkFolderConfig(FLAGS.work_dir, FLAGS.keep)
+    work_dir = config.work_dir or tempfile.mkdtemp(prefix=prefix)
     os.makedirs(work_dir, exist_ok=True)
     try:
         yield work_dir
     finally:
-        if FLAGS.work_dir is None and not FLAGS.keep:
+        if config.work_dir is None and not config.keep:
             shutil.rmtree(work_dir, ignore_errors=True)
         else:
             print(f"work folder kept: {work_dir}")

@@ -9,9 +9,10 @@ must learn to ignore), converts it once, then trains each model with the same bu
 same records, image size, global batch, number of steps (cut into --epochs epochs, each
 followed by validation; the best epoch by val mAP is exported), learning-rate warm-up and
 seed, with the decoded images cached in memory after the first epoch. Each architecture keeps
-its own model options and peak learning rate, as a user would tune them: the demo's presets
-(pneumo_tf.demo.DEMO_PRESETS). Then each export is evaluated on the val split with the challenge metric
-(`python -m pneumo_tf.evaluate`: the best threshold of the sweep).
+its own model options and peak learning rate, as a user would tune them: its preset (--preset,
+"demo" by default, as python -m pneumo_tf.demo trains it; pneumo_tf/models/<model>.py). Then each
+export is evaluated on the val split with the challenge metric (`python -m pneumo_tf.evaluate`:
+the best threshold of the sweep).
 
 Prints, per model: val challenge mAP and AUC at the chosen threshold, training images/s,
 wall time of training, parameters and the exported folder's size; then the ranking and
@@ -20,62 +21,69 @@ the targets: every model at val mAP >= 0.3 on the hard setting, and the whole be
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 import shutil
-import sys
 import time
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-from absl import app, flags  # noqa: E402
-
 import common  # noqa: E402  benchmarks/common.py (the script's folder is on sys.path)
-from pneumo_tf import cli  # noqa: E402
-from pneumo_tf.demo import DEMO_PRESETS  # noqa: E402
+from pneumo_tf import cli, models as models_lib  # noqa: E402
+from pneumo_tf.cli import option  # noqa: E402
 from pneumo_tf.errors import UserError  # noqa: E402
 from pneumo_tf.evaluation import report  # noqa: E402
 from pneumo_tf.models import exported  # noqa: E402
 from pneumo_tf.records import radiograph, shards, synthetic  # noqa: E402
 from pneumo_tf.training import loop  # noqa: E402
-from pneumo_tf.training.config import TrainConfig  # noqa: E402
+from pneumo_tf.training.config import TrainConfig, with_preset  # noqa: E402
 
-FLAGS = flags.FLAGS
-common.define_work_dir_flags("the hard synthetic data, its records and the models")
-flags.DEFINE_integer("num_images", 1500, "Labeled synthetic radiographs (hard setting; 80% train, 20% val).")
-flags.DEFINE_integer("source_size", 256, "Side of the synthetic DICOMs (JPEG frames, decoded at ratio 2 for 128).")
-flags.DEFINE_integer("image_size", 128, "Side of the images every model sees.")
-flags.DEFINE_integer("batch_size", 16, "Global batch of every model.")
-flags.DEFINE_integer("steps", 300, "Training steps of every model.")
-flags.DEFINE_integer("epochs", 2, "Epochs the steps are cut into (validation after each; the best is exported). "
-                     "Training does not depend on it: 3 and 6 gave the same val mAP at steps 200, 400 and 600.")
-flags.DEFINE_integer("warmup_steps", 50, "Steps of every model's linear learning-rate warm-up (then the cosine "
-                     "decay). RetinaNet at 300 steps: val mAP 0.66 with 50, 0.11 without.")
-flags.DEFINE_list("models", ["mask_resnet", "retinanet", "mask_rcnn"], "Models to compare.")
-flags.DEFINE_integer("seed", 0, "Seed of the data and of every training.")
-flags.DEFINE_multi_string("model_option", [], "MODEL.key=value, repeatable: changes one option of MODEL's preset, "
-                          "e.g. retinanet.pre_logits_num_conv_layers=2 (an ablation).")
-flags.DEFINE_float("learning_rate", 0.0, "Peak learning rate of every model; 0: each model's preset.")
-flags.DEFINE_bool("deterministic", True, "TensorFlow's op determinism (tf.config.experimental."
-                  "enable_op_determinism): shards are read in the same order every run, and a rerun of "
-                  "mask_resnet or retinanet gives the same numbers. mask_rcnn's still vary, from oneDNN's "
-                  "kernels: with TF_ENABLE_ONEDNN_OPTS=0 they repeat, at 1.3x its step time. Without it "
-                  "RetinaNet's val mAP was 0.79 in one run and 0.40 in the next.")
+
+@dataclasses.dataclass(frozen=True)
+class DetectorsConfig:
+    work: common.WorkFolderConfig = option(common.WorkFolderConfig())
+    num_images: int = option(1500, "Labeled synthetic radiographs (hard setting; 80% train, 20% val).", minimum=20)
+    source_size: int = option(256, "Side of the synthetic DICOMs (JPEG frames, decoded at ratio 2 for 128).",
+                              minimum=8)
+    image_size: int = option(128, "Side of the images every model sees.", minimum=1)
+    batch_size: int = option(16, "Global batch of every model.", minimum=1)
+    steps: int = option(300, "Training steps of every model.", minimum=1)
+    epochs: int = option(2, "Epochs the steps are cut into (validation after each; the best is exported). Training "
+                         "does not depend on it: 3 and 6 gave the same val mAP at steps 200, 400 and 600.", minimum=1)
+    warmup_steps: int = option(50, "Steps of every model's linear learning-rate warm-up (then the cosine decay). "
+                               "RetinaNet at 300 steps: val mAP 0.66 with 50, 0.11 without.", minimum=0)
+    models: tuple[str, ...] = option(("mask_resnet", "retinanet", "mask_rcnn"), "Models to compare.",
+                                     choices=models_lib.NAMES)
+    seed: int = option(0, "Seed of the data and of every training.")
+    preset: str = option("demo", "Each model's preset: its model options, peak learning rate and any other "
+                         "training setting but the budget above (image size, batch, steps, epochs, warm-up, seed), "
+                         "which is the same for every model.", details=models_lib.presets_help)
+    model_options: dict = option({}, "MODEL.key=value, repeatable: changes one option of MODEL's preset, e.g. "
+                                 "retinanet.pre_logits_num_conv_layers=2 (an ablation).", flag="model_option",
+                                 parse=cli.parse_key_values, unparse=cli.unparse_key_values)
+    learning_rate: float = option(0.0, "Peak learning rate of every model; 0: each model's preset's.", minimum=0.0)
+    deterministic: bool = option(True, "TensorFlow's op determinism (tf.config.experimental."
+                                 "enable_op_determinism): shards are read in the same order every run, and a rerun "
+                                 "of mask_resnet or retinanet gives the same numbers. mask_rcnn's still vary, from "
+                                 "oneDNN's kernels: with TF_ENABLE_ONEDNN_OPTS=0 they repeat, at 1.3x its step time. "
+                                 "Without it RetinaNet's val mAP was 0.79 in one run and 0.40 in the next.")
+
 
 MIN_MAP = 0.3
 MAX_MINUTES = 30.0
 
 
-def records(work_dir: str) -> str:
+def records(config: DetectorsConfig, work_dir: str) -> str:
     """The hard synthetic data set converted once (passthrough frames), reused when present."""
-    data_dir = os.path.join(work_dir, f"data_{FLAGS.num_images}_{FLAGS.source_size}_{FLAGS.seed}")
+    data_dir = os.path.join(work_dir, f"data_{config.num_images}_{config.source_size}_{config.seed}")
     records_dir = data_dir + "_records"
     if not os.path.isfile(os.path.join(records_dir, "manifest.json")):
         shutil.rmtree(data_dir, ignore_errors=True)
         shutil.rmtree(records_dir, ignore_errors=True)
         paths = synthetic.write_dataset(data_dir, synthetic.SyntheticConfig(
-            FLAGS.num_images, seed=FLAGS.seed, image_size=FLAGS.source_size, difficulty="hard"))
+            config.num_images, seed=config.seed, image_size=config.source_size, difficulty="hard"))
         shards.convert(paths["train_dir"], records_dir, paths["train_labels"], paths["detailed_class_info"],
-                       options=radiograph.ConvertOptions(seed=FLAGS.seed))
+                       options=radiograph.ConvertOptions(seed=config.seed))
     return records_dir
 
 
@@ -86,63 +94,71 @@ def exported_bytes(model_dir: str) -> int:
         os.path.getsize(os.path.join(root, name)) for root, _, names in os.walk(saved) for name in names)
 
 
-def preset(model: str) -> tuple[dict, float]:
-    """The demo's preset of `model` with the --model_option changes made to it, and its learning rate."""
-    options, learning_rate = DEMO_PRESETS[model]
+def option_changes(config: DetectorsConfig, model: str) -> dict:
+    """The --model_option=MODEL.key=value changes to `model`'s preset."""
     changes = {}
-    for change in FLAGS.model_option:
-        name, dot, key_value = change.partition(".")
-        if not dot or name not in DEMO_PRESETS:
-            raise UserError(f"--model_option wants MODEL.key=value with a model of {', '.join(DEMO_PRESETS)}, "
-                            f"not {change!r}")
+    for name_key, value in config.model_options.items():
+        name, dot, key = name_key.partition(".")
+        if not dot or name not in models_lib.NAMES:
+            raise UserError(f"--model_option wants MODEL.key=value with a model of {', '.join(models_lib.NAMES)}, "
+                            f"not {name_key}={value}")
         if name == model:
-            changes.update(cli.parse_key_values([key_value]))
-    return {**options, **changes}, FLAGS.learning_rate or learning_rate
+            changes[key] = value
+    return changes
 
 
-def run(model: str, options: dict, learning_rate: float, records_dir: str, work_dir: str) -> dict:
-    model_dir = os.path.join(work_dir, "models", model)
-    shutil.rmtree(model_dir, ignore_errors=True)
+def train_config(config: DetectorsConfig, model: str, records_dir: str, model_dir: str) -> TrainConfig:
+    """`model`'s training: the budget shared by every model, its preset for the rest (learning rate, options)."""
+    given = dict(
+        records_dir=records_dir, model_dir=model_dir, model=model, preset=config.preset, image_size=config.image_size,
+        batch_size=config.batch_size, epochs=config.epochs, steps_per_epoch=config.steps // config.epochs,
+        warmup_steps=config.warmup_steps, cache=True, seed=config.seed, profile_steps=None,
+        early_stopping_patience=config.epochs,
+    )
+    if config.learning_rate:
+        given["learning_rate"] = config.learning_rate
+    resolved = with_preset(TrainConfig(**given, model_options=option_changes(config, model)), explicit=given)
+    resolved.validate()
+    return resolved
+
+
+def run(train: TrainConfig) -> dict:
+    shutil.rmtree(train.model_dir, ignore_errors=True)
     started = time.perf_counter()
-    summary = loop.train_and_evaluate(TrainConfig(
-        records_dir=records_dir, model_dir=model_dir, model=model, model_options=options,
-        image_size=FLAGS.image_size, batch_size=FLAGS.batch_size, epochs=FLAGS.epochs,
-        steps_per_epoch=FLAGS.steps // FLAGS.epochs, learning_rate=learning_rate, warmup_steps=FLAGS.warmup_steps,
-        cache=True, seed=FLAGS.seed, profile_steps=None, early_stopping_patience=FLAGS.epochs,
-    ))
+    summary = loop.train_and_evaluate(train)
     train_seconds = time.perf_counter() - started
-    evaluated = report.evaluate(report.EvaluateConfig(model_dir=model_dir, records_dir=records_dir))
-    network = exported.load(model_dir).network
+    evaluated = report.evaluate(report.EvaluateConfig(model_dir=train.model_dir, records_dir=train.records_dir))
+    network = exported.load(train.model_dir).network
     return {
-        "model": model, "map": evaluated.summary["map"], "auc": evaluated.summary["auc"],
+        "model": train.model, "map": evaluated.summary["map"], "auc": evaluated.summary["auc"],
         "threshold": evaluated.summary["threshold"], "images_per_second": summary["images_per_second"],
         "train_seconds": train_seconds, "exported_epoch": summary["exported_epoch"],
-        "parameters": network.count_params(), "exported_mb": exported_bytes(model_dir) / 2**20,
+        "parameters": network.count_params(), "exported_mb": exported_bytes(train.model_dir) / 2**20,
         "val_maps": summary["history"].get("val_map", []),
     }
 
 
-def benchmark() -> int:
+def benchmark(config: DetectorsConfig) -> int:
     started = time.perf_counter()
-    unknown = sorted(set(FLAGS.models) - set(DEMO_PRESETS))
-    if unknown:
-        raise UserError(f"--models: no preset for {', '.join(unknown)}; one of {', '.join(DEMO_PRESETS)}")
-    presets = {model: preset(model) for model in FLAGS.models}  # a malformed --model_option fails before any work
-    if FLAGS.deterministic:
+    cli.check_constraints(config)
+    # Every model's settings are resolved and checked (a malformed --model_option too) before any work.
+    trainings = [train_config(config, model, "records", os.path.join("models", model)) for model in config.models]
+    if config.deterministic:
         import tensorflow as tf
         tf.config.experimental.enable_op_determinism()
-    with common.work_folder("detectors_") as work_dir:
+    with common.work_folder("detectors_", config.work) as work_dir:
         print(common.describe(("tensorflow", "keras", "keras-hub", "numpy")), flush=True)
-        records_dir = records(work_dir)
-        print(f"data: {FLAGS.num_images} hard synthetic images at {FLAGS.source_size} px -> {records_dir} "
+        records_dir = records(config, work_dir)
+        print(f"data: {config.num_images} hard synthetic images at {config.source_size} px -> {records_dir} "
               f"({time.perf_counter() - started:.0f} s)", flush=True)
         results = []
-        for model in FLAGS.models:
-            options, learning_rate = presets[model]
-            print(f"\n=== {model}: {FLAGS.steps} steps of {FLAGS.batch_size} images at {FLAGS.image_size} px, "
-                  f"learning rate {learning_rate}, options {options}", flush=True)
-            results.append(run(model, options, learning_rate, records_dir, work_dir))
-            print(f"=== {model}: val mAP {results[-1]['map']}, per epoch {results[-1]['val_maps']}", flush=True)
+        for train in trainings:
+            train = dataclasses.replace(train, records_dir=records_dir,
+                                        model_dir=os.path.join(work_dir, train.model_dir))
+            print(f"\n=== {train.model}: {config.steps} steps of {config.batch_size} images at {config.image_size} "
+                  f"px, learning rate {train.learning_rate}, options {train.model_options}", flush=True)
+            results.append(run(train))
+            print(f"=== {train.model}: val mAP {results[-1]['map']}, per epoch {results[-1]['val_maps']}", flush=True)
         total_minutes = (time.perf_counter() - started) / 60
 
     return report_results(results, total_minutes)
@@ -169,13 +185,10 @@ def report_results(results: list[dict], total_minutes: float) -> int:
     return 0 if not failed and total_minutes < MAX_MINUTES else 1
 
 
-def main(argv):
-    del argv
-    try:
-        sys.exit(benchmark())
-    except UserError as error:
-        sys.exit(f"error: {error}")
+def main():
+    return benchmark(cli.config_from_flags(DetectorsConfig))
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.define_flags(DetectorsConfig)
+    cli.run(main)

@@ -15,7 +15,7 @@ from pneumo_tf import cli
 
 cli.import_tensorflow_quietly()  # before anything imports TensorFlow
 from pneumo_tf.training import search  # noqa: E402
-from pneumo_tf.training.config import TrainConfig  # noqa: E402
+from pneumo_tf.training.config import TrainConfig, with_preset  # noqa: E402
 
 cli.define_flags(TrainConfig, exclude=("model_dir",))
 cli.define_flags(search.TuneConfig)
@@ -26,7 +26,9 @@ def main():
     if config.parallel > 1:
         config.validate()
         return search.run_parallel(sys.argv[1:], config.parallel)
-    summary = search.tune(config, cli.config_from_flags(TrainConfig, model_dir=""))
+    base = with_preset(cli.config_from_flags(TrainConfig, model_dir=""),
+                       explicit=cli.explicit_fields(TrainConfig) | {"model_dir"})
+    summary = search.tune(config, base)
     if summary is not None:
         print(f"{summary['trials_completed']} trials finished; best: trial {summary['best_trial']} with "
               f"{summary['objective']} {summary['score']:.4g} ({summary['trial_dir']}), values {summary['values']}")

@@ -195,7 +195,7 @@ class CountingPasses:
 def test_fit_writes_step_scalars_and_reads_validation_once_an_epoch(tmp_path):
     keras.utils.set_random_seed(0)
     architecture = models.get("mask_resnet")
-    network = architecture.build(SIZE, channels=4, depth=2)
+    network = architecture.build(SIZE, architecture.make_options({"channels": 4, "depth": 2}))
     trainer = Trainer(network, architecture, AugmentConfig.off())
     schedule = keras.optimizers.schedules.ExponentialDecay(0.01, decay_steps=1, decay_rate=0.5)
     trainer.compile(optimizer=keras.optimizers.Adam(schedule))

@@ -136,7 +136,7 @@ def test_training_survives_a_killed_worker_and_a_restarted_dispatcher(tiny_recor
                for _ in range(2)]
     try:
         architecture = models.get("mask_resnet")
-        network = architecture.build(64, **TINY_MASK_OPTIONS)
+        network = architecture.build(64, architecture.make_options(TINY_MASK_OPTIONS))
         model = loop.Trainer(network, architecture, augment.AugmentConfig.off())
         model.compile(optimizer=keras.optimizers.Adam(1e-3))
         data = pipeline.make_dataset(tiny_records, "train", 4, 64, training=True, seed=0, data_service=address)

@@ -74,16 +74,16 @@ def test_mask_rcnn_pastes_each_kept_detections_mask_into_its_box():
     assert not nothing.any()
 
 
-TINY = {"backbone": "resnet18", "backbone_blocks": (1, 1, 1, 1), "backbone_filters": (64, 64, 64, 64),
-        "top_down_pyramid_size": 16, "rpn_conv_size": 16, "rpn_anchor_scales": (16, 32, 64, 128, 256),
-        "rpn_train_anchors_per_image": 64, "pre_nms_limit": 256, "post_nms_rois_training": 64,
-        "post_nms_rois_inference": 64, "train_rois_per_image": 16, "roi_positive_ratio": 0.25,
-        "fpn_classif_fc_layers_size": 32, "mask_head_size": 8, "mask_head_convs": 1, "detection_min_confidence": 0.0}
+TINY = mask_rcnn.MaskRCNNOptions(
+    backbone="resnet18", backbone_blocks=(1, 1, 1, 1), backbone_filters=(64, 64, 64, 64), top_down_pyramid_size=16,
+    rpn_conv_size=16, rpn_anchor_scales=(16, 32, 64, 128, 256), rpn_train_anchors_per_image=64, pre_nms_limit=256,
+    post_nms_rois_training=64, post_nms_rois_inference=64, train_rois_per_image=16, roi_positive_ratio=0.25,
+    fpn_classif_fc_layers_size=32, mask_head_size=8, mask_head_convs=1, detection_min_confidence=0.0)
 
 
 @pytest.mark.slow
 def test_mask_rcnn_masks_are_its_mask_head_on_the_detections_and_compile_with_xla():
-    network = mask_rcnn.build(64, **TINY)
+    network = mask_rcnn.build(64, TINY)
     images = tf.random.stateless_uniform((2, 64, 64, 1), seed=(1, 2))
     eager = {key: value.numpy() for key, value in MASK_RCNN.infer(network, images).items()}
     compiled = tf.function(lambda x: MASK_RCNN.infer(network, x), jit_compile=True)(images)

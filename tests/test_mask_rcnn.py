@@ -1,10 +1,10 @@
 """The mask_rcnn architecture (models/mask_rcnn.py) and its ops (models/detection_ops.py), on 64-px inputs."""
 from __future__ import annotations
 
-import ast
 import dataclasses
 import math
 import pathlib
+from dataclasses import replace
 
 import keras
 import numpy as np
@@ -22,13 +22,13 @@ from pneumo_tf.models import mask_rcnn
 SIZE = 64
 # The narrowest network keras-hub's ResNet allows (64 filters per stack, one basic block
 # each), with anchors 16..256 px for 64-px images, small heads and few proposals.
-TINY = {
-    "backbone": "resnet18", "backbone_blocks": (1, 1, 1, 1), "backbone_filters": (64, 64, 64, 64),
-    "top_down_pyramid_size": 32, "rpn_conv_size": 32, "rpn_anchor_scales": (16, 32, 64, 128, 256),
-    "rpn_train_anchors_per_image": 64, "pre_nms_limit": 256, "post_nms_rois_training": 64,
-    "post_nms_rois_inference": 64, "train_rois_per_image": 16, "roi_positive_ratio": 0.25,
-    "fpn_classif_fc_layers_size": 64, "mask_head_size": 16, "mask_head_convs": 1,
-}
+TINY = mask_rcnn.MaskRCNNOptions(
+    backbone="resnet18", backbone_blocks=(1, 1, 1, 1), backbone_filters=(64, 64, 64, 64),
+    top_down_pyramid_size=32, rpn_conv_size=32, rpn_anchor_scales=(16, 32, 64, 128, 256),
+    rpn_train_anchors_per_image=64, pre_nms_limit=256, post_nms_rois_training=64,
+    post_nms_rois_inference=64, train_rois_per_image=16, roi_positive_ratio=0.25,
+    fpn_classif_fc_layers_size=64, mask_head_size=16, mask_head_convs=1,
+)
 ARCH = mask_rcnn.ARCHITECTURE
 
 
@@ -73,7 +73,7 @@ def test_golden_counts_match_hand_arithmetic():
 
 
 def test_golden_parameter_count_tiny():
-    network = mask_rcnn.build(SIZE, **TINY)
+    network = mask_rcnn.build(SIZE, TINY)
     assert network.count_params() == GOLDEN_TINY
     assert network.first_stage.get_layer("backbone").count_params() == _resnet18ish_params(1)
 
@@ -88,21 +88,33 @@ def test_golden_parameter_count_seed_config_at_256():
 
 def test_options_are_checked():
     with pytest.raises(UserError, match="unknown mask_rcnn option.*rpn_nms"):
-        mask_rcnn.build(SIZE, **TINY, rpn_nms=0.7)
+        ARCH.make_options({**TINY.as_dict(), "rpn_nms": 0.7})
     with pytest.raises(UserError, match="divisible by 64"):
-        mask_rcnn.build(96, **TINY)
+        mask_rcnn.build(96, TINY)
     with pytest.raises(UserError, match="one positive RoI"):
-        mask_rcnn.build(SIZE, **{**TINY, "train_rois_per_image": 4, "roi_positive_ratio": 0.2})
+        mask_rcnn.build(SIZE, replace(TINY, train_rois_per_image=4, roi_positive_ratio=0.2))
     with pytest.raises(UserError, match="from post_nms_rois_training=8 proposals"):
-        mask_rcnn.build(SIZE, **{**TINY, "post_nms_rois_training": 8})
+        mask_rcnn.build(SIZE, replace(TINY, post_nms_rois_training=8))
     with pytest.raises(UserError, match="stem_filters must be 64"):
-        mask_rcnn.build(SIZE, **{**TINY, "stem_filters": 16})
+        mask_rcnn.build(SIZE, replace(TINY, stem_filters=16))
     with pytest.raises(UserError, match="loss_weights has unknown terms"):
-        mask_rcnn.build(SIZE, **TINY, loss_weights={"mask": 2.0})
+        mask_rcnn.build(SIZE, replace(TINY, loss_weights={"mask": 2.0}))
+
+
+def test_a_network_saved_before_options_had_types_loads():
+    """Older model.keras files hold the options as the config's own keys, tuples as JSON lists."""
+    given = {"backbone": "resnet18", "backbone_blocks": [1, 1, 1, 1], "backbone_filters": [64, 64, 64, 64],
+             "top_down_pyramid_size": 32, "rpn_conv_size": 32, "rpn_anchor_scales": [16, 32, 64, 128, 256],
+             "rpn_train_anchors_per_image": 64, "pre_nms_limit": 256, "post_nms_rois_training": 64,
+             "post_nms_rois_inference": 64, "train_rois_per_image": 16, "roi_positive_ratio": 0.25,
+             "fpn_classif_fc_layers_size": 64, "mask_head_size": 16, "mask_head_convs": 1}
+    network = mask_rcnn.MaskRCNN.from_config({"image_size": SIZE, "name": "mask_rcnn", **given})
+    assert network.options == TINY and network.count_params() == GOLDEN_TINY
+    assert network.get_config() == {"image_size": SIZE, "name": "mask_rcnn", "options": TINY.as_dict()}
 
 
 def _flagfile_options(path):
-    """(flags, model options) of an absl flagfile, options parsed as --model_option does."""
+    """(flags, model options) of an absl flagfile, options as --model_option gives them (texts)."""
     values, options = {}, {}
     for line in path.read_text().splitlines():
         if not line.startswith("--"):
@@ -110,10 +122,7 @@ def _flagfile_options(path):
         name, _, value = line[2:].partition("=")
         if name == "model_option":
             key, _, value = value.partition("=")
-            try:
-                options[key] = ast.literal_eval(value)
-            except (ValueError, SyntaxError):
-                options[key] = value
+            options[key] = value
         else:
             values[name] = value
     return values, options
@@ -123,19 +132,19 @@ def test_flagfile_holds_the_seed_settings_which_are_the_defaults():
     values, options = _flagfile_options(pathlib.Path(__file__).parents[1] / "flags" / "mask_rcnn.flags")
     assert values == {"model": "mask_rcnn", "image_size": "256", "batch_size": "16", "epochs": "12",
                       "learning_rate": "0.004", "optimizer": "sgd"}
-    config = mask_rcnn.MaskRCNNConfig.from_options(options)
+    config = ARCH.make_options(options)
     assert (config.backbone, config.train_rois_per_image, config.roi_positive_ratio, config.roi_positives) == (
         "resnet50", 8, 0.225, 1)
     assert (config.detection_min_confidence, config.detection_nms_threshold, config.detection_max_instances,
             config.rpn_nms_threshold) == (0.9, 0.6, 3, 0.5)
     assert config.weights == {"rpn_class": 1, "rpn_bbox": 1, "mrcnn_class": 1.25, "mrcnn_bbox": 1, "mrcnn_mask": 1}
-    assert dataclasses.replace(config, loss_weights={}) == mask_rcnn.MaskRCNNConfig()
+    assert dataclasses.replace(config, loss_weights={}) == mask_rcnn.MaskRCNNOptions()
 
 
 # -- anchors and RPN targets -------------------------------------------------------------
 
 def test_anchors_are_keras_hubs_in_the_rpns_order():
-    anchors = mask_rcnn.build(SIZE, **TINY).anchors * SIZE
+    anchors = mask_rcnn.build(SIZE, TINY).anchors * SIZE
     # 16x16 cells of P2 (stride 4) ... 1 cell of P6, 3 ratios each.
     assert anchors.shape == (3 * (256 + 64 + 16 + 4 + 1), 4)
     # First cell of P2 (centre 0, 0), side 16: ratio (height / width) 0.5, 1, 2, with
@@ -391,7 +400,7 @@ def train_step(network, optimizer, inputs, labels):
 def test_to_fit_and_outputs_follow_the_contract():
     inputs, labels = synthetic_batch()
     assert set(inputs) == {"image"} and set(labels) == {"boxes", "num_boxes", "mask"}
-    network = mask_rcnn.build(SIZE, **TINY, detection_min_confidence=0.0)
+    network = mask_rcnn.build(SIZE, replace(TINY, detection_min_confidence=0.0))
     outputs = ARCH.infer(network, inputs["image"])
     assert {key: (value.shape, value.dtype) for key, value in outputs.items()} == {
         "boxes": ((4, 3, 4), tf.float32), "scores": ((4, 3), tf.float32), "num_detections": ((4,), tf.int32),
@@ -406,7 +415,7 @@ def test_to_fit_and_outputs_follow_the_contract():
 
 def test_loss_terms_and_what_images_without_boxes_train():
     inputs, labels = synthetic_batch()
-    network = mask_rcnn.build(SIZE, **TINY)
+    network = mask_rcnn.build(SIZE, TINY)
     raw = network(inputs, training=True)
     terms = ARCH.loss(network, inputs, labels, raw, training=False)
     assert list(terms) == ["rpn_class", "rpn_bbox", "mrcnn_class", "mrcnn_bbox", "mrcnn_mask"]
@@ -430,9 +439,9 @@ def test_loss_terms_and_what_images_without_boxes_train():
 
 def test_seed_loss_weights_and_overrides():
     inputs, labels = synthetic_batch()
-    weighted = mask_rcnn.build(SIZE, **TINY, loss_weights={"mrcnn_class": 2.5, "rpn_bbox": 0.0})
+    weighted = mask_rcnn.build(SIZE, replace(TINY, loss_weights={"mrcnn_class": 2.5, "rpn_bbox": 0.0}))
     keras.utils.set_random_seed(0)
-    plain = mask_rcnn.build(SIZE, **TINY)
+    plain = mask_rcnn.build(SIZE, TINY)
     weighted.set_weights(plain.get_weights())
     raw = plain(inputs, training=False)
     seed_terms = ARCH.loss(plain, inputs, labels, raw, training=False)
@@ -454,7 +463,7 @@ def mixed_policy(request):
 
 def test_one_train_step_in_mixed_precision(mixed_policy):
     inputs, labels = synthetic_batch()
-    network = mask_rcnn.build(SIZE, **TINY)
+    network = mask_rcnn.build(SIZE, TINY)
     assert network.first_stage.get_layer("rpn_conv_shared").compute_dtype == mixed_policy.removeprefix("mixed_")
     optimizer = keras.optimizers.SGD(0.01)
     if mixed_policy == "mixed_float16":
@@ -472,7 +481,7 @@ def test_one_train_step_in_mixed_precision(mixed_policy):
 @pytest.mark.slow
 def test_train_step_and_infer_compile_with_xla():
     inputs, labels = synthetic_batch()
-    network = mask_rcnn.build(SIZE, **TINY)
+    network = mask_rcnn.build(SIZE, TINY)
     optimizer = keras.optimizers.SGD(0.01)
     step = tf.function(lambda x, y: train_step(network, optimizer, x, y), jit_compile=True)
     terms = step(inputs, labels)
@@ -487,12 +496,12 @@ def test_train_step_and_infer_compile_with_xla():
 
 def test_keras_file_round_trip_gives_identical_inference(tmp_path):
     inputs, labels = synthetic_batch()
-    network = mask_rcnn.build(SIZE, **{**TINY, "detection_min_confidence": 0.0}, loss_weights={"mrcnn_mask": 2.0})
+    network = mask_rcnn.build(SIZE, replace(TINY, detection_min_confidence=0.0, loss_weights={"mrcnn_mask": 2.0}))
     # A step moves the weights and batch-norm statistics off their initial values.
     train_step(network, keras.optimizers.SGD(0.01), inputs, labels)
     network.save(tmp_path / "mask_rcnn.keras")
     loaded = keras.models.load_model(tmp_path / "mask_rcnn.keras", compile=False)
-    assert isinstance(loaded, mask_rcnn.MaskRCNN) and loaded.config == network.config
+    assert isinstance(loaded, mask_rcnn.MaskRCNN) and loaded.options == network.options
     assert int(loaded.sampler_step.numpy()) == 1
     expected, actual = ARCH.infer(network, inputs["image"]), ARCH.infer(loaded, inputs["image"])
     assert expected["num_detections"].numpy().tolist() == [3, 3, 3, 3]
@@ -503,7 +512,7 @@ def test_keras_file_round_trip_gives_identical_inference(tmp_path):
 def test_saved_model_serves_infer_for_any_batch_size(tmp_path):
     """The serving signature (images [None, S, S, 1] -> detector outputs) exports and reloads."""
     inputs, labels = synthetic_batch()
-    network = mask_rcnn.build(SIZE, **TINY, detection_min_confidence=0.0)
+    network = mask_rcnn.build(SIZE, replace(TINY, detection_min_confidence=0.0))
     train_step(network, keras.optimizers.SGD(0.01), inputs, labels)
     archive = keras.export.ExportArchive()
     archive.track(network)
@@ -523,7 +532,7 @@ def test_saved_model_serves_infer_for_any_batch_size(tmp_path):
 def mirrored_matches_one_device():
     """Two images per replica; the samplers draw the same RoIs and anchors on one device and on two."""
     inputs, labels = synthetic_batch(count=4)
-    results = replicas.one_step_on_one_and_two_replicas(lambda: mask_rcnn.build(SIZE, **TINY), ARCH, inputs, labels,
+    results = replicas.one_step_on_one_and_two_replicas(lambda: mask_rcnn.build(SIZE, TINY), ARCH, inputs, labels,
                                                         learning_rate=0.05)
     (_, logs_one, initial, weights_one), (_, logs_two, _, weights_two) = results
     assert all(logs_one[f"{name}_loss"][0] > 0 for name in mask_rcnn.LOSS_NAMES), logs_one
@@ -555,7 +564,7 @@ def test_learns_a_small_fixed_batch():
     inputs, labels = synthetic_batch(count=8)
     keras.utils.set_random_seed(0)
     # The seed's detection settings (min confidence 0.9, NMS 0.6, at most 3).
-    network = mask_rcnn.build(SIZE, **TINY)
+    network = mask_rcnn.build(SIZE, TINY)
     steps = 200
     optimizer = keras.optimizers.Adam(keras.optimizers.schedules.CosineDecay(1e-3, steps))
     step = tf.function(lambda x, y: train_step(network, optimizer, x, y))

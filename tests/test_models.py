@@ -1,6 +1,8 @@
 """Model registry, builders, losses/metrics and mask post-processing, on 32-64 px inputs."""
 from __future__ import annotations
 
+import dataclasses
+
 import h5py
 import keras
 import numpy as np
@@ -40,7 +42,21 @@ CASES = [
 
 
 def build_model(name, image_size, **options):
-    return models.get(name).build(image_size, **options)
+    architecture = models.get(name)
+    return architecture.build(image_size, architecture.make_options(options))
+
+
+@pytest.mark.parametrize("name", models.NAMES)
+def test_every_model_declares_typed_checked_options(name):
+    architecture = models.get(name)
+    defaults = architecture.make_options()
+    assert isinstance(defaults, architecture.options_type) and architecture.make_options(defaults) is defaults
+    known = sorted(field.name for field in dataclasses.fields(architecture.options_type))
+    with pytest.raises(UserError, match=f"^unknown {name} option\\(s\\) colour; known: {', '.join(known)}$"):
+        architecture.make_options({"colour": "red"})
+    # Texts (from --model_option) are parsed by each field's type and give the default back.
+    texts = {field: str(value) for field, value in defaults.as_dict().items()}
+    assert architecture.make_options(texts) == defaults
 
 
 def _batch(seed: int = 0, n: int = 2) -> dict:
@@ -57,7 +73,7 @@ def _batch(seed: int = 0, n: int = 2) -> dict:
 
 def _trainer(name, options):
     architecture = models.get(name)
-    trainer = Trainer(architecture.build(SIZE, **options), architecture, AugmentConfig.off())
+    trainer = Trainer(build_model(name, SIZE, **options), architecture, AugmentConfig.off())
     trainer.compile(optimizer=keras.optimizers.Adam(1e-3))
     return trainer
 
@@ -275,7 +291,7 @@ def test_vgg16_loads_a_local_imagenet_style_weights_file(tmp_path):
     source = keras.applications.VGG16(include_top=False, weights=None, input_shape=(32, 32, 3))
     path = tmp_path / "vgg16_notop.h5"
     _write_imagenet_style_weights(path, source)
-    model = vgg16.build(32, weights=str(path))
+    model = vgg16.build(32, vgg16.VGG16Options(weights=str(path)))
     loaded = model.get_layer("vgg16_backbone").get_weights()
     for expected, actual in zip(source.get_weights(), loaded, strict=True):
         np.testing.assert_array_equal(actual, expected)

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import pathlib
 import time
+from dataclasses import replace
 
 import keras
 import numpy as np
@@ -20,13 +21,13 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 SIZE = 64
 # A ResNet of three one-block stacks (keras-hub needs 64 filters first), levels P3-P4, one
 # head convolution: 720 anchors at 64 px, 9 per position on 8 x 8 (P3) and 4 x 4 (P4) grids.
-TINY = {
-    "stackwise_num_filters": (64, 64, 64),
-    "stackwise_num_blocks": (1, 1, 1),
-    "block_type": "basic_block",
-    "max_level": 4,
-    "pre_logits_num_conv_layers": 1,
-}
+TINY = retinanet.RetinaNetOptions(
+    stackwise_num_filters=(64, 64, 64),
+    stackwise_num_blocks=(1, 1, 1),
+    block_type="basic_block",
+    max_level=4,
+    pre_logits_num_conv_layers=1,
+)
 ANCHORS = 9 * (8 * 8 + 4 * 4)
 ALPHA, GAMMA = retinanet.FOCAL_ALPHA, retinanet.FOCAL_GAMMA
 
@@ -55,7 +56,7 @@ def _tiny_params():
 @pytest.fixture(scope="module")
 def tiny():
     keras.utils.set_random_seed(0)
-    return retinanet.build(SIZE, **TINY)
+    return retinanet.build(SIZE, TINY)
 
 
 def _images(n, seed=0):
@@ -78,7 +79,7 @@ CENTRE_BOX = [0.25, 0.25, 0.75, 0.75]
 
 def test_golden_parameter_counts():
     assert _tiny_params() == GOLDEN_TINY
-    assert retinanet.build(SIZE, **TINY).count_params() == GOLDEN_TINY
+    assert retinanet.build(SIZE, TINY).count_params() == GOLDEN_TINY
     # keras-hub's published count for its COCO preset (the same layout, RGB, 91 classes) less
     # the stem's two extra input channels and the class logits of 90 more classes.
     coco = backbone_presets["retinanet_resnet50_fpn_coco"]["metadata"]["params"]
@@ -220,7 +221,7 @@ def test_box_targets_are_deltas_over_the_box_variance(tiny):
     anchor = (4 * 8 + 4) * 9 + 3
     assert classes[0, anchor] == retinanet.OPACITY
     np.testing.assert_allclose(box_targets[0, anchor], [0.0, 0.125 / 0.1, 0.0, 0.0], atol=1e-6)
-    unit = retinanet.build(SIZE, **TINY, box_variance=(1.0, 1.0, 1.0, 1.0))  # keras-hub's default
+    unit = retinanet.build(SIZE, replace(TINY, box_variance=(1.0, 1.0, 1.0, 1.0)))  # keras-hub's default
     unit_targets, _ = retinanet.training_targets(unit, labels["boxes"], labels["num_boxes"])
     np.testing.assert_allclose(unit_targets[0, anchor], [0.0, 0.125, 0.0, 0.0], atol=1e-6)
 
@@ -230,7 +231,7 @@ def test_loss_is_keras_hubs_when_the_batch_has_boxes(tiny):
     inputs, labels = {"image": _images(2)}, _labels([[CENTRE_BOX, [0.0, 0.5, 0.5, 1.0]], []])
     raw = tiny(inputs, training=False)
     terms = retinanet.RetinaNet().loss(tiny, inputs, labels, raw, training=False)
-    detector = retinanet.build(SIZE, **TINY).detector  # a separate copy to compile
+    detector = retinanet.build(SIZE, TINY).detector  # a separate copy to compile
     detector.compile(
         box_loss=keras.losses.Huber(reduction="sum"),
         classification_loss=keras.losses.BinaryFocalCrossentropy(
@@ -292,12 +293,12 @@ def test_infer_with_an_unknown_batch_size_exports_as_a_saved_model(tiny, tmp_pat
 
 
 def test_decoding_options_reach_the_nms():
-    network = retinanet.build(SIZE, **TINY, max_detections=1, min_confidence=0.9, nms_iou_threshold=0.7)
+    network = retinanet.build(SIZE, replace(TINY, max_detections=1, min_confidence=0.9, nms_iou_threshold=0.7))
     outputs = retinanet.RetinaNet().outputs(network, {"image": tf.zeros((2, SIZE, SIZE, 1))}, _hand_raw())
     # Only the first anchor scores above 0.9 (sigmoid(2) = 0.88 does not): nothing is kept.
     assert outputs[BOXES].shape == (2, 1, 4)
     np.testing.assert_array_equal(outputs[NUM_DETECTIONS], [0, 0])
-    network = retinanet.build(SIZE, **TINY, nms_iou_threshold=0.7)
+    network = retinanet.build(SIZE, replace(TINY, nms_iou_threshold=0.7))
     outputs = retinanet.RetinaNet().outputs(network, {"image": tf.zeros((2, SIZE, SIZE, 1))}, _hand_raw())
     # IoU 0.64 no longer suppresses the 40-px square: three detections.
     np.testing.assert_array_equal(outputs[NUM_DETECTIONS], [3, 0])
@@ -335,7 +336,7 @@ def mixed_bfloat16():
 @pytest.mark.usefixtures("mixed_bfloat16")
 @pytest.mark.parametrize("jit_compile", [False, pytest.param(True, marks=pytest.mark.slow)], ids=["eager", "xla"])
 def test_mixed_bfloat16_training_step_gives_float32_terms_and_moves_weights(jit_compile):
-    network = retinanet.build(SIZE, **TINY)
+    network = retinanet.build(SIZE, TINY)
     detector = network.detector
     assert detector.classification_head.compute_dtype == "bfloat16"
     assert detector.label_encoder.compute_dtype == detector.anchor_generator.compute_dtype == "float32"
@@ -364,7 +365,7 @@ def test_mixed_bfloat16_training_step_gives_float32_terms_and_moves_weights(jit_
 
 
 def test_keras_file_round_trip_gives_identical_outputs(tmp_path):
-    network = retinanet.build(SIZE, **TINY, max_detections=6, min_confidence=0.01, pre_nms_top_k=100)
+    network = retinanet.build(SIZE, replace(TINY, max_detections=6, min_confidence=0.01, pre_nms_top_k=100))
     images = tf.constant(_images(2))
     # A training-mode call moves the BatchNormalization statistics the file has to carry.
     network({"image": images}, training=True)
@@ -394,14 +395,19 @@ def test_keras_file_round_trip_gives_identical_outputs(tmp_path):
     ({"min_level": 5}, "min_level must be between 2"),
     ({"negative_threshold": 0.6}, "negative_threshold <= positive_threshold"),
     ({"max_detections": 20, "pre_nms_top_k": 10}, "max_detections <= pre_nms_top_k"),
-    ({"box_variance": (0.1, 0.2)}, "box_variance needs 4 positive scales"),
-    ({"box_variance": (0.1, 0.1, 0.0, 0.2)}, "box_variance needs 4 positive scales"),
+    ({"box_variance": (0.1, 0.2)}, "box_variance needs 4 scales"),
+    ({"box_variance": (0.1, 0.1, 0.0, 0.2)}, "retinanet option box_variance must be greater than 0, not 0"),
+    ({"max_detections": 0}, "retinanet option max_detections must be at least 1, not 0"),
+    ({"positive_threshold": 1.5}, r"retinanet option positive_threshold must be in \(0, 1\], not 1.5"),
+    ({"stackwise_num_blocks": "(1, 1, x)"}, "retinanet option stackwise_num_blocks: expected a tuple of int"),
+    ({"use_p5": "maybe"}, "retinanet option use_p5: expected true or false, got 'maybe'"),
+    ({"pre_nms": 5}, "unknown retinanet option.s. pre_nms; known: anchor_size, block_type, box_variance"),
 ])
 def test_option_errors_are_user_errors(options, message):
-    options = {**TINY, **options}
+    options = {**TINY.as_dict(), **options}
     image_size = options.pop("image_size", SIZE)
     with pytest.raises(UserError, match=message):
-        retinanet.build(image_size, **options)
+        retinanet.build(image_size, retinanet.ARCHITECTURE.make_options(options))
 
 
 def mirrored_matches_one_device():
@@ -412,7 +418,7 @@ def mirrored_matches_one_device():
     boxes[0, 0] = [0.25, 0.25, 0.75, 0.75]  # only the first replica's half has a box
     labels = {"boxes": boxes, "num_boxes": np.array([1, 0, 0, 0], np.int32)}
     (_, logs_one, initial, weights_one), (_, logs_two, _, weights_two) = replicas.one_step_on_one_and_two_replicas(
-        lambda: retinanet.build(64, **TINY), architecture, {"image": images}, labels, learning_rate=0.01)
+        lambda: retinanet.build(64, TINY), architecture, {"image": images}, labels, learning_rate=0.01)
     for key in ("loss", "classification_loss", "box_loss"):
         np.testing.assert_allclose(logs_one[key], logs_two[key], rtol=1e-5)
     # The same step, to float32 rounding of sums taken in another order. Relative to the largest
@@ -454,7 +460,7 @@ def _xywh(boxes):
 def test_learns_a_small_batch_to_a_high_challenge_map():
     keras.utils.set_random_seed(0)
     images, labels = _synthetic_batch()
-    network = retinanet.build(SIZE, **TINY)
+    network = retinanet.build(SIZE, TINY)
     architecture = retinanet.RetinaNet()
     optimizer = keras.optimizers.Adam(1e-3)
     inputs = {"image": tf.constant(images)}

@@ -15,13 +15,17 @@ import numpy as np
 import pytest
 import tensorflow as tf
 from absl import flags
+from tensorboard.backend.event_processing import event_accumulator
+from tensorboard.plugins.hparams import metadata as hparams_metadata
 
 import replicas  # tests/replicas.py
 from pneumo_tf import cli, models
 from pneumo_tf.data import augment, pipeline
 from pneumo_tf.models import exported
+from pneumo_tf.models.mask_resnet import MaskResNetOptions
 from pneumo_tf.training import loop
-from pneumo_tf.training.config import TrainConfig
+from pneumo_tf.errors import UserError
+from pneumo_tf.training.config import TrainConfig, with_preset
 
 TINY_MASK = ["--model=mask_resnet", "--model_option=channels=4", "--model_option=n_blocks=1",
              "--model_option=depth=2", "--image_size=64", "--batch_size=4"]
@@ -53,6 +57,9 @@ def test_train_and_export_mask_resnet(tiny_records, tmp_path):
     assert summary["learning_rate"] == pytest.approx(7e-4 / 4)
     model = exported.load(str(tmp_path / "run"))
     assert model.info["model"] == "mask_resnet" and model.image_size == 64 and model.threshold == 0.5
+    # Every option as resolved: the ones given and the defaults.
+    assert model.info["preset"] == "" and model.info["model_options"] == {
+        **MaskResNetOptions().as_dict(), "channels": 4, "n_blocks": 1, "depth": 2, "classification_head": True}
     images = np.random.default_rng(0).random((2, 64, 64, 1), dtype=np.float32)
     outputs = model.infer(images)
     assert outputs["mask"].shape == (2, 64, 64, 1) and outputs["target"].shape == (2, 1)
@@ -94,7 +101,8 @@ def mirrored_matches_one_device():
     }
     architecture = models.get("mask_resnet")
     (_, logs_one, _, weights_one), (_, logs_two, _, weights_two) = replicas.one_step_on_one_and_two_replicas(
-        lambda: architecture.build(32, channels=4, n_blocks=1, depth=2, classification_head=True), architecture,
+        lambda: architecture.build(32, architecture.make_options(
+            {"channels": 4, "n_blocks": 1, "depth": 2, "classification_head": True})), architecture,
         *architecture.to_fit(batch), learning_rate=0.1)
     for key in ("loss", "mask_loss", "target_loss"):
         np.testing.assert_allclose(logs_one[key], logs_two[key], rtol=1e-5)
@@ -173,7 +181,10 @@ def test_killed_run_resumes_from_the_last_epoch(tiny_records, tmp_path):
 
 @pytest.mark.parametrize("args, message", [
     (["--records_dir=/nonexistent/records"], "records folder not found"),
-    (["--batch_size=0"], "--batch_size must be at least 1, not 0"),
+    (["--batch_size=0"], "flag --batch_size=0: must be at least 1, not 0"),
+    (["--model_option=chanels=4"], "unknown mask_resnet option(s) chanels; known: channels, classification_head, "),
+    (["--model_option=depth=two"], "mask_resnet option depth: expected int, got 'two'"),
+    (["--preset=fast"], "unknown preset 'fast' of model mask_resnet; its presets: demo"),
     (["--model_option=channels"], "--model_option: expected key=value, got 'channels'"),
     (["--data_service=grpc://127.0.0.1:1"], "the tf.data service dispatcher at grpc://127.0.0.1:1 is unreachable"),
 ])
@@ -218,12 +229,105 @@ def test_help_and_train_config_agree_on_every_default():
 def test_flags_round_trip_every_field():
     values = flags.FlagValues()
     cli.define_flags(TrainConfig, flag_values=values)
-    values(["train", "--records_dir=r", "--model_dir=m", "--model=cnn", "--model_option=width=0.25",
+    values(["train", "--records_dir=r", "--model_dir=m", "--model=vgg16", "--model_option=freeze_backbone=false",
             "--model_option=weights=/a b/c.h5", "--profile_steps=", "--tpu=node", "--nocache", "--cache"])
     config = cli.config_from_flags(TrainConfig, flag_values=values)
-    assert config == TrainConfig(records_dir="r", model_dir="m", model="cnn",
-                                 model_options={"width": 0.25, "weights": "/a b/c.h5"}, profile_steps=None,
+    # Model options stay texts until the model's options dataclass parses them (with_preset, validate).
+    assert config == TrainConfig(records_dir="r", model_dir="m", model="vgg16",
+                                 model_options={"freeze_backbone": "false", "weights": "/a b/c.h5"}, profile_steps=None,
                                  tpu="node", cache=True)
+    typed = with_preset(config)
+    assert typed.model_options == {"freeze_backbone": False, "weights": "/a b/c.h5"}
+    # The flags written for a config give it back.
+    again = flags.FlagValues()
+    cli.define_flags(TrainConfig, flag_values=again)
+    again(["train", *cli.flags_from_config(typed)])
+    assert with_preset(cli.config_from_flags(TrainConfig, flag_values=again)) == typed
+
+
+def _flags_config(*args, flagfile=None):
+    """(TrainConfig from train's flags, the fields given), as python -m pneumo_tf.train makes them."""
+    values = flags.FlagValues()
+    cli.define_flags(TrainConfig, flag_values=values)
+    values(["train", "--records_dir=r", "--model_dir=m", *args, *([f"--flagfile={flagfile}"] if flagfile else [])])
+    return cli.config_from_flags(TrainConfig, flag_values=values), cli.explicit_fields(TrainConfig, flag_values=values)
+
+
+def test_a_preset_sets_what_the_flags_do_not(tmp_path):
+    preset = models.get("retinanet").preset("demo")
+    config, given = _flags_config("--model=retinanet", "--preset=demo", "--model_option=max_level=4",
+                                  "--image_size=64")
+    resolved = with_preset(config, given)
+    assert resolved.learning_rate == preset.train["learning_rate"] == 3e-4
+    # Model options key by key: the preset's, the one given replaced, all typed.
+    assert resolved.model_options == {**preset.model_options, "max_level": 4}
+    assert resolved.model_options["stackwise_num_filters"] == (64, 64, 128, 256)
+    # A flag given wins, even at the default value, on the command line or in a flagfile.
+    for args, flagfile_lines in ((["--learning_rate=0.0007"], []), ([], ["--learning_rate=0.0007"])):
+        flagfile = tmp_path / "run.flags"
+        flagfile.write_text("\n".join(["--model=retinanet", "--preset=demo", *flagfile_lines]) + "\n")
+        resolved = with_preset(*_flags_config(*args, flagfile=flagfile))
+        assert resolved.learning_rate == 7e-4 and resolved.model_options == dict(preset.model_options)
+    # Built in Python: the fields that differ from the defaults are the ones given.
+    python_built = TrainConfig(records_dir="r", model_dir="m", model="retinanet", preset="demo", learning_rate=1e-3)
+    assert with_preset(python_built).learning_rate == 1e-3
+    assert with_preset(dataclasses.replace(python_built, learning_rate=7e-4)).learning_rate == 3e-4
+    # No preset: the flags as given, options typed.
+    plain = with_preset(_flags_config("--model=retinanet", "--model_option=max_level=4")[0])
+    assert plain.learning_rate == 7e-4 and plain.model_options == {"max_level": 4}
+
+
+def test_every_preset_sets_known_settings_to_valid_values():
+    fields = {field.name for field in dataclasses.fields(TrainConfig)}
+    for name in models.NAMES:
+        architecture = models.get(name)
+        assert "demo" in architecture.presets, name
+        for preset_name, preset in architecture.presets.items():
+            assert set(preset.train) <= fields - {"model", "preset", "model_options"}, (name, preset_name)
+            resolved = with_preset(TrainConfig(records_dir="r", model_dir="m", model=name, preset=preset_name))
+            resolved.validate()
+            assert resolved.model_options == dict(preset.model_options)
+
+
+def test_an_unknown_preset_names_the_models_presets():
+    with pytest.raises(UserError, match="^unknown preset 'big' of model cnn; its presets: demo$"):
+        with_preset(TrainConfig(records_dir="r", model_dir="m", model="cnn", preset="big"))
+    with pytest.raises(UserError, match="^unknown preset 'big' of model cnn; its presets: demo$"):
+        TrainConfig(records_dir="r", model_dir="m", model="cnn", preset="big").validate()
+
+
+@pytest.mark.parametrize(("changes", "message"), [
+    ({"batch_size": 0}, "--batch_size must be at least 1, not 0"),
+    ({"learning_rate": 0.0}, "--learning_rate must be greater than 0, not 0"),
+    ({"positive_fraction": 1.0}, r"--positive_fraction must be in \[0, 1\), not 1"),
+    ({"warmup_steps": -1}, "--warmup_steps must be at least 0, not -1"),
+    ({"model_options": {"channels": 0}}, "mask_resnet option channels must be at least 1, not 0"),
+])
+def test_a_train_config_built_in_python_is_refused_as_its_flags_would_be(changes, message):
+    with pytest.raises(UserError, match=f"^{message}$"):
+        dataclasses.replace(TrainConfig(records_dir="r", model_dir="m"), **changes).validate()
+
+
+@pytest.mark.slow
+def test_a_run_with_a_preset_records_what_it_resolved(tiny_records, tmp_path):
+    result = run_train(tiny_records, tmp_path / "run", *TINY_MASK, "--preset=demo", "--epochs=1",
+                       "--steps_per_epoch=1", "--validation_steps=1", "--profile_steps=")
+    assert result.returncode == 0, result.stderr[-3000:]
+    info = json.loads((tmp_path / "run" / "pneumo_tf.json").read_text())
+    preset = models.get("mask_resnet").preset("demo")
+    # The preset's learning rate (flags did not give one) at batch 4; its upsampling; the flags' sizes.
+    assert info["preset"] == "demo" and info["learning_rate"] == pytest.approx(preset.train["learning_rate"] / 4)
+    assert info["model_options"] == {**MaskResNetOptions().as_dict(), "channels": 4, "n_blocks": 1, "depth": 2,
+                                     "upsampling": "bilinear"}
+    accumulator = event_accumulator.EventAccumulator(str(tmp_path / "run" / "logs"))
+    accumulator.Reload()
+    content = accumulator.PluginTagToContent("hparams")
+    hparams = hparams_metadata.parse_session_start_info_plugin_data(
+        content[hparams_metadata.SESSION_START_INFO_TAG]).hparams
+    assert hparams["preset"].string_value == "demo"
+    assert hparams["learning_rate"].number_value == pytest.approx(preset.train["learning_rate"] / 4)
+    assert hparams["model_option.upsampling"].string_value == "bilinear"
+    assert hparams["model_option.channels"].number_value == 4
 
 
 def test_learning_rate_warms_up_linearly_then_decays_as_a_cosine():
@@ -270,7 +374,7 @@ def test_keras_still_calls_the_symbolic_build_shim():
             super()._maybe_symbolic_build(iterator, data_batch)
 
     architecture = models.get("cnn")
-    network = architecture.build(64, width=0.05)
+    network = architecture.build(64, architecture.make_options({"width": 0.05}))
     model = Counting(network, architecture, augment.AugmentConfig.off())
     model.compile(optimizer=keras.optimizers.SGD(0.01))
     batch = {"image": np.zeros((2, 64, 64, 1), np.float32), "target": np.array([0, 1], np.int32)}

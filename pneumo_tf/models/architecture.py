@@ -5,6 +5,19 @@ Training, evaluation, prediction, serving and the TensorBoard images read an
 one. Adding a model is one file in `pneumo_tf/models/` that defines a subclass and one
 line in the registry.
 
+What a model file declares:
+  options_type  ONE frozen dataclass, a subclass of `ModelOptions`, whose fields are
+                `pneumo_tf.cli.option(default, help, minimum=..., choices=...)`: every
+                --model_option key with its type, default, help and range. An instance is
+                checked when made (declared constraints, then its `check()` for what involves
+                several fields); strings are parsed and JSON lists read by each field's type.
+  build         `build(image_size, options)`: the network for `options`, an options_type.
+  presets       {name: Preset}: named settings (model options and training settings, e.g.
+                "demo") that `--preset=NAME` applies to whatever a run does not set itself
+                (pneumo_tf.training.config.with_preset).
+`Architecture.make_options(values)` turns --model_option's texts, a preset's values or a
+saved model's JSON into the typed options; `Architecture.preset(name)` looks a preset up.
+
 The flow of one batch (pipeline batch: see pneumo_tf.data.pipeline):
 
   training   inputs, labels = to_fit(batch)          # in the input pipeline
@@ -34,13 +47,16 @@ its boxes' findings, drawn over the whole image at any size (the DICOM Segmentat
 """
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import Protocol
+import dataclasses
+import typing
+from collections.abc import Mapping, Sequence
+from typing import ClassVar, Protocol
 
 import keras
 import numpy as np
 import tensorflow as tf
 
+from pneumo_tf import cli
 from pneumo_tf.errors import UserError
 
 # Detections of one image: (boxes float32 [N, 4] normalised (ymin, xmin, ymax, xmax), scores float32 [N]),
@@ -49,6 +65,55 @@ Detections = tuple[np.ndarray, np.ndarray]
 
 # Outputs of a box detector (`detector_outputs`): fixed-size, padded after num_detections.
 BOXES, SCORES, NUM_DETECTIONS = "boxes", "scores", "num_detections"
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelOptions:
+    """The base of an architecture's options dataclass (see the module docstring); no options itself.
+
+    Subclasses set `model_name` (it names the architecture in error messages) and may override
+    `check()` with the checks that involve several fields.
+    """
+
+    model_name: ClassVar[str] = "model"
+
+    def __post_init__(self):
+        hints = typing.get_type_hints(type(self))
+        for field in dataclasses.fields(self):
+            try:
+                object.__setattr__(self, field.name, cli.coerce_value(getattr(self, field.name), hints[field.name]))
+            except ValueError as error:
+                raise UserError(f"{self.model_name} option {field.name}: {error}") from error
+        cli.check_constraints(self, label=lambda name: f"{self.model_name} option {name}")
+        self.check()
+
+    def check(self) -> None:
+        """UserErrors for values that do not fit together (each field's own range is declared)."""
+
+    @classmethod
+    def from_mapping(cls, values: Mapping) -> "ModelOptions":
+        """The options with `values` (key -> value or text to parse) in place of the defaults."""
+        known = [field.name for field in dataclasses.fields(cls)]
+        unknown = sorted(set(values) - set(known))
+        if unknown:
+            raise UserError(f"unknown {cls.model_name} option(s) {', '.join(unknown)}; known: "
+                            f"{', '.join(sorted(known)) or 'none'}")
+        return cls(**values)
+
+    def as_dict(self) -> dict:
+        """Every option by name (JSON-ready: what pneumo_tf.json and a saved network record)."""
+        return dataclasses.asdict(self)
+
+
+@dataclasses.dataclass(frozen=True)
+class Preset:
+    """Named settings of an architecture: model options and training settings (fields of
+    pneumo_tf.training.config.TrainConfig: learning_rate, warmup_steps, image_size, batch_size,
+    epochs, positive_fraction, augment, ...). A run takes each of them unless it sets it itself."""
+
+    description: str
+    model_options: Mapping[str, object] = dataclasses.field(default_factory=dict)
+    train: Mapping[str, object] = dataclasses.field(default_factory=dict)
 
 
 class ReadsOutputs(Protocol):
@@ -98,6 +163,9 @@ class Architecture:
     """
 
     name: str = ""
+    # The options dataclass of --model_option (a ModelOptions subclass) and the named presets.
+    options_type: type[ModelOptions] = ModelOptions
+    presets: Mapping[str, Preset] = {}
     # Whether `detections` can return boxes: models that do are selected by val_map (the
     # challenge mAP), pure classifiers by val_loss, and their mAP is not reported.
     gives_boxes: bool = True
@@ -113,8 +181,22 @@ class Architecture:
         """(logs key, "max" or "min") that selects the best epoch and drives early stopping."""
         return ("val_map", "max") if self.gives_boxes else ("val_loss", "min")
 
-    def build(self, image_size: int, **options) -> keras.Model:
-        """The network for [image_size, image_size, 1] images; `options` come from --model_option."""
+    def make_options(self, values: ModelOptions | Mapping | None = None) -> ModelOptions:
+        """`options_type` from a mapping of option -> value (--model_option's texts, a preset's values,
+        a saved model's JSON; missing ones keep their defaults), or as given when it is one already."""
+        if isinstance(values, self.options_type):
+            return values
+        return self.options_type.from_mapping(values or {})
+
+    def preset(self, name: str) -> Preset:
+        """The preset called `name`, or a UserError listing this architecture's presets."""
+        if name not in self.presets:
+            raise UserError(f"unknown preset {name!r} of model {self.name}; its presets: "
+                            f"{', '.join(sorted(self.presets)) or 'none'}")
+        return self.presets[name]
+
+    def build(self, image_size: int, options: ModelOptions) -> keras.Model:
+        """The network for [image_size, image_size, 1] images with `options` (an `options_type`)."""
         raise NotImplementedError
 
     def to_fit(self, batch: dict) -> tuple[dict, dict]:

@@ -4,7 +4,8 @@
       model.keras     the network (Keras format; loaded here with its architecture's code)
       saved_model/    the architecture's whole inference (images -> outputs) as a TensorFlow
                       SavedModel with one signature, "serve", for TF Serving and other runtimes
-      pneumo_tf.json  the info: architecture name and options, image size, how the training
+      pneumo_tf.json  the info: architecture name, preset and every option as resolved (exports
+                      made before options had types: the options given), image size, how the training
                       records were converted, decision threshold, training history; written
                       last, so a folder with it is complete
 

@@ -64,6 +64,7 @@ See flags/mask_rcnn.flags.
 from __future__ import annotations
 
 import dataclasses
+from typing import ClassVar
 
 import keras
 import keras_hub
@@ -73,10 +74,13 @@ from keras import layers
 from PIL import Image
 from keras_hub.src.models.retinanet.feature_pyramid import FeaturePyramid
 
+from pneumo_tf.cli import option
 from pneumo_tf.errors import UserError
 from pneumo_tf.models import detection_ops as ops
-from pneumo_tf.models.architecture import (BOXES, NUM_DETECTIONS, SCORES, BoxDetector, detector_outputs,
-                                           replica_count, sum_over_replicas)
+from pneumo_tf.models.architecture import (
+    BOXES, NUM_DETECTIONS, SCORES, BoxDetector, ModelOptions, Preset, detector_outputs, replica_count,
+    sum_over_replicas,
+)
 
 # Blocks per stack and block type of keras-hub's ResNet presets.
 RESNETS = {
@@ -97,56 +101,60 @@ MASK_THRESHOLD = 0.5
 
 
 @dataclasses.dataclass(frozen=True)
-class MaskRCNNConfig:
-    """Every option of the network (`--model_option=name=value`); names follow matterport's Config."""
+class MaskRCNNOptions(ModelOptions):
+    """Every option of the network (--model_option=name=value); names follow matterport's Config,
+    defaults are the seed's settings and else matterport's (see the module docstring)."""
 
-    # Backbone: keras-hub's ResNet. backbone_blocks overrides the blocks per stack of
-    # `backbone`, backbone_filters the filters per stack (keras-hub needs 64 first).
-    backbone: str = "resnet50"
-    backbone_blocks: tuple | None = None
-    backbone_filters: tuple = (64, 128, 256, 512)
-    stem_filters: int = 64
-    top_down_pyramid_size: int = 256  # FPN width
-    # RPN: one anchor side (pixels) per level P2..P6, three aspect ratios (height / width).
-    rpn_anchor_scales: tuple = (32, 64, 128, 256, 512)
-    rpn_anchor_ratios: tuple = (0.5, 1.0, 2.0)
-    rpn_conv_size: int = 512
-    rpn_train_anchors_per_image: int = 256
-    rpn_positive_iou: float = 0.7
-    rpn_negative_iou: float = 0.3
-    rpn_bbox_std_dev: tuple = ops.BOX_DELTA_SCALES
-    pre_nms_limit: int = 6000
-    post_nms_rois_training: int = 2000
-    post_nms_rois_inference: int = 1000
-    rpn_nms_threshold: float = 0.5  # seed (matterport: 0.7)
+    model_name: ClassVar[str] = "mask_rcnn"
+
+    # Backbone: keras-hub's ResNet.
+    backbone: str = option("resnet50", "keras-hub's ResNet layout: blocks per stack and block type.",
+                           choices=tuple(RESNETS))
+    backbone_blocks: tuple[int, ...] | None = option(None, "Blocks per stack in place of the backbone's (4 stacks).",
+                                                     minimum=1)
+    backbone_filters: tuple[int, ...] = option((64, 128, 256, 512), "Filters per stack (4 stacks; keras-hub needs "
+                                               "64 first).", minimum=1)
+    stem_filters: int = option(64, "Filters of the 7x7 stem convolution.", minimum=1)
+    top_down_pyramid_size: int = option(256, "Channels of the FPN.", minimum=1)
+    # RPN.
+    rpn_anchor_scales: tuple[int, ...] = option((32, 64, 128, 256, 512), "Anchor side in pixels on each level "
+                                                "P2..P6.", minimum=1)
+    rpn_anchor_ratios: tuple[float, ...] = option((0.5, 1.0, 2.0), "Anchor aspect ratios (height / width).",
+                                                  exclusive_minimum=0.0)
+    rpn_conv_size: int = option(512, "Channels of the RPN's shared 3x3 convolution.", minimum=1)
+    rpn_train_anchors_per_image: int = option(256, "Anchors sampled per image for the RPN's losses (up to half "
+                                              "positive).", minimum=1)
+    rpn_positive_iou: float = option(0.7, "Anchor IoU with a box at or above which the anchor is positive.",
+                                     exclusive_minimum=0.0, maximum=1.0)
+    rpn_negative_iou: float = option(0.3, "Anchor IoU below which the anchor is negative.", minimum=0.0, maximum=1.0)
+    rpn_bbox_std_dev: tuple[float, ...] = option(ops.BOX_DELTA_SCALES, "Scales of the RPN's box deltas.",
+                                                 exclusive_minimum=0.0)
+    pre_nms_limit: int = option(6000, "Best anchors that go into the proposals' NMS.", minimum=1)
+    post_nms_rois_training: int = option(2000, "Proposals kept in training.", minimum=1)
+    post_nms_rois_inference: int = option(1000, "Proposals kept in inference.", minimum=1)
+    rpn_nms_threshold: float = option(0.5, "IoU of the proposals' NMS (seed; matterport: 0.7).", minimum=0.0,
+                                      maximum=1.0)
     # Second stage.
-    train_rois_per_image: int = 8  # seed (matterport: 200)
-    roi_positive_ratio: float = 0.225  # seed (matterport: 0.33)
-    roi_positive_iou: float = 0.5
-    bbox_std_dev: tuple = ops.BOX_DELTA_SCALES
-    pool_size: int = 7
-    mask_pool_size: int = 14
-    fpn_classif_fc_layers_size: int = 1024
-    mask_head_size: int = 256
-    mask_head_convs: int = 4
+    train_rois_per_image: int = option(8, "RoIs sampled per image for the heads (seed; matterport: 200).", minimum=1)
+    roi_positive_ratio: float = option(0.225, "Largest share of positive RoIs (seed; matterport: 0.33).",
+                                       exclusive_minimum=0.0, maximum=1.0)
+    roi_positive_iou: float = option(0.5, "RoI IoU with a box at or above which the RoI is positive.",
+                                     exclusive_minimum=0.0, maximum=1.0)
+    bbox_std_dev: tuple[float, ...] = option(ops.BOX_DELTA_SCALES, "Scales of the box head's deltas.",
+                                             exclusive_minimum=0.0)
+    pool_size: int = option(7, "RoIAlign output side for the box head.", minimum=1)
+    mask_pool_size: int = option(14, "RoIAlign output side for the mask head (masks are twice that).", minimum=1)
+    fpn_classif_fc_layers_size: int = option(1024, "Units of the box head's two fully connected layers.", minimum=1)
+    mask_head_size: int = option(256, "Channels of the mask head's convolutions.", minimum=1)
+    mask_head_convs: int = option(4, "3x3 convolutions of the mask head.", minimum=0)
     # Detection layer.
-    detection_min_confidence: float = 0.9  # seed (matterport: 0.7)
-    detection_nms_threshold: float = 0.6  # seed (matterport: 0.3)
-    detection_max_instances: int = 3  # seed (matterport: 100)
-    # Loss weights by term; missing terms keep the seed's weight.
-    loss_weights: dict = dataclasses.field(default_factory=dict)
-
-    @classmethod
-    def from_options(cls, options: dict) -> "MaskRCNNConfig":
-        known = {field.name for field in dataclasses.fields(cls)}
-        unknown = sorted(set(options) - known)
-        if unknown:
-            raise UserError(f"unknown mask_rcnn option(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
-        # Lists come back from JSON (a saved model's config) where tuples went in.
-        values = {key: tuple(value) if isinstance(value, list) else value for key, value in options.items()}
-        config = cls(**values)
-        config.validate()
-        return config
+    detection_min_confidence: float = option(0.9, "Detections keep RoIs with P(opacity) at least this (seed; "
+                                             "matterport: 0.7).", minimum=0.0, maximum=1.0)
+    detection_nms_threshold: float = option(0.6, "IoU of the detections' NMS (seed; matterport: 0.3).",
+                                            minimum=0.0, maximum=1.0)
+    detection_max_instances: int = option(3, "Detections kept per image (seed; matterport: 100).", minimum=1)
+    loss_weights: dict[str, float] = option({}, "Loss weights by term (rpn_class, rpn_bbox, mrcnn_class, mrcnn_bbox, "
+                                            "mrcnn_mask); missing terms keep the seed's weight.")
 
     @property
     def roi_positives(self) -> int:
@@ -157,9 +165,7 @@ class MaskRCNNConfig:
     def weights(self) -> dict:
         return {**SEED_LOSS_WEIGHTS, **self.loss_weights}
 
-    def validate(self) -> None:
-        if self.backbone not in RESNETS:
-            raise UserError(f"mask_rcnn backbone must be one of {', '.join(RESNETS)}, not {self.backbone!r}")
+    def check(self) -> None:
         if len(self.backbone_filters) != 4 or self.backbone_filters[0] != 64:
             raise UserError(f"mask_rcnn backbone_filters needs 4 stacks starting at 64 (keras-hub's ResNet), "
                             f"not {self.backbone_filters}")
@@ -177,33 +183,45 @@ class MaskRCNNConfig:
         if self.post_nms_rois_training < self.train_rois_per_image:
             raise UserError(f"mask_rcnn samples train_rois_per_image={self.train_rois_per_image} RoIs from "
                             f"post_nms_rois_training={self.post_nms_rois_training} proposals: too few")
-        if not 0 <= self.detection_min_confidence <= 1:
-            raise UserError(f"mask_rcnn detection_min_confidence must be in [0, 1], not "
-                            f"{self.detection_min_confidence}")
         unknown = sorted(set(self.loss_weights) - set(LOSS_NAMES))
         if unknown:
             raise UserError(f"mask_rcnn loss_weights has unknown terms {unknown}; known: {', '.join(LOSS_NAMES)}")
 
 
-def _anchors(image_size: int, config: MaskRCNNConfig) -> np.ndarray:
+PRESETS = {
+    "demo": Preset(
+        "ResNet-18-like stacks of one block, anchors 16-256 px on P2-P6, small heads; the seed's settings but three "
+        "(P(opacity) floor 0.05, detection NMS 0.3, the box head's class term weighted 8: benchmarks/README.md has "
+        "the measurements); Adam 1e-3.",
+        model_options={"backbone": "resnet18", "backbone_blocks": (1, 1, 1, 1), "backbone_filters": (64, 64, 128, 256),
+                       "top_down_pyramid_size": 64, "rpn_conv_size": 64, "rpn_anchor_scales": (16, 32, 64, 128, 256),
+                       "pre_nms_limit": 1000, "post_nms_rois_training": 256, "post_nms_rois_inference": 128,
+                       "train_rois_per_image": 32, "roi_positive_ratio": 0.25, "fpn_classif_fc_layers_size": 256,
+                       "mask_head_size": 32, "mask_head_convs": 2, "detection_min_confidence": 0.05,
+                       "detection_nms_threshold": 0.3, "loss_weights": {"mrcnn_class": 8.0}},
+        train={"learning_rate": 1e-3}),
+}
+
+
+def _anchors(image_size: int, options: MaskRCNNOptions) -> np.ndarray:
     """float32 [A, 4] normalised yxyx, in the order of the RPN's outputs (level, row, column, ratio)."""
     per_level = []
-    for level, side in zip(LEVELS, config.rpn_anchor_scales):
+    for level, side in zip(LEVELS, options.rpn_anchor_scales):
         generator = keras_hub.layers.AnchorGenerator(
             bounding_box_format="yxyx", min_level=level, max_level=level, num_scales=1,
-            aspect_ratios=list(config.rpn_anchor_ratios), anchor_size=side / 2**level,
+            aspect_ratios=list(options.rpn_anchor_ratios), anchor_size=side / 2**level,
         )
         per_level.append(np.asarray(generator(np.zeros((1, image_size, image_size, 1)))[f"P{level}"]))
     return (np.concatenate(per_level) / image_size).astype(np.float32)
 
 
-def _backbone(image_size: int, config: MaskRCNNConfig) -> keras.Model:
+def _backbone(image_size: int, options: MaskRCNNOptions) -> keras.Model:
     """keras-hub's ResNet as image -> {"P2": C2, ..., "P5": C5}, with synchronised batch norm."""
-    blocks, block_type = RESNETS[config.backbone]
+    blocks, block_type = RESNETS[options.backbone]
     resnet = keras_hub.models.ResNetBackbone(
-        input_conv_filters=[config.stem_filters], input_conv_kernel_sizes=[7],
-        stackwise_num_filters=list(config.backbone_filters),
-        stackwise_num_blocks=list(config.backbone_blocks or blocks), stackwise_num_strides=[1, 2, 2, 2],
+        input_conv_filters=[options.stem_filters], input_conv_kernel_sizes=[7],
+        stackwise_num_filters=list(options.backbone_filters),
+        stackwise_num_blocks=list(options.backbone_blocks or blocks), stackwise_num_strides=[1, 2, 2, 2],
         block_type=block_type, image_shape=(image_size, image_size, 1), name="resnet",
     )
     # Detection batches are small per replica: per-replica statistics would make N
@@ -215,15 +233,15 @@ def _backbone(image_size: int, config: MaskRCNNConfig) -> keras.Model:
     return keras.Model(resnet.inputs, outputs, name="backbone")
 
 
-def _first_stage(image_size: int, config: MaskRCNNConfig) -> keras.Model:
+def _first_stage(image_size: int, options: MaskRCNNOptions) -> keras.Model:
     """image -> FPN features P2..P6 and the RPN's outputs over all anchors (float32)."""
     image = keras.Input((image_size, image_size, 1), name="image")
     fpn = FeaturePyramid(min_level=LEVELS[0], max_level=LEVELS[-1], use_p5=False,
-                         num_filters=config.top_down_pyramid_size, name="fpn")
-    features = fpn(_backbone(image_size, config)(image))
-    anchors_per_cell = len(config.rpn_anchor_ratios)
+                         num_filters=options.top_down_pyramid_size, name="fpn")
+    features = fpn(_backbone(image_size, options)(image))
+    anchors_per_cell = len(options.rpn_anchor_ratios)
     # One head shared by every level, as in matterport and the FPN paper.
-    shared = layers.Conv2D(config.rpn_conv_size, 3, padding="same", activation="relu", name="rpn_conv_shared")
+    shared = layers.Conv2D(options.rpn_conv_size, 3, padding="same", activation="relu", name="rpn_conv_shared")
     objectness = layers.Conv2D(anchors_per_cell, 1, dtype="float32", name="rpn_class")
     regression = layers.Conv2D(4 * anchors_per_cell, 1, dtype="float32", name="rpn_bbox")
     logits, deltas = [], []
@@ -237,12 +255,12 @@ def _first_stage(image_size: int, config: MaskRCNNConfig) -> keras.Model:
     return keras.Model(image, outputs, name="first_stage")
 
 
-def _box_head(config: MaskRCNNConfig) -> keras.Model:
+def _box_head(options: MaskRCNNOptions) -> keras.Model:
     """[R, pool, pool, C] RoI features -> class logits [R, 2] and opacity box deltas [R, 4] (float32)."""
-    rois = keras.Input((config.pool_size, config.pool_size, config.top_down_pyramid_size), name="roi_features")
+    rois = keras.Input((options.pool_size, options.pool_size, options.top_down_pyramid_size), name="roi_features")
     x = layers.Flatten()(rois)
     for index in range(2):
-        x = layers.Dense(config.fpn_classif_fc_layers_size, activation="relu", name=f"mrcnn_fc{index + 1}")(x)
+        x = layers.Dense(options.fpn_classif_fc_layers_size, activation="relu", name=f"mrcnn_fc{index + 1}")(x)
     outputs = {
         "class_logits": layers.Dense(NUM_CLASSES, dtype="float32", name="mrcnn_class_logits")(x),
         "deltas": layers.Dense(4, dtype="float32", name="mrcnn_bbox")(x),
@@ -250,15 +268,15 @@ def _box_head(config: MaskRCNNConfig) -> keras.Model:
     return keras.Model(rois, outputs, name="box_head")
 
 
-def _mask_head(config: MaskRCNNConfig) -> keras.Model:
+def _mask_head(options: MaskRCNNOptions) -> keras.Model:
     """[R, m, m, C] RoI features -> opacity mask logits [R, 2m, 2m, 1] (float32)."""
-    size = config.mask_pool_size
-    rois = keras.Input((size, size, config.top_down_pyramid_size), name="roi_features")
+    size = options.mask_pool_size
+    rois = keras.Input((size, size, options.top_down_pyramid_size), name="roi_features")
     x = rois
-    for index in range(config.mask_head_convs):
-        x = layers.Conv2D(config.mask_head_size, 3, padding="same", activation="relu",
+    for index in range(options.mask_head_convs):
+        x = layers.Conv2D(options.mask_head_size, 3, padding="same", activation="relu",
                           name=f"mrcnn_mask_conv{index + 1}")(x)
-    x = layers.Conv2DTranspose(config.mask_head_size, 2, strides=2, activation="relu", name="mrcnn_mask_deconv")(x)
+    x = layers.Conv2DTranspose(options.mask_head_size, 2, strides=2, activation="relu", name="mrcnn_mask_deconv")(x)
     logits = layers.Conv2D(1, 1, dtype="float32", name="mrcnn_mask")(x)
     return keras.Model(rois, logits, name="mask_head")
 
@@ -277,21 +295,20 @@ class MaskRCNN(keras.Model):
     steps: the anchor and RoI samplers draw a new order at every step from it.
     """
 
-    def __init__(self, image_size: int, name: str = "mask_rcnn", **options):
+    def __init__(self, image_size: int, options: MaskRCNNOptions = MaskRCNNOptions(), name: str = "mask_rcnn"):
         super().__init__(name=name)
         if image_size % 2 ** LEVELS[-1]:
             raise UserError(f"the mask_rcnn model needs an image size divisible by {2 ** LEVELS[-1]} "
                             f"(its coarsest level, P6); got {image_size}")
         self.image_size = image_size
-        self.options = dict(options)
-        self.config = MaskRCNNConfig.from_options(options)
-        self.anchors = _anchors(image_size, self.config)
-        if len(self.anchors) < self.config.rpn_train_anchors_per_image:
+        self.options = options
+        self.anchors = _anchors(image_size, self.options)
+        if len(self.anchors) < self.options.rpn_train_anchors_per_image:
             raise UserError(f"mask_rcnn at {image_size} px has {len(self.anchors)} anchors, fewer than "
-                            f"rpn_train_anchors_per_image={self.config.rpn_train_anchors_per_image}")
-        self.first_stage = _first_stage(image_size, self.config)
-        self.box_head = _box_head(self.config)
-        self.mask_head = _mask_head(self.config)
+                            f"rpn_train_anchors_per_image={self.options.rpn_train_anchors_per_image}")
+        self.first_stage = _first_stage(image_size, self.options)
+        self.box_head = _box_head(self.options)
+        self.mask_head = _mask_head(self.options)
         self.sampler_step = self.add_weight(name="sampler_step", shape=(), dtype="int32", initializer="zeros",
                                             trainable=False, aggregation="only_first_replica")
         self.built = True
@@ -301,22 +318,26 @@ class MaskRCNN(keras.Model):
         return self.first_stage(image, training=training)
 
     def get_config(self):
-        return {"image_size": self.image_size, "name": self.name, **self.options}
+        return {"image_size": self.image_size, "name": self.name, "options": self.options.as_dict()}
 
     @classmethod
     def from_config(cls, config):
-        return cls(**config)
+        config = dict(config)
+        image_size, name = config.pop("image_size"), config.pop("name", "mask_rcnn")
+        # Files saved before the options had a type hold them as the config's other keys.
+        options = config.pop("options", config)
+        return cls(image_size, MaskRCNNOptions.from_mapping(options), name=name)
 
     # -- second stage -------------------------------------------------------------------
 
     def proposals(self, raw, training: bool):
         """(boxes [B, K, 4], valid [B, K], anchor ids [B, K]): the RPN's proposals, K by the mode
         (matterport's POST_NMS_ROIS_TRAINING / _INFERENCE)."""
-        config = self.config
-        count = config.post_nms_rois_training if training else config.post_nms_rois_inference
+        options = self.options
+        count = options.post_nms_rois_training if training else options.post_nms_rois_inference
         return ops.propose(raw["rpn_logits"], raw["rpn_deltas"], self.anchors,
-                           min(config.pre_nms_limit, len(self.anchors)), count, config.rpn_nms_threshold,
-                           config.rpn_bbox_std_dev)
+                           min(options.pre_nms_limit, len(self.anchors)), count, options.rpn_nms_threshold,
+                           options.rpn_bbox_std_dev)
 
     def _pooled(self, raw, rois, size: int):
         """RoIAlign of [B, N, 4] boxes from P2..P5 -> [B * N, size, size, C]."""
@@ -327,24 +348,24 @@ class MaskRCNN(keras.Model):
 
     def classify(self, raw, rois, training: bool = False):
         """Box/class head on [B, N, 4] RoIs -> (class logits [B, N, 2], opacity deltas [B, N, 4])."""
-        head = self.box_head(self._pooled(raw, rois, self.config.pool_size), training=training)
+        head = self.box_head(self._pooled(raw, rois, self.options.pool_size), training=training)
         shape = tf.shape(rois)[:2]
         return (tf.reshape(head["class_logits"], tf.concat([shape, [NUM_CLASSES]], 0)),
                 tf.reshape(head["deltas"], tf.concat([shape, [4]], 0)))
 
     def mask_logits(self, raw, rois, training: bool = False):
         """Mask head on [B, N, 4] RoIs -> logits [B, N, 2m, 2m]."""
-        logits = self.mask_head(self._pooled(raw, rois, self.config.mask_pool_size), training=training)
-        side = 2 * self.config.mask_pool_size
+        logits = self.mask_head(self._pooled(raw, rois, self.options.mask_pool_size), training=training)
+        side = 2 * self.options.mask_pool_size
         return tf.reshape(logits, tf.concat([tf.shape(rois)[:2], [side, side]], 0))
 
     def detect(self, raw):
         """The inference path: (boxes [B, D, 4], scores [B, D], counts [B]) with D = detection_max_instances."""
-        config = self.config
+        options = self.options
         rois, valid, _ = self.proposals(raw, training=False)
         class_logits, deltas = self.classify(raw, rois)
-        return ops.detect(rois, valid, class_logits, deltas, config.bbox_std_dev, config.detection_min_confidence,
-                          config.detection_nms_threshold, config.detection_max_instances)
+        return ops.detect(rois, valid, class_logits, deltas, options.bbox_std_dev, options.detection_min_confidence,
+                          options.detection_nms_threshold, options.detection_max_instances)
 
     def detection_masks(self, raw, boxes, counts):
         """The mask head on the detections: opacity probabilities [B, D, 2m, 2m] over each box, 0 past counts."""
@@ -369,22 +390,22 @@ class MaskRCNN(keras.Model):
         }
         if training:
             self.sampler_step.assign_add(1)
-        weights = self.config.weights
+        weights = self.options.weights
         return {name: tf.cast(weights[name], tf.float32) * terms[name] for name in LOSS_NAMES}
 
     def _rpn_losses(self, raw, gt_boxes, gt_valid, keys, step) -> dict:
         """Objectness over sampled anchors (positives up to half), deltas over the positives
         (matterport's build_rpn_targets, rpn_class_loss_graph and rpn_bbox_loss_graph)."""
-        config = self.config
-        labels, anchor_boxes = ops.match_anchors(self.anchors, gt_boxes, gt_valid, config.rpn_positive_iou,
-                                                 config.rpn_negative_iou)
-        size = config.rpn_train_anchors_per_image
+        options = self.options
+        labels, anchor_boxes = ops.match_anchors(self.anchors, gt_boxes, gt_valid, options.rpn_positive_iou,
+                                                 options.rpn_negative_iou)
+        size = options.rpn_train_anchors_per_image
         priority = ops.sampling_priorities(keys, step, tf.range(len(self.anchors)), salt=1)
         index, positive, valid = ops.balanced_sample(labels == 1, labels == 0, priority, size, size // 2)
         logits = tf.gather(raw["rpn_logits"], index, batch_dims=1)
         cross_entropy = tf.nn.sigmoid_cross_entropy_with_logits(tf.cast(positive, tf.float32), logits)
         targets = ops.encode(tf.gather(self.anchors, index), tf.gather(anchor_boxes, index, batch_dims=1),
-                             config.rpn_bbox_std_dev)
+                             options.rpn_bbox_std_dev)
         errors = ops.smooth_l1(tf.gather(raw["rpn_deltas"], index, batch_dims=1) - targets)
         return {
             "rpn_class": _pooled_mean(tf.reduce_sum(tf.where(valid, cross_entropy, 0.0)),
@@ -396,22 +417,22 @@ class MaskRCNN(keras.Model):
     def _head_losses(self, raw, gt_boxes, gt_valid, gt_mask, keys, step, training: bool) -> dict:
         """Class over the sampled RoIs, deltas and masks over the positive ones (matterport's
         DetectionTargetLayer and mrcnn_*_loss_graph, on proposals + ground truth)."""
-        config = self.config
+        options = self.options
         proposals, proposal_valid, anchor_ids = self.proposals(raw, training=True)
         # Candidates are named by their anchor, ground-truth box g by len(anchors) + g.
         gt_ids = len(self.anchors) + tf.range(gt_boxes.shape[1])
         ids = tf.concat([anchor_ids, tf.broadcast_to(gt_ids, tf.shape(gt_valid))], axis=1)
         rois = ops.sample_rois(proposals, proposal_valid, gt_boxes, gt_valid,
-                               ops.sampling_priorities(keys, step, ids, salt=2), config.train_rois_per_image,
-                               config.roi_positives, config.roi_positive_iou, config.bbox_std_dev)
+                               ops.sampling_priorities(keys, step, ids, salt=2), options.train_rois_per_image,
+                               options.roi_positives, options.roi_positive_iou, options.bbox_std_dev)
         positive, valid = rois["is_positive"], rois["valid"]
         class_logits, deltas = self.classify(raw, rois["rois"], training=training)
         class_loss = tf.nn.sparse_softmax_cross_entropy_with_logits(tf.cast(positive, tf.int32), class_logits)
         box_errors = ops.smooth_l1(deltas - rois["targets"])
 
         # The sampler puts positives first: the first roi_positives slots hold them all.
-        mask_rois, mask_positive = rois["rois"][:, : config.roi_positives], positive[:, : config.roi_positives]
-        side = 2 * config.mask_pool_size
+        mask_rois, mask_positive = rois["rois"][:, : options.roi_positives], positive[:, : options.roi_positives]
+        side = 2 * options.mask_pool_size
         crops = ops.roi_align([tf.cast(gt_mask, tf.float32)], mask_rois, tf.zeros_like(mask_positive, tf.int32), side)
         mask_loss = tf.nn.sigmoid_cross_entropy_with_logits(tf.cast(crops[..., 0] >= 0.5, tf.float32),
                                                             self.mask_logits(raw, mask_rois, training=training))
@@ -430,11 +451,13 @@ class MaskRCNNArchitecture(BoxDetector):
     masks ("masks" [B, D, 2m, 2m], each over its box)."""
 
     name = "mask_rcnn"
+    options_type = MaskRCNNOptions
+    presets = PRESETS
     label_keys = ("boxes", "mask")
     gives_masks = True
 
-    def build(self, image_size: int, **options) -> keras.Model:
-        return MaskRCNN(image_size, **options)
+    def build(self, image_size: int, options: MaskRCNNOptions = MaskRCNNOptions()) -> keras.Model:
+        return MaskRCNN(image_size, options)
 
     def loss_names(self, network):
         return LOSS_NAMES
@@ -473,6 +496,6 @@ class MaskRCNNArchitecture(BoxDetector):
 ARCHITECTURE = MaskRCNNArchitecture()
 
 
-def build(image_size: int, **options) -> keras.Model:
-    """The Mask R-CNN network for [image_size, image_size, 1] images; options: MaskRCNNConfig's fields."""
-    return ARCHITECTURE.build(image_size, **options)
+def build(image_size: int, options: MaskRCNNOptions = MaskRCNNOptions()) -> keras.Model:
+    """The Mask R-CNN network for [image_size, image_size, 1] images."""
+    return ARCHITECTURE.build(image_size, options)

@@ -1,15 +1,48 @@
 """The seed's residual mask network (`create_network`): a sigmoid box mask, boxes from its connected components."""
 from __future__ import annotations
 
+import dataclasses
+from typing import ClassVar
+
 import keras
 import numpy as np
 from keras import layers
 from scipy import ndimage
 
+from pneumo_tf.cli import option
 from pneumo_tf.errors import UserError
 from pneumo_tf.models import architecture, losses
 
 _BN_MOMENTUM = 0.9
+UPSAMPLING_MODES = ("nearest", "bilinear")
+
+
+@dataclasses.dataclass(frozen=True)
+class MaskResNetOptions(architecture.ModelOptions):
+    """The seed's create_network(channels=32, n_blocks=2, depth=4) by default."""
+
+    model_name: ClassVar[str] = "mask_resnet"
+
+    channels: int = option(32, "Channels of the first convolution; each down-sampling level doubles them.", minimum=1)
+    n_blocks: int = option(2, "Residual blocks after each down-sampling level.", minimum=0)
+    depth: int = option(4, "Down-sampling levels; each halves the image (the image size must be divisible by "
+                        "2**depth).", minimum=0)
+    negative_slope: float = option(0.0, "LeakyReLU slope (the seed's 0 makes it a ReLU).", minimum=0.0)
+    classification_head: bool = option(False, "Add a \"target\" output (the image probability) from the pooled "
+                                       "bottleneck.")
+    upsampling: str = option("nearest", "How the bottleneck's mask returns to the image's size: nearest (the seed's) "
+                             "repeats each cell 2**depth times, so box edges fall on that grid; bilinear "
+                             "interpolates the logits first, so thresholded masks (and their boxes) follow the "
+                             "opacity's edge between cells. Same parameters either way.", choices=UPSAMPLING_MODES)
+
+
+PRESETS = {
+    "demo": architecture.Preset(
+        "A slim mask network for 128 px (JPEG frames decode straight to 128 at ratio 8) with bilinear up-sampling, "
+        "so boxes follow the opacities between bottleneck cells; Adam 2e-3.",
+        model_options={"channels": 8, "n_blocks": 1, "depth": 3, "upsampling": "bilinear"},
+        train={"learning_rate": 2e-3}),
+}
 
 
 def _norm_act(x, negative_slope: float):
@@ -34,28 +67,14 @@ def _resblock(x, channels: int, negative_slope: float):
     return layers.Add()([x, shortcut])
 
 
-def build(
-    image_size: int,
-    channels: int = 32,
-    n_blocks: int = 2,
-    depth: int = 4,
-    negative_slope: float = 0.0,
-    classification_head: bool = False,
-    upsampling: str = "nearest",
-) -> keras.Model:
+def build(image_size: int, options: MaskResNetOptions = MaskResNetOptions()) -> keras.Model:
     """Builds the mask network for [image_size, image_size, 1] images in [0, 1].
 
-    `depth` down-sampling levels each double the channels (starting from
-    `channels`) and halve the image, followed by `n_blocks` residual blocks; the
-    mask is predicted at the bottleneck and up-sampled back to the input size.
-    `negative_slope` is the LeakyReLU slope (the seed's 0 makes it a ReLU).
-    `classification_head` adds a "target" output from the pooled bottleneck.
-    `upsampling`: "nearest" (the seed's) repeats each bottleneck cell 2**depth times, so box
-    edges fall on that grid; "bilinear" interpolates the logits first, so thresholded masks
-    (and their boxes) follow the opacity's edge between cells. Same parameters either way.
+    `depth` down-sampling levels each double the channels (starting from `channels`) and
+    halve the image, followed by `n_blocks` residual blocks; the mask is predicted at the
+    bottleneck and up-sampled back to the input size (see MaskResNetOptions).
     """
-    if upsampling not in ("nearest", "bilinear"):
-        raise UserError(f"mask_resnet upsampling must be 'nearest' or 'bilinear', not {upsampling!r}")
+    channels, depth, negative_slope = options.channels, options.depth, options.negative_slope
     if image_size % 2**depth:
         raise UserError(
             f"the mask_resnet model with depth {depth} needs an image size divisible by "
@@ -66,12 +85,12 @@ def build(
     for _ in range(depth):
         channels *= 2
         x = _downsample(x, channels, negative_slope)
-        for _ in range(n_blocks):
+        for _ in range(options.n_blocks):
             x = _resblock(x, channels, negative_slope)
     features = _norm_act(x, negative_slope)
     # float32 from the logits on, so sigmoid, loss and the up-sampled mask are exact
     # under a mixed policy. Nearest up-sampling commutes with the sigmoid, as in the seed.
-    if upsampling == "nearest":
+    if options.upsampling == "nearest":
         mask = layers.Conv2D(1, 1, activation="sigmoid", dtype="float32")(features)
         mask = layers.UpSampling2D(2**depth, dtype="float32", name="mask")(mask)
     else:
@@ -79,7 +98,7 @@ def build(
         logits = layers.UpSampling2D(2**depth, interpolation="bilinear", dtype="float32")(logits)
         mask = layers.Activation("sigmoid", dtype="float32", name="mask")(logits)
     outputs = {"mask": mask}
-    if classification_head:
+    if options.classification_head:
         pooled = layers.GlobalAveragePooling2D()(features)
         outputs["target"] = layers.Dense(1, activation="sigmoid", dtype="float32", name="target")(
             pooled
@@ -130,6 +149,8 @@ class MaskResNet(architecture.Architecture):
     """
 
     name = "mask_resnet"
+    options_type = MaskResNetOptions
+    presets = PRESETS
     gives_boxes = True
     gives_masks = True
     label_keys = ("mask", "target")

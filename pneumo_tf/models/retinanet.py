@@ -31,14 +31,15 @@ framework are replaced:
   (`detection_ops.BOX_DELTA_SCALES`, mask_rcnn's too); keras-hub's default is 1, which leaves
   the targets at ~0.1, where the Huber loss is quadratic: the box term was ~0.01 against a
   focal term of ~0.7, so the shared encoder learnt next to nothing from the boxes, and on
-  faint opacities nothing from the focal loss either (see `build` for the figures).
+  faint opacities nothing from the focal loss either (benchmarks/README.md has the figures).
 * Initialisation. keras-hub fills the heads' kernels from N(0, 0.05), five times the paper's
   0.01, which drowns the focal loss's prior at the start, and puts the prior's bias on the box
   head instead of the class head; `build` initialises the heads as the paper does (see
   `_initialise_the_heads_as_the_paper`).
 * Anchor matching. No anchor is ignored by default (negative_threshold = positive_threshold
-  = 0.5; keras-hub and the paper ignore IoU 0.4-0.5): ignored anchors learn to score high
-  with untrained boxes, false positives for the challenge metric (see `build`).
+  = 0.5; keras-hub and the paper ignore IoU 0.4-0.5): ignored anchors overlap an opacity, so
+  they learn to score high, but no box loss trains their boxes, and the challenge metric counts
+  each such box as a false positive. negative_threshold=0.4 restores the paper's band.
 * Decoding (`RetinaNet.outputs`). Under mixed_float16 keras-hub's `decode_predictions` fails
   (a float16 x float32 Mul): predictions are cast to float32 first, and the anchor generator
   and label encoder are float32 layers. keras-hub's `NonMaxSuppression` is not used: inside a
@@ -63,7 +64,9 @@ opacities (at that size 20 to 264 pixels wide, 22 to 471 high, mostly taller tha
 """
 from __future__ import annotations
 
+import dataclasses
 import math
+from typing import ClassVar
 
 import keras
 import keras_hub
@@ -71,8 +74,11 @@ import tensorflow as tf
 from keras_hub.layers import AnchorGenerator
 from keras_hub.src.models.retinanet.retinanet_label_encoder import RetinaNetLabelEncoder
 
+from pneumo_tf.cli import option
 from pneumo_tf.errors import UserError
-from pneumo_tf.models.architecture import BoxDetector, detector_outputs, replica_count, sum_over_replicas
+from pneumo_tf.models.architecture import (
+    BoxDetector, ModelOptions, Preset, detector_outputs, replica_count, sum_over_replicas,
+)
 from pneumo_tf.models.detection_ops import BOX_DELTA_SCALES, padded_nms
 
 # One class, lung opacity, with keras-hub's label encoder's class values for the rest.
@@ -86,7 +92,81 @@ HUBER_DELTA = 1.0
 # The paper's Gaussian fill of the heads' convolutions (keras-hub's is Keras' default, 0.05).
 HEAD_KERNEL_STDDEV = 0.01
 
-_BLOCK_TYPES = ("basic_block", "bottleneck_block", "basic_block_vd", "bottleneck_block_vd")
+BLOCK_TYPES = ("basic_block", "bottleneck_block", "basic_block_vd", "bottleneck_block_vd")
+
+
+@dataclasses.dataclass(frozen=True)
+class RetinaNetOptions(ModelOptions):
+    """Defaults: ResNet-50 (bottleneck blocks 3, 4, 6, 3), pyramid levels P3-P7 with 256 channels and
+    four 256-channel head convolutions, keras-hub's `retinanet_resnet50_fpn_coco` layout with one
+    class and one input channel. ResNet-18 is block_type="basic_block", stackwise_num_blocks=(2, 2, 2,
+    2). Stack i gives pyramid level P(i + 2)."""
+
+    model_name: ClassVar[str] = "retinanet"
+
+    stackwise_num_filters: tuple[int, ...] = option(
+        (64, 128, 256, 512), "Filters of each ResNet stack (keras-hub needs 64 first).", minimum=1)
+    stackwise_num_blocks: tuple[int, ...] = option((3, 4, 6, 3), "Residual blocks of each ResNet stack.", minimum=1)
+    block_type: str = option("bottleneck_block", "keras-hub's ResNet block.", choices=BLOCK_TYPES)
+    min_level: int = option(3, "Lowest pyramid level with anchors and heads (P3: stride 8).", minimum=2)
+    max_level: int = option(7, "Highest pyramid level; levels above the encoder's are strided convolutions from "
+                            "the pyramid's P5 (or from the encoder's last stage with use_p5).", minimum=2)
+    use_p5: bool = option(False, "Build the levels above the encoder's from its last stage instead of P5.")
+    pre_logits_num_conv_layers: int = option(
+        4, "3x3 256-channel convolutions each head applies before its logits (the paper's 4).", minimum=0)
+    use_prediction_head_norm: bool = option(False, "Group normalisation in the heads' convolutions.")
+    positive_threshold: float = option(0.5, "Anchor IoU with a box at or above which the anchor is positive.",
+                                       exclusive_minimum=0.0, maximum=1.0)
+    negative_threshold: float = option(
+        0.5, "Anchor IoU below which the anchor is background; in between it is ignored by the loss (0.4 gives the "
+        "paper's ignored band).", exclusive_minimum=0.0, maximum=1.0)
+    nms_iou_threshold: float = option(0.5, "Decoding: boxes overlapping a better one by more than this are "
+                                      "suppressed.", minimum=0.0, maximum=1.0)
+    max_detections: int = option(4, "Decoding: boxes kept per image (RSNA images have at most 4).", minimum=1)
+    min_confidence: float = option(0.05, "Decoding: scores not above this are dropped.", minimum=0.0, maximum=1.0)
+    pre_nms_top_k: int = option(1000, "Decoding: the best anchors that go into NMS (the paper's 1000).", minimum=1)
+    anchor_size: float = option(4.0, "Anchor sides are anchor_size * 2**level * 2**(k/3) pixels (keras-hub's 4: "
+                                "32 to 812 px on P3-P7); every box needs an anchor of IoU >= positive_threshold "
+                                "to be learnt at all.", exclusive_minimum=0.0)
+    classification_head_prior_probability: float = option(
+        0.01, "P(opacity) of every anchor at initialisation (the paper's prior).", exclusive_minimum=0.0,
+        exclusive_maximum=1.0)
+    box_variance: tuple[float, ...] = option(
+        BOX_DELTA_SCALES, "Scales of the box deltas (centre x, centre y, log width, log height): the regression "
+        "targets are the deltas divided by them (keras-hub's default is 1).", exclusive_minimum=0.0)
+
+    def check(self) -> None:
+        filters, blocks = self.stackwise_num_filters, self.stackwise_num_blocks
+        if not filters or len(filters) != len(blocks) or filters[0] != 64:
+            raise UserError(
+                "retinanet needs stackwise_num_filters and stackwise_num_blocks of the same length, the first "
+                f"stack with 64 filters (keras-hub's ResNet); got {filters} and {blocks}"
+            )
+        if not self.min_level <= min(self.max_level, len(filters) + 1):
+            raise UserError(
+                f"retinanet min_level must be between 2 and both max_level and the encoder's last level "
+                f"P{len(filters) + 1}; got min_level={self.min_level}, max_level={self.max_level}"
+            )
+        if self.negative_threshold > self.positive_threshold:
+            raise UserError("retinanet needs negative_threshold <= positive_threshold; got "
+                            f"{self.negative_threshold} and {self.positive_threshold}")
+        if len(self.box_variance) != 4:
+            raise UserError(f"retinanet box_variance needs 4 scales (x, y, width, height); got {self.box_variance}")
+        if self.max_detections > self.pre_nms_top_k:
+            raise UserError(f"retinanet needs max_detections <= pre_nms_top_k; got {self.max_detections} and "
+                            f"{self.pre_nms_top_k}")
+
+
+PRESETS = {
+    "demo": Preset(
+        "A ResNet-18-like encoder of one block per stack, pyramid P3-P5 with 16-px anchors and up (for boxes of "
+        "15-40 px at 128 px), no head convolution before the logits; Adam 3e-4 (benchmarks/README.md has the "
+        "measurements).",
+        model_options={"stackwise_num_filters": (64, 64, 128, 256), "stackwise_num_blocks": (1, 1, 1, 1),
+                       "block_type": "basic_block", "min_level": 3, "max_level": 5, "pre_logits_num_conv_layers": 0,
+                       "anchor_size": 2.0},
+        train={"learning_rate": 3e-4}),
+}
 
 
 @keras.saving.register_keras_serializable(package="pneumo_tf")
@@ -138,86 +218,42 @@ class RetinaNetNetwork(keras.Model):
         return cls(**config)
 
 
-def build(
-    image_size: int,
-    stackwise_num_filters=(64, 128, 256, 512),
-    stackwise_num_blocks=(3, 4, 6, 3),
-    block_type: str = "bottleneck_block",
-    min_level: int = 3,
-    max_level: int = 7,
-    use_p5: bool = False,
-    pre_logits_num_conv_layers: int = 4,
-    use_prediction_head_norm: bool = False,
-    positive_threshold: float = 0.5,
-    negative_threshold: float = 0.5,
-    nms_iou_threshold: float = 0.5,
-    max_detections: int = 4,
-    min_confidence: float = 0.05,
-    pre_nms_top_k: int = 1000,
-    anchor_size: float = 4.0,
-    classification_head_prior_probability: float = 0.01,
-    box_variance=BOX_DELTA_SCALES,
-) -> RetinaNetNetwork:
+def build(image_size: int, options: RetinaNetOptions = RetinaNetOptions()) -> RetinaNetNetwork:
     """Builds RetinaNet for [image_size, image_size, 1] images in [0, 1], randomly initialised.
 
-    Defaults: ResNet-50 (bottleneck blocks 3, 4, 6, 3), pyramid levels P3-P7 with 256 channels
-    and four 256-channel head convolutions, keras-hub's `retinanet_resnet50_fpn_coco` layout
-    with one class and one input channel. ResNet-18 is `block_type="basic_block",
-    stackwise_num_blocks=(2, 2, 2, 2)`; a tiny test model, e.g. `stackwise_num_filters=(64, 64,
-    64), stackwise_num_blocks=(1, 1, 1), block_type="basic_block", max_level=4,
-    pre_logits_num_conv_layers=1`. Stack i gives pyramid level P(i + 2); keras-hub needs the
-    first stack's 64 filters, and levels above the encoder's (P6, P7) are strided convolutions
-    from the pyramid's P5, or from the encoder's last stage with `use_p5`.
-
-    `positive_threshold` / `negative_threshold`: anchor IoU with a box at or above which the
-    anchor is positive, below which it is background (in between: ignored by the loss). The
-    paper (and keras-hub) ignore anchors of IoU 0.4-0.5; here no anchor is ignored by default:
-    ignored anchors overlap an opacity, so they learn to score high, but no box loss trains
-    their boxes, and the challenge metric counts each such box as a false positive. On the
-    8-image batch of tests/test_retinanet.py's learnability test, after 200 steps (with keras-hub's own
-    head initialisation), they scored
-    above 0.9 with boxes off the opacities: mAP 0.08 and 0.32 (two seeds) with the band, 1.0
-    without. negative_threshold=0.4 restores the paper's band.
-    `box_variance`: the scales of the box deltas (centre x, centre y, log width, log height), as
-    keras-hub's label encoder takes them: the regression targets are the deltas divided by them.
-    On the hard synthetic data of benchmarks/detectors.py (600 steps of 16 images at 128 px, the
-    demo's preset at Adam 3e-4), keras-hub's default of 1 left RetinaNet at val mAP 0.04 (AUC
-    0.82), and (0.1, 0.1, 0.2, 0.2) took it to 0.77 (AUC 1.00).
-    `pre_logits_num_conv_layers`: the 3x3 256-channel convolutions each head applies before its
-    logits (the paper's 4; keras-hub fixes the width). Fewer learnt faster on the benchmark's
-    small hard data: with none, one and two, val mAP 0.77/0.74, 0.79/0.75 and 0.31/0.69 over two
-    seeds, and none costs 2.4x less per step than two (the demo's preset has none).
-    `anchor_size`: anchor sides are anchor_size * 2^level * 2^(k/3) pixels (keras-hub's 4 gives
-    32 to 812 px on P3-P7). Every box needs an anchor of IoU >= positive_threshold to be learnt
-    at all: at small image sizes (128 px: RSNA-like boxes of 15-40 px) 2 gives 16-px anchors on P3.
-    Decoding keeps the `pre_nms_top_k` best anchors, drops scores not above `min_confidence`,
-    suppresses boxes overlapping a better one by more than `nms_iou_threshold` and keeps at most
-    `max_detections` (RSNA images have at most 4 boxes).
+    A tiny test model, e.g. stackwise_num_filters=(64, 64, 64), stackwise_num_blocks=(1, 1, 1),
+    block_type="basic_block", max_level=4, pre_logits_num_conv_layers=1. Decoding keeps the
+    `pre_nms_top_k` best anchors, drops scores not above `min_confidence`, suppresses boxes
+    overlapping a better one by more than `nms_iou_threshold` and keeps at most `max_detections`.
     """
-    stackwise_num_filters, stackwise_num_blocks = list(stackwise_num_filters), list(stackwise_num_blocks)
-    _check_options(image_size, stackwise_num_filters, stackwise_num_blocks, block_type, min_level, max_level,
-                   positive_threshold, negative_threshold, max_detections, pre_nms_top_k, box_variance)
+    # Anchors are laid on a grid of image_size / 2**level cells, the heads' maps on the
+    # encoder's; the two agree only when every level divides the image.
+    if image_size % 2**options.max_level:
+        raise UserError(
+            f"retinanet with max_level {options.max_level} needs an image size divisible by "
+            f"{2**options.max_level}; got {image_size}"
+        )
     image_shape = (image_size, image_size, 1)
     try:
         encoder = keras_hub.models.ResNetBackbone(
             input_conv_filters=[64],
             input_conv_kernel_sizes=[7],
-            stackwise_num_filters=stackwise_num_filters,
-            stackwise_num_blocks=stackwise_num_blocks,
-            stackwise_num_strides=[1] + [2] * (len(stackwise_num_filters) - 1),
-            block_type=block_type,
+            stackwise_num_filters=list(options.stackwise_num_filters),
+            stackwise_num_blocks=list(options.stackwise_num_blocks),
+            stackwise_num_strides=[1] + [2] * (len(options.stackwise_num_filters) - 1),
+            block_type=options.block_type,
             image_shape=image_shape,
         )
         backbone = keras_hub.models.RetinaNetBackbone(
-            image_encoder=encoder, min_level=min_level, max_level=max_level, use_p5=use_p5,
+            image_encoder=encoder, min_level=options.min_level, max_level=options.max_level, use_p5=options.use_p5,
             image_shape=image_shape,
         )
     except ValueError as error:  # keras-hub's checks of the stacks against the levels
         raise UserError(f"retinanet options do not fit together: {error}") from error
     # keras-hub's defaults, as float32 layers: pixel coordinates lose whole pixels in 16 bits.
     anchors = AnchorGenerator(
-        "yxyx", min_level=min_level, max_level=max_level, num_scales=3, aspect_ratios=[0.5, 1.0, 2.0],
-        anchor_size=anchor_size, dtype="float32",
+        "yxyx", min_level=options.min_level, max_level=options.max_level, num_scales=3, aspect_ratios=[0.5, 1.0, 2.0],
+        anchor_size=options.anchor_size, dtype="float32",
     )
     detector = keras_hub.models.RetinaNetObjectDetector(
         backbone=backbone,
@@ -226,17 +262,18 @@ def build(
         anchor_generator=anchors,
         label_encoder=RetinaNetLabelEncoder(
             anchors, bounding_box_format="yxyx", encoding_format="center_xywh",
-            positive_threshold=positive_threshold, negative_threshold=negative_threshold, dtype="float32",
-            box_variance=list(box_variance),
+            positive_threshold=options.positive_threshold, negative_threshold=options.negative_threshold,
+            dtype="float32", box_variance=list(options.box_variance),
         ),
-        pre_logits_num_conv_layers=pre_logits_num_conv_layers,
-        use_prediction_head_norm=use_prediction_head_norm,
-        classification_head_prior_probability=classification_head_prior_probability,
+        pre_logits_num_conv_layers=options.pre_logits_num_conv_layers,
+        use_prediction_head_norm=options.use_prediction_head_norm,
+        classification_head_prior_probability=options.classification_head_prior_probability,
         compile=False,  # see RetinaNetNetwork.get_config
     )
-    _initialise_the_heads_as_the_paper(detector, classification_head_prior_probability)
-    return RetinaNetNetwork(detector, pre_nms_top_k=pre_nms_top_k, nms_iou_threshold=nms_iou_threshold,
-                            max_detections=max_detections, min_confidence=min_confidence, name="retinanet")
+    _initialise_the_heads_as_the_paper(detector, options.classification_head_prior_probability)
+    return RetinaNetNetwork(detector, pre_nms_top_k=options.pre_nms_top_k, nms_iou_threshold=options.nms_iou_threshold,
+                            max_detections=options.max_detections, min_confidence=options.min_confidence,
+                            name="retinanet")
 
 
 def _initialise_the_heads_as_the_paper(detector, prior: float) -> None:
@@ -246,9 +283,9 @@ def _initialise_the_heads_as_the_paper(detector, prior: float) -> None:
     background anchors do not swamp the first steps. keras-hub 0.32 departs from it twice:
     - its kernels are "random_normal", Keras' N(0, 0.05): each of the head's 3x3x256 convolutions
       then multiplies the spread of its input by ~2.4 instead of ~0.5, so at initialisation the
-      class logits spread over +-25 (std 8.8 on the demo's 128-px model), the prior is lost, the
-      first step's focal loss was ~240 per positive anchor, and training settled on scoring every
-      anchor low (val AUC 0.5-0.7 after 300-600 steps, mAP ~0);
+      class logits spread over +-25 (std 8.8 on the demo's 128-px model), the prior is lost and
+      the first step's focal loss was ~240 per positive anchor (benchmarks/README.md: what
+      training then learnt);
     - it gives the prior's bias to the BOX head's last layer (its deltas then start at -4.6:
       boxes e^-4.6 times their anchors) and none to the class head's.
     Both are put back here.
@@ -261,41 +298,6 @@ def _initialise_the_heads_as_the_paper(detector, prior: float) -> None:
                 weight.assign(keras.ops.zeros_like(weight))
     class_bias = detector.classification_head.prediction_layer.bias
     class_bias.assign(keras.ops.full_like(class_bias, -math.log((1 - prior) / prior)))
-
-
-def _check_options(image_size, filters, blocks, block_type, min_level, max_level, positive_threshold,
-                   negative_threshold, max_detections, pre_nms_top_k, box_variance):
-    """UserErrors for options keras-hub would reject with a bare error, or not at all."""
-    if block_type not in _BLOCK_TYPES:
-        raise UserError(f"retinanet block_type must be one of {', '.join(_BLOCK_TYPES)}, not {block_type!r}")
-    if not filters or len(filters) != len(blocks) or filters[0] != 64:
-        raise UserError(
-            "retinanet needs stackwise_num_filters and stackwise_num_blocks of the same length, the first "
-            f"stack with 64 filters (keras-hub's ResNet); got {filters} and {blocks}"
-        )
-    if not 2 <= min_level <= min(max_level, len(filters) + 1):
-        raise UserError(
-            f"retinanet min_level must be between 2 and both max_level and the encoder's last level "
-            f"P{len(filters) + 1}; got min_level={min_level}, max_level={max_level}"
-        )
-    # Anchors are laid on a grid of image_size / 2**level cells, the heads' maps on the
-    # encoder's; the two agree only when every level divides the image.
-    if image_size % 2**max_level:
-        raise UserError(
-            f"retinanet with max_level {max_level} needs an image size divisible by {2**max_level}; "
-            f"got {image_size}"
-        )
-    if not 0 < negative_threshold <= positive_threshold <= 1:
-        raise UserError(
-            "retinanet needs 0 < negative_threshold <= positive_threshold <= 1; got "
-            f"{negative_threshold} and {positive_threshold}"
-        )
-    if len(box_variance) != 4 or min(box_variance) <= 0:
-        raise UserError(f"retinanet box_variance needs 4 positive scales (x, y, width, height); got {box_variance}")
-    if not 1 <= max_detections <= pre_nms_top_k:
-        raise UserError(
-            f"retinanet needs 1 <= max_detections <= pre_nms_top_k; got {max_detections} and {pre_nms_top_k}"
-        )
 
 
 def keras_hub_labels(boxes, num_boxes, height: int, width: int):
@@ -339,6 +341,8 @@ class RetinaNet(BoxDetector):
     """The `retinanet` architecture: keras-hub's RetinaNet under the model contract."""
 
     name = "retinanet"
+    options_type = RetinaNetOptions
+    presets = PRESETS
     build = staticmethod(build)
 
     def loss_names(self, network):

@@ -1,13 +1,16 @@
 """The seed's VGG16 transfer-learning classifier on grey radiographs."""
 from __future__ import annotations
 
+import dataclasses
 import os
+from typing import ClassVar
 
 import keras
 from keras import layers
 
+from pneumo_tf.cli import option
 from pneumo_tf.errors import UserError
-from pneumo_tf.models.architecture import Classifier
+from pneumo_tf.models.architecture import Classifier, ModelOptions, Preset
 
 NOTOP_WEIGHTS_URL = (
     "https://storage.googleapis.com/tensorflow/keras-applications/vgg16/"
@@ -22,6 +25,22 @@ _IMAGENET_BGR_MEANS = (103.939, 116.779, 123.68)
 _FINE_TUNED_WHEN_FROZEN = ("block5_conv2", "block5_conv3")
 # VGG16 halves the image five times.
 _MIN_IMAGE_SIZE = 32
+
+
+@dataclasses.dataclass(frozen=True)
+class VGG16Options(ModelOptions):
+    model_name: ClassVar[str] = "vgg16"
+
+    weights: str | None = option(None, "Path of a local no-top VGG16 weights file (the ImageNet .h5 from "
+                                 f"{NOTOP_WEIGHTS_URL}, or any file keras.Model.load_weights reads); none: random "
+                                 "initialisation.")
+    freeze_backbone: bool = option(True, "Train only the last two convolutions of the backbone, as the seed's first "
+                                   "VGG16 run did; False trains it all, as its second run did.")
+
+
+PRESETS = {
+    "demo": Preset("The seed's network, Adam 5e-4.", train={"learning_rate": 5e-4}),
+}
 
 
 def _checked_weights(weights: str | None) -> str | None:
@@ -39,22 +58,13 @@ def _checked_weights(weights: str | None) -> str | None:
     return weights
 
 
-def build(
-    image_size: int, weights: str | None = None, freeze_backbone: bool = True
-) -> keras.Model:
-    """Builds VGG16 (no top) + the seed's head for [image_size, image_size, 1] images in [0, 1].
-
-    `weights`: None for random initialisation, or the path of a local no-top VGG16
-    weights file (the ImageNet `.h5` from NOTOP_WEIGHTS_URL, or any file
-    `keras.Model.load_weights` reads). `freeze_backbone`: train only the last two
-    convolutions of the backbone, as the seed's first VGG16 run did; False trains it
-    all, as its second run did.
-    """
+def build(image_size: int, options: VGG16Options = VGG16Options()) -> keras.Model:
+    """Builds VGG16 (no top) + the seed's head for [image_size, image_size, 1] images in [0, 1]."""
     if image_size < _MIN_IMAGE_SIZE:
         raise UserError(
             f"the vgg16 model needs an image size of at least {_MIN_IMAGE_SIZE}; got {image_size}"
         )
-    weights = _checked_weights(weights)
+    weights = _checked_weights(options.weights)
     try:
         backbone = keras.applications.VGG16(
             include_top=False,
@@ -64,7 +74,7 @@ def build(
         )
     except (OSError, ValueError) as error:
         raise UserError(f"cannot load vgg16 weights from {weights}: {error}") from error
-    if freeze_backbone:
+    if options.freeze_backbone:
         for layer in backbone.layers:
             layer.trainable = layer.name in _FINE_TUNED_WHEN_FROZEN
 
@@ -85,6 +95,8 @@ def build(
 
 class VGG16(Classifier):
     name = "vgg16"
+    options_type = VGG16Options
+    presets = PRESETS
     build = staticmethod(build)
 
 

@@ -133,6 +133,7 @@ def train_and_evaluate(config: TrainConfig) -> dict:
     """Trains `config.model` on `config.records_dir` and exports it to `config.model_dir`."""
     config.validate()
     architecture = models.get(config.model)
+    options = architecture.make_options(config.model_options)
     train_examples = pipeline.num_examples(config.records_dir, "train")
     pipeline.num_examples(config.records_dir, "val")  # a missing val split is a UserError before any work
     if config.data_service:
@@ -151,7 +152,7 @@ def train_and_evaluate(config: TrainConfig) -> dict:
 
     with distribute.precision(config.precision), strategy.scope():
         keras.utils.set_random_seed(config.seed)
-        network = architecture.build(config.image_size, **config.model_options)
+        network = architecture.build(config.image_size, options)
         augment_config = augment.AugmentConfig() if config.augment else augment.AugmentConfig.off()
         trainer = Trainer(network, architecture, augment_config, config.seed)
         peak_rate, optimizer = _optimizer(config, steps_per_epoch * config.epochs)
@@ -196,12 +197,14 @@ def train_and_evaluate(config: TrainConfig) -> dict:
         ),
     ]
     hparams = {
-        "model": config.model, "image_size": config.image_size, "batch_size": config.batch_size,
+        "model": config.model, "preset": config.preset, "image_size": config.image_size,
+        "batch_size": config.batch_size,
         "learning_rate": peak_rate, "warmup_steps": config.warmup_steps, "optimizer": config.optimizer,
         "precision": config.precision, "replicas": replicas, "positive_fraction": config.positive_fraction,
         "augment": config.augment, "epochs": config.epochs, "seed": config.seed,
-        # Architecture options too, so searches over them compare in TensorBoard's HParams dashboard.
-        **{f"model_option.{name}": value for name, value in config.model_options.items()},
+        # The architecture options the run sets (its own and its preset's), so searches over them compare
+        # in TensorBoard's HParams dashboard.
+        **{f"model_option.{name}": getattr(options, name) for name in config.model_options},
     }
     callbacks_lib.log_hparams(log_dir, hparams)
 
@@ -218,7 +221,8 @@ def train_and_evaluate(config: TrainConfig) -> dict:
         trainer.load_weights(best_checkpoint.filepath)
     summary = {
         "model": config.model,
-        "model_options": config.model_options,
+        "preset": config.preset,
+        "model_options": options.as_dict(),  # every option, resolved
         "image_size": config.image_size,
         # How the training records were converted: predict and serve convert source files the same way.
         "conversion": {key: read_manifest(config.records_dir)["options"][key] for key in ("image_size", "bit_depth")},

@@ -68,8 +68,9 @@ from pneumo_tf.training.config import TrainConfig
 ALGORITHMS = ("random", "bayesian", "hyperband")
 KINDS = ("log", "float", "int", "choice")
 MODEL_OPTION = "model_option."
-# Flags a search cannot vary: where the data and the trial's folder are, and the architecture.
-FIXED_FIELDS = ("records_dir", "model_dir", "model")
+# Flags a search cannot vary: where the data and the trial's folder are, the architecture and its
+# preset (applied before the search: --model_option.KEY and the flags vary what it set).
+FIXED_FIELDS = ("records_dir", "model_dir", "model", "preset")
 # KerasTuner's Hyperband puts the trial's budget here.
 HYPERBAND_EPOCHS = "tuner/epochs"
 CHIEF = "chief"
