@@ -8,11 +8,7 @@ import platform
 import shutil
 import tempfile
 
-from absl import flags
-
 from pneumo_tf.cli import option
-
-FLAGS = flags.FLAGS
 
 
 @dataclasses.dataclass(frozen=True)
@@ -25,18 +21,10 @@ class WorkFolderConfig:
     keep: bool = option(False, "Keep the temporary work folder at the end.")
 
 
-def define_work_dir_flags(holds: str) -> None:
-    """--work_dir and --keep; `holds` says what the folder holds, e.g. "the synthetic data and records"."""
-    flags.DEFINE_string("work_dir", None, f"Folder for {holds} (reused by a later run when it holds the same data). "
-                        "A folder given here is kept; the default temporary one is removed unless --keep.")
-    flags.DEFINE_bool("keep", False, "Keep the temporary work folder at the end.")
-
-
 @contextlib.contextmanager
-def work_folder(prefix: str, config: WorkFolderConfig | None = None):
+def work_folder(prefix: str, config: WorkFolderConfig):
     """The --work_dir folder (made if needed), or a new temporary one removed after the block unless --keep;
-    a folder the user named is never removed. `config`: the flags' values (default: read from the flags)."""
-    config = config or WorkFolderConfig(FLAGS.work_dir, FLAGS.keep)
+    a folder the user named is never removed."""
     work_dir = config.work_dir or tempfile.mkdtemp(prefix=prefix)
     os.makedirs(work_dir, exist_ok=True)
     try:

@@ -42,24 +42,27 @@ import subprocess
 import sys
 import time
 
-from absl import app, flags
-
 import common  # benchmarks/common.py (the script's folder is on sys.path)
-
-FLAGS = flags.FLAGS
-flags.DEFINE_integer("num_images", 6000, "Synthetic labeled DICOMs to convert.")
-common.define_work_dir_flags("the synthetic data, its PNG and JPEG exports and the run logs")
-flags.DEFINE_integer("workers", 0, "Converter worker processes (and synthesis processes); 0 uses all cores.")
-flags.DEFINE_integer("repeats", 1, "Runs of each method, interleaved; the best counts.")
-flags.DEFINE_multi_enum("inputs", ["dicom", "png", "jpeg"], ["dicom", "png", "jpeg"],
-                        "Input folders to time (repeat the flag for several); each with its own seed loop.")
-# Internal: the benchmark runs the seed loop in its own process through this same file.
-flags.DEFINE_bool("run_seed_loop", False, "Internal: run only the seed loop from --input_dir into --output_dir.")
-flags.DEFINE_string("input_dir", None, "Internal, with --run_seed_loop: the DICOM, PNG or JPEG folder.")
-flags.DEFINE_string("output_dir", None, "Internal, with --run_seed_loop: the PNG folder.")
+from pneumo_tf import cli
+from pneumo_tf.cli import option
+from pneumo_tf.errors import UserError
 
 SEED_SIZE = 224  # the seed report's image_size
 INPUTS = ("dicom", "png", "jpeg")
+
+
+@dataclasses.dataclass(frozen=True)
+class ConvertThroughputConfig:
+    num_images: int = option(6000, "Synthetic labeled DICOMs to convert.", minimum=1)
+    work: common.WorkFolderConfig = option(common.WorkFolderConfig())
+    workers: int = option(0, "Converter worker processes (and synthesis processes); 0 uses all cores.", minimum=0)
+    repeats: int = option(1, "Runs of each method, interleaved; the best counts.", minimum=1)
+    inputs: tuple[str, ...] = option(INPUTS, "Input folders to time, comma separated; each with its own seed loop.",
+                                     choices=INPUTS)
+    # Internal: the benchmark runs the seed loop in its own process through this same file.
+    run_seed_loop: bool = option(False, "Internal: run only the seed loop from --input_dir into --output_dir.")
+    input_dir: str | None = option(None, "Internal, with --run_seed_loop: the DICOM, PNG or JPEG folder.")
+    output_dir: str | None = option(None, "Internal, with --run_seed_loop: the PNG folder.")
 # The required speed-ups over the seed loop, on DICOMs.
 TARGETS = {("dicom", "passthrough"): 20.0, ("dicom", "image_size=256"): 5.0}
 BEAM = "dicom: beam passthrough"  # its label
@@ -282,14 +285,14 @@ def report(methods, best: dict[str, Run]) -> bool:
     return passed
 
 
-def benchmark() -> int:
-    workers = FLAGS.workers or os.cpu_count() or 1
-    with common.work_folder("convert_throughput_") as work_dir:
+def benchmark(config: ConvertThroughputConfig) -> int:
+    workers = config.workers or os.cpu_count() or 1
+    with common.work_folder("convert_throughput_", config.work) as work_dir:
         for line in (common.describe(("tensorflow", "pydicom", "pillow", "numpy", "pylibjpeg-libjpeg")),
                      f"converter workers: {workers}"):
             print(line)
         print(f"load average at start: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
-        inputs = [input_format for input_format in INPUTS if input_format in FLAGS.inputs]
+        inputs = [input_format for input_format in INPUTS if input_format in config.inputs]
         methods = [method for method in METHODS if method.input_format in inputs]
         if "dicom" in inputs:
             if importlib.util.find_spec("apache_beam") is None:
@@ -298,18 +301,18 @@ def benchmark() -> int:
                 methods.append(Method("dicom", "beam passthrough", "pneumo_tf.convert --image_size=0 "
                                       "--beam_pipeline_options=runner=FnApiRunner,direct_num_workers=<workers>,"
                                       "direct_running_mode=multi_processing", 0, beam=True))
-        data = synthetic_data(work_dir, FLAGS.num_images, workers, inputs)
+        data = synthetic_data(work_dir, config.num_images, workers, inputs)
         for input_format in inputs:
             print(describe_input(input_format, data[input_format]), flush=True)
         runs: dict[str, list[Run]] = {m.label: [] for m in methods}
-        for repeat in range(FLAGS.repeats):
+        for repeat in range(config.repeats):
             shift = repeat % len(methods)  # rotate so no method always runs first (cold cache) or last
             for method in methods[shift:] + methods[:shift]:
                 folder_name = method.label.replace(": ", "-").replace("=", "_").replace(" ", "_")
                 output_dir = os.path.join(work_dir, "out", folder_name)
-                run = time_method(method, data, output_dir, workers, FLAGS.num_images)
+                run = time_method(method, data, output_dir, workers, config.num_images)
                 runs[method.label].append(run)
-                print(f"  repeat {repeat + 1}/{FLAGS.repeats} {method.label:<22} {run.seconds:7.1f} s "
+                print(f"  repeat {repeat + 1}/{config.repeats} {method.label:<22} {run.seconds:7.1f} s "
                       f"{run.files / run.seconds:8.1f} files/s", flush=True)
         print(f"load average at end: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
         print()
@@ -317,18 +320,16 @@ def benchmark() -> int:
         return 0 if report(methods, best) else 1
 
 
-def main(argv):
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
-    if FLAGS.run_seed_loop:
-        if not (FLAGS.input_dir and FLAGS.output_dir):
-            raise app.UsageError("--run_seed_loop needs --input_dir and --output_dir")
-        seed_loop(FLAGS.input_dir, FLAGS.output_dir)
+def main():
+    config = cli.config_from_flags(ConvertThroughputConfig)
+    if config.run_seed_loop:
+        if not (config.input_dir and config.output_dir):
+            raise UserError("--run_seed_loop needs --input_dir and --output_dir")
+        seed_loop(config.input_dir, config.output_dir)
         return 0
-    if FLAGS.num_images < 1 or FLAGS.repeats < 1 or FLAGS.workers < 0:
-        raise app.UsageError("--num_images and --repeats must be >= 1, --workers >= 0")
-    return benchmark()
+    return benchmark(config)
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.define_flags(ConvertThroughputConfig)
+    cli.run(main)

@@ -29,32 +29,35 @@ time per image the pipeline costs. The exit status is 1 when the target fails.
 """
 from __future__ import annotations
 
+import dataclasses
 import os
-import sys
 import time
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
-from absl import app, flags  # noqa: E402
-
 import common  # noqa: E402  benchmarks/common.py (this folder is on sys.path when run as a script)
 import pipeline_throughput  # noqa: E402
-from pneumo_tf import models  # noqa: E402
+from pneumo_tf import cli, models  # noqa: E402
+from pneumo_tf.cli import option  # noqa: E402
 from pneumo_tf.data import pipeline  # noqa: E402
 from pneumo_tf.data.augment import AugmentConfig  # noqa: E402
 from pneumo_tf.training.loop import Trainer  # noqa: E402
 
-FLAGS = flags.FLAGS
-flags.DEFINE_integer("num_images", 2000, "Synthetic labeled DICOMs (the train split, 80%, feeds the pipeline).")
-common.define_work_dir_flags("the synthetic data and records (pipeline_throughput.py's layout)")
-flags.DEFINE_integer("image_size", 256, "Model input and pipeline output size.")
-flags.DEFINE_integer("batch_size", 16, "Images per step (16: training's default and the seed's batch).")
-flags.DEFINE_integer("steps", 2, "Timed steps per block.")
-flags.DEFINE_integer("warmup_steps", 3, "Untimed steps per arm before the first block (after the first trace).")
-flags.DEFINE_integer("repeats", 8, "Rounds of one block per arm, in alternating order (short blocks, many "
-                     "rounds: load from other processes drifts less within a round).")
+
+
+@dataclasses.dataclass(frozen=True)
+class InputBoundConfig:
+    num_images: int = option(2000, "Synthetic labeled DICOMs (the train split, 80%, feeds the pipeline).", minimum=20)
+    work: common.WorkFolderConfig = option(common.WorkFolderConfig())
+    image_size: int = option(256, "Model input and pipeline output size.", minimum=16)
+    batch_size: int = option(16, "Images per step (16: training's default and the seed's batch).", minimum=1)
+    steps: int = option(2, "Timed steps per block.", minimum=1)
+    warmup_steps: int = option(3, "Untimed steps per arm before the first block (after the first trace).", minimum=0)
+    repeats: int = option(8, "Rounds of one block per arm, in alternating order (short blocks, many rounds: load "
+                          "from other processes drifts less within a round).", minimum=1)
+
 
 MODEL = "mask_resnet"
 TARGET = 1.10  # most the pipeline-fed step may take, relative to the memory-fed one
@@ -74,21 +77,22 @@ def time_steps(model: keras.Model, iterator, steps: int) -> tuple[list[float], l
     return step_seconds, wait_seconds, time.process_time() - cpu_started
 
 
-def benchmark() -> int:
-    with common.work_folder("input_bound_") as work_dir:
+def benchmark(config: InputBoundConfig) -> int:
+    cli.check_constraints(config)
+    with common.work_folder("input_bound_", config.work) as work_dir:
         print(pipeline_throughput.machine_facts())
-        bench = pipeline_throughput.prepare(work_dir, FLAGS.num_images, image_size=None, pngs=False)
-        size, batch_size = FLAGS.image_size, FLAGS.batch_size
+        bench = pipeline_throughput.prepare(work_dir, config.num_images, image_size=None, pngs=False)
+        size, batch_size = config.image_size, config.batch_size
         train_records = pipeline.num_examples(bench.passthrough_dir, "train")
 
         keras.utils.set_random_seed(0)
         architecture = models.get(MODEL)
         model = Trainer(architecture.build(size), architecture, AugmentConfig.off())
         model.compile(optimizer=keras.optimizers.Adam())
-        print(f"num_images {FLAGS.num_images} (train split {train_records} passthrough records), model {MODEL} "
+        print(f"num_images {config.num_images} (train split {train_records} passthrough records), model {MODEL} "
               f"(default options, {model.count_params():,} parameters), image_size {size}, batch_size {batch_size}, "
-              f"jit_compile {model.jit_compile}, {FLAGS.steps} timed steps per block, {FLAGS.repeats} rounds, "
-              f"{FLAGS.warmup_steps} warm-up steps per arm", flush=True)
+              f"jit_compile {model.jit_compile}, {config.steps} timed steps per block, {config.repeats} rounds, "
+              f"{config.warmup_steps} warm-up steps per arm", flush=True)
 
         real = pipeline.make_dataset(bench.passthrough_dir, "train", batch_size, size, training=True, seed=0)
         real = real.map(architecture.to_fit)
@@ -96,26 +100,26 @@ def benchmark() -> int:
 
         started = time.perf_counter()
         for name, iterator in arms.items():  # the first call traces the train function
-            for _ in range(FLAGS.warmup_steps):
+            for _ in range(config.warmup_steps):
                 model.train_on_batch(*next(iterator))
-        print(f"warm-up (trace + {FLAGS.warmup_steps} steps per arm) {time.perf_counter() - started:.0f} s",
+        print(f"warm-up (trace + {config.warmup_steps} steps per arm) {time.perf_counter() - started:.0f} s",
               flush=True)
 
         steps = {name: [] for name in arms}
         waits = {name: [] for name in arms}
         cpu = {name: 0.0 for name in arms}
         round_ratios = []
-        for repeat in range(FLAGS.repeats):
+        for repeat in range(config.repeats):
             order = list(arms) if repeat % 2 == 0 else list(arms)[::-1]
             block_means = {}
             for name in order:
-                step_seconds, wait_seconds, cpu_seconds = time_steps(model, arms[name], FLAGS.steps)
+                step_seconds, wait_seconds, cpu_seconds = time_steps(model, arms[name], config.steps)
                 steps[name] += step_seconds
                 waits[name] += wait_seconds
                 cpu[name] += cpu_seconds
                 block_means[name] = float(np.mean(step_seconds))
             round_ratios.append(block_means["pipeline"] / block_means["memory"])
-            print(f"  round {repeat + 1:>2}/{FLAGS.repeats} s/step: pipeline {block_means['pipeline']:6.3f}, memory "
+            print(f"  round {repeat + 1:>2}/{config.repeats} s/step: pipeline {block_means['pipeline']:6.3f}, memory "
                   f"{block_means['memory']:6.3f}, ratio {round_ratios[-1]:.3f}", flush=True)
         print(f"load average at end: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
         print()
@@ -152,10 +156,10 @@ def report(steps: dict, waits: dict, cpu: dict, round_ratios: list[float], batch
     return 0 if ratio <= TARGET else 1
 
 
-def main(argv):
-    del argv
-    sys.exit(benchmark())
+def main():
+    return benchmark(cli.config_from_flags(InputBoundConfig))
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.define_flags(InputBoundConfig)
+    cli.run(main)

@@ -9,6 +9,7 @@ resident memory of each and their ratio. Target: the large within 1.15x of the s
     python benchmarks/memory.py                 # 1,000 vs 20,000 images
     python benchmarks/memory.py --large=5000    # quicker
 """
+import dataclasses
 import json
 import os
 import shutil
@@ -16,18 +17,21 @@ import subprocess
 import sys
 import time
 
-from absl import app, flags
-
 import common  # benchmarks/common.py (the script's folder is on sys.path)
 
+from pneumo_tf import cli
+from pneumo_tf.cli import option
 from pneumo_tf.records import shards, synthetic
 
-FLAGS = flags.FLAGS
-flags.DEFINE_integer("small", 1000, "Images in the small data set.")
-flags.DEFINE_integer("large", 20000, "Images in the large data set.")
-flags.DEFINE_integer("steps", 60, "Training steps (the same for both).")
-common.define_work_dir_flags("the data, records and models")
 TARGET = 1.15
+
+
+@dataclasses.dataclass(frozen=True)
+class MemoryConfig:
+    small: int = option(1000, "Images in the small data set.", minimum=20)
+    large: int = option(20000, "Images in the large data set.", minimum=20)
+    steps: int = option(60, "Training steps (the same for both).", minimum=1)
+    work: common.WorkFolderConfig = option(common.WorkFolderConfig())
 
 
 def records_for(work_dir: str, count: int) -> str:
@@ -39,12 +43,12 @@ def records_for(work_dir: str, count: int) -> str:
     return records
 
 
-def peak_rss_of_training(records: str, model_dir: str) -> tuple[float, float]:
+def peak_rss_of_training(records: str, model_dir: str, steps: int) -> tuple[float, float]:
     """(peak RSS in MB, seconds) of one training process."""
     command = [
         sys.executable, "-m", "pneumo_tf.train", f"--records_dir={records}", f"--model_dir={model_dir}",
         "--model=mask_resnet", "--model_option=channels=8", "--model_option=depth=3", "--image_size=128",
-        "--batch_size=16", "--epochs=1", f"--steps_per_epoch={FLAGS.steps}", "--validation_steps=20",
+        "--batch_size=16", "--epochs=1", f"--steps_per_epoch={steps}", "--validation_steps=20",
     ]
     started = time.perf_counter()
     # A fresh child per run: RUSAGE_CHILDREN's maximum then covers exactly that child.
@@ -57,26 +61,33 @@ def peak_rss_of_training(records: str, model_dir: str) -> tuple[float, float]:
     return int(result.stdout.strip()) / 1024, time.perf_counter() - started
 
 
-def main(argv):
-    del argv
-    with common.work_folder("pneumo_memory_") as work_dir:
-        print(f"preparing records of {FLAGS.small} and {FLAGS.large} synthetic images in {work_dir} ...", flush=True)
-        small, large = records_for(work_dir, FLAGS.small), records_for(work_dir, FLAGS.large)
+def benchmark(config: MemoryConfig) -> int:
+    cli.check_constraints(config)
+    with common.work_folder("pneumo_memory_", config.work) as work_dir:
+        print(f"preparing records of {config.small} and {config.large} synthetic images in {work_dir} ...", flush=True)
+        small, large = records_for(work_dir, config.small), records_for(work_dir, config.large)
         results = {}
         for name, records in (("small", small), ("large", large)):
             model_dir = os.path.join(work_dir, f"model_{name}")
             shutil.rmtree(model_dir, ignore_errors=True)
-            results[name] = peak_rss_of_training(records, model_dir)
+            results[name] = peak_rss_of_training(records, model_dir, config.steps)
             with open(os.path.join(model_dir, "pneumo_tf.json")) as handle:
                 assert json.load(handle)["epochs_run"] == 1
         ratio = results["large"][0] / results["small"][0]
         print(f"\n{'records':>8}  {'peak RSS MB':>11}  {'seconds':>7}")
-        for name, count in (("small", FLAGS.small), ("large", FLAGS.large)):
+        for name, count in (("small", config.small), ("large", config.large)):
             print(f"{count:>8}  {results[name][0]:>11.0f}  {results[name][1]:>7.1f}")
         verdict = "PASS" if ratio <= TARGET else "FAIL"
         print(f"\nlarge / small peak RSS: {ratio:.3f} (target <= {TARGET}) {verdict}")
-        print(f"same job: mask_resnet 128 px, batch 16, {FLAGS.steps} steps, validation + epoch-end mAP over the val split")
+        print(f"same job: mask_resnet 128 px, batch 16, {config.steps} steps, validation + epoch-end mAP over the val "
+              "split")
+        return 0 if ratio <= TARGET else 1
+
+
+def main():
+    return benchmark(cli.config_from_flags(MemoryConfig))
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.define_flags(MemoryConfig)
+    cli.run(main)

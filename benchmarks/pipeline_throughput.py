@@ -64,14 +64,13 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
-from absl import app, flags  # noqa: E402
-
 import common  # noqa: E402  benchmarks/common.py (the script's folder is on sys.path)
+from pneumo_tf import cli  # noqa: E402
+from pneumo_tf.cli import option  # noqa: E402
 from pneumo_tf.data import pipeline  # noqa: E402
 from pneumo_tf.records import masks, radiograph, shards, synthetic  # noqa: E402
 from pneumo_tf.records.manifest import read_manifest, shard_paths  # noqa: E402
 
-FLAGS = flags.FLAGS
 SOURCE_SIZE = 1024  # the synthetic DICOMs' pixels, as RSNA's
 TARGET_VS_IMAGE_DATA_GENERATOR = 10.0  # resized records' images/s over the seed baseline's
 TARGET_VS_CEILING = 0.80  # passthrough images/s over the decode ceiling's
@@ -80,20 +79,21 @@ BIT_DEPTH = 8  # both conversions use the converter's default
 PNG_CLASSES = ("normal", "opacity")  # the seed's two flow_from_directory class folders (label/target 0, 1)
 
 
-def define_flags() -> None:
-    """The flags of this script (a function, so input_bound.py can import the data helpers alone)."""
-    flags.DEFINE_integer("num_images", 2000, "Synthetic labeled DICOMs (records use the 80% train split).")
-    common.define_work_dir_flags("the synthetic data, records and PNGs")
-    flags.DEFINE_integer("image_size", 256, "Pixels the pipelines deliver (and the resized records store).")
-    flags.DEFINE_integer("batch_size", 32, "Images per batch, for every method.")
-    flags.DEFINE_float("seconds", 15.0, "Seconds of steady-state batches counted per measurement.")
-    flags.DEFINE_integer("batches", 0, "Count this many batches per measurement instead of --seconds (0: use seconds).")
-    flags.DEFINE_integer("warmup_batches", 5, "Batches taken and not counted at the start of each measurement.")
-    flags.DEFINE_integer("repeats", 2, "Measurements of each method, interleaved; the best counts.")
-    flags.DEFINE_bool("diagnostics", True, "Also measure the parts of each pipeline's decode (image, mask) and two "
-                      "cheaper passthrough masks.")
-    flags.DEFINE_bool("service", True, "Also measure passthrough through a tf.data service with one worker on this "
-                      "machine.")
+@dataclasses.dataclass(frozen=True)
+class PipelineThroughputConfig:
+    num_images: int = option(2000, "Synthetic labeled DICOMs (records use the 80% train split).", minimum=20)
+    work: common.WorkFolderConfig = option(common.WorkFolderConfig())
+    image_size: int = option(256, "Pixels the pipelines deliver (and the resized records store).", minimum=16)
+    batch_size: int = option(32, "Images per batch, for every method.", minimum=1)
+    seconds: float = option(15.0, "Seconds of steady-state batches counted per measurement.", exclusive_minimum=0.0)
+    batches: int = option(0, "Count this many batches per measurement instead of --seconds (0: use seconds).",
+                          minimum=0)
+    warmup_batches: int = option(5, "Batches taken and not counted at the start of each measurement.", minimum=0)
+    repeats: int = option(2, "Measurements of each method, interleaved; the best counts.", minimum=1)
+    diagnostics: bool = option(True, "Also measure the parts of each pipeline's decode (image, mask) and two cheaper "
+                               "passthrough masks.")
+    service: bool = option(True, "Also measure passthrough through a tf.data service with one worker on this "
+                           "machine.")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -510,7 +510,7 @@ def describe_decoding(bench: BenchData, image_size: int) -> list[str]:
     return lines
 
 
-def report(runs: dict[str, list[Measurement]], found: list[Method]) -> bool:
+def report(runs: dict[str, list[Measurement]], found: list[Method], image_size: int) -> bool:
     """Prints the table; True when every target is met."""
     best = {name: max(run.images_per_second for run in values) for name, values in runs.items()}
     baseline, ceiling = best[BASELINE], best[CEILING]
@@ -547,12 +547,12 @@ def report(runs: dict[str, list[Measurement]], found: list[Method]) -> bool:
         print(f"  {method.name}: {method.description}")
     if SERVICE in best:
         print()
-        for line in service_scaling(runs, best):
+        for line in service_scaling(runs, best, image_size):
             print(line)
     return passed
 
 
-def service_scaling(runs: dict[str, list[Measurement]], best: dict[str, float]) -> list[str]:
+def service_scaling(runs: dict[str, list[Measurement]], best: dict[str, float], image_size: int) -> list[str]:
     """The service's cost on each side and what it implies for more workers (CPU time: see module docstring)."""
     receive_ms = cpu_ms(runs, SERVICE)
     worker_ms = min(run.helper_cpu_ms_per_image for run in runs[SERVICE])
@@ -566,7 +566,7 @@ def service_scaling(runs: dict[str, list[Measurement]], best: dict[str, float]) 
         f"  Each added worker machine adds its cores' decoding, ~1000 / {worker_ms:.2f} ms = "
         f"{1000 / worker_ms:.0f} images/s per core like these, until the training host's receiving saturates: "
         f"~{1000 / receive_ms:.0f} images/s per core of it here (or its network: an example is a "
-        f"{FLAGS.image_size}x{FLAGS.image_size} float32 image and uint8 mask, {5 * FLAGS.image_size ** 2 / 2**20:.2f} "
+        f"{image_size}x{image_size} float32 image and uint8 mask, {5 * image_size ** 2 / 2**20:.2f} "
         "MB, uncompressed).",
     ]
 
@@ -621,36 +621,37 @@ def where_time_goes(runs: dict[str, list[Measurement]]) -> list[str]:
     return lines
 
 
-def benchmark() -> int:
-    with common.work_folder("pipeline_throughput_") as work_dir:
+def benchmark(config: PipelineThroughputConfig) -> int:
+    cli.check_constraints(config)
+    with common.work_folder("pipeline_throughput_", config.work) as work_dir:
         with contextlib.ExitStack() as stack:
             print(machine_facts())
-            bench = prepare(work_dir, FLAGS.num_images, FLAGS.image_size)
-            print(f"num_images {FLAGS.num_images} (make_dataset reads the train split: "
+            bench = prepare(work_dir, config.num_images, config.image_size)
+            print(f"num_images {config.num_images} (make_dataset reads the train split: "
                   f"{pipeline.num_examples(bench.passthrough_dir, 'train')}; the ceiling and ImageDataGenerator all), "
-                  f"image_size {FLAGS.image_size}, batch_size {FLAGS.batch_size}, "
-                  + (f"{FLAGS.batches} batches" if FLAGS.batches else f"{FLAGS.seconds:g} s")
-                  + f" per measurement after {FLAGS.warmup_batches} warm-up batches, best of {FLAGS.repeats}",
+                  f"image_size {config.image_size}, batch_size {config.batch_size}, "
+                  + (f"{config.batches} batches" if config.batches else f"{config.seconds:g} s")
+                  + f" per measurement after {config.warmup_batches} warm-up batches, best of {config.repeats}",
                   flush=True)
             service = None
-            if FLAGS.service:
+            if config.service:
                 service = stack.enter_context(local_service(os.path.join(work_dir, "dispatcher")))
-            found = methods(bench, FLAGS.image_size, FLAGS.batch_size, FLAGS.diagnostics, service)
+            found = methods(bench, config.image_size, config.batch_size, config.diagnostics, service)
             runs: dict[str, list[Measurement]] = {m.name: [] for m in found}
-            for repeat in range(FLAGS.repeats):
+            for repeat in range(config.repeats):
                 shift = repeat % len(found)  # rotate so no method always runs first or last
                 for method in found[shift:] + found[:shift]:
-                    run = measure(method, FLAGS.warmup_batches, FLAGS.seconds, FLAGS.batches)
+                    run = measure(method, config.warmup_batches, config.seconds, config.batches)
                     runs[method.name].append(run)
-                    print(f"  repeat {repeat + 1}/{FLAGS.repeats} {method.name:<26} "
+                    print(f"  repeat {repeat + 1}/{config.repeats} {method.name:<26} "
                           f"{run.images_per_second:8.1f} images/s {run.cpu_ms_per_image:6.2f} CPU ms/image "
                           f"{run.cores_busy:5.2f} cores busy", flush=True)
             print(f"load average at end: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
             print()
-            passed = report(runs, found)
+            passed = report(runs, found, config.image_size)
             print()
             print("what the pipeline decodes per image (image + mask):")
-            for line in describe_decoding(bench, FLAGS.image_size):
+            for line in describe_decoding(bench, config.image_size):
                 print(line)
             print()
             for line in where_time_goes(runs):
@@ -659,11 +660,10 @@ def benchmark() -> int:
             print(f"targets: {'all PASS' if passed else 'some FAIL'}")
             return 0 if passed else 1
 
-def main(argv):
-    del argv
-    sys.exit(benchmark())
+def main():
+    return benchmark(cli.config_from_flags(PipelineThroughputConfig))
 
 
 if __name__ == "__main__":
-    define_flags()
-    app.run(main)
+    cli.define_flags(PipelineThroughputConfig)
+    cli.run(main)

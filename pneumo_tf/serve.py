@@ -21,7 +21,7 @@ cli.define_flags(web.ServeConfig)
 def main():
     dicom.quiet_pydicom()  # RSNA headers would warn on every upload
     config = cli.config_from_flags(web.ServeConfig)
-    config.validate()
+    cli.check_constraints(config)
     flask_app = web.create_app(config.model_dir, config.max_upload_mb, config.reading)
     try:
         server = serving.make_server(config.host, config.port, flask_app, threaded=True)

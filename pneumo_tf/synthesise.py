@@ -5,24 +5,21 @@
 writes stage_2_train_images/*.dcm, stage_2_test_images/*.dcm (with --num_test_images),
 stage_2_train_labels.csv and stage_2_detailed_class_info.csv, shaped like the challenge's
 (see pneumo_tf/records/synthetic.py for what the pictures hold and what --difficulty changes).
+Every flag is a field of pneumo_tf.records.synthetic.SynthesiseConfig.
 """
-from absl import flags
 from tqdm import tqdm
 
 from pneumo_tf import cli
 from pneumo_tf.records import synthetic
 
-FLAGS = flags.FLAGS
-flags.DEFINE_string("output_dir", None, "Folder to write the RSNA-layout data set into.")
-cli.define_flags(synthetic.SyntheticConfig)
-flags.DEFINE_integer("workers", 0, "Processes writing files; 0 uses all cores.")
-flags.mark_flag_as_required("output_dir")
+cli.define_flags(synthetic.SynthesiseConfig)
 
 
 def main():
-    config = cli.config_from_flags(synthetic.SyntheticConfig)
-    with tqdm(total=config.num_images + config.num_test_images, desc="synthesise", unit="files") as progress:
-        paths = synthetic.write_dataset(FLAGS.output_dir, config, FLAGS.workers or None, progress)
+    config = cli.config_from_flags(synthetic.SynthesiseConfig)
+    cli.check_constraints(config)
+    with tqdm(total=config.data.num_images + config.data.num_test_images, desc="synthesise", unit="files") as progress:
+        paths = synthetic.write_dataset(config.output_dir, config.data, config.workers or None, progress)
     for name, path in paths.items():
         print(f"{name}: {path}")
 

@@ -3,6 +3,7 @@ built in Python), the flags given explicitly, and the one-line error of a bad fl
 from __future__ import annotations
 
 import dataclasses
+import re
 import subprocess
 import sys
 
@@ -152,3 +153,70 @@ def test_a_bad_flag_value_is_one_error_line_and_exit_2(tmp_path):
     assert result.returncode == 2 and not (tmp_path / "run").exists()
     errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
     assert errors == ["error: flag --positive_fraction=1.5: must be in [0, 1), not 1.5"], result.stderr[-2000:]
+
+
+def _command_configs():
+    """(config, the same with a value its declared constraints refuse, the flag, the message), per command."""
+    from pneumo_tf.data.remote import ServiceConfig
+    from pneumo_tf.evaluation.report import EvaluateConfig
+    from pneumo_tf.inference.offline import PredictConfig
+    from pneumo_tf.inference.web import ServeConfig
+    from pneumo_tf.models.reading import ReadingConfig
+    from pneumo_tf.records.radiograph import ConvertOptions
+    from pneumo_tf.records.shards import ConvertConfig
+    from pneumo_tf.records.synthetic import SynthesiseConfig
+    from pneumo_tf.training.search import TuneConfig
+
+    convert = ConvertConfig(dicom_dir="in", output_dir="out")
+    predict = PredictConfig(model_dir="m", output="s.csv", records_dir="r")
+    evaluate = EvaluateConfig(model_dir="m", records_dir="r")
+    return [
+        (convert, dataclasses.replace(convert, options=ConvertOptions(val_fraction=1.5)), "--val_fraction=1.5",
+         "must be in [0, 1), not 1.5"),
+        (convert, dataclasses.replace(convert, options=ConvertOptions(bit_depth=12)), "--bit_depth=12",
+         "must be one of 8, 16, not 12"),
+        (convert, dataclasses.replace(convert, workers=-1), "--workers=-1", "must be at least 0, not -1"),
+        (predict, dataclasses.replace(predict, threshold=1.0), "--threshold=1.0",
+         "must be between 0 and 1 (exclusive), not 1"),
+        (predict, dataclasses.replace(predict, reading=ReadingConfig(weights=(1.0, 0.0))), "--weights=1,0",
+         "must be greater than 0, not 0"),
+        (evaluate, dataclasses.replace(evaluate, thresholds=(0.5, 1.0)), "--thresholds=0.5,1",
+         "must be between 0 and 1 (exclusive), not 1"),
+        (ServeConfig(model_dir="m"), ServeConfig(model_dir="m", port=70000), "--port=70000",
+         "must be between 0 and 65535, not 70000"),
+        (ServeConfig(model_dir="m"), ServeConfig(model_dir="m", max_upload_mb=0.0), "--max_upload_mb=0",
+         "must be greater than 0, not 0"),
+        (ServiceConfig(role="dispatcher"), ServiceConfig(role="dispatcher", port=-1), "--port=-1",
+         "must be between 0 and 65535, not -1"),
+        (TuneConfig(search=("x",), tune_dir="t"), TuneConfig(search=("x",), tune_dir="t", hyperband_factor=1),
+         "--hyperband_factor=1", "must be at least 2, not 1"),
+        (SynthesiseConfig(output_dir="o"), SynthesiseConfig(output_dir="o", workers=-2), "--workers=-2",
+         "must be at least 0, not -2"),
+    ]
+
+
+@pytest.mark.parametrize("case", range(11))
+def test_every_commands_constraints_refuse_flags_and_configs_alike(case):
+    good, bad, flag, message = _command_configs()[case]
+    cli.check_constraints(good)
+    name = flag.partition("=")[0]
+    with pytest.raises(UserError, match=f"^{re.escape(name)} {re.escape(message)}$"):
+        cli.check_constraints(bad)
+    values = flags.FlagValues()
+    cli.define_flags(type(good), flag_values=values)
+    values(["command", *cli.flags_from_config(good)])  # the good config's flags pass
+    values.unparse_flags()
+    with pytest.raises(flags.IllegalFlagValueError, match=f": {re.escape(message)}$"):
+        values(["command", *cli.flags_from_config(good), flag])
+
+
+def test_augmentation_ranges_are_declared_and_checked():
+    from pneumo_tf.data.augment import AugmentConfig
+
+    assert AugmentConfig(contrast_range=[0.8, 1.2]).contrast_range == (0.8, 1.2)
+    with pytest.raises(UserError, match="^augment flip_probability must be between 0 and 1, not 1.5$"):
+        AugmentConfig(flip_probability=1.5)
+    with pytest.raises(UserError, match=r"^augment zoom_range must be in \[0, 1\), not 1$"):
+        AugmentConfig(zoom_range=1.0)
+    with pytest.raises(UserError, match=r"^augment contrast_range must be \(low, high\) with low <= high"):
+        AugmentConfig(contrast_range=(1.2, 0.8))

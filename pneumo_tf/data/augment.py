@@ -23,6 +23,7 @@ from typing import NamedTuple
 
 import tensorflow as tf
 
+from pneumo_tf.cli import check_constraints, coerce_value, option
 from pneumo_tf.errors import UserError
 
 # A box thinner than this after clipping (in pixels of the batch) covers at most a
@@ -40,30 +41,26 @@ class AugmentConfig:
     keeps the aspect ratio (one scale for both axes), and a scale above 1 enlarges.
     """
 
-    flip_probability: float = 0.5  # left-right mirror
-    rotation_range: float = 2.0  # degrees, angle in [-r, r]
-    zoom_range: float = 0.15  # scale in [1 - z, 1 + z]
-    width_shift_range: float = 0.15  # fraction of the width, in [-r, r]
-    height_shift_range: float = 0.15  # fraction of the height, in [-r, r]
-    brightness_delta: float = 0.1  # added to [0, 1] pixels, in [-d, d]
-    contrast_range: tuple[float, float] = (0.9, 1.1)  # factor about the image mean
+    flip_probability: float = option(0.5, "Probability of a left-right mirror.", minimum=0.0, maximum=1.0)
+    rotation_range: float = option(2.0, "Degrees: the angle is in [-r, r].", minimum=0.0)
+    # A scale reaching 0 would make the inverse map (and the resampling) blow up.
+    zoom_range: float = option(0.15, "The scale is in [1 - z, 1 + z].", minimum=0.0, exclusive_maximum=1.0)
+    width_shift_range: float = option(0.15, "Fraction of the width: the shift is in [-r, r].", minimum=0.0)
+    height_shift_range: float = option(0.15, "Fraction of the height: the shift is in [-r, r].", minimum=0.0)
+    brightness_delta: float = option(0.1, "Added to [0, 1] pixels: in [-d, d].", minimum=0.0)
+    contrast_range: tuple[float, float] = option((0.9, 1.1), "(low, high): the factor about the image mean.",
+                                                 minimum=0.0)
 
     def __post_init__(self):
         # Flags may hand over a list; a tuple keeps the config hashable, so it can
         # be a static argument of a tf.function.
-        object.__setattr__(self, "contrast_range", tuple(float(v) for v in self.contrast_range))
-        if not 0.0 <= self.flip_probability <= 1.0:
-            raise UserError(f"augment flip_probability must be in [0, 1], got {self.flip_probability}")
-        for name in ("rotation_range", "width_shift_range", "height_shift_range", "brightness_delta"):
-            if getattr(self, name) < 0.0:
-                raise UserError(f"augment {name} must be >= 0, got {getattr(self, name)}")
-        # A scale reaching 0 would make the inverse map (and the resampling) blow up.
-        if not 0.0 <= self.zoom_range < 1.0:
-            raise UserError(f"augment zoom_range must be in [0, 1), got {self.zoom_range}")
-        if len(self.contrast_range) != 2 or not 0.0 <= self.contrast_range[0] <= self.contrast_range[1]:
-            raise UserError(
-                f"augment contrast_range must be (low, high) with 0 <= low <= high, got {self.contrast_range}"
-            )
+        try:
+            object.__setattr__(self, "contrast_range", coerce_value(self.contrast_range, tuple[float, float]))
+        except ValueError as error:
+            raise UserError(f"augment contrast_range: {error}") from error
+        check_constraints(self, label=lambda name: f"augment {name}")
+        if self.contrast_range[0] > self.contrast_range[1]:
+            raise UserError(f"augment contrast_range must be (low, high) with low <= high, got {self.contrast_range}")
 
     @classmethod
     def off(cls) -> AugmentConfig:

@@ -32,7 +32,7 @@ import tempfile
 
 import tensorflow as tf
 
-from pneumo_tf.cli import option
+from pneumo_tf.cli import check_constraints, option
 from pneumo_tf.errors import UserError
 
 ROLES = ("dispatcher", "worker")
@@ -47,7 +47,8 @@ class ServiceConfig:
 
     role: str = option(help="dispatcher: the one process that hands out work; worker: decodes batches (one per CPU "
                        "machine).", choices=ROLES)
-    port: int = option(5050, "Port to serve on; 0 picks a free one (the address is printed).")
+    port: int = option(5050, "Port to serve on; 0 picks a free one (the address is printed).", minimum=0,
+                       maximum=65535)
     work_dir: str = option("", "dispatcher: folder (local or gs://) where it journals its state, so that restarted "
                            "with the same --port and folder it recovers its jobs and workers; default "
                            f"{os.path.join(tempfile.gettempdir(), 'pneumo_tf_dispatcher_PORT')} (a folder on durable "
@@ -57,8 +58,7 @@ class ServiceConfig:
                        "qualified domain name).")
 
     def validate(self) -> None:
-        if not 0 <= self.port < 65536:
-            raise UserError(f"--port must be in [0, 65535], not {self.port}")
+        check_constraints(self)
         if self.role == "worker" and not self.dispatcher:
             raise UserError("--role=worker needs --dispatcher=HOST:PORT")
 

@@ -41,7 +41,7 @@ import os
 import numpy as np
 import pandas as pd
 
-from pneumo_tf.cli import option
+from pneumo_tf.cli import check_constraints, option
 from pneumo_tf.data import pipeline
 from pneumo_tf.errors import UserError
 from pneumo_tf.evaluation.collect import collect_readings
@@ -52,7 +52,6 @@ from pneumo_tf.evaluation.sweep import (
 from pneumo_tf.evaluation.visualize import curve_pngs, write_tensorboard
 from pneumo_tf.fileio import atomic_open, write_json_atomic
 from pneumo_tf.models import reading as reading_lib
-from pneumo_tf.models.architecture import check_threshold
 from pneumo_tf.models.reading import ReadingConfig
 
 @dataclasses.dataclass(frozen=True)
@@ -61,9 +60,10 @@ class EvaluateConfig:
                                    "folder, or several model folders separated by commas (an ensemble).")
     records_dir: str | None = option(None, "Folder written by python -m pneumo_tf.convert (manifest.json + shards).")
     split: str = option("val", "Labeled split to evaluate on (val, or train).")
-    batch_size: int = option(16, "Images per model call.")
+    batch_size: int = option(16, "Images per model call.", minimum=1)
     thresholds: tuple[float, ...] = option(DEFAULT_THRESHOLDS, "Confidence thresholds of the sweep, comma "
-                                           "separated, each in (0, 1).")
+                                           "separated, each in (0, 1).", exclusive_minimum=0.0,
+                                           exclusive_maximum=1.0)
     output_dir: str | None = option(None, "Where tables, curves and summary.json go (default "
                                     "<model_dir>/evaluation/<split>).")
     save_threshold: bool = option(True, "Save the chosen threshold into the model's pneumo_tf.json, or the ensemble "
@@ -77,7 +77,7 @@ class EvaluateConfig:
     def validate(self) -> None:
         if not self.model_dir or not self.records_dir:
             raise UserError("give --model_dir and --records_dir (or --submission with --labels_csv)")
-        self.reading.validate()
+        check_constraints(self)
         fused = reading_lib.is_new_fused_reading(self.model_dir, self.reading)
         if self.ensemble_dir and not fused:
             raise UserError("--ensemble_dir saves a fused reading (several --model_dir models or --tta=hflip); "
@@ -85,12 +85,8 @@ class EvaluateConfig:
         if fused and not self.ensemble_dir and (self.save_threshold or not self.output_dir):
             raise UserError("a fused reading (several --model_dir models or --tta=hflip) keeps its threshold in an "
                             "ensemble folder: give --ensemble_dir, or --nosave_threshold with --output_dir")
-        if self.batch_size < 1:
-            raise UserError(f"--batch_size must be at least 1, not {self.batch_size}")
         if not self.thresholds:
             raise UserError("--thresholds needs at least one threshold")
-        for threshold in self.thresholds:
-            check_threshold(threshold, "--thresholds")
 
 
 @dataclasses.dataclass(frozen=True)

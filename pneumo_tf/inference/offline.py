@@ -25,7 +25,7 @@ import tempfile
 import numpy as np
 from PIL import Image, ImageDraw
 
-from pneumo_tf.cli import option
+from pneumo_tf.cli import check_constraints, option
 from pneumo_tf.data import pipeline
 from pneumo_tf.errors import UserError
 from pneumo_tf.evaluation import submission
@@ -33,7 +33,6 @@ from pneumo_tf.evaluation.collect import challenge_detections, run_batches
 from pneumo_tf.evaluation.visualize import PREDICTED_BOX_COLOR
 from pneumo_tf.fileio import atomic_open
 from pneumo_tf.models import reading as reading_lib
-from pneumo_tf.models.architecture import check_threshold
 from pneumo_tf.models.reading import Reading, ReadingConfig
 from tqdm import tqdm
 from pneumo_tf.inference import dicom_results
@@ -53,14 +52,15 @@ class PredictConfig:
     dicom_dir: str | None = option(None, "Folder of DICOM, PNG or JPEG files to predict (every file is predicted or "
                                    "reported as rejected; a file's id is its name without the extension).")
     threshold: float | None = option(None, "Confidence threshold (default: the one python -m pneumo_tf.evaluate "
-                                     "saved in the model's pneumo_tf.json or the ensemble folder).")
-    batch_size: int = option(16, "Images per model call.")
+                                     "saved in the model's pneumo_tf.json or the ensemble folder).",
+                                     exclusive_minimum=0.0, exclusive_maximum=1.0)
+    batch_size: int = option(16, "Images per model call.", minimum=1)
     overlay_dir: str | None = option(None, "Also write one PNG per image with its predicted boxes and scores here.")
-    overlay_size: int = option(512, "Overlays smaller than this many pixels are upscaled to it.")
+    overlay_size: int = option(512, "Overlays smaller than this many pixels are upscaled to it.", minimum=1)
     convert_image_size: int | None = option(
         None, "How --dicom_dir is converted: 0 passes JPEG frames through, N stores N x N PNGs; by default as the "
         "model's training records were converted (its pixels exactly).")
-    workers: int = option(0, "Processes converting --dicom_dir; 0 uses all cores.")
+    workers: int = option(0, "Processes converting --dicom_dir; 0 uses all cores.", minimum=0)
     dicom_results_dir: str | None = option(
         None, "Also write DICOM results of every DICOM in --dicom_dir here: <id>.SR.dcm (a TID 1500 structured "
         "report), <id>.PR.dcm (a presentation state drawing the boxes) and, for models with masks, <id>.SEG.dcm (a "
@@ -68,15 +68,9 @@ class PredictConfig:
     reading: ReadingConfig = option(ReadingConfig())
 
     def validate(self) -> None:
-        self.reading.validate()
+        check_constraints(self)
         if (self.records_dir is None) == (self.dicom_dir is None):
             raise UserError("give either --records_dir (with --split) or --dicom_dir, not both or neither")
-        if self.batch_size < 1:
-            raise UserError(f"--batch_size must be at least 1, not {self.batch_size}")
-        if self.threshold is not None:
-            check_threshold(self.threshold, "--threshold")
-        if self.overlay_size < 1:
-            raise UserError(f"--overlay_size must be at least 1, not {self.overlay_size}")
         if self.dicom_results_dir is not None and self.dicom_dir is None:
             raise UserError("--dicom_results_dir needs --dicom_dir: records hold no DICOM header to refer to")
 

@@ -50,7 +50,7 @@ from pynetdicom.sop_class import (ComprehensiveSRStorage, ComputedRadiographyIma
                                   GrayscaleSoftcopyPresentationStateStorage, SecondaryCaptureImageStorage,
                                   SegmentationStorage, Verification)
 
-from pneumo_tf.cli import option
+from pneumo_tf.cli import check_constraints, option
 from pneumo_tf.errors import RejectedFile, UserError
 from pneumo_tf.inference import dicom_results
 from pneumo_tf.models.reading import ReadingConfig
@@ -87,30 +87,29 @@ class NodeConfig:
     ae_title: str = option("PNEUMO_TF", "This node's AE title (what a modality or PACS is configured to send to).")
     host: str = option("127.0.0.1", "Address to listen on; 0.0.0.0 listens on every interface (DICOM has no "
                        "authentication).")
-    port: int = option(11112, "Port to listen on (0 picks a free one; DICOM's registered port is 104).")
+    port: int = option(11112, "Port to listen on (0 picks a free one; DICOM's registered port is 104).", minimum=0,
+                       maximum=65535)
     destination: str | None = option(None, "Where results are sent by C-STORE: AE@HOST:PORT (a PACS, a viewer).")
     output_dir: str | None = option(None, "Folder the results are also written to: <source SOP Instance UID>."
                                     "<SR|PR|SEG>.dcm.")
-    max_associations: int = option(10, "Associations served at once; more are rejected (transient).")
-    max_object_mb: float = option(256.0, "Largest object received, in MB; the association of a larger one is aborted.")
+    max_associations: int = option(10, "Associations served at once; more are rejected (transient).", minimum=1)
+    max_object_mb: float = option(256.0, "Largest object received, in MB; the association of a larger one is aborted.",
+                                  exclusive_minimum=0.0)
     max_image_mb: float = option(dicom.MAX_DECODED_BYTES / 2**20, "Largest decoded image a header may claim (rows "
-                                 "x columns x frames x bytes per sample), in MB; larger: status 0xA700.")
-    timeout: float = option(60.0, "Seconds a peer may stay silent (network, association and DIMSE timeouts).")
+                                 "x columns x frames x bytes per sample), in MB; larger: status 0xA700.",
+                                 exclusive_minimum=0.0)
+    timeout: float = option(60.0, "Seconds a peer may stay silent (network, association and DIMSE timeouts).",
+                            exclusive_minimum=0.0)
     reading: ReadingConfig = option(ReadingConfig())
 
     def validate(self) -> None:
-        self.reading.validate()
+        check_constraints(self)
         if self.destination is None and self.output_dir is None:
             raise UserError("give --destination (AE@HOST:PORT), --output_dir, or both: results need somewhere to go")
         if self.destination is not None:
             parse_destination(self.destination)
         if not 0 < len(self.ae_title) <= 16:
             raise UserError(f"--ae_title must have 1 to 16 characters, not {self.ae_title!r}")
-        if not 0 <= self.port <= 65535:
-            raise UserError(f"--port must be between 0 and 65535, not {self.port}")
-        for name in ("max_associations", "max_object_mb", "max_image_mb", "timeout"):
-            if not getattr(self, name) > 0:
-                raise UserError(f"--{name} must be positive, not {getattr(self, name)}")
 
 
 def _status(code: int, comment: str = "") -> pydicom.Dataset:

@@ -46,7 +46,7 @@ import tensorflow as tf
 from PIL import Image
 from werkzeug import exceptions
 
-from pneumo_tf.cli import option
+from pneumo_tf.cli import check_constraints, option
 from pneumo_tf.data import pipeline
 from pneumo_tf.evaluation import collect, submission
 from pneumo_tf.inference import dicom_results
@@ -71,16 +71,10 @@ class ServeConfig:
                             "the threshold saved there by python -m pneumo_tf.evaluate makes the decision.")
     host: str = option("127.0.0.1", "Address to listen on. 127.0.0.1 (default) serves this machine only; 0.0.0.0 "
                        "serves every network interface (the page has no authentication).")
-    port: int = option(8080, "Port to listen on (0 picks a free one).")
-    max_upload_mb: float = option(50.0, "Largest upload accepted, in MB; a larger one gets HTTP 413 and a message.")
+    port: int = option(8080, "Port to listen on (0 picks a free one).", minimum=0, maximum=65535)
+    max_upload_mb: float = option(50.0, "Largest upload accepted, in MB; a larger one gets HTTP 413 and a message.",
+                                  exclusive_minimum=0.0)
     reading: ReadingConfig = option(ReadingConfig())
-
-    def validate(self) -> None:
-        self.reading.validate()
-        if not 0 <= self.port <= 65535:
-            raise UserError(f"--port must be between 0 and 65535, not {self.port}")
-        if not self.max_upload_mb > 0:
-            raise UserError(f"--max_upload_mb must be positive, not {self.max_upload_mb}")
 
 
 class UploadError(Exception):
@@ -258,7 +252,7 @@ def _page_facts(facts: dicom.HeaderFacts, source_format: str) -> list[tuple[str,
 def create_app(model_dir: str, max_upload_mb: float = ServeConfig.max_upload_mb,
                reading: ReadingConfig = ReadingConfig()) -> flask.Flask:
     """The Flask app serving the exported model (or ensemble) in `model_dir` (see the module docstring)."""
-    ServeConfig(model_dir, max_upload_mb=max_upload_mb, reading=reading).validate()
+    check_constraints(ServeConfig(model_dir, max_upload_mb=max_upload_mb, reading=reading))
     upload_reading = UploadReading(model_dir, reading)
     app = flask.Flask(__name__, template_folder="templates", static_folder="static")
     app.request_class = InMemoryRequest

@@ -128,12 +128,6 @@ class ReadsOutputs(Protocol):
     def image_probability(self, outputs) -> np.ndarray: ...
 
 
-def check_threshold(value: float, flag: str) -> None:
-    """The decision threshold is a probability strictly between 0 and 1."""
-    if not 0.0 < value < 1.0:
-        raise UserError(f"{flag} must be between 0 and 1 (exclusive), not {value}")
-
-
 def no_detections() -> Detections:
     return np.zeros((0, 4), np.float32), np.zeros((0,), np.float32)
 

@@ -56,7 +56,7 @@ from collections.abc import Sequence
 import numpy as np
 import tensorflow as tf
 
-from pneumo_tf.cli import option
+from pneumo_tf.cli import check_constraints, option
 from pneumo_tf.data import pipeline
 from pneumo_tf.errors import UserError
 from pneumo_tf.fileio import write_json_atomic
@@ -79,18 +79,13 @@ class ReadingConfig:
                              "same batched call; boxes fused, probabilities averaged). Default none; an ensemble "
                              "folder uses its own.", choices=TTA_MODES)
     weights: tuple[float, ...] = option((), "Weights of the --model_dir models (ensemble members), comma separated; "
-                                        "default equal.")
+                                        "default equal.", exclusive_minimum=0.0)
     fusion: str | None = option(None, "How boxes of several readings (hflip views, ensemble members) are fused: wbf "
                                 "(weighted boxes fusion), soft_nms or nms, by the ensemble-boxes package. Default "
                                 "wbf; an ensemble folder uses its own.", choices=box_fusion.FUSION_METHODS)
     fusion_iou: float | None = option(None, "IoU above which fusion takes two boxes for the same opacity; default "
-                                      f"{box_fusion.DEFAULT_IOU_THRESHOLD}; an ensemble folder uses its own.")
-
-    def validate(self) -> None:
-        if any(weight <= 0 for weight in self.weights):
-            raise UserError(f"--weights must all be positive, not {','.join(map(str, self.weights))}")
-        if self.fusion_iou is not None and not 0.0 < self.fusion_iou < 1.0:
-            raise UserError(f"--fusion_iou must be between 0 and 1 (exclusive), not {self.fusion_iou}")
+                                      f"{box_fusion.DEFAULT_IOU_THRESHOLD}; an ensemble folder uses its own.",
+                                      exclusive_minimum=0.0, exclusive_maximum=1.0)
 
     def given(self) -> list[str]:
         """The flags set to something other than their defaults."""
@@ -339,7 +334,7 @@ def is_new_fused_reading(model_dir: str, config: ReadingConfig) -> bool:
 
 def load(model_dir: str, config: ReadingConfig = ReadingConfig()) -> Reading:
     """The reading of `model_dir`: a model folder, an ensemble folder, or model folders separated by commas."""
-    config.validate()
+    check_constraints(config)
     dirs = _model_dirs(model_dir)
     if len(dirs) == 1 and is_ensemble(dirs[0]):
         if config.given():

@@ -18,13 +18,14 @@ import numpy as np
 from PIL import Image
 
 from pneumo_tf import fileio
-from pneumo_tf.cli import option
+from pneumo_tf.cli import check_constraints, option
 from pneumo_tf.errors import RejectedFile, UserError
 from pneumo_tf.records import boxes as box_lib
 from pneumo_tf.records import dicom, images, jpeg, masks, schema
 from pneumo_tf.records.labels import PatientLabels
 
 IMAGE_EXTENSIONS = (".dcm", ".png", ".jpg", ".jpeg")
+MIN_STORED_SIZE = 8  # the smallest --image_size that stores resized pixels
 
 
 def image_id_of(path: str) -> str:
@@ -40,23 +41,22 @@ class ConvertOptions:
     """What determines the records' bytes. A rerun into the same folder must use the same."""
 
     image_size: int = option(0, "0 keeps source pixels and copies JPEG Baseline 8-bit grey frames byte for byte; N "
-                             "stores every image as an N x N PNG (boxes stay normalised).")
+                             f"(at least {MIN_STORED_SIZE}) stores every image as an N x N PNG (boxes stay "
+                             "normalised).", minimum=0)
     bit_depth: int = option(8, "8, or 16 to keep up to 16 bits of precision in transcoded (non-passthrough) PNGs; "
-                            "stored ranges are scaled to the full 16-bit range.")
-    val_fraction: float = option(0.2, "Share of labeled patients in the 'val' split, stratified by class.")
+                            "stored ranges are scaled to the full 16-bit range.", choices=(8, 16))
+    val_fraction: float = option(0.2, "Share of labeled patients in the 'val' split, stratified by class.",
+                                 minimum=0.0, exclusive_maximum=1.0)
     seed: int = option(0, "Seed of the train/val split and of the record order within shards.")
     num_shards: int = option(0, "Shards per split; 0 picks a count giving shards of at most ~128 MB and at least 8 "
-                             "per split with 512+ files (so workers convert and readers interleave in parallel).")
+                             "per split with 512+ files (so workers convert and readers interleave in parallel).",
+                             minimum=0)
 
     def validate(self) -> None:
-        if self.image_size < 0 or 0 < self.image_size < 8:
-            raise UserError(f"--image_size must be 0 (source pixels) or at least 8, not {self.image_size}")
-        if self.bit_depth not in (8, 16):
-            raise UserError(f"--bit_depth must be 8 or 16, not {self.bit_depth}")
-        if not 0.0 <= self.val_fraction < 1.0:
-            raise UserError(f"--val_fraction must be in [0, 1), not {self.val_fraction}")
-        if self.num_shards < 0:
-            raise UserError(f"--num_shards must be >= 0, not {self.num_shards}")
+        check_constraints(self)
+        if 0 < self.image_size < MIN_STORED_SIZE:
+            raise UserError(f"--image_size must be 0 (source pixels) or at least {MIN_STORED_SIZE}, "
+                            f"not {self.image_size}")
 
 
 def _png(array: np.ndarray) -> bytes:

@@ -27,6 +27,7 @@ from typing import Protocol
 from tqdm import tqdm
 
 from pneumo_tf import fileio
+from pneumo_tf.cli import check_constraints, option
 from pneumo_tf.errors import UserError
 from pneumo_tf.fileio import write_csv_atomic, write_json_atomic
 from pneumo_tf.records import dicom, images, labels as labels_lib, manifest as manifest_lib, schema
@@ -36,6 +37,36 @@ from pneumo_tf.records.tfrecord import TFRecordWriter
 
 PARTIAL_DIR = "_partial"
 PROGRESS_EVERY = 16  # files between a worker's progress reports
+
+
+@dataclasses.dataclass(frozen=True)
+class ConvertConfig:
+    """The flags of python -m pneumo_tf.convert: what to convert, where to, and what writes the shards."""
+
+    dicom_dir: str = option(help="Folder of training images: DICOM, PNG or JPEG files, in any mix (every file in it "
+                            "is converted or rejected; its name without .dcm/.png/.jpg/.jpeg is its id).",
+                            aliases=("input_dir",))
+    output_dir: str = option(help="Where shards, manifest.json and rejects.csv go. Rerunning into it with the same "
+                             "options resumes (finished shards are kept).")
+    labels_csv: str | None = option(None, "stage_2_train_labels.csv (patientId,x,y,width,height,Target). Without it "
+                                    "every readable image goes to the 'test' split with target and class -1.")
+    class_info_csv: str | None = option(None, "stage_2_detailed_class_info.csv (patientId,class): the three-way "
+                                        "class used for stratification and stored in label/class.")
+    test_dicom_dir: str | None = option(None, "A second folder converted as the unlabeled 'test' split in the same "
+                                        "run.", aliases=("test_input_dir",))
+    options: ConvertOptions = option(ConvertOptions())
+    workers: int = option(0, "Local worker processes building examples (without --beam_pipeline_options); 0 uses "
+                          "all cores.", minimum=0)
+    beam_pipeline_options: str | None = option(
+        None, "Convert as an Apache Beam pipeline on many machines, with these comma-separated Beam options, e.g. "
+        "runner=DataflowRunner,project=P,region=R,temp_location=gs://B/tmp,setup_file=./setup.py (or "
+        "runner=FlinkRunner,..., runner=SparkRunner,..., runner=DirectRunner,direct_num_workers=2,"
+        "direct_running_mode=multi_processing). Same shards, rejects and manifest as the local pool. Folders and "
+        "CSVs may be URLs that tf.io.gfile reads (gs://...). Needs pip install \"pneumo_tf[beam]\".")
+
+    def validate(self) -> None:
+        check_constraints(self)
+        self.options.validate()
 
 
 class ShardWriter(Protocol):

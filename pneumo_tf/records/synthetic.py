@@ -55,13 +55,22 @@ NODULE_CONTRAST = 60.0
 
 @dataclasses.dataclass(frozen=True)
 class SyntheticConfig:
-    num_images: int = cli.option(200, "Labeled training images (about 23% with opacities).")
-    num_test_images: int = cli.option(0, "Unlabeled images in stage_2_test_images.")
+    num_images: int = cli.option(200, "Labeled training images (about 23% with opacities).", minimum=0)
+    num_test_images: int = cli.option(0, "Unlabeled images in stage_2_test_images.", minimum=0)
     seed: int = cli.option(0, "Seed: the same seed writes the same files.")
     image_size: int = cli.option(1024, "Width and height of the radiographs in pixels.")
     difficulty: str = cli.option("easy", "easy: clear opacities; hard: subtle opacities plus unlabelled sharp "
                                  "nodules in images without opacity (for comparing models).",
                                  choices=tuple(OPACITY_CONTRAST))
+
+
+@dataclasses.dataclass(frozen=True)
+class SynthesiseConfig:
+    """The flags of python -m pneumo_tf.synthesise."""
+
+    output_dir: str = cli.option(help="Folder to write the RSNA-layout data set into.")
+    data: SyntheticConfig = cli.option(SyntheticConfig())
+    workers: int = cli.option(0, "Processes writing files; 0 uses all cores.", minimum=0)
 
 
 def _ellipse(u, v, cu, cv, ru, rv):

@@ -59,7 +59,7 @@ import keras_tuner
 import numpy as np
 
 from pneumo_tf import cli, models
-from pneumo_tf.cli import option
+from pneumo_tf.cli import check_constraints, option
 from pneumo_tf.errors import UserError
 from pneumo_tf.fileio import atomic_open, write_json_atomic
 from pneumo_tf.training import loop
@@ -82,23 +82,22 @@ class TuneConfig:
                                      "int, choice; see python -m pneumo_tf.tune's docstring).")
     tune_dir: str | None = option(None, "Folder of the search: KerasTuner's state, one model folder per trial, "
                                   "best.flags. Rerunning into it resumes the search.")
-    trials: int = option(10, "Trials to run (random and bayesian; hyperband's brackets set their own count).")
+    trials: int = option(10, "Trials to run (random and bayesian; hyperband's brackets set their own count).",
+                         minimum=1)
     algorithm: str = option("random", "random search, bayesian optimisation (Gaussian process), or hyperband "
                             "(successive halving over --epochs).", choices=ALGORITHMS)
     tuner_seed: int = option(0, "Seed of the search's draws (each trial trains with --seed).")
-    hyperband_factor: int = option(3, "Hyperband's reduction factor: each bracket keeps 1/factor of its trials.")
-    parallel: int = option(1, "Trials run at a time as processes on this machine (KerasTuner's chief and workers).")
+    hyperband_factor: int = option(3, "Hyperband's reduction factor: each bracket keeps 1/factor of its trials.",
+                                   minimum=2)
+    parallel: int = option(1, "Trials run at a time as processes on this machine (KerasTuner's chief and workers).",
+                           minimum=1)
 
     def validate(self) -> None:
+        check_constraints(self)
         if not self.search:
             raise UserError("--search needs at least one name=kind:... item")
         if not self.tune_dir:
             raise UserError("give --tune_dir (the search's folder)")
-        for name in ("trials", "parallel"):
-            if getattr(self, name) < 1:
-                raise UserError(f"--{name} must be at least 1, not {getattr(self, name)}")
-        if self.hyperband_factor < 2:
-            raise UserError(f"--hyperband_factor must be at least 2, not {self.hyperband_factor}")
 
 
 # ------------------------------------------------------------------------------------------------
