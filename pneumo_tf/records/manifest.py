@@ -5,6 +5,9 @@ Layout of `manifest.json`:
   splits: {split: {records, positive, boxes, classes: {name: n},
                    shards: [{name, records, bytes, sha256}]}},
   rejects, labeled_without_dicom, formats: {dicom, png, jpeg: records from files of that format},
+  synthetic: the marker beside the labels CSV ({generator, settings}) when pneumo_tf's generator
+             wrote the data (records/synthetic.py), false otherwise (absent: converted before the
+             converter recorded it, so unknown),
   passthrough_records, transcoded_records, multi_frame_first_frame_only, elapsed_seconds, files_per_second.
 """
 from __future__ import annotations

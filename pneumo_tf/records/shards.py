@@ -30,7 +30,7 @@ from pneumo_tf import fileio
 from pneumo_tf.cli import check_constraints, option
 from pneumo_tf.errors import UserError
 from pneumo_tf.fileio import write_csv_atomic, write_json_atomic
-from pneumo_tf.records import dicom, images, labels as labels_lib, manifest as manifest_lib, schema
+from pneumo_tf.records import dicom, images, labels as labels_lib, manifest as manifest_lib, schema, synthetic
 from pneumo_tf.records.plan import Plan, Shard, make_plan
 from pneumo_tf.records.radiograph import ConvertOptions, convert_or_reject
 from pneumo_tf.records.tfrecord import TFRecordWriter
@@ -271,6 +271,7 @@ def _finalize(output_dir: str, plan: Plan, recorded: dict, started: float, files
         "rejects": len(rejects),
         "labeled_without_dicom": plan.labeled_without_dicom,
         "formats": {name: formats[name] for name in images.FORMATS},  # records by source file format
+        "synthetic": synthetic.read_marker(recorded["labels_csv"]) or False,
         "passthrough_records": totals["passthrough"],
         "transcoded_records": sum(s["records"] for s in splits.values()) - totals["passthrough"],
         # Multi-frame files give their first frame only.

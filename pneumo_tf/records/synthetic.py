@@ -18,6 +18,10 @@ bright".
 
     python -m pneumo_tf.synthesise --output_dir=/tmp/rsna --num_images=200
 
+Beside the labels CSVs, `synthetic.json` says that the data set is synthetic and with which
+settings; the converter copies it into the manifest ("synthetic", see records/manifest.py), so
+a model trained on these records says so in its model card.
+
 `export_images` writes a DICOM folder again as PNG or JPEG files, the form Kaggle's
 mirrors, NIH ChestX-ray14 and CheXpert come in (tests and benchmarks of image folders).
 """
@@ -37,14 +41,16 @@ from PIL import Image
 from pydicom.dataset import FileMetaDataset
 from pydicom.uid import JPEGBaseline8Bit, SecondaryCaptureImageStorage, generate_uid
 
-from pneumo_tf import cli
-from pneumo_tf.fileio import write_csv_atomic
+from pneumo_tf import cli, fileio
+from pneumo_tf.fileio import write_csv_atomic, write_json_atomic
 from pneumo_tf.records import dicom, images, jpeg, schema
 
 TRAIN_DIR = "stage_2_train_images"
 TEST_DIR = "stage_2_test_images"
 LABELS_CSV = "stage_2_train_labels.csv"
 CLASS_INFO_CSV = "stage_2_detailed_class_info.csv"
+MARKER_JSON = "synthetic.json"
+GENERATOR = "pneumo_tf.records.synthetic"
 
 # RSNA's shares: 33% Normal, 44% No Lung Opacity / Not Normal, 23% Lung Opacity.
 CLASS_SHARES = (0.33, 0.44, 0.23)
@@ -202,12 +208,24 @@ def write_dataset(output_dir: str, config: SyntheticConfig = SyntheticConfig(), 
                      config.difficulty))
 
     _run_jobs(_write_one, jobs, workers, progress)
+    # Before the labels: labels without their marker would be taken for real ones.
+    write_json_atomic(os.path.join(output_dir, MARKER_JSON),
+                      {"generator": GENERATOR, "settings": dataclasses.asdict(config)})
     for name, header, rows in (
         (LABELS_CSV, ["patientId", "x", "y", "width", "height", "Target"], label_rows),
         (CLASS_INFO_CSV, ["patientId", "class"], class_rows),
     ):
         write_csv_atomic(os.path.join(output_dir, name), header, rows)
     return dataset_paths(output_dir, config)
+
+
+def read_marker(labels_csv: str | None) -> dict | None:
+    """The marker `write_dataset` leaves beside the labels CSV it writes ({generator, settings}), or
+    None when `labels_csv` has none (real labels, or none given)."""
+    if not labels_csv:
+        return None
+    path = os.path.join(os.path.dirname(labels_csv), MARKER_JSON)
+    return fileio.read_json(path) if fileio.isfile(path) else None
 
 
 def _run_jobs(function, jobs, workers: int | None, progress) -> None:
