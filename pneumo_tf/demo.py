@@ -143,6 +143,7 @@ def main():
     print(f"threshold table:  {summary['threshold_table']}")
     print(f"submission:       {summary['submission']}")
     print(f"exported model:   {summary['model_dir']} (python -m pneumo_tf.serve --model_dir={summary['model_dir']})")
+    print(f"model card:       python -m pneumo_tf.describe --model_dir={summary['model_dir']}")
     print(f"summary:          {os.path.join(cli.FLAGS.output_dir, 'summary.json')}")
 
 

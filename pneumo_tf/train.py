@@ -12,6 +12,8 @@ Every flag is a field of pneumo_tf.training.config.TrainConfig, which holds its 
 model's options and presets).
 --verbosity=1 shows TensorFlow's start-up logging.
 """
+import sys
+
 from pneumo_tf import cli
 
 cli.import_tensorflow_quietly()  # before anything imports TensorFlow
@@ -23,7 +25,7 @@ cli.define_flags(TrainConfig)
 
 def main():
     config = with_preset(cli.config_from_flags(TrainConfig), explicit=cli.explicit_fields(TrainConfig))
-    summary = loop.train_and_evaluate(config)
+    summary = loop.train_and_evaluate(config, arguments=sys.argv[1:])
     print(f"trained {summary['model']} for {summary['epochs_run']} epochs in {summary['train_seconds']} s "
           f"({summary['images_per_second']} images/s); exported to {cli.FLAGS.model_dir}")
 

@@ -10,7 +10,7 @@ PACKAGE = pathlib.Path(__file__).resolve().parents[1] / "pneumo_tf"
 STAGES = ("records", "data", "models", "evaluation", "training", "inference")
 FOUNDATIONS = {"pneumo_tf", "pneumo_tf.cli", "pneumo_tf.errors", "pneumo_tf.fileio"}
 COMMANDS = {"convert", "train", "evaluate", "predict", "serve", "demo", "tune", "data_service", "synthesise",
-            "dicom_node"}
+            "dicom_node", "describe"}
 
 
 def stage(module: str) -> float:

@@ -30,7 +30,9 @@ and to TensorBoard under <home>/logs/evaluation_<split> at the model's last epoc
 table as text, AUC, mAP and the chosen threshold.
 
 The chosen threshold maximises the challenge mAP; it is saved into the model's
-pneumo_tf.json, or the ensemble folder, where prediction and the web page read it.
+pneumo_tf.json, or the ensemble folder, where prediction and the web page read it. The
+figures (records, split, mAP, AUC, threshold) are appended to the model card of that folder
+(pneumo_tf.models.card), which so keeps the history of the model's measurements.
 """
 from __future__ import annotations
 
@@ -51,7 +53,7 @@ from pneumo_tf.evaluation.sweep import (
 )
 from pneumo_tf.evaluation.visualize import curve_pngs, write_tensorboard
 from pneumo_tf.fileio import atomic_open, write_json_atomic
-from pneumo_tf.models import reading as reading_lib
+from pneumo_tf.models import card as model_card, reading as reading_lib
 from pneumo_tf.models.reading import ReadingConfig
 
 @dataclasses.dataclass(frozen=True)
@@ -223,6 +225,11 @@ def evaluate(config: EvaluateConfig) -> Evaluation:
     write_tensorboard(summary["log_dir"], step, collected, table_markdown, pngs, summary)
     if config.save_threshold:
         summary["threshold_dir"] = reading_lib.save_threshold(reading, threshold_info(summary), config.ensemble_dir)
+    # The folder the reading lives in keeps the figures in its card; a fused reading saved nowhere has none.
+    card_dir = summary.get("threshold_dir") or reading.ensemble_dir or (home if reading.is_plain else None)
+    if card_dir is not None:
+        summary["model_card"] = model_card.record_evaluation(
+            card_dir, reading, model_card.evaluation_entry(summary, config.records_dir))
     write_json_atomic(output("summary.json"), summary)
     return Evaluation(summary, table, confusion, confusion_by_class, readings)
 

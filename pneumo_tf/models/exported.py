@@ -4,6 +4,8 @@
       model.keras     the network (Keras format; loaded here with its architecture's code)
       saved_model/    the architecture's whole inference (images -> outputs) as a TensorFlow
                       SavedModel with one signature, "serve", for TF Serving and other runtimes
+      model_card.json the model card: provenance, recipe, training records, metrics at export and
+                      evaluations since (pneumo_tf.models.card); written before pneumo_tf.json
       pneumo_tf.json  the info: architecture name, preset and every option as resolved (exports
                       made before options had types: the options given), image size, how the training
                       records were converted, decision threshold, training history; written
@@ -32,19 +34,23 @@ from pneumo_tf.records.radiograph import ConvertOptions
 MODEL_FILE = "model.keras"
 SAVED_MODEL_DIR = "saved_model"
 INFO_FILE = "pneumo_tf.json"
+CARD_FILE = "model_card.json"
 SERVING_ENDPOINT = "serve"
 
 
-def write(network: keras.Model, architecture: Architecture, model_dir: str, info: dict) -> None:
-    """Writes model.keras, saved_model/ and pneumo_tf.json (last, so its presence means complete).
+def write(network: keras.Model, architecture: Architecture, model_dir: str, info: dict,
+          card: dict | None = None) -> None:
+    """Writes model.keras, saved_model/, model_card.json (when given) and pneumo_tf.json (last, so its
+    presence means complete).
 
     `info` needs at least "model" (the architecture's name) and "image_size".
     """
     os.makedirs(model_dir, exist_ok=True)
     # Until the new info is written, no info: a crash part-way must not pair the old
-    # pneumo_tf.json (image size, threshold) with a new network.
-    with contextlib.suppress(FileNotFoundError):
-        os.remove(os.path.join(model_dir, INFO_FILE))
+    # pneumo_tf.json (image size, threshold) or model card with a new network.
+    for stale in (INFO_FILE, CARD_FILE):
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(os.path.join(model_dir, stale))
     path = os.path.join(model_dir, MODEL_FILE)
     network.save(f"{path}.tmp.keras")
     os.replace(f"{path}.tmp.keras", path)
@@ -62,6 +68,8 @@ def write(network: keras.Model, architecture: Architecture, model_dir: str, info
     if os.path.isdir(saved):
         shutil.rmtree(saved)
     os.replace(f"{saved}.tmp", saved)
+    if card is not None:
+        write_json_atomic(os.path.join(model_dir, CARD_FILE), card)
     write_json_atomic(os.path.join(model_dir, INFO_FILE), info)
 
 

@@ -7,7 +7,7 @@ Layout of `config.model_dir` after a run:
   backup/         BackupAndRestore state: a killed run resumes from its last finished epoch
   checkpoints/    weights after every epoch, the best by the monitored metric, and best.json
                   (its epoch and value, carried across a resume)
-  model.keras, saved_model/, pneumo_tf.json   the exported model (pneumo_tf.models.exported)
+  model.keras, saved_model/, model_card.json, pneumo_tf.json   the exported model (pneumo_tf.models.exported)
 """
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ import tensorflow as tf
 from pneumo_tf import models
 from pneumo_tf.data import augment, pipeline, remote
 from pneumo_tf.errors import UserError
-from pneumo_tf.models import exported
+from pneumo_tf.models import card as model_card, exported
 from pneumo_tf.models.architecture import Architecture
 from pneumo_tf.records.manifest import read_manifest
 from pneumo_tf.training import callbacks as callbacks_lib, distribute
@@ -129,8 +129,11 @@ def _best_so_far(path: str, resuming: bool) -> tuple[int | None, float | None]:
     return saved["epoch"], saved["value"]
 
 
-def train_and_evaluate(config: TrainConfig) -> dict:
-    """Trains `config.model` on `config.records_dir` and exports it to `config.model_dir`."""
+def train_and_evaluate(config: TrainConfig, arguments: list[str] | None = None) -> dict:
+    """Trains `config.model` on `config.records_dir` and exports it to `config.model_dir`.
+
+    `arguments`: the command line that started the run (without the program), for the model card.
+    """
     config.validate()
     architecture = models.get(config.model)
     options = architecture.make_options(config.model_options)
@@ -241,5 +244,6 @@ def train_and_evaluate(config: TrainConfig) -> dict:
         "history": {k: [float(v) for v in values] for k, values in history.history.items()},
     }
     if strategy.extended.should_checkpoint:
-        exported.write(network, architecture, config.model_dir, summary)
+        card = model_card.export_card(config, summary, network.count_params(), arguments)
+        exported.write(network, architecture, config.model_dir, summary, card)
     return summary
