@@ -15,6 +15,7 @@ from pneumo_tf import cli
 
 cli.import_tensorflow_quietly()  # before anything imports TensorFlow
 from pneumo_tf.inference import offline  # noqa: E402
+from pneumo_tf.models import card as model_card  # noqa: E402
 
 cli.define_flags(offline.PredictConfig)
 MAX_REJECTS_SHOWN = 10
@@ -37,7 +38,9 @@ def main():
               f"{results['images']} images -> {results['folder']}")
     print(f"{summary['images']} images from {summary['source']}: {summary['boxes']} boxes on "
           f"{summary['images_with_boxes']} images at threshold {summary['threshold']:g}, "
-          f"{len(summary['rejects'])} rejected -> {summary['output']}")
+          f"{len(summary['rejects'])} rejected -> {summary['output']} (model card: {summary['model_card']})")
+    for warning in model_card.warnings(model_card.read_file(summary["model_card"])):
+        print(f"warning: {warning}", file=sys.stderr)
 
 
 if __name__ == "__main__":

@@ -7,6 +7,8 @@ import pytest
 
 from pneumo_tf import demo
 from pneumo_tf.evaluation import submission
+from pneumo_tf.models import card as model_card
+from pneumo_tf.records.manifest import read_manifest
 
 
 def test_demo_runs_the_whole_path_and_writes_its_summary(tmp_path):
@@ -30,3 +32,14 @@ def test_demo_runs_the_whole_path_and_writes_its_summary(tmp_path):
     assert os.path.isfile(os.path.join(summary["model_dir"], "model.keras"))
     assert os.path.isfile(summary["threshold_table"])
     assert len(submission.read_submission(summary["submission"])) == 4
+    # The model card says synthetic, with the demo's counts, and holds the demo's evaluation.
+    card = model_card.read_file(os.path.join(summary["model_dir"], "model_card.json"))
+    assert card["data"]["synthetic"]["settings"] == {"num_images": 24, "num_test_images": 4, "seed": 0,
+                                                     "image_size": 1024, "difficulty": "easy"}
+    manifest = read_manifest(summary["records_dir"])
+    assert card["data"]["splits"] == {split: {"records": entry["records"], "positive": entry["positive"]}
+                                      for split, entry in manifest["splits"].items()}
+    assert sum(entry["records"] for entry in card["data"]["splits"].values()) == 28
+    assert [(entry["split"], entry["map"]) for entry in card["evaluations"]] == [("val", summary["val_map"])]
+    assert "synthetic pictures" in model_card.warnings(card)[0]
+    assert model_card.read_file(os.path.join(tmp_path, "demo", "submission.model.json"))["prediction"]["images"] == 4

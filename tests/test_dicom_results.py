@@ -1,6 +1,7 @@
 """DICOM results (inference/dicom_results.py) of the 10 real RSNA DICOMs: valid for dciodvfy, read back by
 highdicom and pydicom with the predicted boxes and masks and the source's UIDs; PNG/JPEG inputs get none;
 a presentation state applied to a real DICOM, rendered; the web page's download."""
+import importlib.metadata
 import io
 import json
 import os
@@ -17,7 +18,7 @@ from PIL import Image, ImageDraw
 from dicom_tools import dciodvfy_errors, dcmtk  # tests/dicom_tools.py
 from pneumo_tf.evaluation import submission
 from pneumo_tf.inference import dicom_results, offline, web
-from pneumo_tf.models import exported
+from pneumo_tf.models import card as model_card, exported
 
 KINDS = ("SR", "PR", "SEG")
 
@@ -258,3 +259,27 @@ def test_web_page_offers_the_dicom_results_of_a_dicom_upload(mask_model, shared_
     response = post("/api/dicom_results", jpeg.read_bytes(), jpeg.name)
     assert response.status_code == 422 and "no patient, study or UIDs" in response.json["error"]
     assert 'id="no-dicom-results"' in post("/", jpeg.read_bytes(), jpeg.name).get_data(as_text=True)
+
+
+def test_objects_carry_the_model_name_version_and_card_digest(predicted, mask_model):
+    card_sha256 = model_card.digest(model_card.of_folder(mask_model))
+    version = importlib.metadata.version("pneumo_tf")
+    stem = next(predicted["dicom_dir"].glob("*.dcm")).stem
+    objects = read_objects(predicted, stem)
+
+    def items(dataset):
+        for item in dataset.get("ContentSequence", []):
+            yield item
+            yield from items(item)
+
+    identification = {}
+    for item in items(objects["SR"]):
+        if item.ValueType == "TEXT" and item.ConceptNameCodeSequence[0].CodeValue in ("111001", "111002", "111003"):
+            identification.setdefault(item.ConceptNameCodeSequence[0].CodeMeaning, set()).add(item.TextValue)
+    assert identification["Algorithm Name"] == {"pneumo_tf mask_resnet"}
+    assert identification["Algorithm Version"] == {version}
+    assert f"model_card={card_sha256}" in identification["Algorithm Parameters"]
+    assert objects["PR"].ContentDescription == f"pneumo_tf mask_resnet {version} card {card_sha256[:16]}"
+    [algorithm] = objects["SEG"].SegmentSequence[0].SegmentationAlgorithmIdentificationSequence
+    assert (algorithm.AlgorithmName, algorithm.AlgorithmVersion) == ("pneumo_tf mask_resnet", version)
+    assert f"model_card={card_sha256}" in algorithm.AlgorithmParameters

@@ -17,7 +17,7 @@ from pneumo_tf import models
 from pneumo_tf.errors import UserError
 from pneumo_tf.evaluation import report, submission
 from pneumo_tf.inference import offline, web
-from pneumo_tf.models import exported, fusion, reading
+from pneumo_tf.models import card as model_card, exported, fusion, reading
 from pneumo_tf.models.architecture import BoxDetector
 from pneumo_tf.models.reading import Member, Reading, ReadingConfig
 
@@ -225,7 +225,8 @@ def test_evaluate_writes_an_ensemble_folder_that_predict_and_serve_read(box_pict
 
     health = web.create_app(str(ensemble_dir)).test_client().get("/healthz").json
     assert health == {"status": "ok", "model": "2 x mask_resnet, wbf", "image_size": 64,
-                      "threshold": result.summary["threshold"]}
+                      "threshold": result.summary["threshold"],
+                      "model_card_sha256": model_card.digest(model_card.of_folder(str(ensemble_dir)))}
     # The folder fixes its reading; flags that would change it are refused.
     with pytest.raises(UserError, match="drop --tta"):
         reading.load(str(ensemble_dir), ReadingConfig(tta="hflip"))

@@ -11,12 +11,14 @@ import subprocess
 import sys
 import threading
 
+import markupsafe
 import pytest
 from absl import flags
 
 from pneumo_tf import cli, fileio
 from pneumo_tf.errors import UserError
 from pneumo_tf.evaluation import report
+from pneumo_tf.inference import offline, web
 from pneumo_tf.models import card as model_card, exported, reading
 from pneumo_tf.records import manifest as manifest_lib, synthetic
 from pneumo_tf.training.config import TrainConfig
@@ -270,6 +272,49 @@ def test_an_ensemble_folder_lists_its_members_cards(tiny_trained_model, real_tra
                                           ensemble_dir=ensemble_dir, reading=reading.ReadingConfig(tta="hflip")))
     renewed = read_card(ensemble_dir)
     assert len(renewed["members"]) == 1 and len(renewed["evaluations"]) == 1
+
+
+def test_predict_writes_the_card_beside_the_submission(trained_model, tiny_records, tmp_path):
+    output = tmp_path / "out" / "submission.csv"
+    summary = offline.predict(offline.PredictConfig(model_dir=trained_model, output=str(output),
+                                                    records_dir=tiny_records, threshold=0.4),
+                              progress_stream=io.StringIO())
+    path = tmp_path / "out" / "submission.model.json"
+    assert summary["model_card"] == str(path)
+    written = model_card.read_file(str(path))
+    card = model_card.of_folder(trained_model)
+    assert model_card.digest(written) == model_card.digest(card)
+    assert {key: value for key, value in written.items() if key != "prediction"} == card
+    assert {key: written["prediction"][key] for key in ("submission", "threshold", "images", "reading")} == {
+        "submission": "submission.csv", "threshold": 0.4, "images": 3, "reading": "mask_resnet"}
+
+
+def test_the_api_returns_the_short_card_the_page_shows(trained_model, synthetic_rsna):
+    app = web.create_app(trained_model)
+    client = app.test_client()
+    name = sorted(os.listdir(synthetic_rsna["train_dir"]))[0]
+    with open(os.path.join(synthetic_rsna["train_dir"], name), "rb") as handle:
+        data = handle.read()
+    expected = model_card.short(model_card.of_folder(trained_model))
+    answer = client.post("/api/predict", data={"file": (io.BytesIO(data), name)}).json
+    assert answer["model_card"] == expected
+    assert client.get("/healthz").json["model_card_sha256"] == expected["card_sha256"]
+    page = client.post("/", data={"file": (io.BytesIO(data), name)}).get_data(as_text=True)
+    assert page.count('class="warning model-warning"') == 1 and "synthetic pictures" in page
+    assert str(markupsafe.escape(expected["trained_on"])) in page and expected["card_sha256"][:16] in page
+
+
+def test_a_page_without_warnings_shows_none(real_trained_model, synthetic_rsna, tmp_path):
+    """A card of enough real images (the real model's card with the challenge's train count): no warning."""
+    model_dir = copy_model(real_trained_model, tmp_path / "model")
+    card = read_card(model_dir)
+    card["data"]["splits"]["train"]["records"] = 21_347
+    model_card.write(model_dir, card)
+    name = sorted(os.listdir(synthetic_rsna["train_dir"]))[0]
+    with open(os.path.join(synthetic_rsna["train_dir"], name), "rb") as handle:
+        page = web.create_app(model_dir).test_client().post(
+            "/", data={"file": (io.BytesIO(handle.read()), name)}).get_data(as_text=True)
+    assert "model-warning" not in page and "21,347 real images (DICOM)" in page
 
 
 @pytest.mark.slow

@@ -160,8 +160,9 @@ def test_commands_print_only_their_own_output(trained_model, tiny_records, tmp_p
             f"--output={tmp_path / 'submission.csv'}", "--threshold=0.5"]
     quiet = subprocess.run(args, capture_output=True, text=True, timeout=300, env=env)
     assert quiet.returncode == 0, quiet.stderr[-2000:]
-    # Only the progress bar on stderr, and the one summary line on stdout.
-    assert [line for line in quiet.stderr.replace("\r", "\n").splitlines() if line and "predict:" not in line] == []
+    # Only the progress bar and the model card's warning on stderr, and the one summary line on stdout.
+    assert [line for line in quiet.stderr.replace("\r", "\n").splitlines() if line and "predict:" not in line] == [
+        "warning: Trained on 19 synthetic pictures, not radiographs: its readings of real chest X-rays mean nothing."]
     assert len(quiet.stdout.splitlines()) == 1 and quiet.stdout.startswith("3 images from ")
     verbose = subprocess.run([*args, "--verbosity=1"], capture_output=True, text=True, timeout=300, env=env)
     assert verbose.returncode == 0 and "cuda" in verbose.stderr.lower()

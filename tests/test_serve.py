@@ -27,7 +27,7 @@ from pneumo_tf.data import pipeline
 from pneumo_tf.evaluation import collect
 from pneumo_tf.inference import offline
 from pneumo_tf.evaluation import submission
-from pneumo_tf.models import exported
+from pneumo_tf.models import card as model_card, exported
 from pneumo_tf.records import dicom, radiograph, shards, synthetic
 
 SOURCE_SIZE = 1024  # the real and the synthetic DICOMs
@@ -113,7 +113,8 @@ def check_matches_reference(result: dict, reference) -> None:
 def test_healthz(app, trained_model):
     response = app.test_client().get("/healthz")
     assert response.status_code == 200
-    assert response.json == {"status": "ok", "model": "mask_resnet", "image_size": 64, "threshold": 0.5}
+    assert response.json == {"status": "ok", "model": "mask_resnet", "image_size": 64, "threshold": 0.5,
+                             "model_card_sha256": model_card.digest(model_card.of_folder(trained_model))}
 
 
 def test_real_dicoms_give_what_prediction_gives(real):

@@ -10,6 +10,7 @@ import pytest
 from PIL import Image
 
 from pneumo_tf.inference import web
+from pneumo_tf.models import card as model_card
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMEDRIVER = "/usr/bin/chromedriver"
@@ -102,3 +103,31 @@ def test_upload_in_a_browser_shows_decision_probability_and_boxes(trained_model,
         error = WebDriverWait(browser, 120).until(expected_conditions.presence_of_element_located((By.ID, "error")))
         assert error.text.startswith("notes.dcm cannot be read as a radiograph: not a DICOM, PNG or JPEG file")
         assert browser.find_elements(By.ID, "result") == []
+
+
+def test_the_page_warns_beside_the_result_of_a_model_trained_on_synthetic_data(trained_model, real_trained_model,
+                                                                             shared_rsna, browser, running):
+    """A real radiograph read by a model trained on synthetic pictures (the tiny model) and by one trained on
+    converted real DICOMs (ten of them): the first page warns that the model is synthetic, the second does
+    not, and says instead that ten real images are too few."""
+    radiograph = sorted((shared_rsna / "dicom").glob("*.dcm"))[0]
+    warnings = {}
+    for kind, model_dir in (("synthetic", trained_model), ("real", real_trained_model)):
+        card = model_card.short(model_card.of_folder(model_dir))
+        with running(web.create_app(model_dir)) as base:
+            browser.get(f"{base}/")
+            browser.find_element(By.ID, "file").send_keys(str(radiograph))
+            browser.find_element(By.ID, "submit").click()
+            WebDriverWait(browser, 120).until(expected_conditions.presence_of_element_located((By.ID, "result")))
+            shown = browser.find_elements(By.CSS_SELECTOR, "#result .model-warning")
+            assert all(element.is_displayed() for element in shown)
+            warnings[kind] = [element.text for element in shown]
+            assert browser.find_element(By.ID, "trained-on").text == card["trained_on"]
+            assert browser.find_element(By.ID, "measured").text == card["measured"]
+            assert browser.find_element(By.ID, "card-digest").text == card["card_sha256"][:16]
+            assert browser.find_element(By.ID, "model-card").is_displayed()
+    assert warnings["synthetic"] == ["Trained on 19 synthetic pictures, not radiographs: its readings of real chest "
+                                     "X-rays mean nothing."]
+    assert not any("synthetic" in warning for warning in warnings["real"])
+    assert warnings["real"] == ["Trained on only 8 real radiographs (fewer than 3,000): too few for its readings to "
+                                "be trusted."]

@@ -22,9 +22,10 @@ holds in a form the standard does not allow are converted or left out (`header_f
 so every object passes dciodvfy. PNG and JPEG inputs have no patient, study or UIDs to refer to:
 they get no DICOM results.
 
-The algorithm (`Algorithm`, built from the model folder's info by `algorithm_of`) is the one
-place that says which model wrote a result: name, version and parameters go into the SR's
-algorithm identification, the SEG's segment, and the PR's content description.
+The algorithm (`Algorithm`, built from the model folder's info and model card by `algorithm_of`)
+is the one place that says which model wrote a result: name, version, the model card's digest
+(pneumo_tf.models.card) and parameters go into the SR's algorithm identification, the SEG's
+segment, and the PR's content description.
 """
 from __future__ import annotations
 
@@ -44,6 +45,7 @@ from pydicom.sr.codedict import codes
 from pydicom.valuerep import format_number_as_ds
 
 from pneumo_tf.fileio import atomic_open
+from pneumo_tf.models import card as model_card
 
 MANUFACTURER = "pneumo_tf"
 # Codes (see BUILD.md, "DICOM results").
@@ -63,17 +65,19 @@ SEGMENT_LABEL = "Lung opacity"
 
 @dataclasses.dataclass(frozen=True)
 class Algorithm:
-    """Which model wrote a result. Built by `algorithm_of` from the model folder; a model card (its
-    digest) belongs in `parameters` and `version` when the export records one."""
+    """Which model wrote a result. Built by `algorithm_of` from the model folder and its model card."""
 
     name: str  # "pneumo_tf mask_resnet", at most 64 characters (LO)
     version: str  # the package version
-    parameters: dict[str, str] = dataclasses.field(default_factory=dict)
+    parameters: dict[str, str] = dataclasses.field(default_factory=dict)  # "model_card" holds the card's digest
 
     @property
     def description(self) -> str:
-        """One line for the presentation state's content description (LO, 64 characters)."""
-        return f"{self.name} {self.version}"[:64]
+        """One line for the presentation state's content description (LO, 64 characters): name, version
+        and the first 16 hex digits of the model card's digest."""
+        card = self.parameters.get("model_card")
+        suffix = f" {self.version}" + (f" card {card[:16]}" if card else "")
+        return f"{self.name[:64 - len(suffix)]}{suffix}"
 
     def sr_identification(self) -> hd.sr.AlgorithmIdentification:
         return hd.sr.AlgorithmIdentification(self.name, self.version, self._parameter_list(),
@@ -84,18 +88,21 @@ class Algorithm:
                                                   parameters=self.parameters or None)
 
     def _parameter_list(self) -> list[str] | None:
-        return [f"{key}={value}"[:64] for key, value in self.parameters.items()] or None
+        # TEXT content items (UT): no length limit.
+        return [f"{key}={value}" for key, value in self.parameters.items()] or None
 
 
 def algorithm_of(reading, threshold: float) -> Algorithm:
-    """The algorithm of a reading (pneumo_tf.models.reading.Reading) at its decision threshold."""
+    """The algorithm of a reading (pneumo_tf.models.reading.Reading) at its decision threshold, with its
+    model card's digest (the whole 64 hex digits)."""
     try:
         version = importlib.metadata.version("pneumo_tf")
     except importlib.metadata.PackageNotFoundError:
         version = "unknown"
     models = ",".join(os.path.basename(os.path.normpath(folder)) for folder in reading.model_dirs)
     return Algorithm(f"pneumo_tf {reading.name}"[:64], version,
-                     {"threshold": f"{threshold:g}", "model_dir": models})
+                     {"threshold": f"{threshold:g}", "model_dir": models,
+                      "model_card": model_card.digest(model_card.of_reading(reading))})
 
 
 @dataclasses.dataclass(frozen=True)

@@ -10,7 +10,8 @@ nothing but the current batch is held in memory, whatever the number of images.
 
 `collect.run_batches` and `collect.challenge_detections` are the model-calling
 and box-converting steps that evaluation shares, so a box written here is the box
-evaluation scored. With --dicom_results_dir each DICOM's boxes (the same ones), image
+evaluation scored. The model card of what was read (pneumo_tf.models.card) is written beside
+the submission (submission.csv -> submission.model.json), with the threshold used. With --dicom_results_dir each DICOM's boxes (the same ones), image
 probability and, for models with masks, mask also become DICOM objects
 (pneumo_tf.inference.dicom_results).
 """
@@ -32,7 +33,7 @@ from pneumo_tf.evaluation import submission
 from pneumo_tf.evaluation.collect import challenge_detections, run_batches
 from pneumo_tf.evaluation.visualize import PREDICTED_BOX_COLOR
 from pneumo_tf.fileio import atomic_open
-from pneumo_tf.models import reading as reading_lib
+from pneumo_tf.models import card as model_card, reading as reading_lib
 from pneumo_tf.models.reading import Reading, ReadingConfig
 from tqdm import tqdm
 from pneumo_tf.inference import dicom_results
@@ -127,7 +128,9 @@ def predict_records(reading: Reading, threshold: float, config: PredictConfig, r
     os.makedirs(parent, exist_ok=True)
     with pipeline.naming_bad_records(records_dir, (split,), reading.image_sizes[0]):
         submission.write_submission(config.output, rows())
-    return {**counts, "threshold": threshold, "output": config.output}
+    card = model_card.write_beside(config.output, model_card.of_reading(reading),
+                                   {"threshold": threshold, "images": counts["images"], "reading": reading.name})
+    return {**counts, "threshold": threshold, "output": config.output, "model_card": card}
 
 
 def _read_rejects(records_dir: str) -> list[tuple[str, str]]:

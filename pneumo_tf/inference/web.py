@@ -11,11 +11,13 @@ its members, weights, TTA, fusion and threshold (pneumo_tf.models.reading).
                       the predicted boxes with their confidences, the decision and the header facts
                       (a PNG or JPEG has no view, age, sex or pixel spacing: shown as unknown)
   POST /api/predict   multipart field "file" -> JSON: id, decision, probability, threshold,
-                      boxes (confidence, x, y, width, height in source pixels), image facts and format
+                      boxes (confidence, x, y, width, height in source pixels), image facts and format,
+                      and the model's short card (what the page shows beside the result: what the
+                      model was trained on, its latest mAP and where, warnings; pneumo_tf.models.card)
   POST /api/dicom_results  multipart field "file" (a DICOM) -> a zip of its DICOM result objects
                       (SR, presentation state, and a segmentation for models with masks; see
                       pneumo_tf.inference.dicom_results); the page links the same zip after a DICOM upload
-  GET  /healthz       JSON: status, model, image size, threshold
+  GET  /healthz       JSON: status, model, image size, threshold, the model card's digest
 
 An upload goes through the code training and predict use: records.radiograph.convert_file
 (converted as the model's training records were, pneumo_tf.json "conversion") ->
@@ -50,7 +52,7 @@ from pneumo_tf.cli import check_constraints, option
 from pneumo_tf.data import pipeline
 from pneumo_tf.evaluation import collect, submission
 from pneumo_tf.inference import dicom_results
-from pneumo_tf.models import reading as reading_lib
+from pneumo_tf.models import card as model_card, reading as reading_lib
 from pneumo_tf.models.reading import ReadingConfig
 from pneumo_tf.errors import RejectedFile, UserError
 from pneumo_tf.records import dicom, images, radiograph as radiograph_lib, schema
@@ -109,6 +111,7 @@ class Result:
     model: str
     mask: np.ndarray | None = None  # bool [rows, columns], when asked for and the model gives masks
     dicom_results: bytes | None = None  # a zip of the DICOM result objects (DICOM uploads to the page)
+    model_card: dict | None = None  # the model's short card (pneumo_tf.models.card.short)
 
     @property
     def positive(self) -> bool:
@@ -140,6 +143,7 @@ class Result:
                 "format": self.source_format,
             },
             "model": self.model,
+            "model_card": self.model_card,
         }
 
 
@@ -156,6 +160,7 @@ class UploadReading:
         self.image_size = self.reading.image_sizes[0]
         self.options = self.reading.conversion_options()
         self.algorithm = dicom_results.algorithm_of(self.reading, self.threshold)
+        self.card = model_card.short(model_card.of_reading(self.reading))
         self._infer = tf.function(self._decode_and_call, input_signature=[tf.TensorSpec([], tf.string)])
         # Traced once here, before any request: requests only run the traced graph. Keras does not
         # promise that a model may be called from several threads at once, so calls take turns;
@@ -204,6 +209,7 @@ class UploadReading:
             display_png=display_png(radiograph.grey_pixels(8)) if display else b"",
             model=self.reading.name,
             mask=mask,
+            model_card=self.card,
         )
 
     def dicom_results(self, data: bytes, result: Result) -> list:
@@ -339,7 +345,8 @@ def create_app(model_dir: str, max_upload_mb: float = ServeConfig.max_upload_mb,
     @app.get("/healthz")
     def healthz():
         return flask.jsonify(status="ok", model=upload_reading.reading.name,
-                             image_size=upload_reading.image_size, threshold=upload_reading.threshold)
+                             image_size=upload_reading.image_size, threshold=upload_reading.threshold,
+                             model_card_sha256=upload_reading.card["card_sha256"])
 
     @app.errorhandler(exceptions.RequestEntityTooLarge)
     def too_large(error):
