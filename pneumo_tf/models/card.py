@@ -55,6 +55,7 @@ import fcntl
 import hashlib
 import importlib.metadata
 import json
+import math
 import os
 import platform
 import shlex
@@ -160,17 +161,19 @@ def _known(info: dict) -> dict:
 
     def logged(name):
         values = history.get(name)
-        return values[at] if values is not None and at is not None and at < len(values) else None
+        value = values[at] if values is not None and at is not None and at < len(values) else None
+        return None if value is None or math.isnan(value) else value  # JSON has no NaN: undefined is null
 
     auc_name = next((name for name in history if name.startswith("val_") and name.endswith("auc")), None)
     steps = info.get("steps_per_epoch")
     training = None
     if "epochs_run" in info:
+        # pneumo_tf.json holds neither the epochs asked, the batch size nor the optimizer: export_card adds them.
         training = {
-            "epochs": info.get("epochs_asked"), "epochs_run": info["epochs_run"], "exported_epoch": exported_epoch,
+            "epochs": None, "epochs_run": info["epochs_run"], "exported_epoch": exported_epoch,
             "steps_per_epoch": steps, "steps_run": info["epochs_run"] * steps if steps else None,
-            **{key: info.get(key) for key in ("batch_size", "learning_rate", "optimizer", "precision", "replicas",
-                                              "seed", "train_seconds")},
+            "batch_size": None, "optimizer": None,
+            **{key: info.get(key) for key in ("learning_rate", "precision", "replicas", "seed", "train_seconds")},
         }
     validation = None
     if at is not None and "val_loss" in history:
@@ -179,8 +182,7 @@ def _known(info: dict) -> dict:
                       "auc": logged(auc_name) if auc_name else None, "loss": logged("val_loss")}
     return {
         "model": {"architecture": info["model"], "preset": info.get("preset"),
-                  "options": info.get("model_options", {}), "image_size": info["image_size"],
-                  "parameters": info.get("parameters")},
+                  "options": info.get("model_options", {}), "image_size": info["image_size"], "parameters": None},
         "training": training,
         "validation": validation,
     }
@@ -194,11 +196,11 @@ def unknown_card(info: dict) -> dict:
 
 def export_card(config, summary: dict, parameters: int | None = None, arguments=None) -> dict:
     """The card training exports: `config` (a TrainConfig) and `summary` (what it exports as pneumo_tf.json)."""
-    info = {**summary, "parameters": parameters, "epochs_asked": config.epochs, "batch_size": config.batch_size,
-            "optimizer": config.optimizer}
     card = {"card_version": CARD_VERSION, "kind": "model", "name": summary["model"], "created": now(),
-            **_known(info), "recipe": recipe_section(config, arguments), "data": data_section(config.records_dir),
+            **_known(summary), "recipe": recipe_section(config, arguments), "data": data_section(config.records_dir),
             "versions": package_versions(), "evaluations": []}
+    card["model"]["parameters"] = parameters
+    card["training"].update(epochs=config.epochs, batch_size=config.batch_size, optimizer=config.optimizer)
     if card["validation"] is not None:
         records = card["data"]["splits"].get("val", {}).get("records")
         limit = config.validation_steps * config.batch_size
@@ -404,7 +406,7 @@ def measured_on(measurement: dict | None) -> str:
     """A measurement in words: "val mAP 0.912 on 400 synthetic images (threshold 0.3, chosen on that split)"."""
     if measurement is None:
         return "not measured"
-    score = UNKNOWN if measurement["map"] is None else f"{measurement['map']:.3f}"
+    score = "undefined" if measurement["map"] is None else f"{measurement['map']:.3f}"
     images = measurement.get("images")
     where = "" if images is None else f" on {images:,} {_kind_of_images(measurement.get('synthetic'))}images"
     threshold = "" if measurement.get("threshold") is None else (
