@@ -11,9 +11,9 @@ nothing but the current batch is held in memory, whatever the number of images.
 `collect.run_batches` and `collect.challenge_detections` are the model-calling
 and box-converting steps that evaluation shares, so a box written here is the box
 evaluation scored. The model card of what was read (pneumo_tf.models.card) is written beside
-the submission (submission.csv -> submission.model.json), with the threshold used. With --dicom_results_dir each DICOM's boxes (the same ones), image
-probability and, for models with masks, mask also become DICOM objects
-(pneumo_tf.inference.dicom_results).
+the submission (submission.csv -> submission.model.json), with the threshold used. With
+--dicom_results_dir each DICOM's boxes (the same ones), image probability and, for models with
+masks, mask also become DICOM objects (pneumo_tf.inference.dicom_results).
 """
 from __future__ import annotations
 
