@@ -143,11 +143,12 @@ def test_warnings_by_kind_and_count_of_training_images():
 
 def test_undefined_metrics_at_export_are_null():
     info = {"model": "mask_resnet", "image_size": 64, "epochs_run": 1, "epochs": [0], "exported_epoch": 0,
-            "steps_per_epoch": 2, "history": {"val_loss": [0.5], "val_map": [float("nan")], "val_map_threshold": [0.1]}}
+            "steps_per_epoch": 2, "history": {"val_loss": [0.5], "val_map": [float("nan")], "val_map_threshold": [0.1],
+                                              "val_target_auc": [0.75]}}
     validation = model_card.unknown_card(info)["validation"]
-    assert (validation["map"], validation["threshold"], validation["loss"]) == (None, 0.1, 0.5)
+    assert (validation["map"], validation["threshold"], validation["loss"], validation["auc"]) == (None, 0.1, 0.5, 0.75)
     assert model_card.measured_on(model_card.at_export({"validation": validation})) == (
-        "val mAP undefined (threshold 0.1, chosen on that split)")
+        "val mAP undefined, AUC 0.750 (threshold 0.1, chosen on that split)")
 
 
 def test_an_export_without_a_card_loads_and_says_unknown(tiny_trained_model, tmp_path):

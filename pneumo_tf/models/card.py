@@ -403,10 +403,13 @@ def _kind_of_images(synthetic) -> str:
 
 
 def measured_on(measurement: dict | None) -> str:
-    """A measurement in words: "val mAP 0.912 on 400 synthetic images (threshold 0.3, chosen on that split)"."""
+    """A measurement in words: "val mAP 0.912, AUC 0.990 on 400 synthetic images (threshold 0.3, chosen on
+    that split), 2026-12-06"."""
     if measurement is None:
         return "not measured"
     score = "undefined" if measurement["map"] is None else f"{measurement['map']:.3f}"
+    if measurement.get("auc") is not None:
+        score += f", AUC {measurement['auc']:.3f}"
     images = measurement.get("images")
     where = "" if images is None else f" on {images:,} {_kind_of_images(measurement.get('synthetic'))}images"
     threshold = "" if measurement.get("threshold") is None else (
