@@ -64,13 +64,13 @@ def tiny_trained_model(tiny_records, tmp_path_factory) -> str:
 @pytest.fixture(scope="session")
 def real_trained_model(shared_rsna, tmp_path_factory) -> str:
     """A tiny mask_resnet trained for two steps on the 10 real DICOMs (converted at 64 px with their labels)."""
-    from pneumo_tf.records import shards
+    from pneumo_tf.records import radiograph, shards
     from pneumo_tf.training import loop
 
     root = tmp_path_factory.mktemp("real_trained")
     shards.convert(str(shared_rsna / "dicom"), str(root / "records"), str(shared_rsna / "stage_2_train_labels.csv"),
-                   str(shared_rsna / "stage_2_detailed_class_info.csv"), options=shards.ConvertOptions(image_size=64),
-                   workers=1)
+                   str(shared_rsna / "stage_2_detailed_class_info.csv"), options=radiograph.ConvertOptions(image_size=64),
+                   writer=shards.LocalPool(1))
     loop.train_and_evaluate(loop.TrainConfig(
         records_dir=str(root / "records"), model_dir=str(root / "model"), model="mask_resnet",
         model_options={"channels": 4, "n_blocks": 1, "depth": 2}, image_size=64, batch_size=4, epochs=1,

@@ -42,4 +42,5 @@ def test_demo_runs_the_whole_path_and_writes_its_summary(tmp_path):
     assert sum(entry["records"] for entry in card["data"]["splits"].values()) == 28
     assert [(entry["split"], entry["map"]) for entry in card["evaluations"]] == [("val", summary["val_map"])]
     assert "synthetic pictures" in model_card.warnings(card)[0]
+    assert card["model"]["preset"] == "demo" and "--preset=demo" in card["recipe"]["flags"]
     assert model_card.read_file(os.path.join(tmp_path, "demo", "submission.model.json"))["prediction"]["images"] == 4

@@ -21,7 +21,7 @@ from pneumo_tf.evaluation import report
 from pneumo_tf.inference import offline, web
 from pneumo_tf.models import card as model_card, exported, reading
 from pneumo_tf.records import manifest as manifest_lib, synthetic
-from pneumo_tf.training.config import TrainConfig
+from pneumo_tf.training.config import TrainConfig, with_preset
 
 
 def copy_model(model_dir, folder) -> str:
@@ -64,9 +64,13 @@ def test_a_trained_model_exports_its_card(tiny_trained_model, tiny_records):
     info = exported.read_info(tiny_trained_model)
     manifest = manifest_lib.read_manifest(tiny_records)
     assert (card["card_version"], card["kind"], card["name"]) == (1, "model", "mask_resnet")
-    assert card["model"] == {"architecture": "mask_resnet", "preset": info.get("preset"),
-                             "options": {"channels": 4, "n_blocks": 1, "depth": 2}, "image_size": 64,
+    assert card["model"] == {"architecture": "mask_resnet", "preset": None, "options": info["model_options"],
+                             "image_size": 64,
                              "parameters": exported.load(tiny_trained_model).network.count_params()}
+    # Every option as resolved: the run's own and the architecture's defaults.
+    assert {name: card["model"]["options"][name] for name in ("channels", "n_blocks", "depth")} == {
+        "channels": 4, "n_blocks": 1, "depth": 2}
+    assert len(card["model"]["options"]) > 3
     data = card["data"]
     assert data["records_dir"] == os.path.abspath(tiny_records)
     assert data["splits"] == {split: {"records": entry["records"], "positive": entry["positive"]}
@@ -91,7 +95,7 @@ def test_a_trained_model_exports_its_card(tiny_trained_model, tiny_records):
     flag_values = flags.FlagValues()
     cli.define_flags(TrainConfig, flag_values=flag_values)
     flag_values(["train", *card["recipe"]["flags"]])
-    assert cli.config_from_flags(TrainConfig, flag_values=flag_values) == TrainConfig(
+    assert with_preset(cli.config_from_flags(TrainConfig, flag_values=flag_values)) == TrainConfig(
         records_dir=tiny_records, model_dir=tiny_trained_model, model="mask_resnet",
         model_options={"channels": 4, "n_blocks": 1, "depth": 2}, image_size=64, batch_size=4, epochs=1,
         steps_per_epoch=2)
@@ -162,7 +166,7 @@ def test_an_export_without_a_card_loads_and_says_unknown(tiny_trained_model, tmp
     assert short["warnings"] == ["Where this model's training images came from is unknown (it was exported without "
                                  "a model card)."]
     # What pneumo_tf.json says is kept: the architecture, its options, epochs and the validation.
-    assert card["model"]["options"] == {"channels": 4, "n_blocks": 1, "depth": 2}
+    assert card["model"]["options"] == exported.read_info(model_dir)["model_options"]
     assert card["training"]["epochs_run"] == 1 and card["validation"]["split"] == "val"
     text = model_card.to_text(card)
     assert "recipe       unknown" in text and "versions     unknown" in text

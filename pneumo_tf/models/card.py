@@ -181,7 +181,7 @@ def _known(info: dict) -> dict:
                       "threshold": logged("val_map_threshold"), "threshold_split": "val",
                       "auc": logged(auc_name) if auc_name else None, "loss": logged("val_loss")}
     return {
-        "model": {"architecture": info["model"], "preset": info.get("preset"),
+        "model": {"architecture": info["model"], "preset": info.get("preset") or None,
                   "options": info.get("model_options", {}), "image_size": info["image_size"], "parameters": None},
         "training": training,
         "validation": validation,
@@ -208,18 +208,18 @@ def export_card(config, summary: dict, parameters: int | None = None, arguments=
     return card
 
 
-def ensemble_card(reader, folder: str | None = None) -> dict:
-    """The card of a fused reading (pneumo_tf.models.reading.Predictor): its members' cards and how they are
+def ensemble_card(reading, folder: str | None = None) -> dict:
+    """The card of a fused reading (pneumo_tf.models.reading.Reading): its members' cards and how they are
     read. Members' folders are relative to `folder` (the ensemble folder) when given."""
     members = []
-    for model_dir, weight in zip(reader.model_dirs, reader.weights):
+    for model_dir, weight in zip(reading.model_dirs, reading.weights):
         member = of_folder(model_dir)
         shown = os.path.relpath(os.path.abspath(model_dir), os.path.abspath(folder)) if folder else model_dir
         members.append({"model_dir": shown, "weight": weight, "card_sha256": digest(member),
                         "card": provenance(member)})
-    return {"card_version": CARD_VERSION, "kind": "ensemble", "name": reader.name, "created": now(),
-            "members": members, "reading": {"tta": reader.tta, "fusion": reader.fusion,
-                                            "fusion_iou": reader.fusion_iou},
+    return {"card_version": CARD_VERSION, "kind": "ensemble", "name": reading.name, "created": now(),
+            "members": members, "reading": {"tta": reading.tta, "fusion": reading.fusion,
+                                            "fusion_iou": reading.fusion_iou},
             "versions": package_versions(), "evaluations": []}
 
 
@@ -255,16 +255,16 @@ def of_folder(folder: str) -> dict:
     return unknown_card(exported.read_info(folder))
 
 
-def of_reading(reader) -> dict:
-    """The card of what a predictor reads: its model's, its ensemble folder's, or (a fused reading given
-    ad hoc) one built from its members."""
-    if reader.ensemble_dir is not None:
-        if os.path.isfile(_card_path(reader.ensemble_dir)):
-            return read_file(_card_path(reader.ensemble_dir))
-        return ensemble_card(reader, reader.ensemble_dir)
-    if reader.is_plain:
-        return of_folder(reader.model_dirs[0])
-    return ensemble_card(reader)
+def of_reading(reading) -> dict:
+    """The card of a reading (pneumo_tf.models.reading.Reading): its model's, its ensemble folder's, or (a
+    fused reading given ad hoc) one built from its members."""
+    if reading.ensemble_dir is not None:
+        if os.path.isfile(_card_path(reading.ensemble_dir)):
+            return read_file(_card_path(reading.ensemble_dir))
+        return ensemble_card(reading, reading.ensemble_dir)
+    if reading.is_plain:
+        return of_folder(reading.model_dirs[0])
+    return ensemble_card(reading)
 
 
 def write(folder: str, card: dict) -> str:
@@ -298,8 +298,8 @@ def evaluation_entry(summary: dict, records_dir: str) -> dict:
     }
 
 
-def record_evaluation(folder: str, reader, entry: dict) -> str:
-    """Appends `entry` to the card of `folder`, where `reader`'s reading lives (a model folder, or an
+def record_evaluation(folder: str, reading, entry: dict) -> str:
+    """Appends `entry` to the card of `folder`, where `reading` lives (a model folder, or an
     ensemble folder); returns the card's path.
 
     Never rewrites what is there: the entry is appended to the card read under a lock, and the card is
@@ -307,10 +307,10 @@ def record_evaluation(folder: str, reader, entry: dict) -> str:
     records other members or another way of reading them (the folder was written anew) starts a new card.
     """
     with _locked(folder):
-        if reader.is_plain and reader.ensemble_dir is None:
+        if reading.is_plain and reading.ensemble_dir is None:
             card = of_folder(folder)
         else:
-            card = ensemble_card(reader, folder)
+            card = ensemble_card(reading, folder)
             if os.path.isfile(_card_path(folder)):
                 saved = read_file(_card_path(folder))
                 if (saved.get("members"), saved.get("reading")) == (card["members"], card["reading"]):
