@@ -4,6 +4,7 @@ import hashlib
 import io
 import os
 import pickle
+import re
 import shutil
 import signal
 import subprocess
@@ -145,6 +146,31 @@ def test_val_split_is_stratified_by_class():
     assert counts == {0: 8, 1: 8, 2: 4}  # 40 / 40 / 20 patients per class, 20% of each
     assert plan.split_ids(labels, list(labels), 0.2, seed=3) == (train, val)
     assert plan.split_ids(labels, list(labels), 0.2, seed=4) != (train, val)
+
+
+def test_folds_partition_the_patients_stratified_by_class():
+    # 101 patients: 40 Normal, 40 Not Normal, 21 Lung Opacity.
+    labels = {f"id{i:03d}": labels_lib.PatientLabels(int(i % 10 < 2), (0 if i % 10 >= 6 else 1) if i % 10 >= 2 else 2, ())
+              for i in range(101)}
+    vals = [plan.split_ids(labels, list(labels), 0.2, seed=3, folds=5, fold=fold) for fold in range(5)]
+    for train, val in vals:
+        assert not set(train) & set(val) and len(train) + len(val) == 101
+    all_val = [image_id for _, val in vals for image_id in val]
+    assert sorted(all_val) == sorted(labels)  # every patient in exactly one val split
+    assert sorted(len(val) for _, val in vals) == [20, 20, 20, 20, 21]
+    counts = [pd.Series([labels[i].label_class for i in val]).value_counts().to_dict() for _, val in vals]
+    assert [(c[0], c[1]) for c in counts] == [(8, 8)] * 5
+    assert sorted(c[2] for c in counts) == [4, 4, 4, 4, 5]
+    # The same seed and fold give the same split; folds=0 keeps --val_fraction's split.
+    assert plan.split_ids(labels, list(labels), 0.2, seed=3, folds=5, fold=2) == vals[2]
+    assert plan.split_ids(labels, list(labels), 0.2, seed=3) == plan.split_ids(labels, list(labels), 0.2, 3, 0, 0)
+
+
+@pytest.mark.parametrize("folds,fold,message", [(1, 0, "--folds must be 0"), (5, 5, "--fold must be in [0, 5)"),
+                                                (0, 1, "--fold must be in [0, 1)")])
+def test_bad_folds_are_refused(folds, fold, message):
+    with pytest.raises(UserError, match=re.escape(message)):
+        radiograph.ConvertOptions(folds=folds, fold=fold).validate()
 
 
 def test_real_csvs_facts(shared_rsna):

@@ -55,19 +55,31 @@ def list_inputs(folder: str) -> list[str]:
     return [os.path.join(folder, n) for n in fileio.list_files(folder) if not n.startswith(".")]
 
 
-def split_ids(labels: dict[str, PatientLabels], ids: list[str], val_fraction: float, seed: int):
-    """Patient-level train/val split stratified by the three-way class (target when class unknown)."""
+def split_ids(labels: dict[str, PatientLabels], ids: list[str], val_fraction: float, seed: int,
+              folds: int = 0, fold: int = 0):
+    """Patient-level train/val split stratified by the three-way class (target when class unknown).
+
+    With `folds`, each class's patients (shuffled by `seed`) are dealt round-robin into that many
+    folds, continuing across classes so fold sizes differ by at most one; fold `fold` is val.
+    The folds of one seed partition the patients: every patient is in exactly one val split.
+    """
     strata: dict[int, list[str]] = collections.defaultdict(list)
     for image_id in sorted(ids):
         label = labels[image_id]
         strata[label.label_class if label.label_class != schema.UNLABELED else 10 + label.target].append(image_id)
     rng = np.random.default_rng(seed)
     train, val = [], []
+    dealt = 0
     for key in sorted(strata):
         members = list(rng.permutation(strata[key]))
-        cut = int(round(len(members) * val_fraction))
-        val.extend(members[:cut])
-        train.extend(members[cut:])
+        if folds:
+            in_val = [(dealt + position) % folds == fold for position in range(len(members))]
+            dealt += len(members)
+        else:
+            cut = int(round(len(members) * val_fraction))
+            in_val = [position < cut for position in range(len(members))]
+        for member, is_val in zip(members, in_val):
+            (val if is_val else train).append(member)
     return sorted(train), sorted(val)
 
 
@@ -113,7 +125,8 @@ def make_plan(
 
     split_members: dict[str, list[str]] = {}
     if labeled:
-        split_members["train"], split_members["val"] = split_ids(labels, list(labeled), options.val_fraction, options.seed)
+        split_members["train"], split_members["val"] = split_ids(
+            labels, list(labeled), options.val_fraction, options.seed, options.folds, options.fold)
     split_members["test"] = sorted(unlabeled)
 
     shards = []

@@ -45,8 +45,12 @@ class ConvertOptions:
                              "normalised).", minimum=0)
     bit_depth: int = option(8, "8, or 16 to keep up to 16 bits of precision in transcoded (non-passthrough) PNGs; "
                             "stored ranges are scaled to the full 16-bit range.", choices=(8, 16))
-    val_fraction: float = option(0.2, "Share of labeled patients in the 'val' split, stratified by class.",
-                                 minimum=0.0, exclusive_maximum=1.0)
+    val_fraction: float = option(0.2, "Share of labeled patients in the 'val' split, stratified by class (not used "
+                                 "with --folds).", minimum=0.0, exclusive_maximum=1.0)
+    folds: int = option(0, "Cut the labeled patients into this many folds, stratified by class, and put fold --fold in "
+                        "'val', the rest in 'train' (k-fold cross-validation: convert once per fold with the same "
+                        "--seed); 0: one split by --val_fraction.", minimum=0)
+    fold: int = option(0, "With --folds: which fold (0 .. folds - 1) is the 'val' split.", minimum=0)
     seed: int = option(0, "Seed of the train/val split and of the record order within shards.")
     num_shards: int = option(0, "Shards per split; 0 picks a count giving shards of at most ~128 MB and at least 8 "
                              "per split with 512+ files (so workers convert and readers interleave in parallel).",
@@ -57,6 +61,10 @@ class ConvertOptions:
         if 0 < self.image_size < MIN_STORED_SIZE:
             raise UserError(f"--image_size must be 0 (source pixels) or at least {MIN_STORED_SIZE}, "
                             f"not {self.image_size}")
+        if self.folds == 1:
+            raise UserError("--folds must be 0 (no folds) or at least 2, not 1")
+        if self.fold >= max(self.folds, 1):
+            raise UserError(f"--fold must be in [0, {max(self.folds, 1)}) with --folds={self.folds}, not {self.fold}")
 
 
 def _png(array: np.ndarray) -> bytes:
