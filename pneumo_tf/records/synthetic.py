@@ -57,6 +57,8 @@ CLASS_SHARES = (0.33, 0.44, 0.23)
 # Peak brightness added by an opacity, in grey levels (ribs add 14, noise has sigma 6).
 OPACITY_CONTRAST = {"easy": 70.0, "hard": 24.0}
 NODULE_CONTRAST = 60.0
+# Share of AP films (RSNA's: about 47%); the rest are PA.
+AP_SHARE = 0.47
 
 
 @dataclasses.dataclass(frozen=True)
@@ -68,6 +70,19 @@ class SyntheticConfig:
     difficulty: str = cli.option("easy", "easy: clear opacities; hard: subtle opacities plus unlabelled sharp "
                                  "nodules in images without opacity (for comparing models).",
                                  choices=tuple(OPACITY_CONTRAST))
+    opacity_view_ratio: float = cli.option(
+        1.0, "How many times as frequent opacities are on AP films as on PA films (RSNA: about 4); the share of AP "
+        "films stays 47%. 1: the view says nothing about the label.")
+
+
+def ap_probabilities(ratio: float, positive_share: float = CLASS_SHARES[2]) -> tuple[float, float]:
+    """(P(AP | opacity), P(AP | no opacity)) that keep AP_SHARE of AP films and make P(opacity | AP) `ratio`
+    times P(opacity | PA), for a share `positive_share` of images with opacities."""
+    with_opacity = ratio * AP_SHARE / (1.0 - AP_SHARE + ratio * AP_SHARE)
+    without = (AP_SHARE - with_opacity * positive_share) / (1.0 - positive_share)
+    if not 0.0 <= without <= 1.0:
+        raise ValueError(f"no view distribution gives an opacity view ratio of {ratio} with {AP_SHARE:.0%} AP films")
+    return with_opacity, without
 
 
 @dataclasses.dataclass(frozen=True)
@@ -167,11 +182,11 @@ def encode_dicom(pixels: np.ndarray, patient_id: str, view: str, age: int, sex: 
 
 
 def _write_one(job) -> None:
-    path, patient_id, boxes, seed, size, difficulty = job
+    path, patient_id, boxes, seed, size, difficulty, ap_probability = job
     dicom.quiet_pydicom()
     rng = np.random.default_rng(seed)
     pixels = make_radiograph(rng, boxes, size, difficulty)
-    view = "AP" if rng.random() < 0.47 else "PA"
+    view = "AP" if rng.random() < ap_probability else "PA"
     ds = encode_dicom(pixels, patient_id, view, int(rng.integers(18, 90)), "M" if rng.random() < 0.57 else "F")
     tmp = f"{path}.tmp"
     ds.save_as(tmp, enforce_file_format=True)
@@ -191,12 +206,13 @@ def write_dataset(output_dir: str, config: SyntheticConfig = SyntheticConfig(), 
     if num_test_images:
         os.makedirs(test_dir, exist_ok=True)
     label_rows, class_rows, jobs = [], [], []
+    ap_with, ap_without = ap_probabilities(config.opacity_view_ratio)
     for index in range(num_images + num_test_images):
         patient_id = str(uuid.UUID(bytes=rng.bytes(16), version=4))
         job_seed = int(rng.integers(2**32))
         if index >= num_images:
             jobs.append((os.path.join(test_dir, f"{patient_id}.dcm"), patient_id, [], job_seed, image_size,
-                         config.difficulty))
+                         config.difficulty, AP_SHARE))
             continue
         label_class = int(rng.choice(3, p=CLASS_SHARES))
         boxes = sample_boxes(rng, image_size) if label_class == schema.LUNG_OPACITY else []
@@ -204,8 +220,9 @@ def write_dataset(output_dir: str, config: SyntheticConfig = SyntheticConfig(), 
             coords = [f"{float(c):.1f}" for c in box] if box else ["", "", "", ""]
             label_rows.append([patient_id, *coords, int(bool(boxes))])
             class_rows.append([patient_id, schema.CLASS_NAMES[label_class]])
+        ap_probability = AP_SHARE if config.opacity_view_ratio == 1.0 else ap_with if boxes else ap_without
         jobs.append((os.path.join(train_dir, f"{patient_id}.dcm"), patient_id, boxes, job_seed, image_size,
-                     config.difficulty))
+                     config.difficulty, ap_probability))
 
     _run_jobs(_write_one, jobs, workers, progress)
     # Before the labels: labels without their marker would be taken for real ones.
