@@ -72,7 +72,7 @@ class SyntheticConfig:
                                  choices=tuple(OPACITY_CONTRAST))
     opacity_view_ratio: float = cli.option(
         1.0, "How many times as frequent opacities are on AP films as on PA films (RSNA: about 4); the share of AP "
-        "films stays 47%. 1: the view says nothing about the label.")
+        "films stays 47%. 1: the view says nothing about the label.", exclusive_minimum=0.0)
 
 
 def ap_probabilities(ratio: float, positive_share: float = CLASS_SHARES[2]) -> tuple[float, float]:
