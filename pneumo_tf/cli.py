@@ -189,6 +189,8 @@ def parse_value(text: str, annotation):
     try:
         value = ast.literal_eval(text)
     except (ValueError, SyntaxError):
+        if typing.get_args(kind)[:1] == (str,) and typing.get_origin(kind) is tuple:
+            return tuple(item.strip() for item in text.split(",") if item.strip())  # view,sex -> ("view", "sex")
         raise ValueError(f"expected a {type_name(annotation)} as a Python literal, got {text!r}") from None
     return coerce_value(value, annotation)
 

@@ -5,6 +5,7 @@ import pytest
 import tensorflow as tf
 
 from pneumo_tf import models
+from pneumo_tf.data import metadata
 from pneumo_tf.models import architecture, exported, mask_rcnn
 from pneumo_tf.models import reading as reading_lib
 
@@ -85,8 +86,8 @@ TINY = mask_rcnn.MaskRCNNOptions(
 def test_mask_rcnn_masks_are_its_mask_head_on_the_detections_and_compile_with_xla():
     network = mask_rcnn.build(64, TINY)
     images = tf.random.stateless_uniform((2, 64, 64, 1), seed=(1, 2))
-    eager = {key: value.numpy() for key, value in MASK_RCNN.infer(network, images).items()}
-    compiled = tf.function(lambda x: MASK_RCNN.infer(network, x), jit_compile=True)(images)
+    eager = {key: value.numpy() for key, value in MASK_RCNN.infer(network, {"image": images}).items()}
+    compiled = tf.function(lambda x: MASK_RCNN.infer(network, {"image": x}), jit_compile=True)(images)
     np.testing.assert_allclose(compiled["masks"], eager["masks"], atol=1e-4)
     raw = network({"image": images}, training=False)
     expected = tf.sigmoid(network.mask_logits(raw, tf.constant(eager["boxes"]))).numpy()
@@ -106,6 +107,6 @@ def test_a_readings_masks_with_flip_tta_are_mirrored_back(box_pictures):
     expected = np.zeros((128, 128), bool)
     expected[16:48, 8:40] = True
     for reading in (plain, flipped):
-        outputs = reading.split(reading.outputs((tf.constant(images),)))
+        outputs = reading.split(reading.outputs((tf.constant(images),), metadata.unknown(len(images))))
         [mask] = reading.masks(outputs, 0.5, [(128, 128)])
         np.testing.assert_array_equal(mask, expected)

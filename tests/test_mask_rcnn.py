@@ -399,9 +399,10 @@ def train_step(network, optimizer, inputs, labels):
 
 def test_to_fit_and_outputs_follow_the_contract():
     inputs, labels = synthetic_batch()
-    assert set(inputs) == {"image"} and set(labels) == {"boxes", "num_boxes", "mask"}
+    # The target (and the class, when the batch has it) ride along for an image head.
+    assert set(inputs) == {"image"} and set(labels) == {"boxes", "num_boxes", "mask", "target"}
     network = mask_rcnn.build(SIZE, replace(TINY, detection_min_confidence=0.0))
-    outputs = ARCH.infer(network, inputs["image"])
+    outputs = ARCH.infer(network, {"image": inputs["image"]})
     assert {key: (value.shape, value.dtype) for key, value in outputs.items()} == {
         "boxes": ((4, 3, 4), tf.float32), "scores": ((4, 3), tf.float32), "num_detections": ((4,), tf.int32),
         "masks": ((4, 3, 28, 28), tf.float32)}
@@ -474,7 +475,7 @@ def test_one_train_step_in_mixed_precision(mixed_policy):
     assert all(value.dtype == tf.float32 and np.isfinite(float(value)) for value in terms.values()), terms
     changed = [not np.array_equal(a, np.array(b)) for a, b in zip(before, network.trainable_weights)]
     assert all(changed), [w.path for w, c in zip(network.trainable_weights, changed) if not c]
-    outputs = ARCH.infer(network, inputs["image"])
+    outputs = ARCH.infer(network, {"image": inputs["image"]})
     assert {value.dtype for value in outputs.values()} == {tf.float32, tf.int32}
 
 
@@ -486,9 +487,9 @@ def test_train_step_and_infer_compile_with_xla():
     step = tf.function(lambda x, y: train_step(network, optimizer, x, y), jit_compile=True)
     terms = step(inputs, labels)
     assert all(np.isfinite(float(value)) for value in terms.values())
-    infer = tf.function(lambda images: ARCH.infer(network, images), jit_compile=True)
+    infer = tf.function(lambda images: ARCH.infer(network, {"image": images}), jit_compile=True)
     compiled = infer(inputs["image"])
-    eager = ARCH.infer(network, inputs["image"])
+    eager = ARCH.infer(network, {"image": inputs["image"]})
     np.testing.assert_array_equal(compiled["num_detections"], eager["num_detections"])
     np.testing.assert_allclose(compiled["scores"], eager["scores"], atol=1e-4)
     np.testing.assert_allclose(compiled["masks"], eager["masks"], atol=1e-4)
@@ -503,7 +504,7 @@ def test_keras_file_round_trip_gives_identical_inference(tmp_path):
     loaded = keras.models.load_model(tmp_path / "mask_rcnn.keras", compile=False)
     assert isinstance(loaded, mask_rcnn.MaskRCNN) and loaded.options == network.options
     assert int(loaded.sampler_step.numpy()) == 1
-    expected, actual = ARCH.infer(network, inputs["image"]), ARCH.infer(loaded, inputs["image"])
+    expected, actual = ARCH.infer(network, {"image": inputs["image"]}), ARCH.infer(loaded, {"image": inputs["image"]})
     assert expected["num_detections"].numpy().tolist() == [3, 3, 3, 3]
     for key in expected:
         np.testing.assert_array_equal(actual[key], expected[key])
@@ -516,12 +517,12 @@ def test_saved_model_serves_infer_for_any_batch_size(tmp_path):
     train_step(network, keras.optimizers.SGD(0.01), inputs, labels)
     archive = keras.export.ExportArchive()
     archive.track(network)
-    archive.add_endpoint("serve", lambda images: ARCH.infer(network, images),
+    archive.add_endpoint("serve", lambda images: ARCH.infer(network, {"image": images}),
                          input_signature=[tf.TensorSpec([None, SIZE, SIZE, 1], tf.float32)])
     archive.write_out(str(tmp_path / "saved_model"), verbose=False)
     served = tf.saved_model.load(str(tmp_path / "saved_model"))
     for images in (inputs["image"], inputs["image"][:1]):
-        expected, actual = ARCH.infer(network, images), served.serve(images)
+        expected, actual = ARCH.infer(network, {"image": images}), served.serve(images)
         assert expected.keys() == actual.keys()
         for key in expected:
             np.testing.assert_allclose(actual[key], expected[key], rtol=1e-5, atol=1e-6)
@@ -570,7 +571,7 @@ def test_learns_a_small_fixed_batch():
     step = tf.function(lambda x, y: train_step(network, optimizer, x, y))
     for _ in range(steps):
         terms = step(inputs, labels)
-    outputs = {key: value.numpy() for key, value in ARCH.infer(network, inputs["image"]).items()}
+    outputs = {key: value.numpy() for key, value in ARCH.infer(network, {"image": inputs["image"]}).items()}
     detections = ARCH.detections(outputs, 0.9)
     predictions = {str(i): (_xywh(boxes), scores) for i, (boxes, scores) in enumerate(detections)}
     truth = {str(i): _xywh(labels["boxes"][i, : labels["num_boxes"][i]]) for i in range(8)}

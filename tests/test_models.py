@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from pneumo_tf import models
+from pneumo_tf.data import metadata
 from pneumo_tf.data.augment import AugmentConfig
 from pneumo_tf.errors import UserError
 from pneumo_tf.models import vgg16
@@ -29,13 +30,14 @@ GOLDEN_PARAMS = {
 }
 
 # Every registered model, slimmed where an option allows to keep steps fast on a
-# shared CPU; mask_resnet with its classification head, to cover both outputs.
+# shared CPU; mask_resnet with its image head and the metadata side input, to cover both
+# outputs and both inputs; cnn with the metadata in its dense head.
 CASES = [
-    pytest.param("cnn", {"width": 0.25}, id="cnn"),
+    pytest.param("cnn", {"width": 0.25, "metadata": ("view", "age")}, id="cnn"),
     pytest.param("vgg16", {}, id="vgg16"),
     pytest.param(
         "mask_resnet",
-        {"channels": 4, "n_blocks": 1, "depth": 2, "classification_head": True},
+        {"channels": 4, "n_blocks": 1, "depth": 2, "image_head": "three_class", "metadata": ("view", "sex", "age")},
         id="mask_resnet",
     ),
 ]
@@ -59,16 +61,22 @@ def test_every_model_declares_typed_checked_options(name):
     assert architecture.make_options(texts) == defaults
 
 
-def _batch(seed: int = 0, n: int = 2) -> dict:
-    """A random n-image pipeline batch (image, mask, target, boxes, num_boxes)."""
+def _batch(seed: int = 0, n: int = 2, fields=()) -> dict:
+    """A random n-image pipeline batch (image, mask, target, class, boxes, num_boxes), with the
+    encoded metadata of `fields`."""
     rng = np.random.default_rng(seed)
-    return {
+    target = rng.integers(0, 2, n).astype(np.int32)
+    batch = {
         "image": rng.random((n, SIZE, SIZE, 1), dtype=np.float32),
         "mask": (rng.random((n, SIZE, SIZE, 1)) > 0.5).astype(np.float32),
-        "target": rng.integers(0, 2, n).astype(np.int32),
+        "target": target,
+        "class": np.where(target == 1, 2, rng.integers(0, 2, n)).astype(np.int32),
         "boxes": np.zeros((n, MAX_BOXES, 4), np.float32),
         "num_boxes": np.zeros(n, np.int32),
+        "view": np.array(["AP", "PA", ""][:n] + ["PA"] * max(n - 3, 0)), "sex": np.array(["F"] * n),
+        "age": np.arange(n, dtype=np.int32) + 30,
     }
+    return {key: np.asarray(value) for key, value in metadata.with_metadata(batch, fields).items()}
 
 
 def _trainer(name, options):
@@ -88,14 +96,15 @@ def _separable(cin, cout):
     return 3 * 3 * cin + cin * cout + cout  # depthwise, pointwise, bias
 
 
-def _mask_resnet_params(channels, n_blocks, depth, classification_head=False):
+def _mask_resnet_params(channels, n_blocks, depth, head_classes=0, metadata_width=0):
     total = _conv(3, 1, channels, bias=False)
     for _ in range(depth):
         cin, channels = channels, channels * 2
         total += 4 * cin + _conv(1, cin, channels, bias=False)
         total += n_blocks * 2 * (4 * channels + _conv(3, channels, channels, bias=False))
     total += 4 * channels + _conv(1, channels, 1)
-    return total + (channels + 1 if classification_head else 0)
+    metadata_bias = metadata_width + 1 if metadata_width else 0  # Dense(1) on the metadata
+    return total + head_classes * (channels + metadata_width + 1) + metadata_bias
 
 
 def _cnn_params_at_64():
@@ -129,10 +138,12 @@ def test_golden_counts_match_hand_arithmetic():
     small = build_model("mask_resnet", SIZE, channels=4, n_blocks=1, depth=2)
     assert small.count_params() == 6277
     assert GOLDEN_PARAMS["mask_resnet"] == _mask_resnet_params(32, 2, 4)
-    with_head = build_model(
-        "mask_resnet", SIZE, channels=4, n_blocks=1, depth=2, classification_head=True
-    )
-    assert with_head.count_params() == _mask_resnet_params(4, 1, 2, classification_head=True)
+    with_head = build_model("mask_resnet", SIZE, channels=4, n_blocks=1, depth=2, image_head="binary")
+    assert with_head.count_params() == _mask_resnet_params(4, 1, 2, head_classes=1) == 6277 + 17
+    # Three classes from the 16 pooled channels and the 8 metadata values; the metadata's logit bias.
+    with_metadata = build_model("mask_resnet", SIZE, channels=4, n_blocks=1, depth=2, image_head="three_class",
+                                metadata="view,sex,age")
+    assert with_metadata.count_params() == _mask_resnet_params(4, 1, 2, 3, 8) == 6277 + 3 * 25 + 9
     assert GOLDEN_PARAMS["cnn"] == _cnn_params_at_64()
     # VGG16 without top has 14,714,688 parameters; 64 px leaves 2x2x512 to flatten.
     assert GOLDEN_PARAMS["vgg16"] == 14_714_688 + (2 * 2 * 512 * 64 + 64) + (64 + 1)
@@ -159,15 +170,22 @@ def test_vgg16_frozen_backbone_fine_tunes_only_block5_conv2_and_conv3():
         ("mask_resnet", {"channels": 4}, {"mask": (SIZE, SIZE, 1)}),
         (
             "mask_resnet",
-            {"channels": 4, "classification_head": True},
-            {"mask": (SIZE, SIZE, 1), "target": (1,)},
+            {"channels": 4, "image_head": "binary"},
+            {"mask": (SIZE, SIZE, 1), "image_logits": (1,)},
         ),
+        (
+            "mask_resnet",
+            {"channels": 4, "image_head": "three_class", "metadata": ("sex",), "box_extent_ratio": 0.5},
+            {"mask": (SIZE, SIZE, 1), "image_logits": (3,), "box_extent_ratio": (1,)},
+        ),
+        ("cnn", {"width": 0.25, "metadata": ("view", "sex", "age")}, {"target": (1,)}),
     ],
 )
 def test_input_and_output_contract(name, options, outputs):
     model = build_model(name, SIZE, **options)
+    fields = options.get("metadata", ())
     assert {key: tuple(t.shape) for key, t in model.input.items()} == {
-        "image": (None, SIZE, SIZE, 1)
+        "image": (None, SIZE, SIZE, 1), **({"metadata": (None, metadata.width(fields))} if fields else {})
     }
     assert {key: tuple(t.shape[1:]) for key, t in model.output.items()} == outputs
     assert {t.dtype for t in model.output.values()} == {"float32"}
@@ -187,10 +205,11 @@ def test_mixed_bfloat16_outputs_float32_and_trains(name, options):
     assert keras.config.dtype_policy().name == "float32"
     assert build_model("cnn", SIZE, width=0.25).layers[1].compute_dtype == "float32"
     assert any(layer.compute_dtype == "bfloat16" for layer in trainer.network.layers)
-    inputs, labels = models.get(name).to_fit(_batch())
+    inputs, labels = models.get(name).to_fit(_batch(fields=options.get("metadata", ())))
     for key, value in trainer.network(inputs, training=False).items():
         assert value.dtype == "float32", key
-        assert value.shape[1:] == labels[key].shape[1:]
+        if key in labels:
+            assert value.shape[1:] == labels[key].shape[1:]
     before = [np.array(w) for w in trainer.network.trainable_weights]
     history = trainer.fit(tf_dataset(inputs, labels), epochs=1, steps_per_epoch=1, verbose=0, shuffle=False)
     assert history.history["loss"][0] > 0
@@ -208,7 +227,7 @@ def tf_dataset(inputs, labels):
 def test_one_training_step_then_keras_file_round_trip(tmp_path, name, options):
     architecture = models.get(name)
     trainer = _trainer(name, options)
-    inputs, labels = architecture.to_fit(_batch())
+    inputs, labels = architecture.to_fit(_batch(fields=options.get("metadata", ())))
     network = trainer.network
     # The first step's reported loss is the architecture's loss of the initial weights on the
     # batch (training mode), term by term: the trainer adds nothing and drops nothing. Dropout

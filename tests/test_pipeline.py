@@ -27,7 +27,8 @@ BOXES = {
     "p06": tuple((0.125 * (k % 4), 0.125 * (k // 4), 0.125 * (k % 4) + 0.125, 0.125 * (k // 4) + 0.25)
                  for k in range(MAX_BOXES + 1)),
 }
-KEYS = {"image", "mask", "boxes", "num_boxes", "target", "class", "id", "source_height", "source_width"}
+KEYS = {"image", "mask", "boxes", "num_boxes", "target", "class", "id", "source_height", "source_width", "view", "sex",
+        "age"}
 
 
 def _pixels(image_id: str, jpeg: bool, bit_depth: int) -> np.ndarray:
@@ -146,7 +147,9 @@ def test_batches_have_the_documented_keys_dtypes_and_static_shapes(folder):
         assert spec["boxes"].shape.as_list() == [batch, MAX_BOXES, 4] and spec["boxes"].dtype == tf.float32
         for key in ("num_boxes", "target", "class"):
             assert spec[key].shape.as_list() == [batch] and spec[key].dtype == tf.int32
-        assert spec["id"].shape.as_list() == [batch] and spec["id"].dtype == tf.string
+        for key in ("id", "view", "sex"):
+            assert spec[key].shape.as_list() == [batch] and spec[key].dtype == tf.string
+        assert spec["age"].shape.as_list() == [batch] and spec["age"].dtype == tf.int32
     # Training repeats: 5 batches of 4 is more than the 12 records.
     assert sum(batch["id"].shape[0] for batch in training.take(5)) == 20
 

@@ -95,7 +95,7 @@ def test_architecture_and_network_contract(tiny):
     batch = {"image": _images(2), "mask": np.zeros((2, SIZE, SIZE, 1), np.float32),
              "target": np.array([1, 0], np.int32), **_labels([[CENTRE_BOX], []])}
     inputs, labels = architecture.to_fit(batch)
-    assert set(inputs) == {"image"} and set(labels) == {"boxes", "num_boxes"}
+    assert set(inputs) == {"image"} and set(labels) == {"boxes", "num_boxes", "target"}  # target: for an image head
     assert {key: tuple(t.shape) for key, t in tiny.input.items()} == {"image": (None, SIZE, SIZE, 1)}
     raw = tiny(inputs, training=False)
     assert {key: (tuple(t.shape), t.dtype) for key, t in raw.items()} == {

@@ -20,7 +20,7 @@ from tensorboard.plugins.hparams import metadata as hparams_metadata
 
 import replicas  # tests/replicas.py
 from pneumo_tf import cli, models
-from pneumo_tf.data import augment, pipeline
+from pneumo_tf.data import augment, metadata, pipeline
 from pneumo_tf.models import exported
 from pneumo_tf.models.mask_resnet import MaskResNetOptions
 from pneumo_tf.training import loop
@@ -39,7 +39,8 @@ def run_train(records, model_dir, *args, env=None, timeout=600):
 def test_train_and_export_mask_resnet(tiny_records, tmp_path):
     config = loop.TrainConfig(
         records_dir=tiny_records, model_dir=str(tmp_path / "run"), model="mask_resnet",
-        model_options={"channels": 4, "n_blocks": 1, "depth": 2, "classification_head": True},
+        model_options={"channels": 4, "n_blocks": 1, "depth": 2, "image_head": "three_class",
+                       "metadata": "view,sex,age"},
         image_size=64, batch_size=4, epochs=2, steps_per_epoch=2, log_every_steps=1, profile_steps=(2, 3),
     )
     summary = loop.train_and_evaluate(config)
@@ -47,8 +48,8 @@ def test_train_and_export_mask_resnet(tiny_records, tmp_path):
     history = summary["history"]
     assert len(history["val_map"]) == 2
     # The loss minimised is the sum of the logged terms, in training and in validation.
-    np.testing.assert_allclose(history["loss"], np.add(history["mask_loss"], history["target_loss"]), rtol=1e-5)
-    np.testing.assert_allclose(history["val_loss"], np.add(history["val_mask_loss"], history["val_target_loss"]),
+    np.testing.assert_allclose(history["loss"], np.add(history["mask_loss"], history["image_loss"]), rtol=1e-5)
+    np.testing.assert_allclose(history["val_loss"], np.add(history["val_mask_loss"], history["val_image_loss"]),
                                rtol=1e-6)
     # The export holds the best epoch by val_map (the first of equals).
     val_map = summary["history"]["val_map"]
@@ -57,17 +58,23 @@ def test_train_and_export_mask_resnet(tiny_records, tmp_path):
     assert summary["learning_rate"] == pytest.approx(7e-4 / 4)
     model = exported.load(str(tmp_path / "run"))
     assert model.info["model"] == "mask_resnet" and model.image_size == 64 and model.threshold == 0.5
-    # Every option as resolved: the ones given and the defaults.
+    # Every option as resolved: the ones given and the defaults; the metadata the network takes.
     assert model.info["preset"] == "" and model.info["model_options"] == {
-        **MaskResNetOptions().as_dict(), "channels": 4, "n_blocks": 1, "depth": 2, "classification_head": True}
+        **MaskResNetOptions().as_dict(), "channels": 4, "n_blocks": 1, "depth": 2, "image_head": "three_class",
+        "metadata": ["view", "sex", "age"]}
+    assert model.metadata == ("view", "sex", "age")
     images = np.random.default_rng(0).random((2, 64, 64, 1), dtype=np.float32)
-    outputs = model.infer(images)
-    assert outputs["mask"].shape == (2, 64, 64, 1) and outputs["target"].shape == (2, 1)
-    # The SavedModel's signature runs the same inference.
+    raw = {"view": tf.constant(["AP", "PA"]), "sex": tf.constant(["M", ""]), "age": tf.constant([51, -1])}
+    outputs = model.infer(images, raw)
+    assert outputs["mask"].shape == (2, 64, 64, 1) and outputs["image_probability"].shape == (2,)
+    # The SavedModel's signature takes the raw header facts and runs the same inference.
     saved = tf.saved_model.load(str(tmp_path / "run" / "saved_model"))
-    served = saved.serve(tf.constant(images))
-    for key in ("mask", "target"):
+    served = saved.serve(tf.constant(images), raw["view"], raw["sex"], raw["age"])
+    for key in ("mask", "image_probability"):
         np.testing.assert_allclose(served[key], outputs[key], rtol=1e-5, atol=1e-6)
+    # The facts reach the network: other facts, other probabilities.
+    other = model.infer(images, {**raw, "view": tf.constant(["PA", "AP"])})
+    assert not np.allclose(other["image_probability"], outputs["image_probability"])
     checkpoints = sorted(os.listdir(tmp_path / "run" / "checkpoints"))
     assert checkpoints == ["best.json", "best.weights.h5", "epoch-001.weights.h5", "epoch-002.weights.h5"]
     assert not os.path.exists(tmp_path / "run" / "backup")  # removed once training finished
@@ -92,19 +99,23 @@ def test_classifiers_train_one_step_in_bfloat16(tiny_records, tmp_path):
 
 
 def mirrored_matches_one_device():
-    """mask_resnet with its classification head (a replica-pooled IoU loss, synchronised batch norm)."""
+    """mask_resnet with a three-class image head and the metadata side input (a replica-pooled IoU loss,
+    synchronised batch norm, a second input)."""
     rng = np.random.default_rng(0)
     batch = {
         "image": rng.random((4, 32, 32, 1), dtype=np.float32),
         "mask": (rng.random((4, 32, 32, 1)) > 0.7).astype(np.float32),
         "target": np.array([1, 0, 1, 0], np.int32),
+        "class": np.array([2, 1, 2, 0], np.int32),
+        "metadata": metadata.encode(("view", "sex", "age"), ["AP", "PA", "", "AP"], ["M", "F", "F", ""],
+                                    [70, 30, -1, 55]).numpy(),
     }
     architecture = models.get("mask_resnet")
     (_, logs_one, _, weights_one), (_, logs_two, _, weights_two) = replicas.one_step_on_one_and_two_replicas(
         lambda: architecture.build(32, architecture.make_options(
-            {"channels": 4, "n_blocks": 1, "depth": 2, "classification_head": True})), architecture,
-        *architecture.to_fit(batch), learning_rate=0.1)
-    for key in ("loss", "mask_loss", "target_loss"):
+            {"channels": 4, "n_blocks": 1, "depth": 2, "image_head": "three_class", "metadata": "view,sex,age"})),
+        architecture, *architecture.to_fit(batch), learning_rate=0.1)
+    for key in ("loss", "mask_loss", "image_loss"):
         np.testing.assert_allclose(logs_one[key], logs_two[key], rtol=1e-5)
     for a, b in zip(weights_one, weights_two):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
@@ -182,7 +193,7 @@ def test_killed_run_resumes_from_the_last_epoch(tiny_records, tmp_path):
 @pytest.mark.parametrize("args, message", [
     (["--records_dir=/nonexistent/records"], "records folder not found"),
     (["--batch_size=0"], "flag --batch_size=0: must be at least 1, not 0"),
-    (["--model_option=chanels=4"], "unknown mask_resnet option(s) chanels; known: channels, classification_head, "),
+    (["--model_option=chanels=4"], "unknown mask_resnet option(s) chanels; known: box_extent_ratio, channels, depth, "),
     (["--model_option=depth=two"], "mask_resnet option depth: expected int, got 'two'"),
     (["--preset=fast"], "unknown preset 'fast' of model mask_resnet; its presets: demo"),
     (["--model_option=channels"], "--model_option: expected key=value, got 'channels'"),

@@ -80,3 +80,26 @@ def encode(fields, view, sex, age) -> tf.Tensor:
 def encode_batch(fields, batch: dict) -> tf.Tensor:
     """`encode` of a pipeline batch's raw fields."""
     return encode(fields, batch[RAW_KEYS["view"]], batch[RAW_KEYS["sex"]], batch[RAW_KEYS["age"]])
+
+
+def with_metadata(batch: dict, fields) -> dict:
+    """A pipeline batch with "metadata", the encoding of `fields` (unchanged when `fields` is empty):
+    what a network built with those fields takes beside the image."""
+    if not fields:
+        return batch
+    return {**batch, "metadata": encode_batch(fields, batch)}
+
+
+def unknown(batch_size) -> dict:
+    """Raw fields of `batch_size` images about which nothing is known ("" and -1)."""
+    return {"view": tf.fill([batch_size], ""), "sex": tf.fill([batch_size], ""), "age": tf.fill([batch_size], -1)}
+
+
+def model_inputs(images, fields, raw: dict | None = None) -> dict:
+    """A network's inputs: {"image": images} and, with `fields`, "metadata" encoded from `raw` (a batch's
+    view, sex and age; None: nothing known about the images)."""
+    inputs = {"image": images}
+    if fields:
+        raw = unknown(tf.shape(images)[0]) if raw is None else raw
+        inputs["metadata"] = encode_batch(fields, raw)
+    return inputs

@@ -7,6 +7,8 @@
   num_boxes  int32 [B];  target int32 [B];  class int32 [B] (-1 both when unlabeled)
   id         string [B] (patientId)
   source_height, source_width  int32 [B] (the DICOM's pixels, to map boxes back)
+  view, sex  string [B];  age int32 [B] (the header's, "" and -1 when unknown: data/metadata.py
+             encodes them for models that take them)
 
 It is assembled from small dataset -> dataset (or tensor -> tensor) functions that
 training and evaluation share:
@@ -46,7 +48,9 @@ from pneumo_tf.records.manifest import read_manifest, shard_paths
 JPEG_RATIOS = (1, 2, 4, 8)
 
 LABEL_KEYS = ("boxes", "num_boxes", "target", "class")
-METADATA_KEYS = ("id", "source_height", "source_width")
+# Per-image facts that ride along: the id, the source size (to map boxes back), and the header's
+# view, sex and age as stored (strings and int; pneumo_tf.data.metadata encodes them for a model).
+METADATA_KEYS = ("id", "source_height", "source_width", "view", "sex", "age")
 
 DEFAULT_SHUFFLE_BUFFER = 1024
 # Masks (exactly 0 or 1) cross the tf.data service's wire as uint8: a quarter of float32's bytes to
@@ -141,6 +145,9 @@ def parse_batch(serialized):
         # Predictions map boxes back to the source image's pixels for the challenge's format.
         "source_height": tf.cast(features[schema.SOURCE_HEIGHT], tf.int32),
         "source_width": tf.cast(features[schema.SOURCE_WIDTH], tf.int32),
+        "view": features[schema.VIEW],
+        "sex": features[schema.SEX],
+        "age": tf.cast(features[schema.AGE], tf.int32),
     }
 
 

@@ -49,7 +49,7 @@ from PIL import Image
 from werkzeug import exceptions
 
 from pneumo_tf.cli import check_constraints, option
-from pneumo_tf.data import pipeline
+from pneumo_tf.data import metadata, pipeline
 from pneumo_tf.evaluation import collect, submission
 from pneumo_tf.inference import dicom_results
 from pneumo_tf.models import card as model_card, reading as reading_lib
@@ -178,7 +178,7 @@ class UploadReading:
             for size in self.reading.image_sizes
         )
         batch = {key: fields[key][tf.newaxis] for key in pipeline.METADATA_KEYS}
-        return batch, self.reading.outputs(images)
+        return batch, self.reading.outputs(images, {name: batch[name] for name in metadata.RAW_KEYS.values()})
 
     def predict(self, data: bytes, image_id: str, with_mask: bool = False, display: bool = True) -> Result:
         """Reads one DICOM, PNG or JPEG file's bytes; raises RejectedFile with the reason when it cannot.

@@ -24,8 +24,8 @@ The flow of one batch (pipeline batch: see pneumo_tf.data.pipeline):
              raw = network(inputs, training=True)
              terms = loss(network, inputs, labels, raw, training=True)   # minimise sum(terms)
   validation the same with training=False, plus outputs(...) below, in one pass
-  inference  raw = network({"image": images}, training=False)
-             outputs = outputs(network, {"image": images}, raw)   # in-graph; the SavedModel's signature
+  inference  raw = network(inputs, training=False)      # inputs: {"image": images[, "metadata": ...]}
+             outputs = outputs(network, inputs, raw)   # in-graph; the SavedModel's signature
              detections(outputs, threshold), image_probability(outputs)   # on the host (numpy)
              masks(outputs, threshold, sizes)   # only when gives_masks: what a segmentation holds
 
@@ -40,6 +40,19 @@ A plain per-replica mean over its images is right when replicas hold equal batch
 term that pools over the batch (soft IoU, a count of positive anchors) all-reduces what
 it pools (`sum_over_replicas`) and multiplies a local sum by the replica count.
 
+Side inputs: a network built with `options.metadata` (view, sex, age: every architecture has
+the option) takes a second input, "metadata" float32 [B, metadata.width(fields)], the header's
+facts encoded by pneumo_tf.data.metadata (`with_metadata` adds it to a pipeline batch from the
+batch's raw view, sex and age); `to_fit` passes it on, and `infer` takes it beside the images.
+The classifiers feed it to their dense head; the box models to their image head and to a
+learned per-image bias of their opacity logits (`metadata_bias`), so it moves box scores too.
+
+Image heads (box models, `image_head`): an image-level output "image_logits" from the pooled
+deepest features (and the metadata), trained on the binary target ([B, 1], sigmoid) or on the
+three classes ([B, 3], softmax: Normal, No Lung Opacity / Not Normal, Lung Opacity); its
+P(opacity) is the model's image probability ("image_probability" among the outputs), and an
+image it calls negative at t gets no boxes at t (`gate_by_image`).
+
 One confidence threshold t makes both decisions everywhere: an image is positive when
 its `image_probability` is above t, and its boxes are `detections(outputs, t)`. A model that
 segments (`gives_masks`) also says which pixels it calls opacity at t (`masks`): the pixels of
@@ -48,6 +61,7 @@ its boxes' findings, drawn over the whole image at any size (the DICOM Segmentat
 from __future__ import annotations
 
 import dataclasses
+import json
 import typing
 from collections.abc import Mapping, Sequence
 from typing import ClassVar, Protocol
@@ -57,7 +71,9 @@ import numpy as np
 import tensorflow as tf
 
 from pneumo_tf import cli
+from pneumo_tf.data import metadata as metadata_lib
 from pneumo_tf.errors import UserError
+from pneumo_tf.records import schema
 
 # Detections of one image: (boxes float32 [N, 4] normalised (ymin, xmin, ymax, xmax), scores float32 [N]),
 # highest score first.
@@ -65,6 +81,10 @@ Detections = tuple[np.ndarray, np.ndarray]
 
 # Outputs of a box detector (`detector_outputs`): fixed-size, padded after num_detections.
 BOXES, SCORES, NUM_DETECTIONS = "boxes", "scores", "num_detections"
+# An image head's raw output and the image probability `outputs` computes from it (float32 [B]).
+IMAGE_LOGITS, IMAGE_PROBABILITY = "image_logits", "image_probability"
+# What an image head is trained on: nothing (no head), the binary target, or the three classes.
+IMAGE_HEADS = ("none", "binary", "three_class")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -76,6 +96,11 @@ class ModelOptions:
     """
 
     model_name: ClassVar[str] = "model"
+
+    metadata: tuple[str, ...] = cli.option(
+        (), "Header facts the network takes as a side input, comma separated: any of view, sex, age "
+        "(pneumo_tf.data.metadata; unknown values, e.g. of PNG/JPEG files without a metadata CSV, have their own "
+        "encoding). Empty: the image only.", choices=metadata_lib.FIELDS)
 
     def __post_init__(self):
         hints = typing.get_type_hints(type(self))
@@ -101,8 +126,18 @@ class ModelOptions:
         return cls(**values)
 
     def as_dict(self) -> dict:
-        """Every option by name (JSON-ready: what pneumo_tf.json and a saved network record)."""
-        return dataclasses.asdict(self)
+        """Every option by name, JSON-ready (tuples as lists): what pneumo_tf.json and a saved network record."""
+        return json.loads(json.dumps(dataclasses.asdict(self)))
+
+
+@dataclasses.dataclass(frozen=True)
+class BoxModelOptions(ModelOptions):
+    """The options every box model shares: its image head (see the module docstring)."""
+
+    image_head: str = cli.option(
+        "none", "An image-level head on the pooled deepest features (and the metadata): binary (the target) or "
+        "three_class (Normal / Not Normal / Lung Opacity); its P(opacity) is the image probability, and images it "
+        "calls negative get no boxes. none: the image probability comes from the boxes (mask).", choices=IMAGE_HEADS)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -169,6 +204,8 @@ class Architecture:
     # augmentation moves image, mask and boxes together, whichever side they are on.
     input_keys: tuple[str, ...] = ("image",)
     label_keys: tuple[str, ...] = ()
+    # Labels passed on when the batch has them (an image head's target and class).
+    optional_label_keys: tuple[str, ...] = ()
 
     @property
     def monitor(self) -> tuple[str, str]:
@@ -200,7 +237,10 @@ class Architecture:
         XLA step). Boxes always travel with num_boxes so augmentation can move them.
         """
         inputs = {key: batch[key] for key in self.input_keys}
+        if METADATA in batch:
+            inputs[METADATA] = batch[METADATA]
         labels = {key: batch[key] for key in self.label_keys}
+        labels.update({key: batch[key] for key in self.optional_label_keys if key in batch})
         if "boxes" in inputs or "boxes" in labels:
             (inputs if "boxes" in inputs else labels)["num_boxes"] = batch["num_boxes"]
         return inputs, labels
@@ -236,9 +276,9 @@ class Architecture:
         returns. Only when `gives_masks` (numpy in, numpy out)."""
         raise NotImplementedError(f"the {self.name} model gives no masks")
 
-    def infer(self, network: keras.Model, images) -> dict:
-        """images -> outputs, in-graph: what predict, serve and the exported SavedModel run."""
-        inputs = {"image": images}
+    def infer(self, network: keras.Model, inputs: dict) -> dict:
+        """{"image": images[, "metadata": encoded]} -> outputs, in-graph: what predict, serve and the
+        exported SavedModel run."""
         return self.outputs(network, inputs, network(inputs, training=False))
 
 
@@ -302,12 +342,17 @@ def detector_outputs(boxes, scores, num_detections) -> dict:
 
 
 class BoxDetector(Architecture):
-    """A detector whose `outputs` are `detector_outputs`: decoding them is shared here."""
+    """A detector whose `outputs` are `detector_outputs` (plus IMAGE_PROBABILITY with an image head):
+    decoding them is shared here."""
 
     input_keys = ("image",)
     label_keys = ("boxes",)
+    optional_label_keys = ("target", "class")
 
     def detections(self, outputs: dict, threshold: float) -> list[Detections]:
+        return gate_by_image(outputs, threshold, self._box_detections(outputs, threshold))
+
+    def _box_detections(self, outputs: dict, threshold: float) -> list[Detections]:
         boxes = np.asarray(outputs[BOXES], np.float32)
         scores = np.asarray(outputs[SCORES], np.float32)
         counts = np.asarray(outputs[NUM_DETECTIONS]).reshape(-1)
@@ -320,8 +365,82 @@ class BoxDetector(Architecture):
         return found
 
     def image_probability(self, outputs: dict) -> np.ndarray:
-        """The highest detection score (0 for an image without detections)."""
+        """The image head's P(opacity) when the network has one, else the highest detection score
+        (0 for an image without detections)."""
+        if IMAGE_PROBABILITY in outputs:
+            return np.asarray(outputs[IMAGE_PROBABILITY], np.float32).reshape(-1)
         scores = np.asarray(outputs[SCORES], np.float32)
         counts = np.asarray(outputs[NUM_DETECTIONS]).reshape(-1)
         valid = np.arange(scores.shape[1])[None, :] < counts[:, None]
         return np.where(valid, scores, 0.0).max(axis=1, initial=0.0).astype(np.float32)
+
+
+# ------------------------------------------------------------------------------------------------
+# Side inputs and image heads: the parts every architecture builds alike (see the module docstring).
+
+METADATA = "metadata"
+
+
+def metadata_input(options: ModelOptions):
+    """The network's "metadata" input for `options.metadata`, or None without metadata."""
+    if not options.metadata:
+        return None
+    return keras.Input((metadata_lib.width(options.metadata),), name=METADATA)
+
+
+def network_inputs(image, metadata) -> dict:
+    """A functional network's inputs dict: the image, and the metadata when there is any."""
+    return {"image": image} if metadata is None else {"image": image, METADATA: metadata}
+
+
+def metadata_bias(metadata, name: str = "metadata_bias"):
+    """A learned logit offset per image from its metadata, float32 [B, 1]: added to a model's opacity
+    logits, it lets the header's facts raise or lower every score of an image. Starts at 0."""
+    return keras.layers.Dense(1, kernel_initializer="zeros", dtype="float32", name=name)(metadata)
+
+
+def image_head_logits(features, metadata, kind: str):
+    """The image head (`kind` binary or three_class): globally pooled features [B, H, W, C] (and the
+    metadata) -> float32 logits [B, 1] or [B, 3], named IMAGE_LOGITS."""
+    pooled = keras.layers.GlobalAveragePooling2D(name="image_head_pool")(features)
+    if metadata is not None:
+        pooled = keras.layers.Concatenate(name="image_head_inputs")([pooled, keras.ops.cast(metadata, pooled.dtype)])
+    return keras.layers.Dense(1 if kind == "binary" else len(schema.CLASS_NAMES), dtype="float32",
+                              name=IMAGE_LOGITS)(pooled)
+
+
+def image_head_probability(logits):
+    """In-graph: image head logits [B, 1] (binary) or [B, 3] (three classes) -> P(opacity) float32 [B]."""
+    logits = tf.cast(logits, tf.float32)
+    if logits.shape[-1] == 1:
+        return tf.sigmoid(logits[:, 0])
+    return tf.nn.softmax(logits)[:, schema.LUNG_OPACITY]
+
+
+def image_head_loss(labels: dict, logits):
+    """The image head's cross-entropy, the mean over this replica's images: binary on the target, or
+    three-way on the class (images of unknown class, -1, count as weight 0)."""
+    logits = tf.cast(logits, tf.float32)
+    if logits.shape[-1] == 1:
+        target = tf.cast(tf.reshape(labels["target"], [-1]), tf.float32)
+        return tf.reduce_mean(tf.nn.sigmoid_cross_entropy_with_logits(target, logits[:, 0]))
+    classes = tf.cast(tf.reshape(labels["class"], [-1]), tf.int32)
+    known = classes >= 0
+    entropy = tf.nn.sparse_softmax_cross_entropy_with_logits(tf.maximum(classes, 0), logits)
+    return tf.reduce_sum(tf.where(known, entropy, 0.0)) / tf.cast(tf.maximum(tf.size(classes), 1), tf.float32)
+
+
+def with_image_probability(outputs: dict, raw: dict) -> dict:
+    """`outputs` plus IMAGE_PROBABILITY when the network has an image head (in-graph)."""
+    if IMAGE_LOGITS not in raw:
+        return outputs
+    return {**outputs, IMAGE_PROBABILITY: image_head_probability(raw[IMAGE_LOGITS])}
+
+
+def gate_by_image(outputs: dict, threshold: float, found: list[Detections]) -> list[Detections]:
+    """`found` without the boxes of images whose image head calls them negative at `threshold` (one
+    threshold makes both decisions); unchanged for a network without an image head."""
+    if IMAGE_PROBABILITY not in outputs:
+        return found
+    probability = np.asarray(outputs[IMAGE_PROBABILITY], np.float32).reshape(-1)
+    return [detections if p > threshold else no_detections() for detections, p in zip(found, probability)]

@@ -9,6 +9,7 @@ from keras import layers
 
 from pneumo_tf.cli import option
 from pneumo_tf.errors import UserError
+from pneumo_tf.models import architecture
 from pneumo_tf.models.architecture import Classifier, ModelOptions, Preset
 
 _STEM_FILTERS = 128
@@ -62,12 +63,15 @@ def build(image_size: int, options: CNNOptions = CNNOptions()) -> keras.Model:
         if dropout is not None:
             x = layers.Dropout(dropout)(x)
     x = layers.Flatten()(x)
+    metadata = architecture.metadata_input(options)
+    if metadata is not None:  # the header's facts join the image's features before the dense head
+        x = layers.Concatenate()([x, keras.ops.cast(metadata, x.dtype)])
     for units, dropout in _DENSE_LAYERS:
         x = layers.Dense(_scaled(units, width), activation="relu")(x)
         x = layers.Dropout(dropout)(x)
     # float32 so the probability (and the loss on it) stays exact under a mixed policy.
     target = layers.Dense(1, activation="sigmoid", dtype="float32", name="target")(x)
-    return keras.Model({"image": image}, {"target": target}, name="cnn")
+    return keras.Model(architecture.network_inputs(image, metadata), {"target": target}, name="cnn")
 
 
 class CNN(Classifier):

@@ -26,6 +26,7 @@ import keras
 import tensorflow as tf
 
 from pneumo_tf import models
+from pneumo_tf.data import metadata
 from pneumo_tf.errors import UserError
 from pneumo_tf.fileio import write_json_atomic
 from pneumo_tf.models.architecture import Architecture
@@ -58,12 +59,20 @@ def write(network: keras.Model, architecture: Architecture, model_dir: str, info
     saved = os.path.join(model_dir, SAVED_MODEL_DIR)
     shutil.rmtree(f"{saved}.tmp", ignore_errors=True)  # left by a crashed export
     size = int(info["image_size"])
+    fields = tuple(info.get("metadata", ()))
     archive = keras.export.ExportArchive()
     archive.track(network)
-    archive.add_endpoint(
-        SERVING_ENDPOINT, lambda images: architecture.infer(network, images),
-        input_signature=[tf.TensorSpec([None, size, size, 1], tf.float32, name="images")],
-    )
+    images = tf.TensorSpec([None, size, size, 1], tf.float32, name="images")
+    if fields:  # the header's raw facts, encoded in the graph as training encoded them
+        raw = [tf.TensorSpec([None], tf.string, name="view"), tf.TensorSpec([None], tf.string, name="sex"),
+               tf.TensorSpec([None], tf.int32, name="age")]
+        archive.add_endpoint(
+            SERVING_ENDPOINT, lambda images, view, sex, age: architecture.infer(
+                network, metadata.model_inputs(images, fields, {"view": view, "sex": sex, "age": age})),
+            input_signature=[images, *raw])
+    else:
+        archive.add_endpoint(SERVING_ENDPOINT, lambda images: architecture.infer(network, {"image": images}),
+                             input_signature=[images])
     archive.write_out(f"{saved}.tmp", verbose=False)
     if os.path.isdir(saved):
         shutil.rmtree(saved)
@@ -118,10 +127,25 @@ class ExportedModel:
             bit_depth=conversion.get("bit_depth", 8),
         )
 
+    @property
+    def metadata(self) -> tuple[str, ...]:
+        """The header's facts the network takes beside the image (pneumo_tf.data.metadata); () for none."""
+        return tuple(self.info.get("metadata", ()))
+
+    def inputs(self, images, raw: dict | None = None) -> dict:
+        """The network's inputs for images float32 [B, S, S, 1] and a batch's raw view, sex and age (None:
+        unknown), in-graph."""
+        return metadata.model_inputs(images, self.metadata, raw)
+
     @functools.cached_property
-    def infer(self):
-        """images float32 [B, S, S, 1] -> the architecture's outputs (tensors), traced once per batch shape."""
-        return tf.function(lambda images: self.architecture.infer(self.network, images), reduce_retracing=True)
+    def _traced(self):
+        return tf.function(lambda images, raw: self.architecture.infer(self.network, self.inputs(images, raw)),
+                           reduce_retracing=True)
+
+    def infer(self, images, raw: dict | None = None) -> dict:
+        """images float32 [B, S, S, 1] (and the batch's raw view, sex, age) -> the architecture's outputs
+        (tensors), traced once per batch shape."""
+        return self._traced(images, raw if raw is not None else metadata.unknown(tf.shape(images)[0]))
 
 
 def load(model_dir: str) -> ExportedModel:

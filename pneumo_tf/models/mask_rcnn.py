@@ -78,10 +78,13 @@ from pneumo_tf.cli import option
 from pneumo_tf.errors import UserError
 from pneumo_tf.models import detection_ops as ops
 from pneumo_tf.models.architecture import (
-    BOXES, NUM_DETECTIONS, SCORES, BoxDetector, ModelOptions, Preset, detector_outputs, replica_count,
-    sum_over_replicas,
+    BOXES, IMAGE_LOGITS, NUM_DETECTIONS, SCORES, BoxDetector, BoxModelOptions, Preset, detector_outputs,
+    image_head_logits, image_head_loss, metadata_bias, metadata_input, network_inputs, replica_count,
+    sum_over_replicas, with_image_probability,
 )
 
+# The first stage's output with the metadata's logit bias per image [B, 1] (see `classify`).
+METADATA_BIAS = "metadata_bias"
 # Blocks per stack and block type of keras-hub's ResNet presets.
 RESNETS = {
     "resnet18": ((2, 2, 2, 2), "basic_block"),
@@ -101,7 +104,7 @@ MASK_THRESHOLD = 0.5
 
 
 @dataclasses.dataclass(frozen=True)
-class MaskRCNNOptions(ModelOptions):
+class MaskRCNNOptions(BoxModelOptions):
     """Every option of the network (--model_option=name=value); names follow matterport's Config,
     defaults are the seed's settings and else matterport's (see the module docstring)."""
 
@@ -234,8 +237,10 @@ def _backbone(image_size: int, options: MaskRCNNOptions) -> keras.Model:
 
 
 def _first_stage(image_size: int, options: MaskRCNNOptions) -> keras.Model:
-    """image -> FPN features P2..P6 and the RPN's outputs over all anchors (float32)."""
+    """image (and metadata) -> FPN features P2..P6, the RPN's outputs over all anchors (float32), and
+    with metadata its logit bias ("metadata_bias" [B, 1]), with an image head its logits."""
     image = keras.Input((image_size, image_size, 1), name="image")
+    metadata = metadata_input(options)
     fpn = FeaturePyramid(min_level=LEVELS[0], max_level=LEVELS[-1], use_p5=False,
                          num_filters=options.top_down_pyramid_size, name="fpn")
     features = fpn(_backbone(image_size, options)(image))
@@ -252,7 +257,11 @@ def _first_stage(image_size: int, options: MaskRCNNOptions) -> keras.Model:
     outputs = dict(features)
     outputs["rpn_logits"] = layers.Concatenate(axis=1, dtype="float32", name="rpn_logits")(logits)
     outputs["rpn_deltas"] = layers.Concatenate(axis=1, dtype="float32", name="rpn_deltas")(deltas)
-    return keras.Model(image, outputs, name="first_stage")
+    if metadata is not None:
+        outputs[METADATA_BIAS] = metadata_bias(metadata)
+    if options.image_head != "none":
+        outputs[IMAGE_LOGITS] = image_head_logits(features[f"P{LEVELS[-1]}"], metadata, options.image_head)
+    return keras.Model(network_inputs(image, metadata), outputs, name="first_stage")
 
 
 def _box_head(options: MaskRCNNOptions) -> keras.Model:
@@ -314,8 +323,9 @@ class MaskRCNN(keras.Model):
         self.built = True
 
     def call(self, inputs, training=False):
-        image = inputs["image"] if isinstance(inputs, dict) else inputs
-        return self.first_stage(image, training=training)
+        if not isinstance(inputs, dict):
+            inputs = {"image": inputs}
+        return self.first_stage({name: inputs[name] for name in self.first_stage.input}, training=training)
 
     def get_config(self):
         return {"image_size": self.image_size, "name": self.name, "options": self.options.as_dict()}
@@ -350,8 +360,10 @@ class MaskRCNN(keras.Model):
         """Box/class head on [B, N, 4] RoIs -> (class logits [B, N, 2], opacity deltas [B, N, 4])."""
         head = self.box_head(self._pooled(raw, rois, self.options.pool_size), training=training)
         shape = tf.shape(rois)[:2]
-        return (tf.reshape(head["class_logits"], tf.concat([shape, [NUM_CLASSES]], 0)),
-                tf.reshape(head["deltas"], tf.concat([shape, [4]], 0)))
+        class_logits = tf.reshape(head["class_logits"], tf.concat([shape, [NUM_CLASSES]], 0))
+        if METADATA_BIAS in raw:  # the image's metadata shifts the opacity logit of every RoI
+            class_logits += tf.pad(raw[METADATA_BIAS][:, None, :], [[0, 0], [0, 0], [NUM_CLASSES - 1, 0]])
+        return class_logits, tf.reshape(head["deltas"], tf.concat([shape, [4]], 0))
 
     def mask_logits(self, raw, rois, training: bool = False):
         """Mask head on [B, N, 4] RoIs -> logits [B, N, 2m, 2m]."""
@@ -460,15 +472,19 @@ class MaskRCNNArchitecture(BoxDetector):
         return MaskRCNN(image_size, options)
 
     def loss_names(self, network):
-        return LOSS_NAMES
+        return LOSS_NAMES + (("image",) if network.options.image_head != "none" else ())
 
     def loss(self, network: keras.Model, inputs: dict, labels: dict, raw: dict, training: bool) -> dict:
-        return network.loss_terms(inputs["image"], labels["boxes"], labels["num_boxes"], labels["mask"], raw,
-                                  training)
+        terms = network.loss_terms(inputs["image"], labels["boxes"], labels["num_boxes"], labels["mask"], raw,
+                                   training)
+        if IMAGE_LOGITS in raw:
+            terms["image"] = image_head_loss(labels, raw[IMAGE_LOGITS])
+        return terms
 
     def outputs(self, network: keras.Model, inputs: dict, raw: dict) -> dict:
         boxes, scores, counts = network.detect(raw)
-        return {**detector_outputs(boxes, scores, counts), MASKS: network.detection_masks(raw, boxes, counts)}
+        found = {**detector_outputs(boxes, scores, counts), MASKS: network.detection_masks(raw, boxes, counts)}
+        return with_image_probability(found, raw)
 
     def masks(self, outputs: dict, threshold: float, sizes) -> list[np.ndarray]:
         """Each detection above `threshold` with its mask pasted into its box (matterport's unmold_mask:
@@ -477,12 +493,13 @@ class MaskRCNNArchitecture(BoxDetector):
         scores = np.asarray(outputs[SCORES], np.float32)
         counts = np.asarray(outputs[NUM_DETECTIONS]).reshape(-1)
         found = []
-        for image_boxes, image_scores, image_masks, count, (height, width) in zip(
-                boxes, scores, np.asarray(outputs[MASKS], np.float32), counts, sizes):
+        called = [len(kept) > 0 for kept, _ in self.detections(outputs, threshold)]  # gated by the image head
+        for image_boxes, image_scores, image_masks, count, (height, width), positive in zip(
+                boxes, scores, np.asarray(outputs[MASKS], np.float32), counts, sizes, called):
             canvas = np.zeros((height, width), bool)
             for (ymin, xmin, ymax, xmax), score, mask in zip(image_boxes[:count], image_scores[:count],
                                                             image_masks[:count]):
-                if score <= threshold:
+                if score <= threshold or not positive:
                     continue
                 top, left = int(np.floor(ymin * height)), int(np.floor(xmin * width))
                 bottom = max(int(np.ceil(ymax * height)), top + 1)

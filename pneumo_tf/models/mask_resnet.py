@@ -14,11 +14,13 @@ from pneumo_tf.errors import UserError
 from pneumo_tf.models import architecture, losses
 
 _BN_MOMENTUM = 0.9
+# The output that carries box_extent_ratio to the host's decoding, per image (outputs are batch-major).
+EXTENT_RATIO = "box_extent_ratio"
 UPSAMPLING_MODES = ("nearest", "bilinear")
 
 
 @dataclasses.dataclass(frozen=True)
-class MaskResNetOptions(architecture.ModelOptions):
+class MaskResNetOptions(architecture.BoxModelOptions):
     """The seed's create_network(channels=32, n_blocks=2, depth=4) by default."""
 
     model_name: ClassVar[str] = "mask_resnet"
@@ -28,12 +30,14 @@ class MaskResNetOptions(architecture.ModelOptions):
     depth: int = option(4, "Down-sampling levels; each halves the image (the image size must be divisible by "
                         "2**depth).", minimum=0)
     negative_slope: float = option(0.0, "LeakyReLU slope (the seed's 0 makes it a ReLU).", minimum=0.0)
-    classification_head: bool = option(False, "Add a \"target\" output (the image probability) from the pooled "
-                                       "bottleneck.")
     upsampling: str = option("nearest", "How the bottleneck's mask returns to the image's size: nearest (the seed's) "
                              "repeats each cell 2**depth times, so box edges fall on that grid; bilinear "
                              "interpolates the logits first, so thresholded masks (and their boxes) follow the "
                              "opacity's edge between cells. Same parameters either way.", choices=UPSAMPLING_MODES)
+    box_extent_ratio: float = option(
+        1.0, "Boxes at threshold t are the extents of the mask's regions above box_extent_ratio x t that reach above "
+        "t (hysteresis): the peak decides that there is an opacity, the lower level how far it reaches. 1: the "
+        "regions above t (the seed's).", exclusive_minimum=0.0, maximum=1.0)
 
 
 PRESETS = {
@@ -88,28 +92,45 @@ def build(image_size: int, options: MaskResNetOptions = MaskResNetOptions()) -> 
         for _ in range(options.n_blocks):
             x = _resblock(x, channels, negative_slope)
     features = _norm_act(x, negative_slope)
-    # float32 from the logits on, so sigmoid, loss and the up-sampled mask are exact
-    # under a mixed policy. Nearest up-sampling commutes with the sigmoid, as in the seed.
-    if options.upsampling == "nearest":
-        mask = layers.Conv2D(1, 1, activation="sigmoid", dtype="float32")(features)
-        mask = layers.UpSampling2D(2**depth, dtype="float32", name="mask")(mask)
-    else:
-        logits = layers.Conv2D(1, 1, dtype="float32")(features)
-        logits = layers.UpSampling2D(2**depth, interpolation="bilinear", dtype="float32")(logits)
-        mask = layers.Activation("sigmoid", dtype="float32", name="mask")(logits)
-    outputs = {"mask": mask}
-    if options.classification_head:
-        pooled = layers.GlobalAveragePooling2D()(features)
-        outputs["target"] = layers.Dense(1, activation="sigmoid", dtype="float32", name="target")(
-            pooled
-        )
-    return keras.Model({"image": image}, outputs, name="mask_resnet")
+    metadata = architecture.metadata_input(options)
+    # float32 from the logits on, so sigmoid, loss and the up-sampled mask are exact under a
+    # mixed policy. The metadata's bias shifts the logits of every pixel of an image alike.
+    logits = layers.Conv2D(1, 1, dtype="float32", name="mask_logits")(features)
+    if metadata is not None:
+        logits = layers.Add(dtype="float32")([logits, layers.Reshape((1, 1, 1))(architecture.metadata_bias(metadata))])
+    # Nearest up-sampling commutes with the sigmoid (the seed's order); bilinear interpolates logits.
+    interpolation = "nearest" if options.upsampling == "nearest" else "bilinear"
+    logits = layers.UpSampling2D(2**depth, interpolation=interpolation, dtype="float32")(logits)
+    outputs = {"mask": layers.Activation("sigmoid", dtype="float32", name="mask")(logits)}
+    if options.box_extent_ratio != 1.0:
+        outputs[EXTENT_RATIO] = ConstantPerImage(options.box_extent_ratio, name=EXTENT_RATIO)(image)
+    if options.image_head != "none":
+        outputs[architecture.IMAGE_LOGITS] = architecture.image_head_logits(features, metadata, options.image_head)
+    return keras.Model(architecture.network_inputs(image, metadata), outputs, name="mask_resnet")
+
+
+@keras.saving.register_keras_serializable(package="pneumo_tf")
+class ConstantPerImage(layers.Layer):
+    """A fixed value per image, float32 [B, 1]: a setting of the network that its host-side decoding
+    reads from the outputs, so it travels with the model (and its SavedModel)."""
+
+    def __init__(self, value: float, **kwargs):
+        kwargs.setdefault("dtype", "float32")
+        super().__init__(**kwargs)
+        self.value = float(value)
+
+    def call(self, images):
+        return keras.ops.full((keras.ops.shape(images)[0], 1), self.value, dtype="float32")
+
+    def get_config(self):
+        return {**super().get_config(), "value": self.value}
 
 
 def boxes_from_mask(
-    probability_mask: np.ndarray, threshold: float, min_area_fraction: float = 0.001
+    probability_mask: np.ndarray, threshold: float, min_area_fraction: float = 0.001, extent_ratio: float = 1.0
 ) -> tuple[np.ndarray, np.ndarray]:
-    """One box per connected component of `probability_mask > threshold`.
+    """One box per connected component of `probability_mask > extent_ratio * threshold` that holds a
+    pixel above `threshold` (with the default ratio 1: every component of `probability_mask > threshold`).
 
     Returns (boxes, scores): boxes float32 [N, 4] as normalised (ymin, xmin, ymax,
     xmax), the batch convention of pneumo_tf.boxes, covering whole pixels (a box
@@ -123,11 +144,13 @@ def boxes_from_mask(
     if probability_mask.ndim != 2:
         raise ValueError(f"expected a [H, W] mask, got shape {probability_mask.shape}")
     height, width = probability_mask.shape
-    labels, _ = ndimage.label(probability_mask > threshold)
+    labels, _ = ndimage.label(probability_mask > extent_ratio * threshold)
     boxes, scores = [], []
     for index, (rows, cols) in enumerate(ndimage.find_objects(labels), start=1):
         component = labels[rows, cols] == index
         if component.sum() < min_area_fraction * height * width:
+            continue
+        if extent_ratio < 1.0 and not (probability_mask[rows, cols][component] > threshold).any():
             continue
         boxes.append(
             (rows.start / height, cols.start / width, rows.stop / height, cols.stop / width)
@@ -140,12 +163,13 @@ def boxes_from_mask(
 
 
 class MaskResNet(architecture.Architecture):
-    """Trained on the record's box mask (and on the target with `classification_head`).
+    """Trained on the record's box mask (and with an image head on the target or the class).
 
     Boxes are the connected components of the mask thresholded at the decision threshold
-    (`boxes_from_mask`, on the host); the image probability is the "target" output when the
-    network has one, else the largest mask probability. Its masks are the thresholded mask
-    within those boxes (speckle dropped with its box), resized by nearest neighbour.
+    (`boxes_from_mask`, on the host; `box_extent_ratio` lowers the level their extents are read
+    at); the image probability is the image head's when the network has one, else the largest
+    mask probability. Its masks are the thresholded mask within those boxes (speckle dropped
+    with its box), resized by nearest neighbour.
     """
 
     name = "mask_resnet"
@@ -153,47 +177,55 @@ class MaskResNet(architecture.Architecture):
     presets = PRESETS
     gives_boxes = True
     gives_masks = True
-    label_keys = ("mask", "target")
+    label_keys = ("mask",)
+    optional_label_keys = ("target", "class")
     build = staticmethod(build)
 
-    def to_fit(self, batch):
-        inputs, labels = super().to_fit(batch)
-        return inputs, {"mask": labels["mask"], "target": keras.ops.cast(labels["target"], "float32")[:, None]}
-
     def loss_names(self, network):
-        return tuple(name for name in ("mask", "target") if name in network.output_names)
+        return ("mask",) + (("image",) if architecture.IMAGE_LOGITS in network.output_names else ())
 
     def loss(self, network, inputs, labels, raw, training):
         # Per image, then this replica's mean; the soft-IoU part is pooled over all replicas already.
         terms = {"mask": keras.ops.mean(losses.iou_bce_loss(labels["mask"], raw["mask"]))}
-        if "target" in raw:
-            terms["target"] = architecture.target_loss(labels["target"], raw["target"])
+        if architecture.IMAGE_LOGITS in raw:
+            terms["image"] = architecture.image_head_loss(labels, raw[architecture.IMAGE_LOGITS])
         return terms
 
     def metrics(self, network):
-        found = {"mask": [keras.metrics.MeanMetricWrapper(losses.mean_iou, name="mask_mean_iou")]}
-        if "target" in network.output_names:
-            found["target"] = architecture.target_metrics()
-        return found
+        return {"mask": [keras.metrics.MeanMetricWrapper(losses.mean_iou, name="mask_mean_iou")]}
+
+    def outputs(self, network, inputs, raw):
+        found = {"mask": raw["mask"]}
+        if EXTENT_RATIO in raw:
+            found[EXTENT_RATIO] = raw[EXTENT_RATIO][:, 0]
+        return architecture.with_image_probability(found, raw)
 
     def detections(self, outputs, threshold):
         mask = np.asarray(outputs["mask"], np.float32)
-        return [boxes_from_mask(image_mask[..., 0], threshold) for image_mask in mask]
+        ratios = np.asarray(outputs.get(EXTENT_RATIO, np.ones(len(mask))), np.float32).reshape(-1)
+        found = [boxes_from_mask(image_mask[..., 0], threshold, extent_ratio=float(ratio))
+                 for image_mask, ratio in zip(mask, ratios)]
+        return architecture.gate_by_image(outputs, threshold, found)
 
     def masks(self, outputs, threshold, sizes):
         found = []
-        for image_mask, (boxes, _), (height, width) in zip(np.asarray(outputs["mask"], np.float32)[..., 0],
-                                                          self.detections(outputs, threshold), sizes):
+        mask = np.asarray(outputs["mask"], np.float32)[..., 0]
+        ratios = np.asarray(outputs.get(EXTENT_RATIO, np.ones(len(mask))), np.float32).reshape(-1)
+        for image_mask, ratio, (boxes, _), (height, width) in zip(mask, ratios, self.detections(outputs, threshold),
+                                                                 sizes):
+            level = float(ratio) * threshold
             side_rows, side_columns = image_mask.shape
             within = np.zeros(image_mask.shape, bool)
             for ymin, xmin, ymax, xmax in boxes:  # whole mask pixels (boxes_from_mask)
                 within[round(ymin * side_rows):round(ymax * side_rows),
                        round(xmin * side_columns):round(xmax * side_columns)] = True
-            found.append(architecture.resize_nearest((image_mask > threshold) & within, height, width))
+            found.append(architecture.resize_nearest((image_mask > level) & within, height, width))
         return found
 
     def image_probability(self, outputs):
-        if "target" in outputs:
+        if architecture.IMAGE_PROBABILITY in outputs:
+            return np.asarray(outputs[architecture.IMAGE_PROBABILITY], np.float32).reshape(-1)
+        if "target" in outputs:  # a model exported with the former classification_head option
             target = np.asarray(outputs["target"], np.float32)
             return target.reshape(len(target))
         mask = np.asarray(outputs["mask"], np.float32)

@@ -57,7 +57,7 @@ import numpy as np
 import tensorflow as tf
 
 from pneumo_tf.cli import check_constraints, option
-from pneumo_tf.data import pipeline
+from pneumo_tf.data import metadata, pipeline
 from pneumo_tf.errors import UserError
 from pneumo_tf.fileio import write_json_atomic
 from pneumo_tf.models import exported
@@ -107,10 +107,12 @@ class Member:
         self.image_size = model.image_size
         self.view_count = 2 if tta == "hflip" else 1
 
-    def call(self, images):
+    def call(self, images, raw: dict):
+        """In-graph: images and the batch's raw view, sex and age -> the network's outputs (both views)."""
         if self.view_count == 2:
             images = tf.concat([images, tf.reverse(images, axis=[2])], axis=0)
-        return self.architecture.infer(self.model.network, images)
+            raw = {name: tf.concat([value, value], axis=0) for name, value in raw.items()}
+        return self.architecture.infer(self.model.network, self.model.inputs(images, raw))
 
     def views(self, outputs: dict) -> list[dict]:
         """Numpy outputs of `call` -> one outputs dict per view (the second one of mirrored images)."""
@@ -172,10 +174,11 @@ class Reading:
     # --------------------------------------------------------------------------------------------
     # Running the networks.
 
-    def outputs(self, images: tuple):
-        """In-graph: images float32 [B, S, S, 1] at each of `image_sizes` -> each member's raw outputs."""
+    def outputs(self, images: tuple, raw: dict):
+        """In-graph: images float32 [B, S, S, 1] at each of `image_sizes`, and the batch's raw view, sex and
+        age (pneumo_tf.data.metadata.RAW_KEYS) -> each member's raw outputs."""
         by_size = dict(zip(self.image_sizes, images))
-        return [member.call(by_size[member.image_size]) for member in self.members]
+        return [member.call(by_size[member.image_size], raw) for member in self.members]
 
     def split(self, raw) -> list[list[dict]]:
         """Each member's outputs (tensors or numpy) -> per member, per view, numpy outputs."""
@@ -185,7 +188,7 @@ class Reading:
         """A batch of `dataset` (or any pipeline batch at the members' one size) -> outputs."""
         images = tuple(batch["image"] if index == 0 else batch[IMAGE_AT_SIZE.format(size)]
                        for index, size in enumerate(self.image_sizes))
-        return self.split(self._traced(images))
+        return self.split(self._traced(images, {name: batch[name] for name in metadata.RAW_KEYS.values()}))
 
     def dataset(self, records_dir: str, split: str, batch_size: int) -> tf.data.Dataset:
         """The split's evaluation batches, with each member size's images (IMAGE_AT_SIZE beyond the first).

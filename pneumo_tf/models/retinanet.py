@@ -76,8 +76,10 @@ from keras_hub.src.models.retinanet.retinanet_label_encoder import RetinaNetLabe
 
 from pneumo_tf.cli import option
 from pneumo_tf.errors import UserError
+from pneumo_tf.data import metadata as metadata_lib
 from pneumo_tf.models.architecture import (
-    BoxDetector, ModelOptions, Preset, detector_outputs, replica_count, sum_over_replicas,
+    IMAGE_LOGITS, METADATA, BoxDetector, BoxModelOptions, Preset, detector_outputs, image_head_logits, image_head_loss,
+    metadata_bias, network_inputs, replica_count, sum_over_replicas, with_image_probability,
 )
 from pneumo_tf.models.detection_ops import BOX_DELTA_SCALES, padded_nms
 
@@ -96,7 +98,7 @@ BLOCK_TYPES = ("basic_block", "bottleneck_block", "basic_block_vd", "bottleneck_
 
 
 @dataclasses.dataclass(frozen=True)
-class RetinaNetOptions(ModelOptions):
+class RetinaNetOptions(BoxModelOptions):
     """Defaults: ResNet-50 (bottleneck blocks 3, 4, 6, 3), pyramid levels P3-P7 with 256 channels and
     four 256-channel head convolutions, keras-hub's `retinanet_resnet50_fpn_coco` layout with one
     class and one input channel. ResNet-18 is block_type="basic_block", stackwise_num_blocks=(2, 2, 2,
@@ -171,28 +173,44 @@ PRESETS = {
 
 @keras.saving.register_keras_serializable(package="pneumo_tf")
 class RetinaNetNetwork(keras.Model):
-    """keras-hub's RetinaNetObjectDetector as {"image": [B, S, S, 1]} -> float32 raw outputs.
+    """keras-hub's RetinaNetObjectDetector as {"image": [B, S, S, 1][, "metadata": [B, M]]} -> float32 raw outputs.
 
     `detector` is the wrapped `keras_hub.models.RetinaNetObjectDetector`; its
     `anchor_generator` and `label_encoder` configure the loss and the decoding, and are saved
-    with it, as are the decoding's settings (see `build`).
+    with it, as are the decoding's settings (see `build`). The forward pass is the detector's own
+    (its backbone, then its box and class heads on every pyramid level), written out here so the
+    pyramid's top level can feed an image head and the metadata can shift the class logits
+    (`metadata_width`, `image_head`: see pneumo_tf.models.architecture).
     """
 
     def __init__(self, detector, pre_nms_top_k: int = 1000, nms_iou_threshold: float = 0.5,
-                 max_detections: int = 4, min_confidence: float = 0.05, **kwargs):
+                 max_detections: int = 4, min_confidence: float = 0.05, metadata_width: int = 0,
+                 image_head: str = "none", **kwargs):
         image = keras.Input(detector.backbone.image_shape, name="image")
-        raw = detector(image)
+        metadata = keras.Input((metadata_width,), name=METADATA) if metadata_width else None
+        features = detector.backbone(image)
+        boxes, classes = [], []
+        for level, feature in features.items():  # as RetinaNetObjectDetector: P3 first
+            boxes.append(keras.layers.Reshape((-1, 4), name=f"box_pred_{level}")(detector.box_head(feature)))
+            classes.append(keras.layers.Reshape((-1, 1), name=f"cls_pred_{level}")(
+                detector.classification_head(feature)))
         # float32 from the raw outputs on, so loss and decoding are exact under a mixed policy.
-        outputs = {
-            name: keras.layers.Identity(dtype="float32", name=name)(raw[name])
-            for name in ("bbox_regression", "cls_logits")
-        }
-        super().__init__(inputs={"image": image}, outputs=outputs, **kwargs)
+        logits = keras.layers.Concatenate(axis=1, dtype="float32", name="cls_logits")(classes)
+        if metadata is not None:
+            bias = keras.layers.Reshape((1, 1), dtype="float32")(metadata_bias(metadata))
+            logits = keras.layers.Add(dtype="float32", name="cls_logits_with_metadata")([logits, bias])
+        outputs = {"bbox_regression": keras.layers.Concatenate(axis=1, dtype="float32", name="bbox_regression")(boxes),
+                   "cls_logits": logits}
+        if image_head != "none":
+            outputs[IMAGE_LOGITS] = image_head_logits(list(features.values())[-1], metadata, image_head)
+        super().__init__(inputs=network_inputs(image, metadata), outputs=outputs, **kwargs)
         self.detector = detector
         self.pre_nms_top_k = pre_nms_top_k
         self.nms_iou_threshold = nms_iou_threshold
         self.max_detections = max_detections
         self.min_confidence = min_confidence
+        self.metadata_width = metadata_width
+        self.image_head = image_head
         for layer in detector.backbone.image_encoder.layers:  # where keras-hub's RetinaNet has them
             if isinstance(layer, keras.layers.BatchNormalization):
                 layer.synchronized = True
@@ -208,6 +226,8 @@ class RetinaNetNetwork(keras.Model):
             "nms_iou_threshold": self.nms_iou_threshold,
             "max_detections": self.max_detections,
             "min_confidence": self.min_confidence,
+            "metadata_width": self.metadata_width,
+            "image_head": self.image_head,
             "name": self.name,
         }
 
@@ -273,6 +293,7 @@ def build(image_size: int, options: RetinaNetOptions = RetinaNetOptions()) -> Re
     _initialise_the_heads_as_the_paper(detector, options.classification_head_prior_probability)
     return RetinaNetNetwork(detector, pre_nms_top_k=options.pre_nms_top_k, nms_iou_threshold=options.nms_iou_threshold,
                             max_detections=options.max_detections, min_confidence=options.min_confidence,
+                            metadata_width=metadata_lib.width(options.metadata), image_head=options.image_head,
                             name="retinanet")
 
 
@@ -346,7 +367,7 @@ class RetinaNet(BoxDetector):
     build = staticmethod(build)
 
     def loss_names(self, network):
-        return ("classification", "box")
+        return ("classification", "box") + (("image",) if network.image_head != "none" else ())
 
     def loss(self, network, inputs: dict, labels: dict, raw: dict, training: bool) -> dict:
         """{"classification": focal loss over positive and background anchors, "box": Huber loss
@@ -363,10 +384,13 @@ class RetinaNet(BoxDetector):
         huber = keras.losses.huber(box_targets, deltas, delta=HUBER_DELTA)  # [B, A], mean of 4 deltas
         positives = sum_over_replicas(tf.reduce_sum(tf.cast(positive, tf.float32)))
         scale = replica_count() / tf.maximum(positives, 1.0)
-        return {
+        terms = {
             "classification": tf.reduce_sum(tf.where(tf.equal(classes, IGNORED), 0.0, focal)) * scale,
             "box": tf.reduce_sum(tf.where(positive, huber, 0.0)) * scale,
         }
+        if IMAGE_LOGITS in raw:
+            terms["image"] = image_head_loss(labels, raw[IMAGE_LOGITS])
+        return terms
 
     def outputs(self, network, inputs: dict, raw: dict) -> dict:
         """Anchor deltas -> boxes, top `pre_nms_top_k` anchors -> padded NMS -> detector_outputs."""
@@ -390,8 +414,9 @@ class RetinaNet(BoxDetector):
         kept, count = padded_nms(normalised, scores, network.max_detections, network.nms_iou_threshold,
                                  network.min_confidence)
         valid = tf.range(network.max_detections)[None, :] < count[:, None]
-        return detector_outputs(tf.where(valid[..., None], tf.gather(normalised, kept, batch_dims=1), 0.0),
-                                tf.where(valid, tf.gather(scores, kept, batch_dims=1), 0.0), count)
+        return with_image_probability(
+            detector_outputs(tf.where(valid[..., None], tf.gather(normalised, kept, batch_dims=1), 0.0),
+                             tf.where(valid, tf.gather(scores, kept, batch_dims=1), 0.0), count), raw)
 
 
 ARCHITECTURE = RetinaNet()

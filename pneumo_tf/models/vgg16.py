@@ -10,6 +10,7 @@ from keras import layers
 
 from pneumo_tf.cli import option
 from pneumo_tf.errors import UserError
+from pneumo_tf.models import architecture
 from pneumo_tf.models.architecture import Classifier, ModelOptions, Preset
 
 NOTOP_WEIGHTS_URL = (
@@ -86,11 +87,14 @@ def build(image_size: int, options: VGG16Options = VGG16Options()) -> keras.Mode
     )(rgb)
     x = backbone(x)
     x = layers.Flatten()(x)
+    metadata = architecture.metadata_input(options)
+    if metadata is not None:  # the header's facts join the image's features before the dense head
+        x = layers.Concatenate()([x, keras.ops.cast(metadata, x.dtype)])
     x = layers.Dense(64, activation="relu", kernel_regularizer=keras.regularizers.L2(0.01))(x)
     x = layers.Dropout(0.5)(x)
     # float32 so the probability (and the loss on it) stays exact under a mixed policy.
     target = layers.Dense(1, activation="sigmoid", dtype="float32", name="target")(x)
-    return keras.Model({"image": image}, {"target": target}, name="vgg16")
+    return keras.Model(architecture.network_inputs(image, metadata), {"target": target}, name="vgg16")
 
 
 class VGG16(Classifier):

@@ -19,7 +19,7 @@ import keras
 import tensorflow as tf
 
 from pneumo_tf import models
-from pneumo_tf.data import augment, pipeline, remote
+from pneumo_tf.data import augment, metadata, pipeline, remote
 from pneumo_tf.errors import UserError
 from pneumo_tf.models import card as model_card, exported
 from pneumo_tf.models.architecture import Architecture
@@ -161,16 +161,18 @@ def train_and_evaluate(config: TrainConfig, arguments: list[str] | None = None) 
         peak_rate, optimizer = _optimizer(config, steps_per_epoch * config.epochs)
         trainer.compile(optimizer=optimizer)
 
+    fields = options.metadata  # the header's facts the network takes beside the image, encoded per batch
     train_data = pipeline.distributed_dataset(
         strategy, config.records_dir, "train", config.batch_size, config.image_size, training=True,
-        map_fn=architecture.to_fit, positive_fraction=config.positive_fraction or None, cache=config.cache,
+        map_fn=lambda batch: architecture.to_fit(metadata.with_metadata(batch, fields)),
+        positive_fraction=config.positive_fraction or None, cache=config.cache,
         seed=config.seed, data_service=config.data_service or None,
     )
     # Validation streams the val split once per epoch, on this worker's own pipeline: loss,
     # metrics, challenge mAP and the TensorBoard images all come from that one pass.
     val_data = pipeline.make_dataset(
         config.records_dir, "val", config.batch_size, config.image_size, training=False, cache=config.cache
-    )
+    ).map(lambda batch: metadata.with_metadata(batch, fields))
     if config.validation_steps:
         val_data = val_data.take(config.validation_steps)
     monitor, mode = architecture.monitor
@@ -226,6 +228,7 @@ def train_and_evaluate(config: TrainConfig, arguments: list[str] | None = None) 
         "model": config.model,
         "preset": config.preset,
         "model_options": options.as_dict(),  # every option, resolved
+        "metadata": list(fields),  # the header's facts the network takes (pneumo_tf.data.metadata)
         "image_size": config.image_size,
         # How the training records were converted: predict and serve convert source files the same way.
         "conversion": {key: read_manifest(config.records_dir)["options"][key] for key in ("image_size", "bit_depth")},
