@@ -22,6 +22,7 @@ from PIL import Image
 from pydicom.dataset import FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage
 
+from pneumo_tf.data import pipeline
 from pneumo_tf.records import boxes as box_lib
 from pneumo_tf.errors import RejectedFile, UserError
 from pneumo_tf.fileio import write_json_atomic
@@ -213,6 +214,103 @@ def test_real_dicoms_convert_exactly(shared_rsna, tmp_path):
         decoded = tf.io.decode_jpeg(frame).numpy()[..., 0].astype(int)
         difference = np.abs(decoded - ds.pixel_array.astype(int))
         assert difference.max() <= 8 and difference.mean() < 1.0
+
+
+REAL_JPEGS = 12  # a handful of the 1,000 real radiographs in ../shared/data/rsna/jpg
+
+
+def test_real_jpegs_convert_with_their_labels_classes_and_metadata(shared_rsna, tmp_path):
+    names = sorted(os.listdir(shared_rsna / "jpg"))[:REAL_JPEGS]
+    folder = tmp_path / "jpg"
+    folder.mkdir()
+    for name in names:
+        shutil.copy(shared_rsna / "jpg" / name, folder / name)
+    manifest = shards.convert(
+        str(folder), str(tmp_path / "out"), str(shared_rsna / "stage_2_train_labels.csv"),
+        str(shared_rsna / "stage_2_detailed_class_info.csv"), writer=shards.LocalPool(1),
+        metadata_csv=str(shared_rsna / "jpg_metadata.csv"),
+    )
+    records = read_records(str(tmp_path / "out"))
+    assert manifest["records"] == REAL_JPEGS and manifest["rejects"] == 0
+    assert manifest["formats"]["jpeg"] == manifest["passthrough_records"] == REAL_JPEGS
+    assert sorted(records) == sorted(name.removesuffix(".jpg") for name in names)
+    labels = pd.read_csv(shared_rsna / "stage_2_train_labels.csv")
+    classes = pd.read_csv(shared_rsna / "stage_2_detailed_class_info.csv").drop_duplicates().set_index("patientId")
+    facts = pd.read_csv(shared_rsna / "jpg_metadata.csv").set_index("patientId")
+    for image_id, record in records.items():
+        assert record[schema.IMAGE_ENCODED][0] == (folder / f"{image_id}.jpg").read_bytes()  # passed through
+        rows = labels[labels.patientId == image_id].dropna()
+        expected = sorted((r.x / 1024, r.y / 1024, (r.x + r.width) / 1024, (r.y + r.height) / 1024)
+                          for r in rows.itertuples())
+        np.testing.assert_allclose(np.reshape(sorted(zip(*(record[k] for k in schema.BOX_KEYS))), (-1, 4)),
+                                   np.reshape(expected, (-1, 4)), atol=1e-7)
+        assert record[schema.TARGET] == [int(len(rows) > 0)]
+        assert schema.CLASS_NAMES[record[schema.CLASS][0]] == classes.loc[image_id, "class"]
+        row = facts.loc[image_id]
+        assert (record[schema.VIEW][0].decode(), record[schema.SEX][0].decode(), record[schema.AGE][0]) == (
+            row.ViewPosition, row.PatientSex, row.PatientAge)
+    assert manifest["options"]["metadata_csv"] == str(shared_rsna / "jpg_metadata.csv")
+
+
+def _metadata_csv(path, rows):
+    with open(path, "w", newline="") as handle:
+        csv.writer(handle).writerows([labels_lib.METADATA_COLUMNS, *rows])
+    return str(path)
+
+
+def test_the_metadata_csv_gives_jpegs_the_side_inputs_their_dicoms_have(shared_rsna, tmp_path):
+    from pneumo_tf.data import metadata
+
+    dicoms = {path.stem: pydicom.dcmread(path) for path in sorted((shared_rsna / "dicom").glob("*.dcm"))}
+    jpegs = tmp_path / "jpg"
+    jpegs.mkdir()
+    for image_id, ds in dicoms.items():  # the DICOM's JPEG frame as a .jpg, as a Kaggle mirror holds it
+        (jpegs / f"{image_id}.jpg").write_bytes(next(pydicom.encaps.generate_frames(ds.PixelData, number_of_frames=1)))
+    csv_path = _metadata_csv(tmp_path / "facts.csv", [(image_id, ds.PatientAge, ds.PatientSex, ds.ViewPosition)
+                                                      for image_id, ds in dicoms.items()])
+    encoded = {}
+    for name, folder, extra in (("dicom", shared_rsna / "dicom", None), ("jpeg", jpegs, csv_path)):
+        shards.convert(str(folder), str(tmp_path / name), writer=shards.LocalPool(1), metadata_csv=extra)
+        batch = next(iter(pipeline.make_dataset(str(tmp_path / name), "test", 10, 32, training=False)))
+        side = metadata.encode_batch(metadata.FIELDS, batch).numpy()
+        encoded[name] = dict(zip(batch["id"].numpy().astype(str), side))
+    assert sorted(encoded["dicom"]) == sorted(encoded["jpeg"]) == sorted(dicoms)
+    for image_id in dicoms:
+        np.testing.assert_array_equal(encoded["jpeg"][image_id], encoded["dicom"][image_id])
+    # Without the CSV the JPEGs' facts are unknown: view, sex and age each in their "unknown" column.
+    shards.convert(str(jpegs), str(tmp_path / "bare"), writer=shards.LocalPool(1))
+    batch = next(iter(pipeline.make_dataset(str(tmp_path / "bare"), "test", 10, 32, training=False)))
+    np.testing.assert_array_equal(metadata.encode_batch(metadata.FIELDS, batch).numpy(),
+                                  np.tile([0, 0, 1, 0, 0, 1, 0, 1], (10, 1)))
+
+
+def test_a_metadata_row_that_contradicts_the_header_is_a_reject(shared_rsna, tmp_path):
+    path = sorted((shared_rsna / "dicom").glob("*.dcm"))[0]
+    ds = pydicom.dcmread(path)
+    other = {"AP": "PA", "PA": "AP"}[ds.ViewPosition]
+    folder = tmp_path / "in"
+    folder.mkdir()
+    shutil.copy(path, folder / path.name)
+    csv_path = _metadata_csv(tmp_path / "facts.csv", [(path.stem, "", "", other)])
+    manifest = shards.convert(str(folder), str(tmp_path / "out"), writer=shards.LocalPool(1), metadata_csv=csv_path)
+    assert manifest["records"] == 0 and manifest["rejects"] == 1
+    with open(tmp_path / "out" / "rejects.csv") as handle:
+        [row] = list(csv.DictReader(handle))
+    assert row["reason"] == f"the metadata says view {other!r}, the DICOM header {ds.ViewPosition!r}"
+    # A row that agrees, or only fills what the header lacks, converts.
+    agreeing = _metadata_csv(tmp_path / "agree.csv", [(path.stem, "", ds.PatientSex, ds.ViewPosition)])
+    assert shards.convert(str(folder), str(tmp_path / "ok"), writer=shards.LocalPool(1),
+                          metadata_csv=agreeing)["records"] == 1
+
+
+@pytest.mark.parametrize("rows,message", [
+    ([("a", "51", "X", "AP")], "row 2 (a) has PatientAge '51' / PatientSex 'X'"),
+    ([("a", "old", "M", "AP")], "row 2 (a) has PatientAge 'old'"),
+    ([("a", "51", "M", "AP"), ("a", "52", "M", "AP")], "patientId a appears twice"),
+])
+def test_bad_metadata_csvs_are_user_errors(tmp_path, rows, message):
+    with pytest.raises(UserError, match=re.escape(message)):
+        labels_lib.read_metadata(_metadata_csv(tmp_path / "facts.csv", rows))
 
 
 def _uncompressed_dicom(path, pixels, photometric="MONOCHROME2", bits_stored=None, **elements):

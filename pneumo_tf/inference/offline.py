@@ -62,6 +62,10 @@ class PredictConfig:
         None, "How --dicom_dir is converted: 0 passes JPEG frames through, N stores N x N PNGs; by default as the "
         "model's training records were converted (its pixels exactly).")
     workers: int = option(0, "Processes converting --dicom_dir; 0 uses all cores.", minimum=0)
+    metadata_csv: str | None = option(
+        None, "patientId,PatientAge,PatientSex,ViewPosition of --dicom_dir's PNG/JPEG files (which have no header), "
+        "as python -m pneumo_tf.convert takes it: what models trained with metadata read; without it those facts "
+        "are unknown.")
     dicom_results_dir: str | None = option(
         None, "Also write DICOM results of every DICOM in --dicom_dir here: <id>.SR.dcm (a TID 1500 structured "
         "report), <id>.PR.dcm (a presentation state drawing the boxes) and, for models with masks, <id>.SEG.dcm (a "
@@ -72,6 +76,8 @@ class PredictConfig:
         check_constraints(self)
         if (self.records_dir is None) == (self.dicom_dir is None):
             raise UserError("give either --records_dir (with --split) or --dicom_dir, not both or neither")
+        if self.metadata_csv is not None and self.dicom_dir is None:
+            raise UserError("--metadata_csv goes with --dicom_dir: records hold their facts already")
         if self.dicom_results_dir is not None and self.dicom_dir is None:
             raise UserError("--dicom_results_dir needs --dicom_dir: records hold no DICOM header to refer to")
 
@@ -160,6 +166,7 @@ def predict(config: PredictConfig, progress_stream=None) -> dict:
         manifest = shards.convert(
             config.dicom_dir, records_dir, options=options,
             writer=shards.LocalPool(config.workers or None, progress_stream=progress_stream),
+            metadata_csv=config.metadata_csv,
         )
         rejects = _read_rejects(records_dir)
         if manifest["records"] == 0:

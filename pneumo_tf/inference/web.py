@@ -55,7 +55,8 @@ from pneumo_tf.inference import dicom_results
 from pneumo_tf.models import card as model_card, reading as reading_lib
 from pneumo_tf.models.reading import ReadingConfig
 from pneumo_tf.errors import RejectedFile, UserError
-from pneumo_tf.records import dicom, images, radiograph as radiograph_lib, schema
+from pneumo_tf.records import dicom, images, labels as labels_lib, radiograph as radiograph_lib, schema
+from pneumo_tf.records.labels import PatientFacts
 
 DISPLAY_MAX_SIZE = 1024  # the page's radiograph is downscaled to this many pixels on its long side
 POSITIVE, NEGATIVE = "Opacity", "No Opacity"
@@ -180,12 +181,14 @@ class UploadReading:
         batch = {key: fields[key][tf.newaxis] for key in pipeline.METADATA_KEYS}
         return batch, self.reading.outputs(images, {name: batch[name] for name in metadata.RAW_KEYS.values()})
 
-    def predict(self, data: bytes, image_id: str, with_mask: bool = False, display: bool = True) -> Result:
+    def predict(self, data: bytes, image_id: str, with_mask: bool = False, display: bool = True,
+                known: PatientFacts | None = None) -> Result:
         """Reads one DICOM, PNG or JPEG file's bytes; raises RejectedFile with the reason when it cannot.
 
-        with_mask: also the pixels called opacity at source size (models with masks); display: the page's picture.
+        with_mask: also the pixels called opacity at source size (models with masks); display: the page's picture;
+        known: view, sex and age given with the upload, for a file without a header (a DICOM's must agree).
         """
-        record, reason = radiograph_lib.convert_or_reject(io.BytesIO(data), image_id, None, self.options)
+        record, reason = radiograph_lib.convert_or_reject(io.BytesIO(data), image_id, None, self.options, known)
         if record is None:
             raise RejectedFile(reason)
         radiograph = radiograph_lib.read_radiograph(io.BytesIO(data))
@@ -196,7 +199,7 @@ class UploadReading:
         [(_, (boxes_xywh, confidences))] = collect.challenge_detections(
             self.reading, outputs, batch, self.threshold)
         boxes = tuple(Box(float(c), *(float(v) for v in xywh)) for xywh, c in zip(boxes_xywh, confidences))
-        facts, mask = radiograph.facts, None
+        facts, mask = radiograph_lib.with_known_facts(radiograph.facts, known), None
         if with_mask and self.reading.gives_masks:
             [mask] = self.reading.masks(outputs, self.threshold, [(facts.rows, facts.columns)])
         return Result(
@@ -204,7 +207,7 @@ class UploadReading:
             probability=float(self.reading.image_probability(outputs)[0]),
             threshold=self.threshold,
             boxes=boxes,
-            facts=radiograph.facts,
+            facts=facts,
             source_format=radiograph.source_format,
             display_png=display_png(radiograph.grey_pixels(8)) if display else b"",
             model=self.reading.name,
@@ -219,6 +222,18 @@ class UploadReading:
             np.array([[b.x, b.y, b.width, b.height] for b in result.boxes]).reshape(-1, 4),
             np.array([b.confidence for b in result.boxes]), result.probability, self.threshold, result.mask)
         return dicom_results.result_objects(source, findings, self.algorithm)
+
+
+def facts_of_form(form) -> PatientFacts | None:
+    """The optional view, sex and age fields of an upload (for PNG/JPEG files, which have no header), or
+    None when none is given; UploadError 400 for a value that is none of the allowed ones."""
+    view, sex, age = (form.get(name, "").strip().upper() for name in ("view", "sex", "age"))
+    if not (view or sex or age):
+        return None
+    if sex not in labels_lib.SEXES or not (age == "" or (age.isdigit() and int(age) <= 150)):
+        raise UploadError(400, f"sex must be M, F, O or empty and age whole years (0-150) or empty, not {sex!r} and "
+                          f"{age!r}")
+    return PatientFacts(int(age) if age else -1, sex, view)
 
 
 def display_png(grey: np.ndarray) -> bytes:
@@ -279,7 +294,8 @@ def create_app(model_dir: str, max_upload_mb: float = ServeConfig.max_upload_mb,
         if not data:
             raise UploadError(400, f"{name} is empty")
         try:
-            result = upload_reading.predict(data, radiograph_lib.image_id_of(name), with_mask=results)
+            result = upload_reading.predict(data, radiograph_lib.image_id_of(name), with_mask=results,
+                                            known=facts_of_form(flask.request.form))
         except RejectedFile as error:
             raise UploadError(422, f"{name} cannot be read as a radiograph: {error}") from error
         if results and result.source_format == images.DICOM:

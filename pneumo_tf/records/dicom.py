@@ -88,7 +88,7 @@ def check_decoded_size(ds: pydicom.Dataset, limit: int = MAX_DECODED_BYTES) -> i
     return size
 
 
-def _age_in_years(value) -> int:
+def age_in_years(value) -> int:
     # Age String is nnnD/W/M/Y; RSNA writes plain numbers ("51").
     match = re.fullmatch(r"\s*(\d+)\s*([DWMY]?)\s*", str(value or ""))
     if not match:
@@ -109,7 +109,7 @@ def header_facts(ds: pydicom.Dataset) -> HeaderFacts:
         columns=int(ds.Columns),
         frames=int(ds.get("NumberOfFrames") or 1),
         view=str(ds.get("ViewPosition") or ""),
-        age=_age_in_years(ds.get("PatientAge")),
+        age=age_in_years(ds.get("PatientAge")),
         sex=str(ds.get("PatientSex") or ""),
         pixel_spacing=spacing,
     )

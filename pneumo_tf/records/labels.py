@@ -1,4 +1,5 @@
-"""Reading the challenge's label CSVs: boxes per patient and the three-way class."""
+"""Reading the challenge's label CSVs (boxes per patient, the three-way class) and a metadata CSV (the
+header facts of PNG/JPEG files, which carry none)."""
 from __future__ import annotations
 
 import dataclasses
@@ -11,6 +12,8 @@ from pneumo_tf.records import schema
 
 LABEL_COLUMNS = ("patientId", "x", "y", "width", "height", "Target")
 CLASS_COLUMNS = ("patientId", "class")
+METADATA_COLUMNS = ("patientId", "PatientAge", "PatientSex", "ViewPosition")
+SEXES = ("M", "F", "O", "")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -18,6 +21,16 @@ class PatientLabels:
     target: int
     label_class: int  # index into schema.CLASS_NAMES, or schema.UNLABELED when unknown
     boxes: tuple[tuple[float, float, float, float], ...]  # (x, y, width, height) in source pixels
+
+
+@dataclasses.dataclass(frozen=True)
+class PatientFacts:
+    """What a header says about a radiograph's patient and view, as a metadata CSV gives it for files
+    without a header; -1 and "" are unknown (pneumo_tf.data.metadata has their encoding)."""
+
+    age: int = -1  # whole years
+    sex: str = ""  # M / F / O
+    view: str = ""  # ViewPosition: AP / PA / ...
 
 
 def _read_csv(path: str, columns: tuple[str, ...], what: str):
@@ -85,3 +98,24 @@ def read_labels(labels_csv: str, class_info_csv: str | None = None) -> dict[str,
         default = schema.LUNG_OPACITY if target else schema.UNLABELED
         result[pid] = PatientLabels(target, int(classes.get(pid, default)), tuple(boxes[pid]))
     return result
+
+
+def read_metadata(metadata_csv: str) -> dict[str, PatientFacts]:
+    """Facts per patientId from a CSV with columns patientId,PatientAge,PatientSex,ViewPosition (as
+    ../shared/data/rsna/jpg_metadata.csv); empty cells are unknown. Ages are whole years (a DICOM Age
+    String such as 051Y is read too)."""
+    frame = _read_csv(metadata_csv, METADATA_COLUMNS, "metadata CSV")
+    from pneumo_tf.records.dicom import age_in_years
+
+    facts = {}
+    for row, (pid, age, sex, view) in enumerate(frame[list(METADATA_COLUMNS)].itertuples(index=False), start=2):
+        age = "" if age != age else str(age).removesuffix(".0")  # NaN: empty
+        sex = "" if sex != sex else str(sex).strip().upper()
+        years = age_in_years(age)
+        if (age.strip() and years < 0) or sex not in SEXES:
+            raise UserError(f"metadata CSV {metadata_csv}: row {row} ({pid}) has PatientAge {age!r} / PatientSex "
+                            f"{sex!r}: expected whole years and one of M, F, O or empty")
+        if pid in facts:
+            raise UserError(f"metadata CSV {metadata_csv}: patientId {pid} appears twice")
+        facts[pid] = PatientFacts(years, sex, "" if view != view else str(view).strip().upper())
+    return facts

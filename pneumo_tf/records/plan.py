@@ -17,7 +17,7 @@ import numpy as np
 from pneumo_tf import fileio
 from pneumo_tf.errors import UserError
 from pneumo_tf.records import schema
-from pneumo_tf.records.labels import PatientLabels
+from pneumo_tf.records.labels import PatientFacts, PatientLabels
 from pneumo_tf.records.radiograph import ConvertOptions, image_id_of
 
 TARGET_SHARD_BYTES = 128 * 2**20
@@ -32,8 +32,8 @@ class Shard:
     split: str
     index: int
     count: int
-    # (path, image_id, labels or None for unlabeled test images)
-    files: tuple[tuple[str, str, PatientLabels | None], ...]
+    # (path, image_id, labels or None for unlabeled test images, metadata CSV facts or None)
+    files: tuple[tuple[str, str, PatientLabels | None, PatientFacts | None], ...]
 
     @property
     def name(self) -> str:
@@ -101,6 +101,7 @@ def make_plan(
     labels: dict[str, PatientLabels] | None,
     test_dicom_dir: str | None,
     options: ConvertOptions,
+    facts: dict[str, PatientFacts] | None = None,
 ) -> Plan:
     """The shards of a conversion, and the files rejected before any pixel is read (duplicate ids,
     labeled folders' files without a label row)."""
@@ -139,7 +140,8 @@ def make_plan(
         # then behaves like a record shuffle).
         order = np.random.default_rng([options.seed, split_index]).permutation(len(members))
         files = [
-            (paths[members[i]], members[i], labels[members[i]] if split != "test" else None) for i in order
+            (paths[members[i]], members[i], labels[members[i]] if split != "test" else None,
+             (facts or {}).get(members[i])) for i in order
         ]
         count = shard_count(options, [f[0] for f in files])
         for index, part in enumerate(np.array_split(np.arange(len(files)), count)):

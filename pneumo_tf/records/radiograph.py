@@ -22,7 +22,7 @@ from pneumo_tf.cli import check_constraints, option
 from pneumo_tf.errors import RejectedFile, UserError
 from pneumo_tf.records import boxes as box_lib
 from pneumo_tf.records import dicom, images, jpeg, masks, schema
-from pneumo_tf.records.labels import PatientLabels
+from pneumo_tf.records.labels import PatientFacts, PatientLabels
 
 IMAGE_EXTENSIONS = (".dcm", ".png", ".jpg", ".jpeg")
 MIN_STORED_SIZE = 8  # the smallest --image_size that stores resized pixels
@@ -132,13 +132,29 @@ def read_radiograph(source) -> Radiograph:
                       functools.partial(images.grey_pixels, image))
 
 
-def convert_file(source, image_id: str, labels: PatientLabels | None, options: ConvertOptions):
+def with_known_facts(facts: dicom.HeaderFacts, known: PatientFacts | None) -> dicom.HeaderFacts:
+    """The header's facts completed by `known` (a metadata CSV's row, a form's fields): each fact the
+    header lacks is taken from `known`; one both give must agree, or the file is rejected with why."""
+    if known is None:
+        return facts
+    values = {}
+    for name, unknown in (("age", -1), ("sex", ""), ("view", "")):
+        header, given = getattr(facts, name), getattr(known, name)
+        if given != unknown and header != unknown and str(header).upper() != str(given).upper():
+            raise RejectedFile(f"the metadata says {name} {given!r}, the DICOM header {header!r}")
+        values[name] = header if header != unknown else given
+    return dataclasses.replace(facts, **values)
+
+
+def convert_file(source, image_id: str, labels: PatientLabels | None, options: ConvertOptions,
+                 known: PatientFacts | None = None):
     """One DICOM, PNG or JPEG file (a path or a binary file object) -> (Record, facts dict).
 
-    Pure: the same file and options give the same record. Raises RejectedFile with the reason.
+    `known`: facts from a metadata CSV (or a form) for a file whose header lacks them (`with_known_facts`).
+    Pure: the same file, facts and options give the same record. Raises RejectedFile with the reason.
     """
     radiograph = read_radiograph(source)
-    facts = radiograph.facts
+    facts = with_known_facts(radiograph.facts, known)
     size = options.image_size
     if radiograph.passthrough is not None and size == 0:
         jpeg.verify_decodes(radiograph.passthrough)  # stored unchanged, so the pipeline must be able to decode it
@@ -181,10 +197,11 @@ def convert_file(source, image_id: str, labels: PatientLabels | None, options: C
                     "multi_frame": facts.frames > 1}
 
 
-def convert_or_reject(path, image_id: str, labels: PatientLabels | None, options: ConvertOptions):
+def convert_or_reject(path, image_id: str, labels: PatientLabels | None, options: ConvertOptions,
+                      known: PatientFacts | None = None):
     """(record, facts), or (None, reason) for a file that cannot become a record (never raises)."""
     try:
-        return convert_file(path, image_id, labels, options)
+        return convert_file(path, image_id, labels, options, known)
     except RejectedFile as error:
         return None, str(error)
     except Exception as error:  # noqa: BLE001 - one bad file must never stop the run

@@ -54,6 +54,10 @@ class ConvertConfig:
                                         "class used for stratification and stored in label/class.")
     test_dicom_dir: str | None = option(None, "A second folder converted as the unlabeled 'test' split in the same "
                                         "run.", aliases=("test_input_dir",))
+    metadata_csv: str | None = option(
+        None, "patientId,PatientAge,PatientSex,ViewPosition (e.g. jpg_metadata.csv): the header facts of PNG/JPEG "
+        "files, which have no header, stored as DICOMs' are (image/view, patient/age, patient/sex); for a DICOM "
+        "it fills what the header lacks, and a fact both give differently rejects the file with the reason.")
     options: ConvertOptions = option(ConvertOptions())
     workers: int = option(0, "Local worker processes building examples (without --beam_pipeline_options); 0 uses "
                           "all cores.", minimum=0)
@@ -93,8 +97,8 @@ def write_shard(shard: Shard, output_dir: str, options: ConvertOptions, report=N
                "formats": dict.fromkeys(images.FORMATS, 0)}
     unreported = 0
     with TFRecordWriter(tmp) as writer:
-        for path, image_id, labels in shard.files:
-            record, facts = convert_or_reject(path, image_id, labels, options)
+        for path, image_id, labels, known in shard.files:
+            record, facts = convert_or_reject(path, image_id, labels, options, known)
             unreported += 1
             if report is not None and unreported == PROGRESS_EVERY:
                 report(unreported)
@@ -183,9 +187,10 @@ def _class_name(label_class: int) -> str:
 # The whole conversion.
 
 
-def _recorded_options(options, dicom_dir, labels_csv, class_info_csv, test_dicom_dir, num_shards_by_split):
+def _recorded_options(options, dicom_dir, labels_csv, class_info_csv, test_dicom_dir, num_shards_by_split,
+                      metadata_csv=None):
     absolute = lambda p: fileio.absolute(p) if p else None  # noqa: E731
-    return {
+    recorded = {
         **dataclasses.asdict(options),
         "dicom_dir": absolute(dicom_dir),
         "labels_csv": absolute(labels_csv),
@@ -193,6 +198,9 @@ def _recorded_options(options, dicom_dir, labels_csv, class_info_csv, test_dicom
         "test_dicom_dir": absolute(test_dicom_dir),
         "shards_per_split": num_shards_by_split,
     }
+    if metadata_csv:  # recorded only when given: a conversion without one reads as before
+        recorded["metadata_csv"] = absolute(metadata_csv)
+    return recorded
 
 
 def _differences(previous: dict, recorded: dict) -> str:
@@ -292,8 +300,13 @@ def convert(
     test_dicom_dir: str | None = None,
     options: ConvertOptions = ConvertOptions(),
     writer: ShardWriter | None = None,
+    metadata_csv: str | None = None,
 ) -> dict:
     """Converts a folder and returns the manifest.
+
+    `metadata_csv` (patientId,PatientAge,PatientSex,ViewPosition) gives PNG/JPEG files the header facts
+    they lack; for a DICOM it fills what the header lacks, and a fact both give differently rejects the
+    file with the reason.
 
     The pending shards are written by `writer`: a `LocalPool` (the default: all cores of this
     machine) or a records/beam.BeamPipeline; either way with the same bytes.
@@ -305,11 +318,13 @@ def convert(
     if test_dicom_dir is not None and not fileio.isdir(test_dicom_dir):
         raise UserError(f"test DICOM folder not found: {test_dicom_dir}")
     labels = labels_lib.read_labels(labels_csv, class_info_csv) if labels_csv else None
-    plan = make_plan(dicom_dir, labels, test_dicom_dir, options)
+    facts = labels_lib.read_metadata(metadata_csv) if metadata_csv else None
+    plan = make_plan(dicom_dir, labels, test_dicom_dir, options, facts)
     if not plan.shards:
         raise UserError(f"nothing to convert: no usable DICOM, PNG or JPEG files in {dicom_dir}")
     shards_per_split = {s.split: s.count for s in plan.shards}
-    recorded = _recorded_options(options, dicom_dir, labels_csv, class_info_csv, test_dicom_dir, shards_per_split)
+    recorded = _recorded_options(options, dicom_dir, labels_csv, class_info_csv, test_dicom_dir, shards_per_split,
+                                 metadata_csv)
     finished = _check_output_dir(output_dir, recorded)
     if finished is not None:
         return finished
