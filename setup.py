@@ -30,6 +30,9 @@ setup(
         "tqdm",
         # The detectors (retinanet, mask_rcnn): pinned, as mask_rcnn imports its FPN from keras_hub.src.
         "keras-hub==0.32.0",
+        # Pretrained weights: matterport's Keras 2 .h5 files (h5py), keras-hub's named presets (kagglehub).
+        "h5py",
+        "kagglehub",
         # Box fusion for flip TTA and ensembles (evaluate, predict, serve); brings numba and llvmlite.
         "ensemble-boxes>=1.0.9,<2",
         # DICOM results (SR, presentation state, segmentation) and the DICOM node (python -m pneumo_tf.dicom_node).

@@ -21,6 +21,8 @@ ARCHITECTURES = {
     "mask_rcnn": "pneumo_tf.models.mask_rcnn",
 }
 NAMES = tuple(ARCHITECTURES)
+# --trainable_layers: matterport's layer groups of a ResNet detector (pneumo_tf.models.pretrained).
+LAYER_GROUPS = ("heads", "3+", "4+", "5+", "all")
 
 
 def check_name(name: str) -> None:

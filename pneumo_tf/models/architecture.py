@@ -206,6 +206,9 @@ class Architecture:
     label_keys: tuple[str, ...] = ()
     # Labels passed on when the batch has them (an image head's target and class).
     optional_label_keys: tuple[str, ...] = ()
+    # The --trainable_layers groups `set_trainable_layers` knows (pneumo_tf.models.pretrained.LAYER_GROUPS
+    # for ResNet detectors); "all" leaves the network's own trainable flags as its build set them.
+    layer_groups: tuple[str, ...] = ("all",)
 
     @property
     def monitor(self) -> tuple[str, str]:
@@ -229,6 +232,12 @@ class Architecture:
     def build(self, image_size: int, options: ModelOptions) -> keras.Model:
         """The network for [image_size, image_size, 1] images with `options` (an `options_type`)."""
         raise NotImplementedError
+
+    def set_trainable_layers(self, network: keras.Model, options: ModelOptions, layers_to_train: str) -> None:
+        """Trains the group `layers_to_train` (one of `layer_groups`) of `network` and freezes the rest."""
+        if layers_to_train not in self.layer_groups:
+            raise UserError(f"the {self.name} model trains layer groups {', '.join(self.layer_groups)}, not "
+                            f"{layers_to_train!r}")
 
     def to_fit(self, batch: dict) -> tuple[dict, dict]:
         """A pipeline batch -> (inputs, labels) for the training and validation steps.

@@ -32,11 +32,18 @@ and because of XLA: RoIAlign with gathers (tf.image.crop_and_resize has no XLA k
 a fixed-size sampler, and no dynamic shapes anywhere (padded tensors with validity
 masks), so a training step and `infer` compile with `jit_compile=True`.
 
+Pretrained weights (pneumo_tf.models.pretrained, .matterport): `backbone_preset` takes the
+encoder from a keras-hub ResNet preset (ImageNet), `matterport_weights` imports a matterport
+.h5 (its COCO file) by layer name with the seed's exclusions; either way grey images are
+repeated to three channels and normalised as those weights expect, and the encoder's batch
+norm stays frozen (matterport's TRAIN_BN = False) unless train_bn. `--trainable_layers`
+(heads, 3+, 4+, 5+, all) trains matterport's layer groups (`set_trainable_layers`).
+
 Differences from matterport, each for a reason:
-- No pretrained weights (no network here): random initialisation, so the backbone's
-  batch norm trains (matterport freezes it, TRAIN_BN=False, for COCO weights). It is
-  synchronised across replicas, so N replicas train what one device trains on the
-  global batch, as the RoI and anchor samplers do (see detection_ops.balanced_sample).
+- A randomly initialised backbone's batch norm trains (matterport freezes it for its
+  pretrained weights). It is synchronised across replicas, so N replicas train what one
+  device trains on the global batch, as the RoI and anchor samplers do (see
+  detection_ops.balanced_sample).
 - Sampled RoIs always number train_rois_per_image (negatives fill what positives leave,
   as in Detectron): matterport's rule (negatives = positives / ratio - positives) gives
   an image without boxes no RoI at all, and ~70% of RSNA images have none.
@@ -76,7 +83,7 @@ from keras_hub.src.models.retinanet.feature_pyramid import FeaturePyramid
 
 from pneumo_tf.cli import option
 from pneumo_tf.errors import UserError
-from pneumo_tf.models import detection_ops as ops
+from pneumo_tf.models import detection_ops as ops, matterport, pretrained
 from pneumo_tf.models.architecture import (
     BOXES, IMAGE_LOGITS, NUM_DETECTIONS, SCORES, BoxDetector, BoxModelOptions, Preset, detector_outputs,
     image_head_logits, image_head_loss, metadata_bias, metadata_input, network_inputs, replica_count,
@@ -158,6 +165,15 @@ class MaskRCNNOptions(BoxModelOptions):
     detection_max_instances: int = option(3, "Detections kept per image (seed; matterport: 100).", minimum=1)
     loss_weights: dict[str, float] = option({}, "Loss weights by term (rpn_class, rpn_bbox, mrcnn_class, mrcnn_bbox, "
                                             "mrcnn_mask); missing terms keep the seed's weight.")
+    # Pretrained weights.
+    backbone_preset: str | None = option(None, pretrained.BACKBONE_PRESET_HELP)
+    matterport_weights: str | None = option(
+        None, "A matterport Mask R-CNN .h5 (its COCO weights, github.com/matterport/Mask_RCNN/releases/download/v2.0/"
+        "mask_rcnn_coco.h5, or your own) loaded by layer name into a resnet50/resnet101 backbone and the heads; grey "
+        "images are repeated to three channels less matterport's mean pixel.")
+    matterport_exclude: tuple[str, ...] = option(matterport.SEED_EXCLUDE, "matterport layers not loaded (the seed's: the "
+                                                 "class-specific ones of an 81-class file); () loads them all.")
+    train_bn: bool = option(False, pretrained.TRAIN_BN_HELP)
 
     @property
     def roi_positives(self) -> int:
@@ -189,6 +205,16 @@ class MaskRCNNOptions(BoxModelOptions):
         unknown = sorted(set(self.loss_weights) - set(LOSS_NAMES))
         if unknown:
             raise UserError(f"mask_rcnn loss_weights has unknown terms {unknown}; known: {', '.join(LOSS_NAMES)}")
+        if self.backbone_preset and self.matterport_weights:
+            raise UserError("mask_rcnn takes backbone_preset or matterport_weights (which hold a backbone), not both")
+        if self.matterport_weights and RESNETS[self.backbone][1] != "bottleneck_block":
+            raise UserError(f"mask_rcnn matterport_weights need matterport's resnet50 or resnet101 backbone, not "
+                            f"{self.backbone}")
+
+    @property
+    def freezes_batch_norm(self) -> bool:
+        """Whether the encoder's batch norm stays as pretrained (pretrained weights and not train_bn)."""
+        return bool(self.backbone_preset or self.matterport_weights) and not self.train_bn
 
 
 PRESETS = {
@@ -218,15 +244,18 @@ def _anchors(image_size: int, options: MaskRCNNOptions) -> np.ndarray:
     return (np.concatenate(per_level) / image_size).astype(np.float32)
 
 
-def _backbone(image_size: int, options: MaskRCNNOptions) -> keras.Model:
-    """keras-hub's ResNet as image -> {"P2": C2, ..., "P5": C5}, with synchronised batch norm."""
-    blocks, block_type = RESNETS[options.backbone]
-    resnet = keras_hub.models.ResNetBackbone(
-        input_conv_filters=[options.stem_filters], input_conv_kernel_sizes=[7],
-        stackwise_num_filters=list(options.backbone_filters),
-        stackwise_num_blocks=list(options.backbone_blocks or blocks), stackwise_num_strides=[1, 2, 2, 2],
-        block_type=block_type, image_shape=(image_size, image_size, 1), name="resnet",
-    )
+def _backbone(image_size: int, options: MaskRCNNOptions, resnet=None) -> keras.Model:
+    """keras-hub's ResNet (`resnet`, else one of the options' layout: 3 channels for matterport's weights)
+    as image -> {"P2": C2, ..., "P5": C5}, with synchronised batch norm."""
+    if resnet is None:
+        blocks, block_type = RESNETS[options.backbone]
+        resnet = keras_hub.models.ResNetBackbone(
+            input_conv_filters=[options.stem_filters], input_conv_kernel_sizes=[7],
+            stackwise_num_filters=list(options.backbone_filters),
+            stackwise_num_blocks=list(options.backbone_blocks or blocks), stackwise_num_strides=[1, 2, 2, 2],
+            block_type=block_type, image_shape=(image_size, image_size, 3 if options.matterport_weights else 1),
+            name="resnet",
+        )
     # Detection batches are small per replica: per-replica statistics would make N
     # replicas train another model than one device on the same global batch.
     for layer in resnet.layers:
@@ -236,14 +265,19 @@ def _backbone(image_size: int, options: MaskRCNNOptions) -> keras.Model:
     return keras.Model(resnet.inputs, outputs, name="backbone")
 
 
-def _first_stage(image_size: int, options: MaskRCNNOptions) -> keras.Model:
+def _first_stage(image_size: int, options: MaskRCNNOptions, resnet=None,
+                 conversion: pretrained.InputConversion | None = None) -> keras.Model:
     """image (and metadata) -> FPN features P2..P6, the RPN's outputs over all anchors (float32), and
-    with metadata its logit bias ("metadata_bias" [B, 1]), with an image head its logits."""
+    with metadata its logit bias ("metadata_bias" [B, 1]), with an image head its logits; a pretrained
+    backbone sees the image as its weights expect (`conversion`)."""
     image = keras.Input((image_size, image_size, 1), name="image")
     metadata = metadata_input(options)
     fpn = FeaturePyramid(min_level=LEVELS[0], max_level=LEVELS[-1], use_p5=False,
                          num_filters=options.top_down_pyramid_size, name="fpn")
-    features = fpn(_backbone(image_size, options)(image))
+    backbone = _backbone(image_size, options, resnet)
+    x = image if conversion is None else pretrained.grey_to_model_input(
+        image, conversion, backbone.inputs[0].shape[-1], name="backbone_input")
+    features = fpn(backbone(x))
     anchors_per_cell = len(options.rpn_anchor_ratios)
     # One head shared by every level, as in matterport and the FPN paper.
     shared = layers.Conv2D(options.rpn_conv_size, 3, padding="same", activation="relu", name="rpn_conv_shared")
@@ -302,9 +336,13 @@ class MaskRCNN(keras.Model):
     Built complete (every head has its weights) so the optimizer, `count_params` and a
     saved file see all of it before the first step. `sampler_step` counts training
     steps: the anchor and RoI samplers draw a new order at every step from it.
+    With options.backbone_preset the encoder is the preset's (loaded when `encoder` is not
+    given); its layout and input conversion are saved in the config, so a saved network
+    loads without the preset.
     """
 
-    def __init__(self, image_size: int, options: MaskRCNNOptions = MaskRCNNOptions(), name: str = "mask_rcnn"):
+    def __init__(self, image_size: int, options: MaskRCNNOptions = MaskRCNNOptions(), name: str = "mask_rcnn",
+                 encoder=None, conversion: pretrained.InputConversion | None = None):
         super().__init__(name=name)
         if image_size % 2 ** LEVELS[-1]:
             raise UserError(f"the mask_rcnn model needs an image size divisible by {2 ** LEVELS[-1]} "
@@ -315,7 +353,14 @@ class MaskRCNN(keras.Model):
         if len(self.anchors) < self.options.rpn_train_anchors_per_image:
             raise UserError(f"mask_rcnn at {image_size} px has {len(self.anchors)} anchors, fewer than "
                             f"rpn_train_anchors_per_image={self.options.rpn_train_anchors_per_image}")
-        self.first_stage = _first_stage(image_size, self.options)
+        if options.backbone_preset and encoder is None:
+            encoder, conversion = pretrained.load_backbone(options.backbone_preset, "mask_rcnn")
+        if options.matterport_weights:
+            conversion = pretrained.InputConversion(offset=tuple(-mean for mean in matterport.MEAN_PIXEL))
+        # What get_config saves of a preset's encoder: its layout (the weights go with the network's).
+        self.encoder_config = None if encoder is None else keras.layers.serialize(encoder)
+        self.conversion = conversion
+        self.first_stage = _first_stage(image_size, self.options, encoder, conversion)
         self.box_head = _box_head(self.options)
         self.mask_head = _mask_head(self.options)
         self.sampler_step = self.add_weight(name="sampler_step", shape=(), dtype="int32", initializer="zeros",
@@ -328,15 +373,21 @@ class MaskRCNN(keras.Model):
         return self.first_stage({name: inputs[name] for name in self.first_stage.input}, training=training)
 
     def get_config(self):
-        return {"image_size": self.image_size, "name": self.name, "options": self.options.as_dict()}
+        config = {"image_size": self.image_size, "name": self.name, "options": self.options.as_dict()}
+        if self.options.backbone_preset:
+            config.update(encoder=self.encoder_config, conversion=self.conversion.as_dict())
+        return config
 
     @classmethod
     def from_config(cls, config):
         config = dict(config)
         image_size, name = config.pop("image_size"), config.pop("name", "mask_rcnn")
+        encoder = keras.layers.deserialize(config.pop("encoder")) if "encoder" in config else None
+        conversion = pretrained.InputConversion(**config.pop("conversion")) if "conversion" in config else None
         # Files saved before the options had a type hold them as the config's other keys.
         options = config.pop("options", config)
-        return cls(image_size, MaskRCNNOptions.from_mapping(options), name=name)
+        return cls(image_size, MaskRCNNOptions.from_mapping(options), name=name, encoder=encoder,
+                   conversion=conversion)
 
     # -- second stage -------------------------------------------------------------------
 
@@ -467,9 +518,21 @@ class MaskRCNNArchitecture(BoxDetector):
     presets = PRESETS
     label_keys = ("boxes", "mask")
     gives_masks = True
+    layer_groups = pretrained.LAYER_GROUPS
 
     def build(self, image_size: int, options: MaskRCNNOptions = MaskRCNNOptions()) -> keras.Model:
-        return MaskRCNN(image_size, options)
+        """The network, with options.matterport_weights loaded (the report printed) and the encoder's batch
+        norm frozen when it is pretrained."""
+        network = MaskRCNN(image_size, options)
+        if options.matterport_weights:
+            print(matterport.load(network, options.matterport_weights, options.matterport_exclude).summary())
+        if options.freezes_batch_norm:
+            self.set_trainable_layers(network, options, "all")
+        return network
+
+    def set_trainable_layers(self, network, options: MaskRCNNOptions, layers_to_train: str) -> None:
+        pretrained.set_trainable_layers(network, network.first_stage.get_layer("backbone"), layers_to_train,
+                                        options.freezes_batch_norm)
 
     def loss_names(self, network):
         return LOSS_NAMES + (("image",) if network.options.image_head != "none" else ())

@@ -1,7 +1,7 @@
 """RetinaNet (one-stage, focal loss): keras-hub's detector behind the pneumo_tf model contract.
 
 keras-hub provides the network and its box machinery: `ResNetBackbone` (the image encoder,
-randomly initialised: no presets are downloaded), `RetinaNetBackbone` (a feature pyramid on
+randomly initialised, or a keras-hub ResNet preset's: `backbone_preset`), `RetinaNetBackbone` (a feature pyramid on
 the encoder's P3-P5 plus strided P6, P7), `RetinaNetObjectDetector` (shared box and class
 heads over every level), `AnchorGenerator` and `RetinaNetLabelEncoder` (anchor-to-box matching
 and delta targets). Here it is one class
@@ -53,6 +53,14 @@ framework are replaced:
   RetinaNet paper's 1000), which gives the same detections unless more than that many
   anchors pass `min_confidence`. Boxes come back normalised to [0, 1] as
   `detector_outputs`, padded with zeros.
+* Pretrained weights (pneumo_tf.models.pretrained). `backbone_preset` takes the encoder from a
+  keras-hub ResNet preset; `detector_preset` the whole detector from a keras-hub RetinaNet preset
+  (retinanet_resnet50_fpn_coco): its encoder, pyramid, heads and anchors, with the class head's
+  last convolution replaced by a one-class one (the paper's initialisation), as the seed's
+  exclusions replace matterport's class-specific layers. Grey images are repeated to the preset's
+  channels and normalised as its image converter says; the encoder's batch norm stays frozen
+  unless train_bn; `--trainable_layers` (heads, 3+, 4+, 5+, all) trains matterport's groups
+  (heads: the pyramid and the heads).
 * XLA. The loss (label encoding included) and the outputs (decoding and NMS) run inside
   `tf.function(jit_compile=True)` on CPU. keras-hub's own `train_on_batch` with dict labels
   fails; training goes through pneumo_tf's trainer (`fit`) with this loss instead.
@@ -81,6 +89,7 @@ from pneumo_tf.models.architecture import (
     IMAGE_LOGITS, METADATA, BoxDetector, BoxModelOptions, Preset, detector_outputs, image_head_logits, image_head_loss,
     metadata_bias, network_inputs, replica_count, sum_over_replicas, with_image_probability,
 )
+from pneumo_tf.models import pretrained
 from pneumo_tf.models.detection_ops import BOX_DELTA_SCALES, padded_nms
 
 # One class, lung opacity, with keras-hub's label encoder's class values for the rest.
@@ -136,6 +145,12 @@ class RetinaNetOptions(BoxModelOptions):
     box_variance: tuple[float, ...] = option(
         BOX_DELTA_SCALES, "Scales of the box deltas (centre x, centre y, log width, log height): the regression "
         "targets are the deltas divided by them (keras-hub's default is 1).", exclusive_minimum=0.0)
+    backbone_preset: str | None = option(None, pretrained.BACKBONE_PRESET_HELP)
+    detector_preset: str | None = option(
+        None, "A keras-hub RetinaNet preset (retinanet_resnet50_fpn_coco, or a save_to_preset folder) for the whole "
+        "detector: its encoder, pyramid, heads, anchors and box variance replace the options that set them, and the "
+        "class head's last convolution is a new one-class one.")
+    train_bn: bool = option(False, pretrained.TRAIN_BN_HELP)
 
     def check(self) -> None:
         filters, blocks = self.stackwise_num_filters, self.stackwise_num_blocks
@@ -157,6 +172,13 @@ class RetinaNetOptions(BoxModelOptions):
         if self.max_detections > self.pre_nms_top_k:
             raise UserError(f"retinanet needs max_detections <= pre_nms_top_k; got {self.max_detections} and "
                             f"{self.pre_nms_top_k}")
+        if self.backbone_preset and self.detector_preset:
+            raise UserError("retinanet takes backbone_preset or detector_preset (which holds a backbone), not both")
+
+    @property
+    def freezes_batch_norm(self) -> bool:
+        """Whether the encoder's batch norm stays as pretrained (a preset and not train_bn)."""
+        return bool(self.backbone_preset or self.detector_preset) and not self.train_bn
 
 
 PRESETS = {
@@ -185,10 +207,13 @@ class RetinaNetNetwork(keras.Model):
 
     def __init__(self, detector, pre_nms_top_k: int = 1000, nms_iou_threshold: float = 0.5,
                  max_detections: int = 4, min_confidence: float = 0.05, metadata_width: int = 0,
-                 image_head: str = "none", **kwargs):
-        image = keras.Input(detector.backbone.image_shape, name="image")
+                 image_head: str = "none", conversion: dict | None = None, **kwargs):
+        height, width, channels = detector.backbone.image_shape
+        image = keras.Input((height, width, 1), name="image")
         metadata = keras.Input((metadata_width,), name=METADATA) if metadata_width else None
-        features = detector.backbone(image)
+        # A pretrained encoder sees the grey image as its preset's converter says (a dict: config-ready).
+        features = detector.backbone(image if conversion is None else pretrained.grey_to_model_input(
+            image, pretrained.InputConversion(**conversion), channels, name="encoder_input"))
         boxes, classes = [], []
         for level, feature in features.items():  # as RetinaNetObjectDetector: P3 first
             boxes.append(keras.layers.Reshape((-1, 4), name=f"box_pred_{level}")(detector.box_head(feature)))
@@ -211,6 +236,7 @@ class RetinaNetNetwork(keras.Model):
         self.min_confidence = min_confidence
         self.metadata_width = metadata_width
         self.image_head = image_head
+        self.conversion = conversion
         for layer in detector.backbone.image_encoder.layers:  # where keras-hub's RetinaNet has them
             if isinstance(layer, keras.layers.BatchNormalization):
                 layer.synchronized = True
@@ -229,6 +255,7 @@ class RetinaNetNetwork(keras.Model):
             "metadata_width": self.metadata_width,
             "image_head": self.image_head,
             "name": self.name,
+            **({"conversion": self.conversion} if self.conversion is not None else {}),
         }
 
     @classmethod
@@ -239,13 +266,20 @@ class RetinaNetNetwork(keras.Model):
 
 
 def build(image_size: int, options: RetinaNetOptions = RetinaNetOptions()) -> RetinaNetNetwork:
-    """Builds RetinaNet for [image_size, image_size, 1] images in [0, 1], randomly initialised.
+    """Builds RetinaNet for [image_size, image_size, 1] images in [0, 1], randomly initialised or from a preset.
 
     A tiny test model, e.g. stackwise_num_filters=(64, 64, 64), stackwise_num_blocks=(1, 1, 1),
     block_type="basic_block", max_level=4, pre_logits_num_conv_layers=1. Decoding keeps the
     `pre_nms_top_k` best anchors, drops scores not above `min_confidence`, suppresses boxes
     overlapping a better one by more than `nms_iou_threshold` and keeps at most `max_detections`.
     """
+    source, conversion = None, None
+    if options.detector_preset:
+        source, conversion = pretrained.load_detector(options.detector_preset, "retinanet")
+        options = _with_the_presets_layout(options, source)
+        encoder = source.backbone.image_encoder
+    elif options.backbone_preset:
+        encoder, conversion = pretrained.load_backbone(options.backbone_preset, "retinanet")
     # Anchors are laid on a grid of image_size / 2**level cells, the heads' maps on the
     # encoder's; the two agree only when every level divides the image.
     if image_size % 2**options.max_level:
@@ -253,20 +287,21 @@ def build(image_size: int, options: RetinaNetOptions = RetinaNetOptions()) -> Re
             f"retinanet with max_level {options.max_level} needs an image size divisible by "
             f"{2**options.max_level}; got {image_size}"
         )
-    image_shape = (image_size, image_size, 1)
     try:
-        encoder = keras_hub.models.ResNetBackbone(
-            input_conv_filters=[64],
-            input_conv_kernel_sizes=[7],
-            stackwise_num_filters=list(options.stackwise_num_filters),
-            stackwise_num_blocks=list(options.stackwise_num_blocks),
-            stackwise_num_strides=[1] + [2] * (len(options.stackwise_num_filters) - 1),
-            block_type=options.block_type,
-            image_shape=image_shape,
-        )
+        if conversion is None:
+            encoder = keras_hub.models.ResNetBackbone(
+                input_conv_filters=[64],
+                input_conv_kernel_sizes=[7],
+                stackwise_num_filters=list(options.stackwise_num_filters),
+                stackwise_num_blocks=list(options.stackwise_num_blocks),
+                stackwise_num_strides=[1] + [2] * (len(options.stackwise_num_filters) - 1),
+                block_type=options.block_type,
+                image_shape=(image_size, image_size, 1),
+            )
         backbone = keras_hub.models.RetinaNetBackbone(
             image_encoder=encoder, min_level=options.min_level, max_level=options.max_level, use_p5=options.use_p5,
-            image_shape=image_shape,
+            use_fpn_batch_norm=source.backbone.use_fpn_batch_norm if source else False,
+            image_shape=(image_size, image_size, encoder.image_shape[-1]),
         )
     except ValueError as error:  # keras-hub's checks of the stacks against the levels
         raise UserError(f"retinanet options do not fit together: {error}") from error
@@ -291,10 +326,41 @@ def build(image_size: int, options: RetinaNetOptions = RetinaNetOptions()) -> Re
         compile=False,  # see RetinaNetNetwork.get_config
     )
     _initialise_the_heads_as_the_paper(detector, options.classification_head_prior_probability)
-    return RetinaNetNetwork(detector, pre_nms_top_k=options.pre_nms_top_k, nms_iou_threshold=options.nms_iou_threshold,
-                            max_detections=options.max_detections, min_confidence=options.min_confidence,
-                            metadata_width=metadata_lib.width(options.metadata), image_head=options.image_head,
-                            name="retinanet")
+    if source is not None:
+        _take_all_but_the_class_logits(source, detector)
+    network = RetinaNetNetwork(detector, pre_nms_top_k=options.pre_nms_top_k, nms_iou_threshold=options.nms_iou_threshold,
+                               max_detections=options.max_detections, min_confidence=options.min_confidence,
+                               metadata_width=metadata_lib.width(options.metadata), image_head=options.image_head,
+                               conversion=None if conversion is None else conversion.as_dict(), name="retinanet")
+    if options.freezes_batch_norm:
+        ARCHITECTURE.set_trainable_layers(network, options, "all")
+    return network
+
+
+def _with_the_presets_layout(options: RetinaNetOptions, source) -> RetinaNetOptions:
+    """`options` with the layout of the preset detector `source`: its levels, heads, anchor sizes and box
+    variance (its box head predicts deltas for those anchors at that variance)."""
+    generator, encoder = source.anchor_generator, source.label_encoder
+    if (generator.num_scales, list(generator.aspect_ratios), encoder.encoding_format) != (
+            3, [0.5, 1.0, 2.0], "center_xywh"):
+        raise UserError(f"retinanet detector_preset {options.detector_preset!r} has anchors of {generator.num_scales} "
+                        f"scales and ratios {generator.aspect_ratios} ({encoder.encoding_format} deltas); retinanet "
+                        "takes 3 scales, ratios 0.5, 1, 2 and center_xywh deltas (keras-hub's)")
+    return dataclasses.replace(
+        options, min_level=source.backbone.min_level, max_level=source.backbone.max_level,
+        use_p5=source.backbone.use_p5, pre_logits_num_conv_layers=source.pre_logits_num_conv_layers,
+        use_prediction_head_norm=source.use_prediction_head_norm, anchor_size=float(generator.anchor_size),
+        box_variance=tuple(float(value) for value in encoder.box_variance))
+
+
+def _take_all_but_the_class_logits(source, detector) -> None:
+    """Copies the preset detector's pyramid, box head and class head convolutions into `detector`; the
+    class head's last convolution (one output per anchor and class) stays this detector's one class's."""
+    detector.backbone.feature_pyramid.set_weights(source.backbone.feature_pyramid.get_weights())
+    detector.box_head.set_weights(source.box_head.get_weights())
+    for mine, theirs in zip(detector.classification_head.conv_layers + detector.classification_head.group_norm_layers,
+                            source.classification_head.conv_layers + source.classification_head.group_norm_layers):
+        mine.set_weights(theirs.get_weights())
 
 
 def _initialise_the_heads_as_the_paper(detector, prior: float) -> None:
@@ -365,6 +431,11 @@ class RetinaNet(BoxDetector):
     options_type = RetinaNetOptions
     presets = PRESETS
     build = staticmethod(build)
+    layer_groups = pretrained.LAYER_GROUPS
+
+    def set_trainable_layers(self, network, options: RetinaNetOptions, layers_to_train: str) -> None:
+        pretrained.set_trainable_layers(network, network.detector.backbone.image_encoder, layers_to_train,
+                                        options.freezes_batch_norm)
 
     def loss_names(self, network):
         return ("classification", "box") + (("image",) if network.image_head != "none" else ())

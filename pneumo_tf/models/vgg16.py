@@ -1,4 +1,5 @@
-"""The seed's VGG16 transfer-learning classifier on grey radiographs."""
+"""The seed's VGG16 transfer-learning classifier on grey radiographs: keras.applications' VGG16, with
+ImageNet weights from the Keras cache (pneumo_tf.models.pretrained.keras_application) or a local file."""
 from __future__ import annotations
 
 import dataclasses
@@ -10,17 +11,15 @@ from keras import layers
 
 from pneumo_tf.cli import option
 from pneumo_tf.errors import UserError
-from pneumo_tf.models import architecture
+from pneumo_tf.models import architecture, pretrained
 from pneumo_tf.models.architecture import Classifier, ModelOptions, Preset
 
-NOTOP_WEIGHTS_URL = (
-    "https://storage.googleapis.com/tensorflow/keras-applications/vgg16/"
-    "vgg16_weights_tf_dim_ordering_tf_kernels_notop.h5"
-)
-# keras.applications.vgg16.preprocess_input ("caffe" mode) flips RGB to BGR and
-# subtracts these means; a grey image repeated to three channels is the same in
-# either order, so only the subtraction is left.
-_IMAGENET_BGR_MEANS = (103.939, 116.779, 123.68)
+NOTOP_WEIGHTS_FILE = "vgg16_weights_tf_dim_ordering_tf_kernels_notop.h5"
+NOTOP_WEIGHTS_URL = f"https://storage.googleapis.com/tensorflow/keras-applications/vgg16/{NOTOP_WEIGHTS_FILE}"
+# keras.applications.vgg16.preprocess_input ("caffe" mode) flips RGB to BGR and subtracts
+# these means from pixels in [0, 255]; a grey image repeated to three channels is the same
+# in either order, so only the subtraction is left.
+IMAGENET_CONVERSION = pretrained.InputConversion(offset=(-103.939, -116.779, -123.68))
 # With the backbone frozen the seed still fine-tunes its last three layers
 # (block5_conv2, block5_conv3 and the weightless block5_pool).
 _FINE_TUNED_WHEN_FROZEN = ("block5_conv2", "block5_conv3")
@@ -32,9 +31,10 @@ _MIN_IMAGE_SIZE = 32
 class VGG16Options(ModelOptions):
     model_name: ClassVar[str] = "vgg16"
 
-    weights: str | None = option(None, "Path of a local no-top VGG16 weights file (the ImageNet .h5 from "
-                                 f"{NOTOP_WEIGHTS_URL}, or any file keras.Model.load_weights reads); none: random "
-                                 "initialisation.")
+    weights: str | None = option(None, "imagenet: keras.applications' ImageNet weights, read from the Keras cache "
+                                 f"(~/.keras/models/{NOTOP_WEIGHTS_FILE}, downloaded there once); or the path of a "
+                                 "local no-top VGG16 weights file (any file keras.Model.load_weights reads); none: "
+                                 "random initialisation.")
     freeze_backbone: bool = option(True, "Train only the last two convolutions of the backbone, as the seed's first "
                                    "VGG16 run did; False trains it all, as its second run did.")
 
@@ -44,19 +44,21 @@ PRESETS = {
 }
 
 
-def _checked_weights(weights: str | None) -> str | None:
-    """None or the path of an existing local file; never lets Keras download."""
-    if weights is None:
-        return None
-    if weights == "imagenet":
-        raise UserError(
-            "vgg16 cannot download ImageNet weights (no network at run time): download "
-            f"{NOTOP_WEIGHTS_URL} on a machine with network access and pass its path as "
-            "the weights option"
-        )
-    if not os.path.isfile(weights):
+def _backbone(image_size: int, weights: str | None) -> keras.Model:
+    """keras.applications' VGG16 (no top) for [image_size, image_size, 3] inputs with `weights`."""
+
+    def vgg16(source):
+        return keras.applications.VGG16(include_top=False, weights=source, input_shape=(image_size, image_size, 3),
+                                        name="vgg16_backbone")
+
+    if weights not in (None, "imagenet") and not os.path.isfile(weights):
         raise UserError(f"vgg16 weights file not found: {weights}")
-    return weights
+    try:
+        if weights == "imagenet":
+            return pretrained.keras_application(vgg16, NOTOP_WEIGHTS_FILE, NOTOP_WEIGHTS_URL, "vgg16")
+        return vgg16(weights)
+    except (OSError, ValueError) as error:
+        raise UserError(f"cannot load vgg16 weights from {weights}: {error}") from error
 
 
 def build(image_size: int, options: VGG16Options = VGG16Options()) -> keras.Model:
@@ -65,27 +67,14 @@ def build(image_size: int, options: VGG16Options = VGG16Options()) -> keras.Mode
         raise UserError(
             f"the vgg16 model needs an image size of at least {_MIN_IMAGE_SIZE}; got {image_size}"
         )
-    weights = _checked_weights(options.weights)
-    try:
-        backbone = keras.applications.VGG16(
-            include_top=False,
-            weights=weights,
-            input_shape=(image_size, image_size, 3),
-            name="vgg16_backbone",
-        )
-    except (OSError, ValueError) as error:
-        raise UserError(f"cannot load vgg16 weights from {weights}: {error}") from error
+    backbone = _backbone(image_size, options.weights)
     if options.freeze_backbone:
         for layer in backbone.layers:
             layer.trainable = layer.name in _FINE_TUNED_WHEN_FROZEN
 
     image = keras.Input(shape=(image_size, image_size, 1), name="image")
-    rgb = layers.Concatenate(name="grey_to_rgb")([image, image, image])
     # Preprocessing lives in the model so callers always feed [0, 1] images.
-    x = layers.Rescaling(
-        scale=255.0, offset=[-mean for mean in _IMAGENET_BGR_MEANS], name="vgg16_preprocess"
-    )(rgb)
-    x = backbone(x)
+    x = backbone(pretrained.grey_to_model_input(image, IMAGENET_CONVERSION, 3, name="vgg16_input"))
     x = layers.Flatten()(x)
     metadata = architecture.metadata_input(options)
     if metadata is not None:  # the header's facts join the image's features before the dense head

@@ -2,7 +2,9 @@
 
 Layout of a run's log_dir (the one keras.callbacks.TensorBoard uses, so they mix):
   <log_dir>             hparams session and experiment config (`log_hparams`)
-  <log_dir>/train       per-step scalars (`StepScalars`), step = optimizer iterations
+  <log_dir>/train       per-step scalars (`StepScalars`), step = optimizer iterations; Keras'
+                        TensorBoard callback's epoch_* scalars of the training logs
+                        (epoch_trainable_parameters from `TrainableLayers`), step = epoch index
   <log_dir>/validation  per-epoch PR curve and box images (`EpochEvaluation`), and Keras'
                         TensorBoard callback's epoch_* scalars of the val_* logs
                         (epoch_loss, epoch_map, ...), step = epoch index
@@ -19,7 +21,7 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 
 import keras
 import numpy as np
@@ -246,6 +248,42 @@ class BestEpochRecord(keras.callbacks.Callback):
         self._best, self.epoch = self.checkpoint.best, epoch
         os.makedirs(os.path.dirname(self.path), exist_ok=True)
         write_json_atomic(self.path, {"epoch": epoch, "value": float(self._best), "monitor": self.checkpoint.monitor})
+
+
+class TrainableLayers(keras.callbacks.Callback):
+    """Trains the layer group `first` (pneumo_tf.models.LAYER_GROUPS) for the first `first_epochs` epochs,
+    then all (0: `first` for the whole run): matterport's "heads for N epochs, then all" in one run.
+
+    `set_group(group)` sets the network's trainable flags (the architecture's set_trainable_layers). The
+    group follows the epoch at each epoch's start, so a run resumed after a kill (BackupAndRestore
+    restores the epoch) trains the stage of the epoch it resumes at; the optimizer is built over every
+    variable before the first stage freezes any, so both stages share its state and its checkpoints.
+    Each epoch's logs get trainable_parameters (TensorBoard: train/epoch_trainable_parameters). Place it
+    before TensorBoard and the checkpoints.
+    """
+
+    def __init__(self, set_group: Callable[[str], None], first: str, first_epochs: int = 0):
+        super().__init__()
+        self._set_group, self._first, self._first_epochs = set_group, first, first_epochs
+        self._group = None
+
+    def on_train_begin(self, logs=None):
+        optimizer = self.model.optimizer
+        if not optimizer.built:
+            with self.model.distribute_strategy.scope():
+                optimizer.build(self.model.trainable_variables)
+        self._group = None
+
+    def on_epoch_begin(self, epoch, logs=None):
+        group = self._first if not self._first_epochs or epoch < self._first_epochs else "all"
+        if group != self._group:
+            self._set_group(group)
+            self._group = group
+            self.model.make_train_function(force=True)  # a step traced before froze other variables
+
+    def on_epoch_end(self, epoch, logs=None):
+        if logs is not None:
+            logs["trainable_parameters"] = float(sum(np.prod(weight.shape) for weight in self.model.trainable_variables))
 
 
 def log_hparams(log_dir: str, hparams: Mapping[str, object],

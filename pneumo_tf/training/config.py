@@ -86,6 +86,12 @@ class TrainConfig:
         "this host.")
     augment: bool = option(True, "Random flip, rotation, zoom, shift, brightness and contrast, per batch on the "
                            "device; image, mask and boxes move together.")
+    trainable_layers: str = option(
+        "all", "The layers that train, matterport's groups (retinanet, mask_rcnn): heads (all but the ResNet "
+        "encoder), 3+, 4+, 5+ (also the encoder's stages from that one up), all.", choices=models.LAYER_GROUPS)
+    trainable_layers_epochs: int = option(
+        0, "Epochs trained with --trainable_layers before every layer trains (matterport's two stages: heads for N "
+        "epochs, then all); 0: --trainable_layers for the whole run.", minimum=0)
     early_stopping_patience: int = option(15, "Epochs without improvement of the monitored metric (val_map for "
                                           "models that give boxes, val_loss for classifiers) before stopping.",
                                           minimum=0)
@@ -106,6 +112,14 @@ class TrainConfig:
         architecture.make_options(self.model_options)
         if self.preset:
             architecture.preset(self.preset)
+        if self.trainable_layers not in architecture.layer_groups:
+            raise UserError(f"--trainable_layers={self.trainable_layers}: the {self.model} model trains "
+                            f"{', '.join(architecture.layer_groups)}")
+        if self.trainable_layers_epochs and not (self.trainable_layers != "all"
+                                                 and self.trainable_layers_epochs < self.epochs):
+            raise UserError(f"--trainable_layers_epochs={self.trainable_layers_epochs} trains --trainable_layers for "
+                            "that many epochs, then all: it needs --trainable_layers other than all and fewer epochs "
+                            f"than --epochs={self.epochs}")
 
 
 def with_preset(config: TrainConfig, explicit: Collection[str] | None = None) -> TrainConfig:

@@ -186,6 +186,9 @@ def train_and_evaluate(config: TrainConfig, arguments: list[str] | None = None) 
     best_record = callbacks_lib.BestEpochRecord(best_checkpoint, best_json, best_epoch)
     fit_callbacks = [
         keras.callbacks.TerminateOnNaN(),
+        *([callbacks_lib.TrainableLayers(
+            lambda layers: architecture.set_trainable_layers(network, options, layers), config.trainable_layers,
+            config.trainable_layers_epochs)] if config.trainable_layers != "all" else []),
         keras.callbacks.BackupAndRestore(os.path.join(output_dir, "backup")),
         callbacks_lib.StepScalars(log_dir, config.batch_size, every_n_steps=config.log_every_steps),
         # Before TensorBoard, the checkpoints and early stopping: it adds the val_* logs they read.
@@ -207,6 +210,7 @@ def train_and_evaluate(config: TrainConfig, arguments: list[str] | None = None) 
         "learning_rate": peak_rate, "warmup_steps": config.warmup_steps, "optimizer": config.optimizer,
         "precision": config.precision, "replicas": replicas, "positive_fraction": config.positive_fraction,
         "augment": config.augment, "epochs": config.epochs, "seed": config.seed,
+        "trainable_layers": config.trainable_layers, "trainable_layers_epochs": config.trainable_layers_epochs,
         # The architecture options the run sets (its own and its preset's), so searches over them compare
         # in TensorBoard's HParams dashboard.
         **{f"model_option.{name}": getattr(options, name) for name in config.model_options},
