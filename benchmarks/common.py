@@ -1,5 +1,6 @@
 """What the benchmark scripts share: the machine they ran on (printed at the top of every
-benchmark's output) and their work folder (--work_dir, --keep)."""
+benchmark's output), their work folder (--work_dir, --keep), and for the model benchmarks the
+--model_option / --train_option changes to a preset and a training run from scratch."""
 import contextlib
 import dataclasses
 import importlib.metadata
@@ -7,8 +8,12 @@ import os
 import platform
 import shutil
 import tempfile
+import time
+import typing
 
+from pneumo_tf import cli, models as models_lib
 from pneumo_tf.cli import option
+from pneumo_tf.errors import UserError
 
 
 @dataclasses.dataclass(frozen=True)
@@ -53,3 +58,41 @@ def describe(packages) -> str:
     versions = ", ".join(f"{package} {version(package)}" for package in packages)
     return (f"machine: {platform.system()} {platform.machine()}, {cpu}, {os.cpu_count()} cores ({usable} usable); "
             f"python {platform.python_version()}, {versions}")
+
+
+def option_changes(model_options: dict, model: str) -> dict:
+    """The --model_option=MODEL.key=value changes (`model_options`: {"MODEL.key": value}) to `model`'s preset."""
+    changes = {}
+    for name_key, value in model_options.items():
+        name, dot, key = name_key.partition(".")
+        if not dot or name not in models_lib.NAMES:
+            raise UserError(f"--model_option wants MODEL.key=value with a model of {', '.join(models_lib.NAMES)}, "
+                            f"not {name_key}={value}")
+        if name == model:
+            changes[key] = value
+    return changes
+
+
+def typed_train_settings(values: dict) -> dict:
+    """--train_option=key=value texts as the TrainConfig fields they name want them (a UserError for others)."""
+    from pneumo_tf.training.config import TrainConfig
+
+    hints = typing.get_type_hints(TrainConfig)
+    unknown = sorted(set(values) - set(hints))
+    if unknown:
+        raise UserError(f"--train_option: no training setting {', '.join(unknown)}")
+    try:
+        return {name: cli.coerce_value(value, hints[name]) for name, value in values.items()}
+    except ValueError as error:
+        raise UserError(f"--train_option: {error}") from error
+
+
+def train_fresh(train) -> dict:
+    """Trains `train` (a resolved TrainConfig) into an emptied model_dir; its summary, with the wall time of
+    the whole call as train_seconds."""
+    from pneumo_tf.training import loop
+
+    shutil.rmtree(train.model_dir, ignore_errors=True)
+    started = time.perf_counter()
+    summary = loop.train_and_evaluate(train)
+    return {**summary, "train_seconds": time.perf_counter() - started}

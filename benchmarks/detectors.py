@@ -31,11 +31,9 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 import common  # noqa: E402  benchmarks/common.py (the script's folder is on sys.path)
 from pneumo_tf import cli, models as models_lib  # noqa: E402
 from pneumo_tf.cli import option  # noqa: E402
-from pneumo_tf.errors import UserError  # noqa: E402
 from pneumo_tf.evaluation import report  # noqa: E402
 from pneumo_tf.models import exported  # noqa: E402
 from pneumo_tf.records import radiograph, shards, synthetic  # noqa: E402
-from pneumo_tf.training import loop  # noqa: E402
 from pneumo_tf.training.config import TrainConfig, with_preset  # noqa: E402
 
 
@@ -94,19 +92,6 @@ def exported_bytes(model_dir: str) -> int:
         os.path.getsize(os.path.join(root, name)) for root, _, names in os.walk(saved) for name in names)
 
 
-def option_changes(config: DetectorsConfig, model: str) -> dict:
-    """The --model_option=MODEL.key=value changes to `model`'s preset."""
-    changes = {}
-    for name_key, value in config.model_options.items():
-        name, dot, key = name_key.partition(".")
-        if not dot or name not in models_lib.NAMES:
-            raise UserError(f"--model_option wants MODEL.key=value with a model of {', '.join(models_lib.NAMES)}, "
-                            f"not {name_key}={value}")
-        if name == model:
-            changes[key] = value
-    return changes
-
-
 def train_config(config: DetectorsConfig, model: str, records_dir: str, model_dir: str) -> TrainConfig:
     """`model`'s training: the budget shared by every model, its preset for the rest (learning rate, options)."""
     given = dict(
@@ -117,22 +102,20 @@ def train_config(config: DetectorsConfig, model: str, records_dir: str, model_di
     )
     if config.learning_rate:
         given["learning_rate"] = config.learning_rate
-    resolved = with_preset(TrainConfig(**given, model_options=option_changes(config, model)), explicit=given)
+    resolved = with_preset(TrainConfig(**given, model_options=common.option_changes(config.model_options, model)),
+                           explicit=given)
     resolved.validate()
     return resolved
 
 
 def run(train: TrainConfig) -> dict:
-    shutil.rmtree(train.model_dir, ignore_errors=True)
-    started = time.perf_counter()
-    summary = loop.train_and_evaluate(train)
-    train_seconds = time.perf_counter() - started
+    summary = common.train_fresh(train)
     evaluated = report.evaluate(report.EvaluateConfig(model_dir=train.model_dir, records_dir=train.records_dir))
     network = exported.load(train.model_dir).network
     return {
         "model": train.model, "map": evaluated.summary["map"], "auc": evaluated.summary["auc"],
         "threshold": evaluated.summary["threshold"], "images_per_second": summary["images_per_second"],
-        "train_seconds": train_seconds, "exported_epoch": summary["exported_epoch"],
+        "train_seconds": summary["train_seconds"], "exported_epoch": summary["exported_epoch"],
         "parameters": network.count_params(), "exported_mb": exported_bytes(train.model_dir) / 2**20,
         "val_maps": summary["history"].get("val_map", []),
     }

@@ -140,6 +140,11 @@ class BoxModelOptions(ModelOptions):
         "calls negative get no boxes. none: the image probability comes from the boxes (mask).", choices=IMAGE_HEADS)
 
 
+# The training the box models' "real" presets share (benchmarks/real.py measured them): 24 passes over
+# the training split at 128 px, the decoded images cached after the first (8 x 128^2 bytes an image).
+REAL_DATA_TRAINING = {"image_size": 128, "epochs": 24, "cache": True}
+
+
 @dataclasses.dataclass(frozen=True)
 class Preset:
     """Named settings of an architecture: model options and training settings (fields of

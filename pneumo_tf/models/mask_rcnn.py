@@ -85,7 +85,7 @@ from pneumo_tf.cli import option
 from pneumo_tf.errors import UserError
 from pneumo_tf.models import detection_ops as ops, matterport, pretrained
 from pneumo_tf.models.architecture import (
-    BOXES, IMAGE_LOGITS, NUM_DETECTIONS, SCORES, BoxDetector, BoxModelOptions, Preset, detector_outputs,
+    BOXES, IMAGE_LOGITS, NUM_DETECTIONS, REAL_DATA_TRAINING, SCORES, BoxDetector, BoxModelOptions, Preset, detector_outputs,
     image_head_logits, image_head_loss, metadata_bias, metadata_input, network_inputs, replica_count,
     sum_over_replicas, with_image_probability,
 )
@@ -217,18 +217,25 @@ class MaskRCNNOptions(BoxModelOptions):
         return bool(self.backbone_preset or self.matterport_weights) and not self.train_bn
 
 
+_SMALL = {"backbone": "resnet18", "backbone_blocks": (1, 1, 1, 1), "backbone_filters": (64, 64, 128, 256),
+          "top_down_pyramid_size": 64, "rpn_conv_size": 64, "rpn_anchor_scales": (16, 32, 64, 128, 256),
+          "pre_nms_limit": 1000, "post_nms_rois_training": 256, "post_nms_rois_inference": 128,
+          "train_rois_per_image": 32, "roi_positive_ratio": 0.25, "fpn_classif_fc_layers_size": 256,
+          "mask_head_size": 32, "mask_head_convs": 2, "detection_min_confidence": 0.05,
+          "detection_nms_threshold": 0.3, "loss_weights": {"mrcnn_class": 8.0}}
+
 PRESETS = {
     "demo": Preset(
         "ResNet-18-like stacks of one block, anchors 16-256 px on P2-P6, small heads; the seed's settings but three "
         "(P(opacity) floor 0.05, detection NMS 0.3, the box head's class term weighted 8: benchmarks/README.md has "
         "the measurements); Adam 1e-3.",
-        model_options={"backbone": "resnet18", "backbone_blocks": (1, 1, 1, 1), "backbone_filters": (64, 64, 128, 256),
-                       "top_down_pyramid_size": 64, "rpn_conv_size": 64, "rpn_anchor_scales": (16, 32, 64, 128, 256),
-                       "pre_nms_limit": 1000, "post_nms_rois_training": 256, "post_nms_rois_inference": 128,
-                       "train_rois_per_image": 32, "roi_positive_ratio": 0.25, "fpn_classif_fc_layers_size": 256,
-                       "mask_head_size": 32, "mask_head_convs": 2, "detection_min_confidence": 0.05,
-                       "detection_nms_threshold": 0.3, "loss_weights": {"mrcnn_class": 8.0}},
+        model_options=_SMALL,
         train={"learning_rate": 1e-3}),
+    "real": Preset(
+        "The recipe for real radiographs on a CPU budget (benchmarks/real.py): the demo's network, 24 passes at "
+        "128 px with the decoded images cached, Adam 1e-3 after a 50-step warm-up.",
+        model_options=_SMALL,
+        train={"learning_rate": 1e-3, "warmup_steps": 50, **REAL_DATA_TRAINING}),
 }
 
 

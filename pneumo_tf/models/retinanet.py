@@ -86,7 +86,7 @@ from pneumo_tf.cli import option
 from pneumo_tf.errors import UserError
 from pneumo_tf.data import metadata as metadata_lib
 from pneumo_tf.models.architecture import (
-    IMAGE_LOGITS, METADATA, BoxDetector, BoxModelOptions, Preset, detector_outputs, image_head_logits, image_head_loss,
+    IMAGE_LOGITS, METADATA, REAL_DATA_TRAINING, BoxDetector, BoxModelOptions, Preset, detector_outputs, image_head_logits, image_head_loss,
     metadata_bias, network_inputs, replica_count, sum_over_replicas, with_image_probability,
 )
 from pneumo_tf.models import pretrained
@@ -181,15 +181,21 @@ class RetinaNetOptions(BoxModelOptions):
         return bool(self.backbone_preset or self.detector_preset) and not self.train_bn
 
 
+_SMALL_RESNET = {"stackwise_num_filters": (64, 64, 128, 256), "stackwise_num_blocks": (1, 1, 1, 1),
+                 "block_type": "basic_block", "min_level": 3, "max_level": 5, "pre_logits_num_conv_layers": 0}
+
 PRESETS = {
     "demo": Preset(
         "A ResNet-18-like encoder of one block per stack, pyramid P3-P5 with 16-px anchors and up (for boxes of "
         "15-40 px at 128 px), no head convolution before the logits; Adam 3e-4 (benchmarks/README.md has the "
         "measurements).",
-        model_options={"stackwise_num_filters": (64, 64, 128, 256), "stackwise_num_blocks": (1, 1, 1, 1),
-                       "block_type": "basic_block", "min_level": 3, "max_level": 5, "pre_logits_num_conv_layers": 0,
-                       "anchor_size": 2.0},
+        model_options={**_SMALL_RESNET, "anchor_size": 2.0},
         train={"learning_rate": 3e-4}),
+    "real": Preset(
+        "The recipe for real radiographs on a CPU budget (benchmarks/real.py): the demo's network, 24 passes at "
+        "128 px with the decoded images cached, Adam 3e-4 after a 50-step warm-up.",
+        model_options={**_SMALL_RESNET, "anchor_size": 2.0},
+        train={"learning_rate": 3e-4, "warmup_steps": 50, **REAL_DATA_TRAINING}),
 }
 
 
