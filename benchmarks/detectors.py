@@ -53,6 +53,9 @@ class DetectorsConfig:
     models: tuple[str, ...] = option(("mask_resnet", "retinanet", "mask_rcnn"), "Models to compare.",
                                      choices=models_lib.NAMES)
     seed: int = option(0, "Seed of the data and of every training.")
+    opacity_view_ratio: float = option(1.0, "How many times as frequent opacities are on AP films as on PA films in the "
+                                       "synthetic data (RSNA: about 4); 1: the view says nothing (see python -m "
+                                       "pneumo_tf.synthesise --help).", exclusive_minimum=0.0)
     preset: str = option("demo", "Each model's preset: its model options, peak learning rate and any other "
                          "training setting but the budget above (image size, batch, steps, epochs, warm-up, seed), "
                          "which is the same for every model.", details=models_lib.presets_help)
@@ -73,13 +76,15 @@ MAX_MINUTES = 30.0
 
 def records(config: DetectorsConfig, work_dir: str) -> str:
     """The hard synthetic data set converted once (passthrough frames), reused when present."""
-    data_dir = os.path.join(work_dir, f"data_{config.num_images}_{config.source_size}_{config.seed}")
+    data_dir = os.path.join(work_dir, f"data_{config.num_images}_{config.source_size}_{config.seed}"
+                                      f"_{config.opacity_view_ratio:g}")
     records_dir = data_dir + "_records"
     if not os.path.isfile(os.path.join(records_dir, "manifest.json")):
         shutil.rmtree(data_dir, ignore_errors=True)
         shutil.rmtree(records_dir, ignore_errors=True)
         paths = synthetic.write_dataset(data_dir, synthetic.SyntheticConfig(
-            config.num_images, seed=config.seed, image_size=config.source_size, difficulty="hard"))
+            config.num_images, seed=config.seed, image_size=config.source_size, difficulty="hard",
+            opacity_view_ratio=config.opacity_view_ratio))
         shards.convert(paths["train_dir"], records_dir, paths["train_labels"], paths["detailed_class_info"],
                        options=radiograph.ConvertOptions(seed=config.seed))
     return records_dir
