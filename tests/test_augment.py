@@ -336,3 +336,15 @@ def test_batches_without_a_mask_transform_image_and_boxes_as_with_one():
     np.testing.assert_allclose(without["image"].numpy(), with_mask["image"].numpy(), atol=1e-6)
     np.testing.assert_array_equal(without["boxes"].numpy(), with_mask["boxes"].numpy())
     np.testing.assert_array_equal(without["num_boxes"].numpy(), with_mask["num_boxes"].numpy())
+
+
+def test_strength_scales_every_range_but_the_flip():
+    base = AugmentConfig()
+    assert base.scaled(1.0) == base
+    assert base.scaled(0.0) == dataclasses.replace(AugmentConfig.off(), flip_probability=base.flip_probability)
+    double = base.scaled(2.0)
+    assert (double.rotation_range, double.zoom_range, double.width_shift_range, double.height_shift_range,
+            double.brightness_delta) == pytest.approx((4.0, 0.3, 0.3, 0.3, 0.2))
+    assert double.contrast_range == pytest.approx((0.8, 1.2)) and double.flip_probability == 0.5
+    # Zoom stays below 1 (a scale of 0 has no inverse), contrast at or above 0.
+    assert AugmentConfig().scaled(20.0).zoom_range == 0.9 and AugmentConfig().scaled(20.0).contrast_range[0] == 0.0

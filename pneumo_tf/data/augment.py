@@ -62,6 +62,16 @@ class AugmentConfig:
         if self.contrast_range[0] > self.contrast_range[1]:
             raise UserError(f"augment contrast_range must be (low, high) with low <= high, got {self.contrast_range}")
 
+    def scaled(self, strength: float) -> AugmentConfig:
+        """These ranges times `strength` (the flip's probability kept; zoom kept below 1, contrast at or above
+        0): 0 leaves only the flips, 2 rotates, zooms, shifts and jitters twice as far."""
+        low, high = self.contrast_range
+        return dataclasses.replace(
+            self, rotation_range=self.rotation_range * strength, zoom_range=min(self.zoom_range * strength, 0.9),
+            width_shift_range=self.width_shift_range * strength, height_shift_range=self.height_shift_range * strength,
+            brightness_delta=self.brightness_delta * strength,
+            contrast_range=(max(1.0 - (1.0 - low) * strength, 0.0), 1.0 + (high - 1.0) * strength))
+
     @classmethod
     def off(cls) -> AugmentConfig:
         """No augmentation: `augment_batch` returns the batch unchanged, bit for bit

@@ -86,6 +86,9 @@ class TrainConfig:
         "this host.")
     augment: bool = option(True, "Random flip, rotation, zoom, shift, brightness and contrast, per batch on the "
                            "device; image, mask and boxes move together.")
+    augment_strength: float = option(1.0, "Multiplies the augmentation's ranges (rotation 2 degrees, zoom and shifts "
+                                     "15%, brightness 0.1, contrast 10% at 1; the flip stays at one in two): 0 keeps "
+                                     "only the flips.", minimum=0.0)
     trainable_layers: str = option(
         "all", "The layers that train, matterport's groups (retinanet, mask_rcnn): heads (all but the ResNet "
         "encoder), 3+, 4+, 5+ (also the encoder's stages from that one up), all.", choices=models.LAYER_GROUPS)

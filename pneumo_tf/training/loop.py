@@ -156,7 +156,8 @@ def train_and_evaluate(config: TrainConfig, arguments: list[str] | None = None) 
     with distribute.precision(config.precision), strategy.scope():
         keras.utils.set_random_seed(config.seed)
         network = architecture.build(config.image_size, options)
-        augment_config = augment.AugmentConfig() if config.augment else augment.AugmentConfig.off()
+        augment_config = (augment.AugmentConfig().scaled(config.augment_strength) if config.augment
+                          else augment.AugmentConfig.off())
         trainer = Trainer(network, architecture, augment_config, config.seed)
         peak_rate, optimizer = _optimizer(config, steps_per_epoch * config.epochs)
         trainer.compile(optimizer=optimizer)
@@ -209,8 +210,9 @@ def train_and_evaluate(config: TrainConfig, arguments: list[str] | None = None) 
         "batch_size": config.batch_size,
         "learning_rate": peak_rate, "warmup_steps": config.warmup_steps, "optimizer": config.optimizer,
         "precision": config.precision, "replicas": replicas, "positive_fraction": config.positive_fraction,
-        "augment": config.augment, "epochs": config.epochs, "seed": config.seed,
-        "trainable_layers": config.trainable_layers, "trainable_layers_epochs": config.trainable_layers_epochs,
+        "augment": config.augment, "augment_strength": config.augment_strength, "epochs": config.epochs,
+        "seed": config.seed, "trainable_layers": config.trainable_layers,
+        "trainable_layers_epochs": config.trainable_layers_epochs,
         # The architecture options the run sets (its own and its preset's), so searches over them compare
         # in TensorBoard's HParams dashboard.
         **{f"model_option.{name}": getattr(options, name) for name in config.model_options},
