@@ -54,7 +54,7 @@ from pneumo_tf.cli import check_constraints, option
 from pneumo_tf.errors import RejectedFile, UserError
 from pneumo_tf.inference import dicom_results
 from pneumo_tf.models.reading import ReadingConfig
-from pneumo_tf.records import dicom
+from pneumo_tf.records import dicom, pixels
 
 LOG = logging.getLogger(__name__)
 
@@ -95,7 +95,7 @@ class NodeConfig:
     max_associations: int = option(10, "Associations served at once; more are rejected (transient).", minimum=1)
     max_object_mb: float = option(256.0, "Largest object received, in MB; the association of a larger one is aborted.",
                                   exclusive_minimum=0.0)
-    max_image_mb: float = option(dicom.MAX_DECODED_BYTES / 2**20, "Largest decoded image a header may claim (rows "
+    max_image_mb: float = option(pixels.MAX_DECODED_BYTES / 2**20, "Largest decoded image a header may claim (rows "
                                  "x columns x frames x bytes per sample), in MB; larger: status 0xA700.",
                                  exclusive_minimum=0.0)
     timeout: float = option(60.0, "Seconds a peer may stay silent (network, association and DIMSE timeouts).",
@@ -222,7 +222,7 @@ class DicomNode:
             return _status(DATA_SET_DOES_NOT_MATCH, f"SOP Class UID {source.get('SOPClassUID')} != request's")
         try:
             dicom.check_decoded_size(source, int(self.config.max_image_mb * 2**20))
-        except dicom.ImageTooLarge as error:
+        except pixels.ImageTooLarge as error:
             return _status(OUT_OF_RESOURCES, str(error))
         try:
             result = self.reading.predict(data, str(source.SOPInstanceUID), with_mask=True, display=False)

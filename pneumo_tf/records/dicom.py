@@ -21,16 +21,6 @@ from pneumo_tf.records import jpeg, pixels
 
 # JPEG Baseline (Process 1): the RSNA transfer syntax, copied into records unchanged.
 JPEG_BASELINE = "1.2.840.10008.1.2.4.50"
-# The most a DICOM's header may claim its pixels take decoded (rows x columns x frames x bytes per
-# sample): 100 M samples of 16 bits. The largest real radiographs fit several times over: a 43 x 43
-# cm plate at 0.1 mm is 4,300 x 4,300 (18.5 M samples, 37 MB at 16 bits), a stitched long-leg or
-# whole-spine image about 3,000 x 9,000 (27 M, 54 MB); a few-KB file claiming 30,000 x 30,000
-# (1.8 GB) is refused before anything is decoded.
-MAX_DECODED_BYTES = 100 * 2**20 * 2
-
-
-class ImageTooLarge(RejectedFile):
-    """A DICOM whose header claims more decoded pixel bytes than the limit (an image bomb)."""
 
 
 def quiet_pydicom() -> None:
@@ -71,8 +61,8 @@ def read(source) -> pydicom.Dataset:
     return ds
 
 
-def check_decoded_size(ds: pydicom.Dataset, limit: int = MAX_DECODED_BYTES) -> int:
-    """The bytes `ds`'s pixels take decoded, from its header alone; raises ImageTooLarge above `limit`.
+def check_decoded_size(ds: pydicom.Dataset, limit: int = pixels.MAX_DECODED_BYTES) -> int:
+    """The bytes `ds`'s pixels take decoded, from its header alone; raises pixels.ImageTooLarge above `limit`.
 
     Rows x Columns x Number of Frames x Samples per Pixel x Bits Allocated / 8, so a file is
     refused before any decoder (pydicom, pylibjpeg, Pillow) allocates its pixels.
@@ -80,12 +70,8 @@ def check_decoded_size(ds: pydicom.Dataset, limit: int = MAX_DECODED_BYTES) -> i
     frames = int(ds.get("NumberOfFrames") or 1)
     samples = int(ds.get("SamplesPerPixel") or 1)
     bits = int(ds.get("BitsAllocated") or 8)
-    size = int(ds.get("Rows") or 0) * int(ds.get("Columns") or 0) * frames * samples * max(bits, 8) // 8
-    if size > limit:
-        raise ImageTooLarge(f"image too large: {ds.get('Rows')} x {ds.get('Columns')} pixels x {frames} frame(s) x "
-                            f"{samples * max(bits, 8) // 8} byte(s) is {size / 2**20:.0f} MB decoded, above the limit "
-                            f"of {limit / 2**20:.0f} MB")
-    return size
+    return pixels.check_decoded_size(int(ds.get("Rows") or 0), int(ds.get("Columns") or 0), frames,
+                                     samples * max(bits, 8) // 8, limit)
 
 
 def age_in_years(value) -> int:
@@ -164,7 +150,7 @@ def grey_pixels(ds: pydicom.Dataset, bit_depth: int = 8) -> np.ndarray:
 
     transformed = False
     if frame.ndim == 3:  # pydicom converts YBR to RGB by default
-        values = frame[..., :3].astype(np.float64) @ np.array([0.299, 0.587, 0.114])
+        values = frame[..., :3].astype(np.float32) @ np.array([0.299, 0.587, 0.114], np.float32)
         transformed = True
     else:
         values = frame

@@ -14,6 +14,8 @@ which reader reads it):
   otherwise; colour gives its luminance (ITU-R BT.601 weights, Pillow's and libjpeg's);
   alpha is ignored. EXIF orientation is not applied, as tf.io.decode_jpeg does not.
 * An image file holds no view, age, sex or pixel spacing: those are recorded unknown.
+* A file whose header claims a larger image than the limit is refused before it is decoded
+  (pixels.check_decoded_size, as for DICOMs; Pillow's own guard is an error too).
 
 No TensorFlow here: converter workers stay light.
 """
@@ -23,7 +25,7 @@ import dataclasses
 import io
 
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageMode
 
 from pneumo_tf.errors import RejectedFile
 from pneumo_tf.records import jpeg, pixels
@@ -66,17 +68,22 @@ class ImageFile:
 def _open(data: bytes, image_format: str) -> Image.Image:
     try:
         return Image.open(io.BytesIO(data), formats=[image_format.upper()])
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as error:  # pixels.py sets Pillow's guard
+        raise pixels.ImageTooLarge(f"image too large: {error}") from error
     except Exception as error:  # Pillow raises several types for a broken header; all mean "unreadable"
         raise RejectedFile(f"{image_format.upper()} header unreadable ({jpeg.pillow_error(error)})") from error
 
 
-def read(data: bytes, image_format: str) -> ImageFile:
-    """A PNG or JPEG file's bytes -> ImageFile (header only), raising RejectedFile when unreadable."""
+def read(data: bytes, image_format: str, limit: int = pixels.MAX_DECODED_BYTES) -> ImageFile:
+    """A PNG or JPEG file's bytes -> ImageFile (header only), raising RejectedFile when unreadable and
+    pixels.ImageTooLarge when its first frame (the one read) would take more than `limit` bytes decoded."""
     with _open(data, image_format) as picture:
         width, height = picture.size
         frames = getattr(picture, "n_frames", 1)
+        mode = ImageMode.getmode(picture.mode)
     if not (height and width):
         raise RejectedFile(f"{image_format.upper()} of {width} x {height} pixels")
+    pixels.check_decoded_size(height, width, 1, len(mode.bands) * np.dtype(mode.typestr).itemsize, limit)
     return ImageFile(image_format, data, height, width, frames)
 
 
