@@ -12,6 +12,7 @@ import concurrent.futures
 import contextlib
 import csv
 import glob as glob_lib
+import io
 import json
 import os
 import shutil
@@ -97,13 +98,27 @@ def makedirs(path: str) -> None:
         os.makedirs(path, exist_ok=True)
 
 
+def sync(handle) -> None:
+    """Flushes a file object opened by open_file and, for a local file, has the OS write it to the
+    disk (an object store's file is whole once closed)."""
+    handle.flush()
+    if isinstance(handle, io.IOBase):
+        os.fsync(handle.fileno())
+
+
 def replace(source: str, destination: str) -> None:
     """Renames source to destination, replacing it (atomic locally; on object stores the
-    destination object appears whole, as a copy does)."""
+    destination object appears whole, as a copy does). Locally the folder is synced after the
+    rename, so the new name survives a power loss too."""
     if is_url(source):
         _gfile().rename(source, destination, overwrite=True)
-    else:
-        os.replace(source, destination)
+        return
+    os.replace(source, destination)
+    folder = os.open(os.path.dirname(os.path.abspath(destination)), os.O_RDONLY)
+    try:
+        os.fsync(folder)
+    finally:
+        os.close(folder)
 
 
 def remove(path: str) -> None:
@@ -144,9 +159,7 @@ def atomic_open(path: str, mode: str = "w", **open_args):
     try:
         with open_file(tmp, mode, **open_args) as handle:
             yield handle
-            handle.flush()
-            if not is_url(path):
-                os.fsync(handle.fileno())
+            sync(handle)
         replace(tmp, path)
     except BaseException:
         with contextlib.suppress(Exception):

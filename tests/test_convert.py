@@ -827,3 +827,33 @@ def test_hard_synthetic_setting_keeps_the_labels_and_changes_only_the_pictures(t
     # Opacities lose at least the 70 - 24 grey levels of contrast (more where they are patchy).
     assert len(lifted) >= 8 and min(lifted) > 25
     assert 5 <= nodules <= sum(not entry.boxes for entry in labels.values()) - 5
+
+
+def test_shards_and_their_folder_reach_the_disk_around_the_rename(synthetic_rsna, tmp_path, monkeypatch):
+    """A power loss after the rename must find the shard whole under its name: the shard's bytes are
+    synced before it is renamed, the folder (the name) after."""
+    events = []
+    fsync, replace = os.fsync, os.replace
+
+    def logged_fsync(fd):
+        events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}")))
+        fsync(fd)
+
+    def logged_replace(source, destination):
+        events.append(("replace", os.fspath(source), os.fspath(destination)))
+        replace(source, destination)
+
+    monkeypatch.setattr(os, "fsync", logged_fsync)
+    monkeypatch.setattr(os, "replace", logged_replace)
+    output = tmp_path / "records"
+    shards.convert(synthetic_rsna["test_dir"], str(output), options=shards.ConvertOptions(num_shards=2), workers=1,
+                   progress_stream=io.StringIO())
+    names = sorted(name for name in os.listdir(output) if name.endswith(".tfrecord"))
+    assert len(names) == 2
+    for name in names:
+        [renamed] = [i for i, event in enumerate(events) if event[0] == "replace" and event[2] == str(output / name)]
+        assert ("fsync", events[renamed][1]) in events[:renamed]
+        assert ("fsync", str(output)) in events[renamed + 1:]
+    # The manifest, like every JSON file, is written to a synced temporary file, then renamed.
+    [manifest] = [i for i, event in enumerate(events) if event[0] == "replace" and event[2].endswith("manifest.json")]
+    assert ("fsync", events[manifest][1]) in events[:manifest] and ("fsync", str(output)) in events[manifest + 1:]
