@@ -18,6 +18,8 @@ import os
 import shutil
 import uuid
 
+from pneumo_tf.errors import UserError
+
 # Concurrent size look-ups for a folder of URLs: one request each, so latency, not bandwidth, bounds them.
 REMOTE_STAT_THREADS = 64
 
@@ -174,8 +176,12 @@ def write_json_atomic(path: str, payload) -> None:
 
 
 def read_json(path: str):
-    with open_file(path) as handle:
-        return json.load(handle)
+    """The JSON value in `path`; a UserError naming the file when it holds no JSON (damaged, cut short)."""
+    try:
+        with open_file(path) as handle:
+            return json.load(handle)
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise UserError(f"{path} is not valid JSON: {error}") from error
 
 
 def write_csv_atomic(path: str, header, rows) -> None:

@@ -6,6 +6,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import zipfile
 
 import numpy as np
 import pytest
@@ -166,3 +167,66 @@ def test_commands_print_only_their_own_output(trained_model, tiny_records, tmp_p
     assert len(quiet.stdout.splitlines()) == 1 and quiet.stdout.startswith("3 images from ")
     verbose = subprocess.run([*args, "--verbosity=1"], capture_output=True, text=True, timeout=300, env=env)
     assert verbose.returncode == 0 and "cuda" in verbose.stderr.lower()
+
+
+def _damaged(model_dir, tmp_path, damage) -> str:
+    copy = tmp_path / "damaged"
+    shutil.copytree(model_dir, copy)
+    damage(copy)
+    return str(copy)
+
+
+def _rewrite_zip_member(path, name, data):
+    with zipfile.ZipFile(path) as archive:
+        members = {info.filename: archive.read(info) for info in archive.infolist()}
+    with zipfile.ZipFile(path, "w") as archive:
+        for member, content in members.items():
+            archive.writestr(member, data if member == name else content)
+
+
+def _ensemble_of(model_dir):
+    def damage(folder):
+        shutil.copytree(model_dir, folder / "member")
+        (folder / "pneumo_tf_ensemble.json").write_text(json.dumps({"members": [{"model_dir": "member"}]}))
+    return damage
+
+
+DAMAGE = {
+    "info_not_json": (lambda folder: (folder / "pneumo_tf.json").write_text('{"model": "mask_res'),
+                      "pneumo_tf.json is not valid JSON: Unterminated string"),
+    "info_without_model": (lambda folder: (folder / "pneumo_tf.json").write_text('{"image_size": 64}'),
+                           "pneumo_tf.json lacks 'model': re-export the model"),
+    "info_not_an_object": (lambda folder: (folder / "pneumo_tf.json").write_text("[1, 2]"),
+                           "pneumo_tf.json is not a pneumo_tf model's info (a JSON object)"),
+    "model_truncated": (lambda folder: (folder / "model.keras").write_bytes((folder / "model.keras").read_bytes()[:5000]),
+                        "model.keras is not a Keras archive (cut short or overwritten): re-export the model"),
+    "model_missing": (lambda folder: (folder / "model.keras").unlink(), "model.keras is missing: re-export"),
+    "model_broken_inside": (lambda folder: _rewrite_zip_member(folder / "model.keras", "config.json", b"{"),
+                            "model.keras cannot be loaded (JSONDecodeError: "),
+    "ensemble_not_json": (lambda folder: (folder / "pneumo_tf_ensemble.json").write_text("{"),
+                          "pneumo_tf_ensemble.json is not valid JSON: Expecting property name"),
+    "ensemble_incomplete": (None, "pneumo_tf_ensemble.json lacks 'weight': write it again with python -m "
+                                  "pneumo_tf.evaluate --ensemble_dir"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(DAMAGE))
+def test_a_damaged_model_folder_is_one_line_naming_the_file(case, trained_model, tmp_path):
+    from pneumo_tf.models import reading
+
+    damage, message = DAMAGE[case]
+    if damage is None:
+        damage = _ensemble_of(trained_model)
+    elif case.startswith("ensemble"):
+        ensemble = _ensemble_of(trained_model)
+        damage = (lambda first, second: lambda folder: (first(folder), second(folder)))(ensemble, damage)
+    folder = _damaged(trained_model, tmp_path, damage)
+    with pytest.raises(UserError) as raised:
+        reading.load(folder)
+    text = str(raised.value)
+    assert "\n" not in text and text.startswith(folder) and message in text, text
+    if case == "model_truncated":  # the command line: one line, exit 2
+        result = subprocess.run([sys.executable, "-m", "pneumo_tf.predict", f"--model_dir={folder}",
+                                 f"--output={tmp_path / 'out.csv'}", f"--dicom_dir={tmp_path}"],
+                                capture_output=True, text=True, timeout=300)
+        assert result.returncode == 2 and result.stderr.strip().splitlines()[-1] == f"error: {text}"

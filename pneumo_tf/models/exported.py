@@ -18,14 +18,14 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
-import json
 import os
 import shutil
+import zipfile
 
 import keras
 import tensorflow as tf
 
-from pneumo_tf import models
+from pneumo_tf import fileio, models
 from pneumo_tf.data import metadata
 from pneumo_tf.errors import UserError
 from pneumo_tf.fileio import write_json_atomic
@@ -90,14 +90,19 @@ def update_info(model_dir: str, changes: dict) -> dict:
 
 
 def read_info(model_dir: str) -> dict:
-    """pneumo_tf.json, with a clear error for a folder that holds no exported model."""
+    """pneumo_tf.json, with a clear error for a folder that holds no exported model or a damaged one."""
     info_path = os.path.join(model_dir, INFO_FILE)
     if not os.path.isdir(model_dir):
         raise UserError(f"model folder not found: {model_dir}")
     if not os.path.isfile(info_path):
         raise UserError(f"{model_dir} holds no exported pneumo_tf model (no {INFO_FILE}): train one first")
-    with open(info_path) as handle:
-        return json.load(handle)
+    info = fileio.read_json(info_path)
+    if not isinstance(info, dict):
+        raise UserError(f"{info_path} is not a pneumo_tf model's info (a JSON object): re-export the model")
+    for key in ("model", "image_size"):
+        if key not in info:
+            raise UserError(f"{info_path} lacks {key!r}: re-export the model (train it again) or restore the folder")
+    return info
 
 
 @dataclasses.dataclass
@@ -152,5 +157,14 @@ def load(model_dir: str) -> ExportedModel:
     """The exported model in `model_dir` (see the module docstring)."""
     info = read_info(model_dir)
     architecture = models.get(info["model"])  # imports the module that registers its layers
-    network = keras.models.load_model(os.path.join(model_dir, MODEL_FILE), compile=False)
+    path = os.path.join(model_dir, MODEL_FILE)
+    if not zipfile.is_zipfile(path):  # Keras would say "file not found" of a cut-short archive
+        state = "not a Keras archive (cut short or overwritten)" if os.path.exists(path) else "missing"
+        raise UserError(f"{path} is {state}: re-export the model (train it again) or restore the folder")
+    try:
+        network = keras.models.load_model(path, compile=False)
+    except Exception as error:  # noqa: BLE001 - a damaged archive fails in many ways; all mean "cannot load"
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else ""
+        raise UserError(f"{path} cannot be loaded ({type(error).__name__}: {reason}): re-export the model "
+                        "or restore the folder") from error
     return ExportedModel(model_dir, network, architecture, info)

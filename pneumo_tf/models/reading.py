@@ -49,7 +49,6 @@ a threshold given or an ensemble folder.
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 from collections.abc import Sequence
 
@@ -59,6 +58,7 @@ import tensorflow as tf
 from pneumo_tf.cli import check_constraints, option
 from pneumo_tf.data import metadata, pipeline
 from pneumo_tf.errors import UserError
+from pneumo_tf import fileio
 from pneumo_tf.fileio import write_json_atomic
 from pneumo_tf.models import exported
 from pneumo_tf.models import fusion as box_fusion
@@ -316,8 +316,7 @@ def is_ensemble(folder: str) -> bool:
 
 
 def _read_ensemble_file(folder: str) -> dict:
-    with open(os.path.join(folder, ENSEMBLE_FILE)) as handle:
-        return json.load(handle)
+    return fileio.read_json(os.path.join(folder, ENSEMBLE_FILE))
 
 
 def _model_dirs(model_dir: str) -> list[str]:
@@ -361,10 +360,21 @@ def load(model_dir: str, config: ReadingConfig = ReadingConfig()) -> Reading:
 
 def read_ensemble(ensemble_dir: str) -> Reading:
     """The reading an ensemble folder records."""
+    path = os.path.join(ensemble_dir, ENSEMBLE_FILE)
     info = _read_ensemble_file(ensemble_dir)
-    members = [Member(exported.load(os.path.normpath(os.path.join(ensemble_dir, entry["model_dir"]))),
-                      entry["weight"], info["tta"]) for entry in info["members"]]
-    return Reading(members, info["fusion"], info["fusion_iou"], info["threshold"], ensemble_dir)
+    try:
+        entries = [(os.path.normpath(os.path.join(ensemble_dir, entry["model_dir"])), float(entry["weight"]))
+                   for entry in info["members"]]
+        fields = info["tta"], info["fusion"], info["fusion_iou"], info["threshold"]
+    except KeyError as error:
+        raise UserError(f"{path} lacks {error}: write it again with python -m pneumo_tf.evaluate --ensemble_dir") \
+            from error
+    except (TypeError, ValueError) as error:
+        raise UserError(f"{path} is not a pneumo_tf ensemble file ({error}): write it again with python -m "
+                        "pneumo_tf.evaluate --ensemble_dir") from error
+    tta, fusion, fusion_iou, threshold = fields
+    members = [Member(exported.load(folder), weight, tta) for folder, weight in entries]
+    return Reading(members, fusion, fusion_iou, threshold, ensemble_dir)
 
 
 def save_threshold(reading: Reading, changes: dict, ensemble_dir: str | None = None) -> str:

@@ -12,7 +12,6 @@ Layout of `manifest.json`:
 """
 from __future__ import annotations
 
-import json
 import os
 
 from pneumo_tf import fileio
@@ -32,10 +31,7 @@ def read_manifest(records_dir: str) -> dict:
         raise UserError(f"records folder not found: {records_dir}")
     if not fileio.isfile(path):
         raise UserError(f"{records_dir} holds no {MANIFEST_NAME}: convert images first (python -m pneumo_tf.convert)")
-    try:
-        manifest = fileio.read_json(path)
-    except json.JSONDecodeError as error:
-        raise UserError(f"{path} is not valid JSON: {error}") from error
+    manifest = fileio.read_json(path)
     if not isinstance(manifest, dict) or "format_version" not in manifest:
         raise UserError(f"{path} is not a pneumo_tf records manifest: convert the DICOMs (python -m pneumo_tf.convert)")
     if manifest["format_version"] != FORMAT_VERSION:
