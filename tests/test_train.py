@@ -10,6 +10,7 @@ import time
 import dataclasses
 import xml.etree.ElementTree as ElementTree
 
+import h5py
 import keras
 import numpy as np
 import pytest
@@ -188,6 +189,64 @@ def test_killed_run_resumes_from_the_last_epoch(tiny_records, tmp_path):
     assert json.loads(best_file.read_text())["value"] == best_value
     assert (model_dir / "checkpoints" / "epoch-004.weights.h5").exists()
     assert not (model_dir / "backup").exists()  # removed once training finished
+
+
+# Runs a tiny training in a process that kills itself (SIGKILL) at one moment: argv[1] records, argv[2]
+# model folder, argv[3] the moment: "validation" (the epoch-end evaluation of epoch 1) or "backup" (half-way
+# through writing the backup's weights after epoch 1).
+KILLED_TRAINING = """
+import os, signal, sys
+from keras.src.saving import saving_lib
+from pneumo_tf.training import callbacks, loop
+
+def kill():
+    os.kill(os.getpid(), signal.SIGKILL)
+
+if sys.argv[3] == "validation":
+    evaluate = callbacks.EpochEvaluation.on_epoch_end
+    def on_epoch_end(self, epoch, logs=None):
+        if epoch == 1:
+            kill()
+        return evaluate(self, epoch, logs)
+    callbacks.EpochEvaluation.on_epoch_end = on_epoch_end
+else:
+    save = saving_lib.save_weights_only
+    backups = []
+    def save_weights_only(model, filepath, *args, **kwargs):
+        save(model, filepath, *args, **kwargs)
+        if os.path.basename(str(filepath)).startswith("latest"):
+            backups.append(filepath)
+            if len(backups) == 2:  # the second epoch's: cut the file in half, then die
+                with open(filepath, "r+b") as handle:
+                    handle.truncate(os.path.getsize(filepath) // 2)
+                kill()
+    saving_lib.save_weights_only = save_weights_only
+loop.train_and_evaluate(loop.TrainConfig(
+    records_dir=sys.argv[1], model_dir=sys.argv[2], model="mask_resnet",
+    model_options={"channels": 4, "n_blocks": 1, "depth": 2}, image_size=64, batch_size=4, epochs=3,
+    steps_per_epoch=2, validation_steps=1))
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("moment", ["validation", "backup"])
+def test_kills_during_validation_or_a_checkpoint_write_lose_no_epoch(moment, tiny_records, tmp_path):
+    model_dir = tmp_path / "run"
+    killed = subprocess.run([sys.executable, "-c", KILLED_TRAINING, tiny_records, str(model_dir), moment],
+                            capture_output=True, text=True, timeout=600)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
+    state = json.loads((model_dir / "backup" / "training_metadata.json").read_text())
+    assert state["epoch"] == 1  # epoch 1 was not finished: its evaluation or its backup did not complete
+    with h5py.File(model_dir / "backup" / "latest.weights.h5"):  # whole (a killed write left a temporary file)
+        pass
+    result = run_train(tiny_records, model_dir, *TINY_MASK, "--epochs=3", "--steps_per_epoch=2",
+                       "--validation_steps=1")
+    assert result.returncode == 0, result.stderr[-3000:]
+    info = json.loads((model_dir / "pneumo_tf.json").read_text())
+    assert info["epochs"] == [1, 2]  # epoch 1 ran again, with its validation
+    assert len(info["history"]["val_map"]) == 2 and len(info["history"]["val_loss"]) == 2
+    for epoch in (1, 2, 3):
+        assert (model_dir / "checkpoints" / f"epoch-{epoch:03d}.weights.h5").exists()
 
 
 @pytest.mark.parametrize("args, message", [

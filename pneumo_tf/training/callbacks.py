@@ -11,7 +11,9 @@ Layout of a run's log_dir (the one keras.callbacks.TensorBoard uses, so they mix
 
 Place `EpochEvaluation` BEFORE TensorBoard, ModelCheckpoint and EarlyStopping in
 the callback list: it adds the val_* logs, which callbacks after it see (Keras
-passes one logs dict down the list; History and the progress bar come last).
+passes one logs dict down the list; History and the progress bar come last). The
+backup (BackupAndRestore) goes after them all, so an epoch is marked done only once
+everything about it is written.
 
 In multi-worker training every worker gets them, each with its own log_dir (training
 gives non-chief workers a scratch folder): val_map drives EarlyStopping on all workers,
@@ -84,11 +86,12 @@ class StepScalars(keras.callbacks.Callback):
 
     def on_train_begin(self, logs=None):
         self._writer = tf.summary.create_file_writer(self._directory)
-        # Counting batches from the optimizer's iterations aligns the logged steps with
-        # multiples of every_n_steps, also when training resumes from a checkpoint.
-        self._batches_seen = _to_int(self.model.optimizer.iterations)
 
     def on_epoch_begin(self, epoch, logs=None):
+        # Counting batches from the optimizer's iterations aligns the logged steps with multiples
+        # of every_n_steps, also when training resumes (read here: the backup restores them after
+        # on_train_begin).
+        self._batches_seen = _to_int(self.model.optimizer.iterations)
         self._epoch_start_batches = self._batches_seen
         self._epoch_start = time.perf_counter()
         self._mark = (self._epoch_start, self._batches_seen, 0, 0.0)

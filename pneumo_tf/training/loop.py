@@ -5,12 +5,16 @@ validates it once per epoch with the challenge metric, and exports the best epoc
 Layout of `config.model_dir` after a run:
   logs/           TensorBoard events (train/, validation/, hparams, profiler trace)
   backup/         BackupAndRestore state: a killed run resumes from its last finished epoch
+                  (finished: trained, evaluated, checkpointed)
   checkpoints/    weights after every epoch, the best by the monitored metric, and best.json
                   (its epoch and value, carried across a resume)
   model.keras, saved_model/, model_card.json, pneumo_tf.json   the exported model (pneumo_tf.models.exported)
+Every weights file is written to a temporary name and renamed (Trainer.save_weights), so a kill
+mid-write never leaves a truncated one.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import time
@@ -18,7 +22,7 @@ import time
 import keras
 import tensorflow as tf
 
-from pneumo_tf import models
+from pneumo_tf import fileio, models
 from pneumo_tf.data import augment, metadata, pipeline, remote
 from pneumo_tf.errors import UserError
 from pneumo_tf.models import card as model_card, exported
@@ -26,9 +30,10 @@ from pneumo_tf.models.architecture import Architecture
 from pneumo_tf.records.manifest import read_manifest
 from pneumo_tf.training import callbacks as callbacks_lib, distribute
 from pneumo_tf.training.config import REFERENCE_BATCH_SIZE, TrainConfig
-from pneumo_tf.training.keras_shim import Prebuilt
+from pneumo_tf.training.keras_shim import Prebuilt, WholeBackup
 
 REGULARIZATION = "regularization"
+WEIGHTS_SUFFIX = ".weights.h5"
 
 
 class Trainer(Prebuilt):
@@ -56,6 +61,25 @@ class Trainer(Prebuilt):
 
     def call(self, inputs, training=False):
         return self.network(inputs, training=training)
+
+    def save_weights(self, filepath, overwrite=True, max_shard_size=None):
+        """Keras' save_weights, whole or not at all: written to a temporary name, synced, renamed. The
+        checkpoints and the backup all save through here, so a kill or power loss mid-write leaves the
+        previous file in place, never a truncated one that every later resume fails to load."""
+        filepath = os.fspath(filepath)
+        if max_shard_size is not None or not filepath.endswith(WEIGHTS_SUFFIX):
+            return super().save_weights(filepath, overwrite, max_shard_size)
+        # Keras wants the suffix on the temporary name too.
+        tmp = fileio.temporary_name(filepath.removesuffix(WEIGHTS_SUFFIX)) + WEIGHTS_SUFFIX
+        try:
+            super().save_weights(tmp, overwrite=True)
+            with open(tmp, "rb") as handle:
+                os.fsync(handle.fileno())
+            fileio.replace(tmp, filepath)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.remove(tmp)
+            raise
 
     def loss_terms(self, inputs, labels, raw, training) -> dict:
         """The architecture's named loss terms for one batch (plus regularisation), float32."""
@@ -190,7 +214,6 @@ def train_and_evaluate(config: TrainConfig, arguments: list[str] | None = None) 
         *([callbacks_lib.TrainableLayers(
             lambda layers: architecture.set_trainable_layers(network, options, layers), config.trainable_layers,
             config.trainable_layers_epochs)] if config.trainable_layers != "all" else []),
-        keras.callbacks.BackupAndRestore(os.path.join(output_dir, "backup")),
         callbacks_lib.StepScalars(log_dir, config.batch_size, every_n_steps=config.log_every_steps),
         # Before TensorBoard, the checkpoints and early stopping: it adds the val_* logs they read.
         callbacks_lib.EpochEvaluation(val_data, log_dir, architecture, network, max_images=config.validation_images),
@@ -204,6 +227,9 @@ def train_and_evaluate(config: TrainConfig, arguments: list[str] | None = None) 
         keras.callbacks.EarlyStopping(
             monitor=monitor, mode=mode, patience=config.early_stopping_patience, min_delta=0.0005,
         ),
+        # Last: an epoch counts as done (a resume starts after it) only once its evaluation, checkpoints
+        # and best.json are written; a kill before then repeats the epoch instead of losing its metrics.
+        WholeBackup(os.path.join(output_dir, "backup")),
     ]
     hparams = {
         "model": config.model, "preset": config.preset, "image_size": config.image_size,
