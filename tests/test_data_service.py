@@ -206,3 +206,47 @@ def test_mirrored_and_multi_worker_training_through_the_service(tiny_records, cl
     with open(tmp_path / "multi" / "pneumo_tf.json") as handle:
         info = json.load(handle)
     assert info["replicas"] == 2 and info["steps_per_epoch"] == 2
+
+
+def test_servers_warn_that_they_listen_everywhere_and_journal_in_a_private_folder(tmp_path):
+    """The dispatcher's default journal is this user's (not a name in the shared /tmp another user could create
+    first), and both roles say on start-up that anyone reaching the port can run dataset graphs."""
+    from test_train import _free_ports
+
+    [port] = _free_ports(1)
+    env = dict(os.environ, HOME=str(tmp_path))
+    processes, lines = [], []
+    try:
+        for args in (["--role=dispatcher", f"--port={port}"],
+                     ["--role=worker", f"--dispatcher=127.0.0.1:{port}", "--port=0", "--host=127.0.0.1"]):
+            processes.append(subprocess.Popen([sys.executable, "-m", "pneumo_tf.data_service", *args], env=env,
+                                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+            lines.append(processes[-1].stdout.readline())  # printed after the warning
+            assert " serving at grpc://" in lines[-1], lines[-1]
+    finally:
+        for process in processes:
+            process.terminate()
+    for process, line in zip(processes, lines):
+        warnings = [text for text in process.communicate(timeout=60)[1].splitlines() if text.startswith("warning: ")]
+        served = line.split(" serving at grpc://")[1].split()[0].rpartition(":")[2]
+        assert warnings == [f"warning: the tf.data service listens on every network interface with unauthenticated, "
+                            f"unencrypted gRPC: anyone who reaches port {served} can run dataset graphs that read and "
+                            "write files on the workers. Run it only on a private network or behind a firewall."]
+    journal = tmp_path / ".cache" / "pneumo_tf" / f"dispatcher_{port}"
+    assert lines[0].endswith(f"(state journaled in {journal})\n") and journal.stat().st_mode & 0o777 == 0o700
+
+
+@pytest.mark.slow
+def test_a_trainer_whose_service_lost_every_worker_stops_naming_the_dispatcher(tiny_records, tmp_path):
+    dispatcher, address = start_server("--role=dispatcher", "--port=0", f"--work_dir={tmp_path / 'journal'}")
+    address = f"grpc://127.0.0.1:{_port(address)}"
+    try:  # no worker at all: the first batch never comes
+        result = subprocess.run(_train_command(tiny_records, tmp_path / "run", f"--data_service={address}",
+                                               "--data_service_timeout=20"),
+                                capture_output=True, text=True, timeout=400)
+    finally:
+        dispatcher.kill()
+        dispatcher.wait()
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert result.stderr.strip().splitlines()[-1].startswith(
+        f"error: no training batch for 20 s from the tf.data service at {address}: its workers are gone or stuck.")

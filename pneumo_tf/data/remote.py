@@ -21,6 +21,13 @@ be readable at the same path from every worker (shared storage, or gs:// records
 
 The dispatcher journals its state in --work_dir (fault-tolerant mode): restarted on the same
 port with the same folder, it recovers its jobs and workers, and training carries on.
+
+Security: TensorFlow's servers listen on every network interface (0.0.0.0) with insecure,
+unauthenticated gRPC, whatever --host says (it only names the worker to trainers). Whoever
+reaches a port can send dataset graphs that read and write files on the workers. Run them on a
+private network or behind a firewall only; both roles print that warning when they start.
+If every worker dies, the trainer's next batch never comes: training's watchdog
+(--data_service_timeout, callbacks.StallWatchdog) stops it with a message naming the dispatcher.
 """
 from __future__ import annotations
 
@@ -28,6 +35,7 @@ import dataclasses
 import hashlib
 import os
 import socket
+import sys
 import tempfile
 
 import tensorflow as tf
@@ -36,6 +44,9 @@ from pneumo_tf.cli import check_constraints, option
 from pneumo_tf.errors import UserError
 
 ROLES = ("dispatcher", "worker")
+EXPOSURE_WARNING = ("warning: the tf.data service listens on every network interface with unauthenticated, "
+                    "unencrypted gRPC: anyone who reaches port {port} can run dataset graphs that read and write files "
+                    "on the workers. Run it only on a private network or behind a firewall.")
 PROTOCOL = "grpc"
 PROCESSING_MODE = tf.data.experimental.service.ShardingPolicy.DYNAMIC
 CONNECT_TIMEOUT_SECONDS = 10.0
@@ -46,16 +57,18 @@ class ServiceConfig:
     """One tf.data service server: the dispatcher (one per cluster) or a worker (one per CPU machine)."""
 
     role: str = option(help="dispatcher: the one process that hands out work; worker: decodes batches (one per CPU "
-                       "machine).", choices=ROLES)
-    port: int = option(5050, "Port to serve on; 0 picks a free one (the address is printed).", minimum=0,
-                       maximum=65535)
+                       "machine). Either listens on every network interface with unauthenticated gRPC, whoever "
+                       "reaches its port can run dataset graphs that read and write files on the workers: private "
+                       "networks or behind a firewall only.", choices=ROLES)
+    port: int = option(5050, "Port to serve on, on every network interface (TensorFlow's servers bind 0.0.0.0); 0 "
+                       "picks a free one (the address is printed).", minimum=0, maximum=65535)
     work_dir: str = option("", "dispatcher: folder (local or gs://) where it journals its state, so that restarted "
                            "with the same --port and folder it recovers its jobs and workers; default "
-                           f"{os.path.join(tempfile.gettempdir(), 'pneumo_tf_dispatcher_PORT')} (a folder on durable "
-                           "storage lets it restart on another machine).")
+                           f"{os.path.join('~', '.cache', 'pneumo_tf', 'dispatcher_PORT')} (this user's only; a folder "
+                           "on durable storage lets it restart on another machine).")
     dispatcher: str = option("", "worker: the dispatcher's HOST:PORT (grpc://HOST:PORT also accepted).")
     host: str = option("", "worker: the name or address by which trainers reach this machine (default: its fully "
-                       "qualified domain name).")
+                       "qualified domain name); it still listens on every interface.")
 
     def validate(self) -> None:
         check_constraints(self)
@@ -122,22 +135,33 @@ def start_worker(dispatcher: str, port: int = 0, host: str = "") -> tf.data.expe
     ))
 
 
+def default_work_dir(port: int) -> str:
+    """The dispatcher's journal folder when --work_dir is not given: one per port (a restart on the same port
+    recovers), in this user's cache, never a predictable name in the shared temporary folder that another user
+    could create first and fill with a journal of their own."""
+    if not port:  # a port of its own each time: nothing to recover
+        return tempfile.mkdtemp(prefix="pneumo_tf_dispatcher_")
+    folder = os.path.join(os.path.expanduser("~"), ".cache", "pneumo_tf", f"dispatcher_{port}")
+    os.makedirs(folder, mode=0o700, exist_ok=True)
+    return folder
+
+
 def serve(config: ServiceConfig) -> None:
-    """Runs one server until the process is stopped, after printing where it serves."""
+    """Runs one server until the process is stopped, after printing where it serves (and the warning)."""
     config.validate()
     if config.role == "dispatcher":
-        work_dir = config.work_dir or (
-            os.path.join(tempfile.gettempdir(), f"pneumo_tf_dispatcher_{config.port}") if config.port
-            else tempfile.mkdtemp(prefix="pneumo_tf_dispatcher_")  # a port of its own: nothing to recover
-        )
+        work_dir = config.work_dir or default_work_dir(config.port)
         server = start_dispatcher(config.port, work_dir)
         port = server.target.rpartition(":")[2]
-        print(f"tf.data service dispatcher serving at {PROTOCOL}://{socket.getfqdn()}:{port} "
-              f"(state journaled in {work_dir})", flush=True)
+        serving = (f"tf.data service dispatcher serving at {PROTOCOL}://{socket.getfqdn()}:{port} "
+                   f"(state journaled in {work_dir})")
     else:
         check_reachable(config.dispatcher)
         server = start_worker(config.dispatcher, config.port, config.host)
         # `_address` is the only way WorkerServer tells the port it bound (--port=0).
-        print(f"tf.data service worker serving at {PROTOCOL}://{server._address} for the dispatcher at "
-              f"{config.dispatcher}", flush=True)
+        port = server._address.rpartition(":")[2]
+        serving = f"tf.data service worker serving at {PROTOCOL}://{server._address} for the dispatcher at " \
+                  f"{config.dispatcher}"
+    print(EXPOSURE_WARNING.format(port=port), file=sys.stderr, flush=True)
+    print(serving, flush=True)
     server.join()

@@ -22,6 +22,8 @@ which must stop together.
 from __future__ import annotations
 
 import os
+import sys
+import threading
 import time
 from collections.abc import Callable, Iterable, Mapping
 
@@ -230,6 +232,47 @@ class EpochEvaluation(keras.callbacks.Callback):
 
     def on_train_end(self, logs=None):
         self._writer.close()
+
+
+class StallWatchdog(keras.callbacks.Callback):
+    """Ends the process with `message` (one line `error: ...`, exit 2) when no training batch finishes
+    for `timeout` seconds within an epoch.
+
+    A trainer whose tf.data service has lost every worker waits for its next batch inside
+    TensorFlow's C++ for ever, where no Python exception can reach it; a thread watching the
+    batches is what can still act. The clock starts at each epoch and restarts at each batch end;
+    the epoch-end evaluation (local) is not watched. A resumed run carries on from the last
+    finished epoch.
+    """
+
+    def __init__(self, timeout: float, message: str):
+        super().__init__()
+        self._timeout, self._message = timeout, message
+        self._deadline = None
+        self._stop = threading.Event()
+
+    def on_train_begin(self, logs=None):
+        self._stop.clear()
+        threading.Thread(target=self._watch, name="stall-watchdog", daemon=True).start()
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self._deadline = time.monotonic() + self._timeout
+
+    def on_train_batch_end(self, batch, logs=None):
+        self._deadline = time.monotonic() + self._timeout
+
+    def on_epoch_end(self, epoch, logs=None):
+        self._deadline = None
+
+    def on_train_end(self, logs=None):
+        self._stop.set()
+
+    def _watch(self):
+        while not self._stop.wait(min(1.0, self._timeout / 4)):
+            deadline = self._deadline
+            if deadline is not None and time.monotonic() > deadline:
+                print(f"error: {self._message}", file=sys.stderr, flush=True)
+                os._exit(2)
 
 
 class BestEpochRecord(keras.callbacks.Callback):

@@ -84,6 +84,10 @@ class TrainConfig:
         "Files are shuffled as without the service; records only within each worker's shuffle buffer. Workers must "
         "read the records at the same path (shared storage or gs://). Validation reads locally. Empty: all on "
         "this host.")
+    data_service_timeout: float = option(
+        600.0, "With --data_service: seconds training waits for a batch (the first one includes tracing the model) "
+        "before it stops with an error naming the dispatcher, instead of waiting forever when every worker is gone.",
+        exclusive_minimum=0.0)
     augment: bool = option(True, "Random flip, rotation, zoom, shift, brightness and contrast, per batch on the "
                            "device; image, mask and boxes move together.")
     augment_strength: float = option(1.0, "Multiplies the augmentation's ranges (rotation 2 degrees, zoom and shifts "

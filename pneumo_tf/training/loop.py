@@ -227,6 +227,11 @@ def train_and_evaluate(config: TrainConfig, arguments: list[str] | None = None) 
         keras.callbacks.EarlyStopping(
             monitor=monitor, mode=mode, patience=config.early_stopping_patience, min_delta=0.0005,
         ),
+        *([callbacks_lib.StallWatchdog(config.data_service_timeout, (
+            f"no training batch for {config.data_service_timeout:g} s from the tf.data service at "
+            f"{config.data_service}: its workers are gone or stuck. Start workers (python -m pneumo_tf.data_service "
+            f"--role=worker --dispatcher=...) and rerun: training resumes after its last finished epoch "
+            "(--data_service_timeout sets the wait)"))] if config.data_service else []),
         # Last: an epoch counts as done (a resume starts after it) only once its evaluation, checkpoints
         # and best.json are written; a kill before then repeats the epoch instead of losing its metrics.
         WholeBackup(os.path.join(output_dir, "backup")),
