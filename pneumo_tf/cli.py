@@ -383,15 +383,26 @@ def explicit_fields(config_cls, *, flag_values=FLAGS) -> set[str]:
 def flags_from_config(config) -> list[str]:
     """The command-line flags that `config_from_flags` turns back into `config` (a flagfile's lines).
 
-    Every field is written, defaults too, so the flags stand on their own.
+    Every field is written, defaults too, so the flags stand on their own. A flagfile has one flag
+    a line and no escapes, so a value holding a line break (which would write a flag of its own) is
+    refused: UserError.
     """
+    lines = _flag_lines(config)
+    for line in lines:
+        if "\n" in line or "\r" in line:  # absl reads flagfiles with universal newlines
+            name, _, value = line.partition("=")
+            raise UserError(f"{name} cannot be written as a flag: its value {value!r} holds a line break")
+    return lines
+
+
+def _flag_lines(config) -> list[str]:
     hints = typing.get_type_hints(type(config))
     lines = []
     for field in dataclasses.fields(config):
         value, name, meta = getattr(config, field.name), _flag_name(field), field.metadata
         kind = _base_type(hints[field.name])
         if dataclasses.is_dataclass(kind):
-            lines += flags_from_config(value)
+            lines += _flag_lines(value)
         elif meta.get("unparse") is not None:
             unparsed = meta["unparse"](value) if value is not None else ""
             lines += [f"--{name}={item}" for item in unparsed] if kind is dict else [f"--{name}={unparsed}"]

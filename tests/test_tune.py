@@ -3,6 +3,7 @@ search on tiny records that is killed between trials, resumes, and whose best.fl
 best trial to the same numbers."""
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -51,6 +52,25 @@ def test_trial_config_applies_values_with_the_flags_types():
     assert config == TrainConfig(records_dir="records", model_dir="trial", learning_rate=0.002, batch_size=8,
                                  image_size=64, epochs=3, model_options={"channels": 8, "depth": 2})
     assert isinstance(config.image_size, int)
+
+
+@pytest.mark.parametrize("name", ["model_dir", "records_dir", "model", "model_options", "momentum"])
+def test_trial_config_refuses_values_a_search_cannot_vary(name):
+    """The oracle answers over the network in a multi-machine search (and reads trial files from tune_dir):
+    a trial's values may not say where data or models go."""
+    with pytest.raises(UserError, match=f"cannot vary '{name}'"):
+        search.trial_config(BASE, {"learning_rate": 0.002, name: "/elsewhere"}, "trial")
+
+
+def test_a_value_with_a_line_break_never_reaches_best_flags(tmp_path):
+    config = search.trial_config(BASE, {"model_option.upsampling": "bilinear\n--model_dir=/elsewhere"}, "trial")
+    path = tmp_path / "best.flags"
+    with pytest.raises(UserError, match=re.escape("--model_option cannot be written as a flag: its value "
+                                                  r"'upsampling=bilinear\n--model_dir=/elsewhere' holds a line break")):
+        search.write_best_flags(str(path), config, "3", "val_map", 0.5, ["model_option.upsampling"])
+    assert not path.exists()
+    with pytest.raises(UserError, match="--records_dir cannot be written as a flag"):
+        cli.flags_from_config(TrainConfig(records_dir="records\r--model_dir=x", model_dir="m"))
 
 
 def test_flags_from_config_round_trip():

@@ -71,7 +71,8 @@ MODEL_OPTION = "model_option."
 # Flags a search cannot vary: where the data and the trial's folder are, the architecture and its
 # preset (applied before the search: --model_option.KEY and the flags vary what it set).
 FIXED_FIELDS = ("records_dir", "model_dir", "model", "preset")
-# KerasTuner's Hyperband puts the trial's budget here.
+# KerasTuner's Hyperband puts the trial's budget here, among its other entries.
+TUNER_ENTRIES = "tuner/"
 HYPERBAND_EPOCHS = "tuner/epochs"
 CHIEF = "chief"
 
@@ -116,6 +117,13 @@ def _field_types() -> dict:
     return {field.name: cli._base_type(hints[field.name]) for field in dataclasses.fields(TrainConfig)}
 
 
+def check_searchable(name: str, types: dict) -> None:
+    """A UserError unless a search may vary `name`: a train flag but FIXED_FIELDS, or model_option.KEY."""
+    if name in FIXED_FIELDS or (name not in types and not name.startswith(MODEL_OPTION)) or name == "model_options":
+        raise UserError(f"--search cannot vary {name!r}: name a flag of python -m pneumo_tf.train (but "
+                        f"{', '.join(FIXED_FIELDS)}) or model_option.KEY")
+
+
 def search_space(items) -> keras_tuner.HyperParameters:
     """--search items -> KerasTuner's HyperParameters (checked against the train flags)."""
     space = keras_tuner.HyperParameters()
@@ -125,10 +133,7 @@ def search_space(items) -> keras_tuner.HyperParameters:
         kind, *values = spec.split(":")
         if not separator or kind not in KINDS:
             raise UserError(f"--search item {item!r} is not name=kind:... with kind one of {', '.join(KINDS)}")
-        if name in FIXED_FIELDS or (name not in types and not name.startswith(MODEL_OPTION)) \
-                or name == "model_options":
-            raise UserError(f"--search cannot vary {name!r}: name a flag of python -m pneumo_tf.train (but "
-                            f"{', '.join(FIXED_FIELDS)}) or model_option.KEY")
+        check_searchable(name, types)
         try:
             if kind == "choice":
                 space.Choice(name, [_literal(value) for value in values])
@@ -146,15 +151,24 @@ def search_space(items) -> keras_tuner.HyperParameters:
 
 
 def trial_config(base: TrainConfig, values: dict, model_dir: str) -> TrainConfig:
-    """The train config of one trial: `base` with the trial's values, into `model_dir`."""
+    """The train config of one trial: `base` with the trial's values, into `model_dir`.
+
+    The values come from the oracle, which in a multi-machine search answers over the network, and
+    from the trial files in tune_dir: only what a search may vary is applied (never where the data
+    or the model go), anything else is refused.
+    """
     types = _field_types()
     fields, options = {"model_dir": model_dir}, dict(base.model_options)
     for name, value in values.items():
         if name == HYPERBAND_EPOCHS:
             fields["epochs"] = int(value)
-        elif name.startswith(MODEL_OPTION):
+            continue
+        if name.startswith(TUNER_ENTRIES):  # KerasTuner's bookkeeping: the Hyperband round, bracket, ...
+            continue
+        check_searchable(name, types)
+        if name.startswith(MODEL_OPTION):
             options[name.removeprefix(MODEL_OPTION)] = value
-        elif name in types:
+        else:
             fields[name] = types[name](value)  # a choice of 8, 16 is int already; 1e-3 stays float
     return dataclasses.replace(base, model_options=options, **fields)
 
