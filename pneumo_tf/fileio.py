@@ -85,12 +85,23 @@ def getsize(path: str) -> int:
     return _gfile().stat(path).length if is_url(path) else os.path.getsize(path)
 
 
-def sizes(paths: list[str]) -> list[int]:
-    """getsize of many files; concurrent for URLs (a sequential stat of 300,000 objects takes hours)."""
+def _size_or_none(path: str) -> int | None:
+    if is_url(path):
+        return getsize(path) if _gfile().exists(path) else None
+    try:
+        return os.path.getsize(path)
+    except FileNotFoundError:
+        return None
+
+
+def sizes(paths: list[str], missing_ok: bool = False) -> list[int | None]:
+    """getsize of many files (None for a missing one when missing_ok); concurrent for URLs (a sequential
+    stat of 300,000 objects takes hours)."""
+    size = _size_or_none if missing_ok else getsize
     if not any(is_url(path) for path in paths):
-        return [os.path.getsize(path) for path in paths]
+        return [size(path) for path in paths]
     with concurrent.futures.ThreadPoolExecutor(REMOTE_STAT_THREADS) as pool:
-        return list(pool.map(getsize, paths))
+        return list(pool.map(size, paths))
 
 
 def makedirs(path: str) -> None:

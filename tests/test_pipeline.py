@@ -3,7 +3,10 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import json
 import os
+import re
+import shutil
 
 import numpy as np
 import pytest
@@ -12,7 +15,7 @@ import tensorflow as tf
 from pneumo_tf.data import pipeline
 from pneumo_tf.records.boxes import MAX_BOXES, rasterize
 from pneumo_tf.errors import UserError
-from pneumo_tf.records import masks, schema
+from pneumo_tf.records import manifest as manifest_lib, masks, schema
 from pneumo_tf.fileio import write_json_atomic
 from pneumo_tf.records.manifest import FORMAT_VERSION, MANIFEST_NAME
 
@@ -430,3 +433,34 @@ def test_other_errors_pass_through_unchanged(folder):
     with pytest.raises(tf.errors.InvalidArgumentError, match="not a record problem"):
         with pipeline.naming_bad_records(folder[0], ("train",), SIZE):
             raise tf.errors.InvalidArgumentError(None, None, "not a record problem")
+
+
+def _record_ends(data: bytes) -> list[int]:
+    """Byte offsets where each record of a TFRecord file ends (8-byte length, 4-byte CRC, data, 4-byte CRC)."""
+    ends, offset = [], 0
+    while offset < len(data):
+        offset += 12 + int.from_bytes(data[offset:offset + 8], "little") + 4
+        ends.append(offset)
+    return ends
+
+
+def test_a_shard_cut_short_or_damaged_is_named(tiny_records, tmp_path):
+    records = shutil.copytree(tiny_records, tmp_path / "records")
+    manifest = json.loads((records / "manifest.json").read_text())
+    shard = manifest["splits"]["train"]["shards"][0]
+    path = records / shard["name"]
+    whole = path.read_bytes()
+    ends = _record_ends(whole)
+    assert len(ends) == shard["records"] > 2 and ends[-1] == len(whole) == shard["bytes"]
+    # Cut at a record boundary, as a crash after a partial write leaves it: it would read as fewer records.
+    path.write_bytes(whole[:ends[1]])
+    assert sum(1 for _ in tf.data.TFRecordDataset(str(path))) == 2
+    with pytest.raises(UserError, match=re.escape(f"{path} has {ends[1]} bytes but the manifest records "
+                                                  f"{shard['bytes']}: it was cut short or damaged")):
+        pipeline.make_dataset(str(records), "train", 4, 64, training=False)
+    # Same size, one byte changed: only the full check finds it.
+    path.write_bytes(whole[:-1] + bytes([whole[-1] ^ 1]))
+    pipeline.make_dataset(str(records), "val", 4, 64, training=False)
+    manifest_lib.verify_shards(str(records), ["val", "test"])
+    with pytest.raises(UserError, match=re.escape(f"{path} does not match its manifest's SHA-256")):
+        manifest_lib.verify_shards(str(records), ["train"])

@@ -230,3 +230,25 @@ def test_a_damaged_model_folder_is_one_line_naming_the_file(case, trained_model,
                                  f"--output={tmp_path / 'out.csv'}", f"--dicom_dir={tmp_path}"],
                                 capture_output=True, text=True, timeout=300)
         assert result.returncode == 2 and result.stderr.strip().splitlines()[-1] == f"error: {text}"
+
+
+def test_predict_refuses_a_split_that_reads_short_and_verifies_on_request(trained_model, tiny_records, tmp_path):
+    records = shutil.copytree(tiny_records, tmp_path / "records")
+    manifest_path = records / "manifest.json"
+    manifest = json.loads(manifest_path.read_text())
+    held = manifest["splits"]["test"]["records"]
+    manifest["splits"]["test"]["records"] += 1  # the shards hold one record fewer than the manifest says
+    manifest_path.write_text(json.dumps(manifest))
+    output = tmp_path / "submission.csv"
+    with pytest.raises(UserError, match=f"read {held} images from {records} \\(test\\) but its manifest holds "
+                                        f"{held + 1}: its shards are damaged"):
+        predict(trained_model, output, records_dir=str(records), threshold=THRESHOLD)
+    assert not output.exists()  # no submission missing a patient
+    manifest["splits"]["test"]["records"] = held
+    manifest_path.write_text(json.dumps(manifest))
+    shard = records / manifest["splits"]["test"]["shards"][0]["name"]
+    data = shard.read_bytes()
+    shard.write_bytes(data[:100] + bytes([data[100] ^ 1]) + data[101:])
+    with pytest.raises(UserError, match="does not match its manifest's SHA-256"):
+        predict(trained_model, output, records_dir=str(records), threshold=THRESHOLD, verify_records=True)
+    assert not output.exists()

@@ -37,12 +37,11 @@ import contextlib
 
 import tensorflow as tf
 
-from pneumo_tf import fileio
 from pneumo_tf.data import remote
 from pneumo_tf.records.boxes import MAX_BOXES
 from pneumo_tf.errors import UserError
 from pneumo_tf.records import schema
-from pneumo_tf.records.manifest import read_manifest, shard_paths
+from pneumo_tf.records.manifest import checked_shard_paths, read_manifest, shard_paths
 
 # Scales `tf.io.decode_jpeg` can decode at directly (libjpeg's DCT scaling).
 JPEG_RATIOS = (1, 2, 4, 8)
@@ -290,10 +289,7 @@ def make_dataset(
     repeat = training if repeat is None else repeat
     drop_remainder = training if drop_remainder is None else drop_remainder
     manifest = read_manifest(records_dir)
-    paths = shard_paths(records_dir, split, manifest)
-    missing = [path for path in paths if not fileio.isfile(path)]
-    if missing:
-        raise UserError(f"{records_dir} lacks shards its manifest lists ({', '.join(missing)}): reconvert")
+    paths = checked_shard_paths(records_dir, split, manifest)  # a shard cut short must not read as fewer records
     if positive_fraction is not None:
         _check_positive_fraction(positive_fraction, training, repeat, manifest["splits"][split], split)
     if cache and data_service:

@@ -55,6 +55,8 @@ from pneumo_tf.evaluation.visualize import curve_pngs, write_tensorboard
 from pneumo_tf.fileio import atomic_open, write_json_atomic
 from pneumo_tf.models import card as model_card, reading as reading_lib
 from pneumo_tf.models.reading import ReadingConfig
+from pneumo_tf.records import manifest as manifest_lib
+
 
 @dataclasses.dataclass(frozen=True)
 class EvaluateConfig:
@@ -62,6 +64,7 @@ class EvaluateConfig:
                                    "folder, or several model folders separated by commas (an ensemble).")
     records_dir: str | None = option(None, "Folder written by python -m pneumo_tf.convert (manifest.json + shards).")
     split: str = option("val", "Labeled split to evaluate on (val, or train).")
+    verify_records: bool = option(False, manifest_lib.VERIFY_HELP)
     batch_size: int = option(16, "Images per model call.", minimum=1)
     thresholds: tuple[float, ...] = option(DEFAULT_THRESHOLDS, "Confidence thresholds of the sweep, comma "
                                            "separated, each in (0, 1).", exclusive_minimum=0.0,
@@ -152,6 +155,8 @@ def evaluate(config: EvaluateConfig) -> Evaluation:
     thresholds = sorted(set(config.thresholds))
     # The manifest and split are checked before the (slower) model load.
     pipeline.num_examples(config.records_dir, config.split)
+    if config.verify_records:
+        manifest_lib.verify_shards(config.records_dir, [config.split])
     reading = reading_lib.load(config.model_dir, config.reading)
     parts = [] if reading.is_plain else reading.parts()
     dataset = reading.dataset(config.records_dir, config.split, config.batch_size)

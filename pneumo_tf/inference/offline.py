@@ -37,7 +37,7 @@ from pneumo_tf.models import card as model_card, reading as reading_lib
 from pneumo_tf.models.reading import Reading, ReadingConfig
 from tqdm import tqdm
 from pneumo_tf.inference import dicom_results
-from pneumo_tf.records import images, plan, radiograph, shards
+from pneumo_tf.records import images, manifest as manifest_lib, plan, radiograph, shards
 from pneumo_tf.records.manifest import REJECTS_NAME
 
 BOX_COLOR = tuple(int(255 * channel) for channel in PREDICTED_BOX_COLOR)
@@ -50,6 +50,7 @@ class PredictConfig:
     output: str = option(help="Submission CSV to write (patientId,PredictionString; boxes in source pixels).")
     records_dir: str | None = option(None, "Instead of --dicom_dir: a folder written by python -m pneumo_tf.convert.")
     split: str = option("test", "Split of --records_dir to predict.")
+    verify_records: bool = option(False, manifest_lib.VERIFY_HELP)
     dicom_dir: str | None = option(None, "Folder of DICOM, PNG or JPEG files to predict (every file is predicted or "
                                    "reported as rejected; a file's id is its name without the extension).")
     threshold: float | None = option(None, "Confidence threshold (default: the one python -m pneumo_tf.evaluate "
@@ -129,6 +130,9 @@ def predict_records(reading: Reading, threshold: float, config: PredictConfig, r
                     counts["boxes"] += len(scores)
                     yield image_id, xywh, confidences
                 progress.update(len(found))
+        if counts["images"] != total:  # before the submission is renamed into place: no file missing patients
+            raise UserError(f"read {counts['images']} images from {records_dir} ({split}) but its manifest holds "
+                            f"{total}: its shards are damaged; reconvert, or check them with --verify_records")
 
     parent = os.path.dirname(os.path.abspath(config.output))
     os.makedirs(parent, exist_ok=True)
@@ -155,6 +159,8 @@ def predict(config: PredictConfig, progress_stream=None) -> dict:
                         "with python -m pneumo_tf.evaluate --ensemble_dir=DIR and predict with --model_dir=DIR")
     boxes_possible = reading.gives_boxes
     if config.records_dir is not None:
+        if config.verify_records:
+            manifest_lib.verify_shards(config.records_dir, [config.split])
         summary = predict_records(reading, threshold, config, config.records_dir, config.split, progress_stream)
         return {**summary, "source": f"{config.records_dir} ({config.split})", "rejects": [],
                 "model_has_boxes": boxes_possible}
