@@ -22,7 +22,7 @@ def main():
     dicom.quiet_pydicom()  # RSNA headers would warn on every upload
     config = cli.config_from_flags(web.ServeConfig)
     cli.check_constraints(config)
-    flask_app = web.create_app(config.model_dir, config.max_upload_mb, config.reading)
+    flask_app = web.create_app(config.model_dir, config.max_upload_mb, config.reading, config.limit)
     try:
         server = serving.make_server(config.host, config.port, flask_app, threaded=True)
     except OSError as error:

@@ -95,9 +95,7 @@ class NodeConfig:
     max_associations: int = option(10, "Associations served at once; more are rejected (transient).", minimum=1)
     max_object_mb: float = option(256.0, "Largest object received, in MB; the association of a larger one is aborted.",
                                   exclusive_minimum=0.0)
-    max_image_mb: float = option(pixels.MAX_DECODED_BYTES / 2**20, "Largest decoded image a header may claim (rows "
-                                 "x columns x frames x bytes per sample), in MB; larger: status 0xA700.",
-                                 exclusive_minimum=0.0)
+    limit: pixels.ImageLimit = option(pixels.ImageLimit())  # --max_image_mb; a larger image: status 0xA700
     timeout: float = option(60.0, "Seconds a peer may stay silent (network, association and DIMSE timeouts).",
                             exclusive_minimum=0.0)
     reading: ReadingConfig = option(ReadingConfig())
@@ -129,7 +127,7 @@ class DicomNode:
         from pneumo_tf.inference import web  # the web page's reading of one file (Flask comes with it)
 
         self.config = config
-        self.reading = reading or web.UploadReading(config.model_dir, config.reading)
+        self.reading = reading or web.UploadReading(config.model_dir, config.reading, config.limit)
         self.counts = {"received": 0, "refused": 0, "results": 0, "sent": 0, "send_failures": 0}
         self._counts_lock = threading.Lock()
         self._received_bytes: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
@@ -221,7 +219,7 @@ class DicomNode:
         if source.get("SOPClassUID") != sop_class:
             return _status(DATA_SET_DOES_NOT_MATCH, f"SOP Class UID {source.get('SOPClassUID')} != request's")
         try:
-            dicom.check_decoded_size(source, int(self.config.max_image_mb * 2**20))
+            dicom.check_decoded_size(source, self.config.limit.bytes)
         except pixels.ImageTooLarge as error:
             return _status(OUT_OF_RESOURCES, str(error))
         try:

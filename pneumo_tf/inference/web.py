@@ -55,7 +55,8 @@ from pneumo_tf.inference import dicom_results
 from pneumo_tf.models import card as model_card, reading as reading_lib
 from pneumo_tf.models.reading import ReadingConfig
 from pneumo_tf.errors import RejectedFile, UserError
-from pneumo_tf.records import dicom, images, labels as labels_lib, radiograph as radiograph_lib, schema
+from pneumo_tf.records import dicom, images, labels as labels_lib, pixels, radiograph as radiograph_lib
+from pneumo_tf.records import schema
 from pneumo_tf.records.labels import PatientFacts
 
 DISPLAY_MAX_SIZE = 1024  # the page's radiograph is downscaled to this many pixels on its long side
@@ -78,6 +79,7 @@ class ServeConfig:
     max_upload_mb: float = option(50.0, "Largest upload accepted, in MB; a larger one gets HTTP 413 and a message.",
                                   exclusive_minimum=0.0)
     reading: ReadingConfig = option(ReadingConfig())
+    limit: pixels.ImageLimit = option(pixels.ImageLimit())  # --max_image_mb: a larger image gets HTTP 422
 
 
 class UploadError(Exception):
@@ -152,14 +154,15 @@ class UploadReading:
     """The reading of `model_dir` applied to the bytes of an uploaded DICOM, PNG or JPEG file: thread-safe,
     nothing on disk."""
 
-    def __init__(self, model_dir: str, config: ReadingConfig = ReadingConfig()):
+    def __init__(self, model_dir: str, config: ReadingConfig = ReadingConfig(),
+                 limit: pixels.ImageLimit = pixels.ImageLimit()):
         self.reading = reading_lib.load(model_dir, config)
         if self.reading.threshold is None:
             raise UserError(f"{model_dir} is an ensemble without a threshold: evaluate it with python -m "
                             "pneumo_tf.evaluate --ensemble_dir=DIR and serve --model_dir=DIR")
         self.threshold = self.reading.threshold
         self.image_size = self.reading.image_sizes[0]
-        self.options = self.reading.conversion_options()
+        self.options = dataclasses.replace(self.reading.conversion_options(), limit=limit)
         self.algorithm = dicom_results.algorithm_of(self.reading, self.threshold)
         self.card = model_card.short(model_card.of_reading(self.reading))
         self._infer = tf.function(self._decode_and_call, input_signature=[tf.TensorSpec([], tf.string)])
@@ -271,10 +274,11 @@ def _page_facts(facts: dicom.HeaderFacts, source_format: str) -> list[tuple[str,
 
 
 def create_app(model_dir: str, max_upload_mb: float = ServeConfig.max_upload_mb,
-               reading: ReadingConfig = ReadingConfig()) -> flask.Flask:
+               reading: ReadingConfig = ReadingConfig(),
+               image_limit: pixels.ImageLimit = pixels.ImageLimit()) -> flask.Flask:
     """The Flask app serving the exported model (or ensemble) in `model_dir` (see the module docstring)."""
-    check_constraints(ServeConfig(model_dir, max_upload_mb=max_upload_mb, reading=reading))
-    upload_reading = UploadReading(model_dir, reading)
+    check_constraints(ServeConfig(model_dir, max_upload_mb=max_upload_mb, reading=reading, limit=image_limit))
+    upload_reading = UploadReading(model_dir, reading, image_limit)
     app = flask.Flask(__name__, template_folder="templates", static_folder="static")
     app.request_class = InMemoryRequest
     # Flask reads FLASK_DEBUG from the environment; this app never runs in debug mode.

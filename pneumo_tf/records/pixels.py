@@ -15,7 +15,7 @@ import numpy as np
 from PIL import Image
 
 from pneumo_tf.cli import option
-from pneumo_tf.errors import RejectedFile, UserError
+from pneumo_tf.errors import RejectedFile
 
 # The most a file may claim its image takes decoded (rows x columns x frames x bytes per sample):
 # 100 MB, 50 M samples of 16 bits or 100 M of 8. The largest real radiographs fit: a 43 x 43 cm
@@ -52,15 +52,12 @@ class ImageLimit:
 
     max_image_mb: float = option(MAX_DECODED_BYTES / 2**20, "Largest image a file may claim in its header, decoded "
                                  "(rows x columns x frames x bytes per sample), in MB; a larger one is refused before "
-                                 "any pixel is decoded (an image bomb: a few-KB file can claim gigabytes).")
+                                 "any pixel is decoded (an image bomb: a few-KB file can claim gigabytes).",
+                                 exclusive_minimum=0.0)
 
     @property
     def bytes(self) -> int:
         return int(self.max_image_mb * 2**20)
-
-    def validate(self) -> None:
-        if not self.max_image_mb > 0:
-            raise UserError(f"--max_image_mb must be positive, not {self.max_image_mb}")
 
 
 def check_decoded_size(rows: int, columns: int, frames: int, bytes_per_pixel: int,

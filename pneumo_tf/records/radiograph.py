@@ -21,7 +21,7 @@ from pneumo_tf import fileio
 from pneumo_tf.cli import check_constraints, option
 from pneumo_tf.errors import RejectedFile, UserError
 from pneumo_tf.records import boxes as box_lib
-from pneumo_tf.records import dicom, images, jpeg, masks, schema
+from pneumo_tf.records import dicom, images, jpeg, masks, pixels, schema
 from pneumo_tf.records.labels import PatientFacts, PatientLabels
 
 IMAGE_EXTENSIONS = (".dcm", ".png", ".jpg", ".jpeg")
@@ -55,6 +55,7 @@ class ConvertOptions:
     num_shards: int = option(0, "Shards per split; 0 picks a count giving shards of at most ~128 MB and at least 8 "
                              "per split with 512+ files (so workers convert and readers interleave in parallel).",
                              minimum=0)
+    limit: pixels.ImageLimit = option(pixels.ImageLimit())
 
     def validate(self) -> None:
         check_constraints(self)
@@ -105,10 +106,11 @@ def _read_bytes(source, count: int = -1) -> bytes:
         source.seek(start)
 
 
-def read_radiograph(source) -> Radiograph:
+def read_radiograph(source, limit: int = pixels.MAX_DECODED_BYTES) -> Radiograph:
     """A DICOM, PNG or JPEG file (a path or a binary file object), told apart by its first bytes.
 
-    Raises RejectedFile with the reason when it is none of them or cannot be read.
+    Raises RejectedFile with the reason when it is none of them or cannot be read, pixels.ImageTooLarge
+    when its header claims an image of more than `limit` bytes decoded (nothing is decoded then).
     """
     if isinstance(source, str) and fileio.is_url(source):
         with fileio.open_file(source, "rb") as handle:
@@ -117,6 +119,7 @@ def read_radiograph(source) -> Radiograph:
     source_format = images.sniff(head)
     if source_format == images.DICOM:
         ds = dicom.read(source)
+        dicom.check_decoded_size(ds, limit)
         frame = dicom.passthrough_frame(ds)
         return Radiograph(images.DICOM, dicom.header_facts(ds), frame, frame,
                           functools.partial(dicom.grey_pixels, ds))
@@ -124,7 +127,7 @@ def read_radiograph(source) -> Radiograph:
         raise RejectedFile("empty file")
     if source_format is None:
         raise RejectedFile("not a DICOM, PNG or JPEG file (no DICM prefix at byte 128, no PNG or JPEG signature)")
-    image = images.read(_read_bytes(source), source_format)
+    image = images.read(_read_bytes(source), source_format, limit)
     facts = dicom.HeaderFacts(rows=image.height, columns=image.width, frames=image.frames, view="", age=-1, sex="",
                               pixel_spacing=(0.0, 0.0))
     return Radiograph(source_format, facts, images.passthrough_frame(image),
@@ -153,7 +156,7 @@ def convert_file(source, image_id: str, labels: PatientLabels | None, options: C
     `known`: facts from a metadata CSV (or a form) for a file whose header lacks them (`with_known_facts`).
     Pure: the same file, facts and options give the same record. Raises RejectedFile with the reason.
     """
-    radiograph = read_radiograph(source)
+    radiograph = read_radiograph(source, options.limit.bytes)
     facts = with_known_facts(radiograph.facts, known)
     size = options.image_size
     if radiograph.passthrough is not None and size == 0:
