@@ -28,7 +28,7 @@ def main():
     writer = (beam.BeamPipeline(config.beam_pipeline_options) if config.beam_pipeline_options
               else shards.LocalPool(config.workers or None))
     manifest = shards.convert(config.dicom_dir, config.output_dir, config.labels_csv, config.class_info_csv,
-                              config.test_dicom_dir, config.options, writer, config.metadata_csv)
+                              config.test_dicom_dir, config.options, writer, config.metadata_csv, config.start_over)
     counts = ", ".join(f"{split} {entry['records']}" for split, entry in manifest["splits"].items())
     print(f"{manifest['records']} records ({counts}), {manifest['rejects']} rejects -> {config.output_dir} "
           f"({manifest['files_per_second']} files/s)")

@@ -131,7 +131,7 @@ def test_the_converter_rejects_bombs_from_their_headers_and_takes_a_lower_limit(
     (folder / "bomb.dcm").write_bytes(bomb_dicom(30000, 30000))
     (folder / "bomb16.png").write_bytes(bomb_png(12000, 12000, bit_depth=16))
     (folder / "plain.png").write_bytes(bomb_png(3000, 2000))  # 6 MB decoded
-    manifest = shards.convert(str(folder), str(tmp_path / "records"), workers=1, progress_stream=io.StringIO())
+    manifest = shards.convert(str(folder), str(tmp_path / "records"), writer=shards.LocalPool(1, io.StringIO()))
     assert manifest["records"] == 1 and manifest["options"]["limit"] == {"max_image_mb": 100.0}
     assert _rejects(tmp_path / "records") == {
         "bomb.dcm": "image too large: 30000 x 30000 pixels x 1 frame(s) x 2 byte(s) is 1717 MB decoded, above the "

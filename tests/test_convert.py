@@ -3,7 +3,6 @@ import csv
 import hashlib
 import io
 import os
-import pickle
 import re
 import shutil
 import signal
@@ -514,10 +513,10 @@ def with_a_bad_file(synthetic_rsna, tmp_path_factory):
             str(folder / "test"))
 
 
-def _convert(inputs, output_dir, writer):
+def _convert(inputs, output_dir, writer, **kwargs):
     train_dir, labels_csv, class_info_csv, test_dir = inputs
     return shards.convert(train_dir, str(output_dir), labels_csv, class_info_csv, test_dir,
-                          radiograph.ConvertOptions(num_shards=3), writer)
+                          radiograph.ConvertOptions(num_shards=3), writer, **kwargs)
 
 
 def _without_timing(manifest):
@@ -551,6 +550,19 @@ def test_beam_conversion_equals_the_local_pools_byte_for_byte(with_a_bad_file, t
     assert again == by_beam and _folder_state(tmp_path / "beam") == before
 
 
+def _stopping_after(count, write_shard):
+    """write_shard, but raising KeyboardInterrupt (a kill) once `count` shards are written."""
+    written = []
+
+    def stopping(*args, **kwargs):
+        if len(written) == count:
+            raise KeyboardInterrupt
+        written.append(write_shard(*args, **kwargs))
+        return written[-1]
+
+    return stopping
+
+
 def test_beam_resumes_and_a_retried_shard_writes_the_same_bytes(with_a_bad_file, tmp_path):
     """A killed Beam run leaves finished shards, their summaries and a half-written temporary file;
     the rerun writes only the rest, and writing a shard again (Beam retrying its bundle) changes nothing."""
@@ -561,13 +573,11 @@ def test_beam_resumes_and_a_retried_shard_writes_the_same_bytes(with_a_bad_file,
     planned = plan.make_plan(train_dir, labels_lib.read_labels(labels_csv, class_info_csv), test_dir,
                              radiograph.ConvertOptions(num_shards=3))
     first, *rest = planned.shards
-    (output / shards.PARTIAL_DIR).mkdir(parents=True)
-    shards.write_shard(first, str(output), radiograph.ConvertOptions(num_shards=3))
+    with pytest.MonkeyPatch.context() as patch:  # a local run killed after its first shard
+        patch.setattr(shards, "write_shard", _stopping_after(1, shards.write_shard))
+        with pytest.raises(KeyboardInterrupt):
+            _convert(with_a_bad_file, output, shards.LocalPool(1, io.StringIO()))
     (output / f"{rest[0].name}.tmp-0123456789abcdef").write_bytes(b"half a shard")
-    # Its options, as the killed run recorded them first.
-    recorded = shards._recorded_options(radiograph.ConvertOptions(num_shards=3), train_dir, labels_csv, class_info_csv,
-                                        test_dir, {s.split: s.count for s in planned.shards})
-    write_json_atomic(str(output / shards.PARTIAL_DIR / "options.json"), recorded)
     first_written = (output / first.name).stat().st_mtime_ns
 
     manifest = _convert(with_a_bad_file, output, beam.BeamPipeline(BEAM_RUNNER))
@@ -581,9 +591,8 @@ def test_beam_resumes_and_a_retried_shard_writes_the_same_bytes(with_a_bad_file,
     # A retried element: the plan file is gone with _partial/ after the manifest, so write it anew.
     retry_dir = tmp_path / "retried"
     (retry_dir / shards.PARTIAL_DIR).mkdir(parents=True)
-    plan_path = str(retry_dir / shards.PARTIAL_DIR / beam.PLAN_NAME)
-    with open(plan_path, "wb") as handle:
-        pickle.dump({first.name: first}, handle)
+    plan_path = str(retry_dir / shards.PARTIAL_DIR / shards.PLAN_NAME)
+    write_json_atomic(plan_path, {"sha256": "", "plan": plan.plan_json(planned)})
     for _ in range(2):
         beam.write_named_shard(first.name, plan_path, str(retry_dir), radiograph.ConvertOptions(num_shards=3))
     assert sorted(os.listdir(retry_dir)) == sorted([first.name, shards.PARTIAL_DIR])
@@ -846,8 +855,8 @@ def test_shards_and_their_folder_reach_the_disk_around_the_rename(synthetic_rsna
     monkeypatch.setattr(os, "fsync", logged_fsync)
     monkeypatch.setattr(os, "replace", logged_replace)
     output = tmp_path / "records"
-    shards.convert(synthetic_rsna["test_dir"], str(output), options=shards.ConvertOptions(num_shards=2), workers=1,
-                   progress_stream=io.StringIO())
+    shards.convert(synthetic_rsna["test_dir"], str(output), options=radiograph.ConvertOptions(num_shards=2),
+                   writer=shards.LocalPool(1, io.StringIO()))
     names = sorted(name for name in os.listdir(output) if name.endswith(".tfrecord"))
     assert len(names) == 2
     for name in names:
@@ -857,3 +866,51 @@ def test_shards_and_their_folder_reach_the_disk_around_the_rename(synthetic_rsna
     # The manifest, like every JSON file, is written to a synced temporary file, then renamed.
     [manifest] = [i for i, event in enumerate(events) if event[0] == "replace" and event[2].endswith("manifest.json")]
     assert ("fsync", events[manifest][1]) in events[:manifest] and ("fsync", str(output)) in events[manifest + 1:]
+
+
+@pytest.mark.parametrize("change", ["remove_a_file", "edit_a_label"])
+def test_a_resume_with_changed_inputs_is_refused_or_starts_over(change, synthetic_rsna, tmp_path):
+    """Killed after its first shard, rerun after a file was removed or a label edited: resuming would keep the old
+    first shard beside shards of the new plan (ids in two splits, twice, or in none). It is refused; --start_over
+    converts again, to what a fresh conversion gives."""
+    train_dir = shutil.copytree(synthetic_rsna["train_dir"], tmp_path / "train")
+    labels = tmp_path / "labels.csv"
+    shutil.copy(synthetic_rsna["train_labels"], labels)
+    inputs = (str(train_dir), str(labels), synthetic_rsna["detailed_class_info"], synthetic_rsna["test_dir"])
+    output = tmp_path / "records"
+
+    def local():
+        return shards.LocalPool(1, io.StringIO())
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(shards, "write_shard", _stopping_after(1, shards.write_shard))
+        with pytest.raises(KeyboardInterrupt):
+            _convert(inputs, output, local())
+    assert len(list(output.glob("*.tfrecord"))) == 1
+    if change == "remove_a_file":
+        gone = sorted(train_dir.iterdir())[-1]
+        gone.unlink()
+        changed = f"1 file(s) gone (e.g. {gone})"
+    else:
+        rows = pd.read_csv(labels, dtype={"patientId": str})
+        negative = rows[rows["Target"] == 0]["patientId"].iloc[0]
+        rows.loc[rows["patientId"] == negative, ["x", "y", "width", "height", "Target"]] = [100, 100, 50, 50, 1]
+        rows.to_csv(labels, index=False)
+        changed = "file(s) with other labels, metadata or shard (e.g. "
+    with pytest.raises(UserError) as refused:
+        _convert(inputs, output, local())
+    assert str(refused.value).startswith(f"{output} holds an unfinished conversion of other inputs (")
+    assert changed in str(refused.value)
+    assert str(refused.value).endswith("its finished shards would mix with shards of the new plan: rerun with "
+                                       "--start_over to discard it and convert again, or use another --output_dir")
+    fresh = _convert(inputs, tmp_path / "fresh", local())
+    started_over = _convert(inputs, output, local(), start_over=True)
+    assert _without_timing(started_over) == _without_timing(fresh)
+    assert sorted(os.listdir(output)) == sorted(os.listdir(tmp_path / "fresh"))
+    for name in os.listdir(output):
+        assert (output / name).read_bytes() == (tmp_path / "fresh" / name).read_bytes() or name == "manifest.json"
+    # A finished folder is not a different conversion's either, whatever changes next.
+    (train_dir / sorted(os.listdir(train_dir))[0]).unlink()
+    with pytest.raises(UserError, match="holds a conversion of other inputs \\(files added, removed or relabelled "
+                                        "since\\): rerun with --start_over"):
+        _convert(inputs, output, local())

@@ -17,18 +17,17 @@ from __future__ import annotations
 
 import functools
 import os
-import pickle
 
 from pneumo_tf import fileio
 from pneumo_tf.errors import UserError
 from pneumo_tf.records import shards as shards_lib
-from pneumo_tf.records.plan import Shard
+from pneumo_tf.records.plan import Shard, shard_from_json
 from pneumo_tf.records.radiograph import ConvertOptions
 
-# The pending shards, written by the launching process into _partial/ for the workers. Beam's
-# Create would embed them in the job graph instead, and a large data set's file list (MIMIC-CXR:
-# 377,110 files, ~50 MB) exceeds what runners accept there (Dataflow: 10 MB).
-PLAN_NAME = "plan.pickle"
+# The workers read the shards' files from the plan the launching process wrote into _partial/
+# (shards.PLAN_NAME, JSON: a worker never unpickles what a folder holds). Beam's Create would embed
+# them in the job graph instead, and a large data set's file list (MIMIC-CXR: 377,110 files, ~50 MB)
+# exceeds what runners accept there (Dataflow: 10 MB).
 INSTALL_HINT = 'pip install "pneumo_tf[beam]" (in a checkout: pip install -e ".[beam]")'
 METRICS_NAMESPACE = "pneumo_tf"
 
@@ -65,9 +64,7 @@ class BeamPipeline:
 
         if not pending:
             return
-        plan_path = os.path.join(output_dir, shards_lib.PARTIAL_DIR, PLAN_NAME)
-        with fileio.atomic_open(plan_path, "wb") as handle:
-            pickle.dump({shard.name: shard for shard in pending}, handle)
+        plan_path = os.path.join(output_dir, shards_lib.PARTIAL_DIR, shards_lib.PLAN_NAME)
         with beam.Pipeline(options=self.options) as pipeline:
             _ = (
                 pipeline
@@ -77,10 +74,10 @@ class BeamPipeline:
 
 
 @functools.lru_cache(maxsize=1)
-def _pending_shards(plan_path: str) -> dict:
+def _planned_shards(plan_path: str) -> dict:
     """The plan's shards by name, read once per worker process."""
-    with fileio.open_file(plan_path, "rb") as handle:
-        return pickle.load(handle)
+    shards = map(shard_from_json, fileio.read_json(plan_path)["plan"]["shards"])
+    return {shard.name: shard for shard in shards}
 
 
 def write_named_shard(name: str, plan_path: str, output_dir: str, options: ConvertOptions) -> str:
@@ -88,7 +85,7 @@ def write_named_shard(name: str, plan_path: str, output_dir: str, options: Conve
     runner's monitoring (Dataflow's job page shows them while it runs)."""
     from apache_beam.metrics import Metrics
 
-    summary = shards_lib.write_shard(_pending_shards(plan_path)[name], output_dir, options)
+    summary = shards_lib.write_shard(_planned_shards(plan_path)[name], output_dir, options)
     Metrics.counter(METRICS_NAMESPACE, "records").inc(summary["records"])
     Metrics.counter(METRICS_NAMESPACE, "rejected_files").inc(len(summary["rejects"]))
     Metrics.counter(METRICS_NAMESPACE, "shards").inc()

@@ -148,3 +148,40 @@ def make_plan(
             shards.append(Shard(split, index, count, tuple(files[i] for i in part)))
     labeled_without_dicom = len(set(labels) - set(labeled)) if labels is not None else 0
     return Plan(tuple(shards), tuple(sorted(rejects)), labeled_without_dicom)
+
+
+def plan_json(plan: Plan) -> dict:
+    """The plan as JSON: what a rerun compares with the unfinished conversion's, what Beam's workers read."""
+    return {
+        "shards": [{"split": shard.split, "index": shard.index, "count": shard.count,
+                    "files": [[path, image_id, *(None if given is None else dataclasses.asdict(given)
+                                                 for given in (labels, known))]
+                              for path, image_id, labels, known in shard.files]} for shard in plan.shards],
+        "rejects": [list(reject) for reject in plan.rejects],
+        "labeled_without_dicom": plan.labeled_without_dicom,
+    }
+
+
+def shard_from_json(entry: dict) -> Shard:
+    """One shard of plan_json's "shards"."""
+    files = tuple((path, image_id, None if labels is None else PatientLabels(
+        labels["target"], labels["label_class"], tuple(tuple(box) for box in labels["boxes"])),
+        None if known is None else PatientFacts(**known))
+        for path, image_id, labels, known in entry["files"])
+    return Shard(entry["split"], entry["index"], entry["count"], files)
+
+
+def plan_changes(before: dict, after: dict) -> str:
+    """What differs between two plan_json's, in words: files gone, new, or planned otherwise."""
+    def planned(plan):
+        return {path: (image_id, labels, known, shard["split"], shard["index"])
+                for shard in plan["shards"] for path, image_id, labels, known in shard["files"]}
+
+    old, new = planned(before), planned(after)
+    changes = (
+        ("gone", sorted(set(old) - set(new))),
+        ("new", sorted(set(new) - set(old))),
+        ("with other labels, metadata or shard", sorted(path for path in old.keys() & new if old[path] != new[path])),
+    )
+    return ", ".join(f"{len(paths)} file(s) {what} (e.g. {paths[0]})" for what, paths in changes if paths) \
+        or "the same files, otherwise planned"

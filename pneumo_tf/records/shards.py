@@ -9,6 +9,8 @@ rejects.csv and the manifest from the shards' summaries. How it stays correct an
   Flink, Spark). The command (python -m pneumo_tf.convert) picks one.
 * A shard is written under a temporary name and renamed when complete; a per-shard
   summary kept in `_partial/` lets a rerun (or a retried Beam bundle) skip finished shards.
+  `_partial/plan.json` holds the plan and its digest: a rerun resumes only the same plan
+  (a file removed, added or relabelled in between is refused, or --start_over).
   The manifest is written last and `_partial/` removed: a folder with a manifest is complete.
 * Paths may be URLs (`gs://...`): every file operation goes through pneumo_tf.fileio.
 """
@@ -17,6 +19,8 @@ from __future__ import annotations
 import collections
 import concurrent.futures
 import dataclasses
+import hashlib
+import json
 import multiprocessing
 import os
 import platform
@@ -31,11 +35,12 @@ from pneumo_tf.cli import check_constraints, option
 from pneumo_tf.errors import UserError
 from pneumo_tf.fileio import write_csv_atomic, write_json_atomic
 from pneumo_tf.records import dicom, images, labels as labels_lib, manifest as manifest_lib, schema, synthetic
-from pneumo_tf.records.plan import Plan, Shard, make_plan
+from pneumo_tf.records.plan import Plan, Shard, make_plan, plan_changes, plan_json
 from pneumo_tf.records.radiograph import ConvertOptions, convert_or_reject
 from pneumo_tf.records.tfrecord import TFRecordWriter
 
 PARTIAL_DIR = "_partial"
+PLAN_NAME = "plan.json"  # in PARTIAL_DIR: the plan (plan.plan_json) and its digest; Beam's workers read it
 PROGRESS_EVERY = 16  # files between a worker's progress reports
 
 
@@ -47,7 +52,7 @@ class ConvertConfig:
                             "is converted or rejected; its name without .dcm/.png/.jpg/.jpeg is its id).",
                             aliases=("input_dir",))
     output_dir: str = option(help="Where shards, manifest.json and rejects.csv go. Rerunning into it with the same "
-                             "options resumes (finished shards are kept).")
+                             "options and inputs resumes (finished shards are kept).")
     labels_csv: str | None = option(None, "stage_2_train_labels.csv (patientId,x,y,width,height,Target). Without it "
                                     "every readable image goes to the 'test' split with target and class -1.")
     class_info_csv: str | None = option(None, "stage_2_detailed_class_info.csv (patientId,class): the three-way "
@@ -67,6 +72,9 @@ class ConvertConfig:
         "runner=FlinkRunner,..., runner=SparkRunner,..., runner=DirectRunner,direct_num_workers=2,"
         "direct_running_mode=multi_processing). Same shards, rejects and manifest as the local pool. Folders and "
         "CSVs may be URLs that tf.io.gfile reads (gs://...). Needs pip install \"pneumo_tf[beam]\".")
+    start_over: bool = option(False, "Discard the conversion --output_dir holds (finished, or unfinished with other "
+                              "options or inputs: a file removed, added or relabelled since it was killed) and convert "
+                              "again. Without it such a folder is refused, never resumed into a mix of two plans.")
 
     def validate(self) -> None:
         check_constraints(self)
@@ -208,25 +216,53 @@ def _differences(previous: dict, recorded: dict) -> str:
     return ", ".join(f"{k}: {previous.get(k)!r} there, {recorded.get(k)!r} now" for k in keys)
 
 
-def _check_output_dir(output_dir: str, recorded: dict) -> dict | None:
-    """Refuses a folder holding another conversion; returns the manifest if this one is complete."""
+START_OVER = "rerun with --start_over to discard it and convert again, or use another --output_dir"
+
+
+def _check_output_dir(output_dir: str, recorded: dict, plan: dict, digest: str, start_over: bool) -> dict | None:
+    """Refuses a folder holding another conversion (other options, or a plan of other inputs), or with
+    `start_over` empties it; returns the manifest if this very conversion is complete there.
+
+    An unfinished conversion resumes only from the same plan: its finished shards hold the files
+    the plan gave them, so after a file was removed, added or relabelled they would mix with shards
+    of the new plan (an image in two splits, twice in one, or in none).
+    """
     if not fileio.exists(output_dir):
         return None
     if not fileio.isdir(output_dir):
         raise UserError(f"--output_dir {output_dir} exists and is not a folder")
+    partial = os.path.join(output_dir, PARTIAL_DIR)
     if fileio.isfile(os.path.join(output_dir, manifest_lib.MANIFEST_NAME)):
         manifest = manifest_lib.read_manifest(output_dir)
         differences = _differences(manifest["options"], recorded)
-        if differences:
-            raise UserError(f"{output_dir} holds a conversion made with other options ({differences})")
-        return manifest
-    state_path = os.path.join(output_dir, PARTIAL_DIR, "options.json")
-    if fileio.isfile(state_path):
-        differences = _differences(fileio.read_json(state_path), recorded)
-        if differences:
-            raise UserError(f"{output_dir} holds an unfinished conversion with other options ({differences})")
-    elif fileio.listdir(output_dir) and not fileio.isdir(os.path.join(output_dir, PARTIAL_DIR)):
+        problem = differences and f"{output_dir} holds a conversion made with other options ({differences})"
+        if not problem and manifest.get("plan_sha256") != digest:
+            problem = f"{output_dir} holds a conversion of other inputs (files added, removed or relabelled since)"
+        if not (problem or start_over):
+            return manifest
+    elif fileio.isdir(partial):
+        state_path, plan_path = os.path.join(partial, "options.json"), os.path.join(partial, PLAN_NAME)
+        differences = _differences(fileio.read_json(state_path), recorded) if fileio.isfile(state_path) else ""
+        problem = differences and f"{output_dir} holds an unfinished conversion with other options ({differences})"
+        if not problem and fileio.isfile(plan_path):
+            saved = fileio.read_json(plan_path)
+            if saved["sha256"] != digest:
+                problem = (f"{output_dir} holds an unfinished conversion of other inputs "
+                           f"({plan_changes(saved['plan'], plan)}): its finished shards would mix with shards of "
+                           "the new plan")
+        elif not problem and any(name.endswith(".tfrecord.json") for name in fileio.listdir(partial)):
+            problem = f"{output_dir} holds an unfinished conversion whose plan is unknown (an older pneumo_tf's)"
+    elif fileio.listdir(output_dir):
         raise UserError(f"--output_dir {output_dir} is not empty and holds no pneumo_tf conversion")
+    else:
+        return None
+    if problem and not start_over:
+        raise UserError(f"{problem}: {START_OVER}")
+    if start_over:
+        for path in (*fileio.glob(output_dir, "*.tfrecord*"), *fileio.glob(output_dir, manifest_lib.MANIFEST_NAME),
+                     *fileio.glob(output_dir, manifest_lib.REJECTS_NAME)):
+            fileio.remove(path)
+        fileio.rmtree(partial)
     return None
 
 
@@ -242,7 +278,7 @@ def _versions() -> dict:
     return versions
 
 
-def _finalize(output_dir: str, plan: Plan, recorded: dict, started: float, files_this_run: int) -> dict:
+def _finalize(output_dir: str, plan: Plan, recorded: dict, digest: str, started: float, files_this_run: int) -> dict:
     splits = {}
     rejects = list(plan.rejects)
     totals = collections.Counter()
@@ -273,6 +309,7 @@ def _finalize(output_dir: str, plan: Plan, recorded: dict, started: float, files
     manifest = {
         "format_version": manifest_lib.FORMAT_VERSION,
         "options": recorded,
+        "plan_sha256": digest,  # of the plan (every file's split, shard and labels) and the options
         "versions": _versions(),
         "splits": splits,
         "records": sum(s["records"] for s in splits.values()),
@@ -301,6 +338,7 @@ def convert(
     options: ConvertOptions = ConvertOptions(),
     writer: ShardWriter | None = None,
     metadata_csv: str | None = None,
+    start_over: bool = False,
 ) -> dict:
     """Converts a folder and returns the manifest.
 
@@ -309,7 +347,9 @@ def convert(
     file with the reason.
 
     The pending shards are written by `writer`: a `LocalPool` (the default: all cores of this
-    machine) or a records/beam.BeamPipeline; either way with the same bytes.
+    machine) or a records/beam.BeamPipeline; either way with the same bytes. An unfinished
+    conversion in `output_dir` resumes when its options and plan are this one's; `start_over`
+    discards one that is not (or a finished one) instead of refusing.
     """
     started = time.perf_counter()
     options.validate()
@@ -325,15 +365,18 @@ def convert(
     shards_per_split = {s.split: s.count for s in plan.shards}
     recorded = _recorded_options(options, dicom_dir, labels_csv, class_info_csv, test_dicom_dir, shards_per_split,
                                  metadata_csv)
-    finished = _check_output_dir(output_dir, recorded)
+    planned = plan_json(plan)
+    digest = hashlib.sha256(json.dumps([planned, recorded], sort_keys=True).encode()).hexdigest()
+    finished = _check_output_dir(output_dir, recorded, planned, digest, start_over)
     if finished is not None:
         return finished
 
     fileio.makedirs(os.path.join(output_dir, PARTIAL_DIR))
     write_json_atomic(os.path.join(output_dir, PARTIAL_DIR, "options.json"), recorded)
+    write_json_atomic(os.path.join(output_dir, PARTIAL_DIR, PLAN_NAME), {"sha256": digest, "plan": planned})
     for stale in fileio.glob(output_dir, "*.tmp-*"):  # temporary files of a killed run
         fileio.remove(stale)
     written = _written_shards(output_dir)
     pending = [shard for shard in plan.shards if shard.name not in written]
     (writer or LocalPool())(pending, output_dir, options)
-    return _finalize(output_dir, plan, recorded, started, sum(len(s.files) for s in pending))
+    return _finalize(output_dir, plan, recorded, digest, started, sum(len(s.files) for s in pending))
