@@ -914,3 +914,37 @@ def test_a_resume_with_changed_inputs_is_refused_or_starts_over(change, syntheti
     with pytest.raises(UserError, match="holds a conversion of other inputs \\(files added, removed or relabelled "
                                         "since\\): rerun with --start_over"):
         _convert(inputs, output, local())
+
+
+# Run at start-up by every interpreter of the converter (sitecustomize), its workers too: reading a file named
+# poison* kills the process, as the kernel's out-of-memory killer would.
+KILLING_FILE_HOOK = """
+import os, signal, pydicom
+_dcmread = pydicom.dcmread
+def dcmread(source, *args, **kwargs):
+    if os.path.basename(str(source)).startswith("poison"):
+        os.kill(os.getpid(), signal.SIGKILL)
+    return _dcmread(source, *args, **kwargs)
+pydicom.dcmread = dcmread
+"""
+
+
+@pytest.mark.slow
+def test_a_file_that_kills_its_worker_is_rejected_and_the_run_goes_on(synthetic_rsna, tmp_path):
+    hook = tmp_path / "hook"
+    hook.mkdir()
+    (hook / "sitecustomize.py").write_text(KILLING_FILE_HOOK)
+    folder = shutil.copytree(synthetic_rsna["test_dir"], tmp_path / "images")
+    readable = sorted(os.listdir(folder))
+    shutil.copy(folder / readable[0], folder / "poison.dcm")
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(hook), os.environ.get("PYTHONPATH", "")]))
+    result = subprocess.run([sys.executable, "-m", "pneumo_tf.convert", f"--dicom_dir={folder}",
+                             f"--output_dir={tmp_path / 'records'}", "--workers=2", "--num_shards=2"],
+                            capture_output=True, text=True, timeout=600, env=env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    with open(tmp_path / "records" / "rejects.csv") as handle:
+        assert [(os.path.basename(row["file"]), row["reason"]) for row in csv.DictReader(handle)] == [
+            ("poison.dcm", "converting it ended the converter's process (killed by SIGKILL: out of memory, or a "
+                           "decoder crashed)")]
+    records = read_records(str(tmp_path / "records"))
+    assert sorted(records) == sorted(name.removesuffix(".dcm") for name in readable)

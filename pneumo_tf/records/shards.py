@@ -19,12 +19,14 @@ from __future__ import annotations
 import collections
 import concurrent.futures
 import dataclasses
+import functools
 import hashlib
 import json
 import multiprocessing
 import os
 import platform
 import queue
+import signal
 import time
 from typing import Protocol
 
@@ -87,7 +89,8 @@ class ShardWriter(Protocol):
     def __call__(self, pending: list[Shard], output_dir: str, options: ConvertOptions) -> None: ...
 
 
-def write_shard(shard: Shard, output_dir: str, options: ConvertOptions, report=None) -> dict:
+def write_shard(shard: Shard, output_dir: str, options: ConvertOptions, report=None, fatal=None,
+                starting=None) -> dict:
     """Converts one shard's files and writes the shard whole; returns its summary.
 
     Runs in a worker process (of the local pool or of a Beam runner), so no record crosses a
@@ -95,7 +98,8 @@ def write_shard(shard: Shard, output_dir: str, options: ConvertOptions, report=N
     fast and stay small. The shard is written under a name no other attempt uses, its summary
     kept in _partial/, then renamed: it exists complete or not at all, and an attempt retried
     by Beam writes the same bytes again. `report(n)` is told every few files how many were
-    done, for the progress bar.
+    done, for the progress bar; `starting(i)` the index of each file before it is converted.
+    Files in `fatal` ({path: reason}: their conversion ended a worker process) are rejected unread.
     """
     dicom.quiet_pydicom()
     final = os.path.join(output_dir, shard.name)
@@ -105,8 +109,13 @@ def write_shard(shard: Shard, output_dir: str, options: ConvertOptions, report=N
                "formats": dict.fromkeys(images.FORMATS, 0)}
     unreported = 0
     with TFRecordWriter(tmp) as writer:
-        for path, image_id, labels, known in shard.files:
-            record, facts = convert_or_reject(path, image_id, labels, options, known)
+        for index, (path, image_id, labels, known) in enumerate(shard.files):
+            if starting is not None:
+                starting(index)
+            if fatal and path in fatal:
+                record, facts = None, fatal[path]
+            else:
+                record, facts = convert_or_reject(path, image_id, labels, options, known)
             unreported += 1
             if report is not None and unreported == PROGRESS_EVERY:
                 report(unreported)
@@ -148,7 +157,14 @@ def _written_shards(output_dir: str) -> set[str]:
 
 class LocalPool:
     """Writes the shards with `workers` processes of this machine (all cores by default; in this
-    process when 1), with a progress bar on `progress_stream` (stderr by default)."""
+    process when 1), with a progress bar on `progress_stream` (stderr by default).
+
+    A worker process that dies converting a file (the kernel's out-of-memory killer, a decoder that
+    crashes) breaks the pool. The files then being converted are each converted again alone, in a
+    process of their own: one that ends that process too is rejected with the reason, and the
+    unfinished shards are written again (with half the workers when none did: several large files
+    at once then took the memory).
+    """
 
     def __init__(self, workers: int | None = None, progress_stream=None):
         self.workers = max(1, workers or os.cpu_count() or 1)
@@ -160,31 +176,76 @@ class LocalPool:
             if self.workers == 1 or len(pending) <= 1:
                 for shard in pending:
                     write_shard(shard, output_dir, options, progress.update)
-            else:
-                self._in_processes(pending, output_dir, options, progress)
-
-    def _in_processes(self, pending, output_dir, options, progress) -> None:
-        context = multiprocessing.get_context("spawn")  # a clean interpreter per worker, never a fork
-        with context.Manager() as manager, concurrent.futures.ProcessPoolExecutor(
-            min(self.workers, len(pending)), mp_context=context
-        ) as pool:
-            done = manager.Queue()
-            futures = [pool.submit(write_shard, shard, output_dir, options, done.put) for shard in pending]
-            remaining = sum(len(shard.files) for shard in pending)
-            while remaining:
+                return
+            workers, fatal = self.workers, {}
+            context = multiprocessing.get_context("spawn")  # a clean interpreter per worker, never a fork
+            while pending:
+                in_flight = context.RawArray("q", [-1] * len(pending))  # per shard: the index of the file converting
                 try:
-                    count = done.get(timeout=1.0)
-                except queue.Empty:
-                    # A worker that failed (full disk, killed, crashed) reports no more files:
-                    # result() passes its error on instead of waiting for counts that never come.
-                    for future in futures:
-                        if future.done():
-                            future.result()
-                    continue
-                remaining -= count
-                progress.update(count)
-            for future in futures:
-                future.result()
+                    return _in_processes(pending, output_dir, options, workers, progress, context, in_flight, fatal)
+                except concurrent.futures.process.BrokenProcessPool:
+                    written = _written_shards(output_dir)
+                    suspects = [shard.files[in_flight[slot]] for slot, shard in enumerate(pending)
+                                if shard.name not in written and in_flight[slot] >= 0]
+                    killers = _ending_their_process(suspects, options, context)
+                    if not killers and workers == 1:
+                        named = f" converting {suspects[0][0]}" if suspects else ""
+                        raise UserError(f"the converter's worker process died{named}, but not when converting it "
+                                        "alone: rerun the conversion (it resumes)") from None
+                    workers = workers if killers else workers // 2
+                    fatal.update(killers)
+                    pending = [shard for shard in pending if shard.name not in written]
+
+
+def _ending_their_process(files, options: ConvertOptions, context) -> dict[str, str]:
+    """{path: reason} of the files whose conversion, alone in a process of its own, ends that process."""
+    found = {}
+    for path, image_id, labels, known in files:
+        process = context.Process(target=convert_or_reject, args=(path, image_id, labels, options, known))
+        process.start()
+        process.join()
+        if process.exitcode:
+            how = (f"killed by {signal.Signals(-process.exitcode).name}" if process.exitcode < 0
+                   else f"exit status {process.exitcode}")
+            found[path] = f"converting it ended the converter's process ({how}: out of memory, or a decoder crashed)"
+    return found
+
+
+_IN_FLIGHT = None  # in a pool worker: per shard, the index of the file it is converting (shared with the parent)
+
+
+def _watch_in_flight(array) -> None:
+    """A pool worker's initializer: shared memory where each shard's writer says which file it is converting."""
+    global _IN_FLIGHT
+    _IN_FLIGHT = array
+
+
+def _write_shard_in_pool(slot: int, shard: Shard, *args):
+    return write_shard(shard, *args, starting=functools.partial(_IN_FLIGHT.__setitem__, slot))
+
+
+def _in_processes(pending, output_dir, options, workers, progress, context, in_flight, fatal) -> None:
+    with context.Manager() as manager, concurrent.futures.ProcessPoolExecutor(
+        min(workers, len(pending)), mp_context=context, initializer=_watch_in_flight, initargs=(in_flight,)
+    ) as pool:
+        done = manager.Queue()
+        futures = [pool.submit(_write_shard_in_pool, slot, shard, output_dir, options, done.put, fatal)
+                   for slot, shard in enumerate(pending)]
+        remaining = sum(len(shard.files) for shard in pending)
+        while remaining:
+            try:
+                count = done.get(timeout=1.0)
+            except queue.Empty:
+                # A worker that failed (full disk, killed, crashed) reports no more files:
+                # result() passes its error on instead of waiting for counts that never come.
+                for future in futures:
+                    if future.done():
+                        future.result()
+                continue
+            remaining -= count
+            progress.update(count)
+        for future in futures:
+            future.result()
 
 
 def _class_name(label_class: int) -> str:
