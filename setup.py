@@ -27,6 +27,8 @@ setup(
         "pillow",
         "google-crc32c",
         "flask>=3",
+        # The web page's WSGI server (python -m pneumo_tf.serve): pure Python, bounded threads, timeouts, body limits.
+        "waitress>=3",
         "tqdm",
         # The detectors (retinanet, mask_rcnn): pinned, as mask_rcnn imports its FPN from keras_hub.src.
         "keras-hub==0.32.0",

@@ -3,15 +3,12 @@
     python -m pneumo_tf.serve --model_dir=runs/mask_resnet [--tta=hflip] [--host=127.0.0.1] [--port=8080]
     python -m pneumo_tf.serve --model_dir=runs/ensemble     # written by python -m pneumo_tf.evaluate --ensemble_dir
 
-See pneumo_tf/inference/web.py for what the page shows and how an upload is read.
---verbosity=1 shows TensorFlow's start-up logging.
+See pneumo_tf/inference/web.py for what the page shows, how an upload is read and what the server
+refuses. --verbosity=1 shows TensorFlow's start-up logging.
 """
 from pneumo_tf import cli
 
 cli.import_tensorflow_quietly()  # before anything imports TensorFlow
-from werkzeug import serving  # noqa: E402
-
-from pneumo_tf.errors import UserError  # noqa: E402
 from pneumo_tf.inference import web  # noqa: E402
 from pneumo_tf.records import dicom  # noqa: E402
 
@@ -22,18 +19,12 @@ def main():
     dicom.quiet_pydicom()  # RSNA headers would warn on every upload
     config = cli.config_from_flags(web.ServeConfig)
     cli.check_constraints(config)
-    flask_app = web.create_app(config.model_dir, config.max_upload_mb, config.reading, config.limit)
+    server = web.make_server(web.create_app(**vars(config)), config)
+    print(f"serving {config.model_dir} at http://{config.host}:{server.effective_port}/ (Ctrl+C stops)", flush=True)
     try:
-        server = serving.make_server(config.host, config.port, flask_app, threaded=True)
-    except OSError as error:
-        raise UserError(f"cannot listen on {config.host}:{config.port}: {error.strerror or error}") from error
-    print(f"serving {config.model_dir} at http://{config.host}:{server.server_port}/ (Ctrl+C stops)", flush=True)
-    try:
-        server.serve_forever()
-    except KeyboardInterrupt:
-        pass
+        server.run()
     finally:
-        server.server_close()
+        server.close()
 
 
 if __name__ == "__main__":

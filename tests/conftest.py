@@ -89,20 +89,19 @@ def trained_model(tiny_trained_model, tmp_path_factory) -> str:
 
 @pytest.fixture
 def running():
-    """`with running(wsgi_app) as base_url:` serves the app on a real threaded server at
-    127.0.0.1 on a free port for the block."""
-    from werkzeug import serving
+    """`with running(wsgi_app, **settings) as base_url:` serves the app for the block with the server
+    python -m pneumo_tf.serve runs (web.make_server, ServeConfig `settings`), at 127.0.0.1 on a free port."""
+    from pneumo_tf.inference import web
 
     @contextlib.contextmanager
-    def serve(wsgi_app):
-        server = serving.make_server("127.0.0.1", 0, wsgi_app, threaded=True)
-        thread = threading.Thread(target=server.serve_forever, daemon=True)
+    def serve(wsgi_app, **settings):
+        server = web.make_server(wsgi_app, web.ServeConfig(model_dir="", port=0, **settings))
+        thread = threading.Thread(target=server.run, daemon=True)
         thread.start()
         try:
-            yield f"http://127.0.0.1:{server.server_port}"
+            yield f"http://127.0.0.1:{server.effective_port}"
         finally:
-            server.shutdown()
-            server.server_close()
+            server.close()
             thread.join(timeout=30)
 
     return serve

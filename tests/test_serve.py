@@ -1,15 +1,18 @@
 """The web page and JSON API: real DICOMs, equality with prediction, bad input, concurrency, odd DICOMs, CLI."""
 import base64
+import concurrent.futures
 import io
 import json
 import os
 import pathlib
 import re
 import shutil
+import socket
 import subprocess
 import sys
 import tempfile
 import threading
+import time
 import urllib.error
 import urllib.request
 import uuid
@@ -416,14 +419,131 @@ def test_twenty_concurrent_uploads_each_get_their_own_result(app, synthetic_rsna
         threads = [threading.Thread(target=send, args=(index,)) for index in range(len(files))]
         for thread in threads:
             thread.start()
+        health = []  # /healthz stays answered while the twenty are read
+        while any(thread.is_alive() for thread in threads):
+            with urllib.request.urlopen(f"{base}/healthz", timeout=60) as response:
+                health.append(response.status)
         for thread in threads:
             thread.join(timeout=600)
+        assert health and set(health) == {200}
     for (name, _), (status, result) in zip(files, concurrent):
         assert status == 200, result
         expected = sequential[name.removesuffix(".dcm")]
         assert result["id"] == expected["id"]
         assert result["probability"] == pytest.approx(expected["probability"], abs=1e-6)
         assert result["prediction_string"] == expected["prediction_string"]
+
+
+def test_only_its_own_hosts_and_pages_are_answered(app, trained_model, synthetic_rsna):
+    """A page elsewhere cannot use the server: a name that resolves to it (DNS rebinding) gets 400, a cross-site POST
+    403; its own names, IP addresses and --trusted_hosts are answered."""
+    client = app.test_client()
+    for host in ("evil.example", "evil.example:8080", "localhost.evil.example"):
+        response = client.get("/healthz", headers={"Host": host})
+        assert response.status_code == 400
+        assert f"does not answer to the host {host.partition(':')[0]} (--trusted_hosts)" in response.get_data(True)
+    for host in ("localhost:8080", "127.0.0.1:8080", "[::1]:8080", "10.1.2.3", "localhost"):
+        assert client.get("/healthz", headers={"Host": host}).status_code == 200, host
+    name = sorted(os.listdir(synthetic_rsna["test_dir"]))[0]
+    data = open(os.path.join(synthetic_rsna["test_dir"], name), "rb").read()
+
+    def post(origin, host="127.0.0.1:8080", to=client, site=None):
+        return to.post("/api/predict", data={"file": (io.BytesIO(data), name)}, content_type="multipart/form-data",
+                       headers={"Host": host, **({"Origin": origin} if origin else {}),
+                                **({"Sec-Fetch-Site": site} if site else {})})
+
+    for origin, site in (("http://evil.example", None), ("null", None), ("http://127.0.0.1:9999", None),
+                         ("http://evil.example", "cross-site"), (None, "cross-site"), ("null", "same-site")):
+        response = post(origin, site=site)
+        assert response.status_code == 403 and response.json["error"] == (
+            f"Forbidden: a POST from another site ({origin or site}) is refused"), response.json
+    assert post("http://127.0.0.1:8080").status_code == 200 and post(None).status_code == 200
+    # A form on its own page, whose referrer policy (no-referrer) makes the browser send Origin: null.
+    assert post("null", site="same-origin").status_code == 200
+    proxied = web.create_app(trained_model, trusted_hosts=(".example.org",)).test_client()
+    assert proxied.get("/", headers={"Host": "pneumo.example.org"}).status_code == 200
+    # Behind a proxy that terminates TLS the page's origin is https, the request it passes on http: hosts compare.
+    assert post("https://pneumo.example.org", "pneumo.example.org", proxied).status_code == 200
+    assert post("https://pneumo.example.org", "127.0.0.1:8080", proxied).status_code == 403
+
+
+def test_conversions_take_turns_and_decoding_runs_outside_the_model_lock(trained_model, synthetic_rsna, running,
+                                                                         monkeypatch):
+    app = web.create_app(trained_model, max_conversions=2)
+    reading = app.extensions["pneumo_tf.reading"]
+    inside, most, locked_while_decoding, lock = [0], [0], [], threading.Lock()
+    read_radiograph, decode = radiograph.read_radiograph, reading._decode
+
+    def slow_read(*args, **kwargs):
+        with lock:
+            inside[0] += 1
+            most[0] = max(most[0], inside[0])
+        time.sleep(0.3)
+        try:
+            return read_radiograph(*args, **kwargs)
+        finally:
+            with lock:
+                inside[0] -= 1
+
+    def watched_decode(serialized):
+        locked_while_decoding.append(reading._lock.locked())
+        return decode(serialized)
+
+    monkeypatch.setattr(radiograph, "read_radiograph", slow_read)
+    monkeypatch.setattr(reading, "_decode", watched_decode)
+    folder = synthetic_rsna["train_dir"]
+    files = [(name, open(os.path.join(folder, name), "rb").read()) for name in sorted(os.listdir(folder))[:6]]
+    with running(app) as base:
+        with concurrent.futures.ThreadPoolExecutor(len(files)) as pool:
+            answers = list(pool.map(lambda file: post_file(f"{base}/api/predict", file[1], file[0]), files))
+    assert [status for status, _ in answers] == [200] * len(files)
+    assert most[0] == 2  # six at once, two converting
+    assert len(locked_while_decoding) == len(files) and not all(locked_while_decoding)
+
+    # A turn that does not come within --timeout: 503, and the server goes on.
+    waiting = web.create_app(trained_model, max_conversions=1, timeout=0.1)
+    monkeypatch.setattr(radiograph, "read_radiograph", lambda *args, **kwargs: time.sleep(1) or read_radiograph(
+        *args, **kwargs))
+    with running(waiting) as base:
+        with concurrent.futures.ThreadPoolExecutor(2) as pool:
+            answers = sorted(pool.map(lambda file: post_file(f"{base}/api/predict", file[1], file[0]), files[:2]),
+                             key=lambda answer: answer[0])
+        assert answers[0][0] == 200 and answers[1] == (503, {"error": "the server is busy (1 uploads are being read; "
+                                                                  "none finished within 0.1 s): try again in a moment"})
+
+
+def test_an_upload_is_parsed_and_decoded_once(app, tmp_path, monkeypatch):
+    path = tmp_path / "sixteen.dcm"  # transcoded (the model's records are 8-bit, 64 px): its pixels are decoded
+    write_dicom(path, np.random.default_rng(2).integers(0, 4096, (300, 200), dtype=np.uint16), bits_stored=12)
+    calls = {"dcmread": 0, "pixel_array": 0}
+
+    def counting(name, function):
+        def counted(*args, **kwargs):
+            calls[name] += 1
+            return function(*args, **kwargs)
+        return counted
+
+    monkeypatch.setattr(pydicom, "dcmread", counting("dcmread", pydicom.dcmread))
+    monkeypatch.setattr(pydicom.pixels, "pixel_array", counting("pixel_array", pydicom.pixels.pixel_array))
+    response = upload(app.test_client(), str(path), url="/")
+    assert response.status_code == 200 and 'id="decision"' in response.get_data(as_text=True)
+    # One parse and one decode for the record and the picture; the DICOM results read the header once more.
+    assert calls == {"dcmread": 2, "pixel_array": 1}
+    calls.update(dcmread=0, pixel_array=0)
+    assert upload(app.test_client(), str(path)).status_code == 200
+    assert calls == {"dcmread": 1, "pixel_array": 1}
+
+
+def test_a_silent_client_is_dropped(app, running):
+    with running(app, timeout=1.0) as base:
+        port = int(base.rpartition(":")[2])
+        with socket.create_connection(("127.0.0.1", port), timeout=30) as slow:
+            slow.sendall(b"POST /api/predict HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 100000\r\n\r\nstart")
+            started = time.monotonic()
+            assert slow.recv(1024) == b""  # closed by the server, not by the 30 s socket timeout
+            assert time.monotonic() - started < 10
+        with urllib.request.urlopen(f"{base}/healthz", timeout=60) as response:
+            assert response.status == 200
 
 
 def test_uploads_never_touch_the_disk(app, synthetic_rsna, tmp_path, monkeypatch):

@@ -21,7 +21,8 @@ The C-STORE response says what became of the image:
   0xA900 Data Set Does Not Match   the data set's SOP Class UID is not the one of the request
   0xA700 Out of Resources          the header claims more decoded pixels than --max_image_mb
                                    (records.dicom.check_decoded_size: an image bomb, refused
-                                   before any decoding)
+                                   before any decoding), or no turn to be read came within
+                                   --timeout (the web page's reading: two images at a time)
   0xC000 Cannot Understand         unreadable data set or undecodable pixels (ErrorComment says which)
   0x0110 Processing Failure        the image was read but writing its results failed
 An object larger than --max_object_mb cannot be answered with a status (DIMSE answers a whole
@@ -127,7 +128,7 @@ class DicomNode:
         from pneumo_tf.inference import web  # the web page's reading of one file (Flask comes with it)
 
         self.config = config
-        self.reading = reading or web.UploadReading(config.model_dir, config.reading, config.limit)
+        self.reading = reading or web.UploadReading(config.model_dir, config.reading, config.limit, wait=config.timeout)
         self.counts = {"received": 0, "refused": 0, "results": 0, "sent": 0, "send_failures": 0}
         self._counts_lock = threading.Lock()
         self._received_bytes: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
@@ -222,10 +223,14 @@ class DicomNode:
             dicom.check_decoded_size(source, self.config.limit.bytes)
         except pixels.ImageTooLarge as error:
             return _status(OUT_OF_RESOURCES, str(error))
+        from pneumo_tf.inference.web import Busy  # loaded with the reading
+
         try:
             result = self.reading.predict(data, str(source.SOPInstanceUID), with_mask=True, display=False)
         except RejectedFile as error:
             return _status(CANNOT_UNDERSTAND, str(error))
+        except Busy as error:  # no turn to be read within the wait: the sender may retry
+            return _status(OUT_OF_RESOURCES, f"busy: {error}")
         try:
             objects = self.reading.dicom_results(data, result)
             if self.config.output_dir is not None:

@@ -29,17 +29,25 @@ the converter's reader of every format. Uploads stay in memory (never spooled to
 the page draws the boxes as SVG over the radiograph, sent inline as a data: URI PNG:
 nothing is written to disk, so simultaneous users never see each other's results.
 
-The server is Werkzeug's threaded server with the debugger never enabled (its console runs
-code for whoever reaches it). It binds 127.0.0.1 unless --host says otherwise and has no
-authentication: expose it only behind something that provides that. `create_app` is an
-app factory, so any WSGI server can host it instead.
+Hostile uploads and slow clients. The server is waitress (`make_server`; BUILD.md says why): a
+fixed pool of --threads handles requests, a client silent for --timeout seconds is dropped, and a
+body over --max_upload_mb is refused before the app sees it. At most --max_conversions uploads are
+converted and read at once (an upload waits --timeout for its turn, then gets 503); decoding runs
+outside the lock that makes model calls take turns. A file whose header claims an image over
+--max_image_mb decoded (an image bomb) gets 422 before anything is decoded, and each upload is
+parsed and decoded once. The page has no authentication and binds 127.0.0.1 unless --host says
+otherwise; a page the operator opens elsewhere cannot use it either: a request naming a host this
+server does not answer to gets 400 (DNS rebinding), a POST from another origin 403.
 """
 from __future__ import annotations
 
 import base64
 import dataclasses
 import io
+import ipaddress
+import socket
 import threading
+import urllib.parse
 
 import flask
 import numpy as np
@@ -47,6 +55,7 @@ import pydicom
 import tensorflow as tf
 from PIL import Image
 from werkzeug import exceptions
+from werkzeug.sansio.utils import host_is_trusted
 
 from pneumo_tf.cli import check_constraints, option
 from pneumo_tf.data import metadata, pipeline
@@ -78,6 +87,17 @@ class ServeConfig:
     port: int = option(8080, "Port to listen on (0 picks a free one).", minimum=0, maximum=65535)
     max_upload_mb: float = option(50.0, "Largest upload accepted, in MB; a larger one gets HTTP 413 and a message.",
                                   exclusive_minimum=0.0)
+    threads: int = option(24, "Requests handled at once (waitress threads); each may hold an upload of "
+                          "--max_upload_mb in memory.", minimum=1)
+    max_conversions: int = option(2, "Uploads converted and read by the model at once (the memory-heavy part: a "
+                                  "decoded image of up to --max_image_mb and its copies); the others wait their turn.",
+                                  minimum=1)
+    timeout: float = option(60.0, "Seconds a client may stay silent before its connection is closed, and the longest "
+                            "an upload waits for its turn (then HTTP 503).", exclusive_minimum=0.0)
+    trusted_hosts: tuple[str, ...] = option((), "Host names the page is reached by (a .suffix allows subdomains), "
+                                            "besides localhost, --host and this machine's names; IP addresses are "
+                                            "always accepted. A request naming another host gets HTTP 400 (a "
+                                            "DNS-rebinding page cannot reach the server).")
     reading: ReadingConfig = option(ReadingConfig())
     limit: pixels.ImageLimit = option(pixels.ImageLimit())  # --max_image_mb: a larger image gets HTTP 422
 
@@ -89,6 +109,10 @@ class UploadError(Exception):
         super().__init__(message)
         self.status = status
         self.message = message
+
+
+class Busy(Exception):
+    """No turn to convert an upload came within the wait (see UploadReading)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -152,10 +176,11 @@ class Result:
 
 class UploadReading:
     """The reading of `model_dir` applied to the bytes of an uploaded DICOM, PNG or JPEG file: thread-safe,
-    nothing on disk."""
+    nothing on disk. At most `turns` uploads are converted and read at once; one waits up to `wait`
+    seconds for its turn (then Busy)."""
 
     def __init__(self, model_dir: str, config: ReadingConfig = ReadingConfig(),
-                 limit: pixels.ImageLimit = pixels.ImageLimit()):
+                 limit: pixels.ImageLimit = pixels.ImageLimit(), turns: int = 2, wait: float = 60.0):
         self.reading = reading_lib.load(model_dir, config)
         if self.reading.threshold is None:
             raise UserError(f"{model_dir} is an ensemble without a threshold: evaluate it with python -m "
@@ -165,15 +190,19 @@ class UploadReading:
         self.options = dataclasses.replace(self.reading.conversion_options(), limit=limit)
         self.algorithm = dicom_results.algorithm_of(self.reading, self.threshold)
         self.card = model_card.short(model_card.of_reading(self.reading))
-        self._infer = tf.function(self._decode_and_call, input_signature=[tf.TensorSpec([], tf.string)])
-        # Traced once here, before any request: requests only run the traced graph. Keras does not
-        # promise that a model may be called from several threads at once, so calls take turns;
-        # conversion, drawing and encoding (most of a request's time) still run in parallel.
-        self._infer.get_concrete_function()
+        self._decode = tf.function(self._decode_record, input_signature=[tf.TensorSpec([], tf.string)])
+        self._call = tf.function(self.reading.outputs)
+        # Traced once here, before any request: requests only run the traced graphs. Keras does not
+        # promise that a model may be called from several threads at once, so calls take turns under
+        # the lock; conversion, decoding, drawing and encoding (most of a request's time) run beside them.
+        batch, images = tf.nest.map_structure(lambda tensor: tf.TensorSpec(tensor.shape, tensor.dtype),
+                                              self._decode.get_concrete_function().structured_outputs)
+        self._call.get_concrete_function(images, _raw_metadata(batch))
         self._lock = threading.Lock()
+        self._turns, self._turn_count, self._wait = threading.BoundedSemaphore(turns), turns, wait
 
-    def _decode_and_call(self, serialized):
-        """One serialised record -> (its id and source size, the members' outputs), each a batch of one."""
+    def _decode_record(self, serialized):
+        """One serialised record -> (its id and source size, the images at each member's size), a batch of one."""
         # parse_batch and decode_image are the steps of pipeline.decode_records that the image needs.
         fields = {key: value[0] for key, value in pipeline.parse_batch(serialized[tf.newaxis]).items()}
         images = tuple(
@@ -181,22 +210,33 @@ class UploadReading:
                                   self.options.bit_depth)[tf.newaxis]
             for size in self.reading.image_sizes
         )
-        batch = {key: fields[key][tf.newaxis] for key in pipeline.METADATA_KEYS}
-        return batch, self.reading.outputs(images, {name: batch[name] for name in metadata.RAW_KEYS.values()})
+        return {key: fields[key][tf.newaxis] for key in pipeline.METADATA_KEYS}, images
 
     def predict(self, data: bytes, image_id: str, with_mask: bool = False, display: bool = True,
                 known: PatientFacts | None = None) -> Result:
-        """Reads one DICOM, PNG or JPEG file's bytes; raises RejectedFile with the reason when it cannot.
+        """Reads one DICOM, PNG or JPEG file's bytes; raises RejectedFile with the reason when it cannot, Busy
+        when no turn came within the wait.
 
         with_mask: also the pixels called opacity at source size (models with masks); display: the page's picture;
         known: view, sex and age given with the upload, for a file without a header (a DICOM's must agree).
         """
-        record, reason = radiograph_lib.convert_or_reject(io.BytesIO(data), image_id, None, self.options, known)
+        if not self._turns.acquire(timeout=self._wait):
+            raise Busy(f"{self._turn_count} uploads are being read; none finished within {self._wait:g} s")
+        try:
+            return self._predict(data, image_id, with_mask, display, known)
+        finally:
+            self._turns.release()
+
+    def _predict(self, data: bytes, image_id: str, with_mask: bool, display: bool,
+                 known: PatientFacts | None) -> Result:
+        # One parse, and one decode of the pixels the record and the picture share (Radiograph caches them).
+        radiograph = radiograph_lib.read_radiograph(io.BytesIO(data), self.options.limit.bytes)
+        record, reason = radiograph_lib.convert_or_reject(radiograph, image_id, None, self.options, known)
         if record is None:
             raise RejectedFile(reason)
-        radiograph = radiograph_lib.read_radiograph(io.BytesIO(data))
+        batch, images = self._decode(tf.constant(schema.serialize_example(record)))
         with self._lock:
-            batch, outputs = self._infer(tf.constant(schema.serialize_example(record)))
+            outputs = self._call(images, _raw_metadata(batch))
         batch = {key: value.numpy() for key, value in batch.items()}
         outputs = self.reading.split(outputs)
         [(_, (boxes_xywh, confidences))] = collect.challenge_detections(
@@ -239,6 +279,11 @@ def facts_of_form(form) -> PatientFacts | None:
     return PatientFacts(int(age) if age else -1, sex, view)
 
 
+def _raw_metadata(batch: dict) -> dict:
+    """The record's header facts a model with a metadata input takes beside the images."""
+    return {name: batch[name] for name in metadata.RAW_KEYS.values()}
+
+
 def display_png(grey: np.ndarray) -> bytes:
     """The page's picture of an 8-bit grey image: PNG, downscaled to DISPLAY_MAX_SIZE when larger."""
     picture = Image.fromarray(grey)
@@ -273,12 +318,14 @@ def _page_facts(facts: dicom.HeaderFacts, source_format: str) -> list[tuple[str,
     ]
 
 
-def create_app(model_dir: str, max_upload_mb: float = ServeConfig.max_upload_mb,
-               reading: ReadingConfig = ReadingConfig(),
-               image_limit: pixels.ImageLimit = pixels.ImageLimit()) -> flask.Flask:
-    """The Flask app serving the exported model (or ensemble) in `model_dir` (see the module docstring)."""
-    check_constraints(ServeConfig(model_dir, max_upload_mb=max_upload_mb, reading=reading, limit=image_limit))
-    upload_reading = UploadReading(model_dir, reading, image_limit)
+def create_app(model_dir: str, **settings) -> flask.Flask:
+    """The Flask app serving the exported model (or ensemble) in `model_dir` (see the module docstring);
+    `settings` are ServeConfig's other fields (max_upload_mb=..., reading=..., ...)."""
+    config = ServeConfig(model_dir, **settings)
+    check_constraints(config)
+    upload_reading = UploadReading(model_dir, config.reading, config.limit, config.max_conversions, config.timeout)
+    max_upload_mb = config.max_upload_mb
+    trusted_hosts = _trusted_hosts(config)
     app = flask.Flask(__name__, template_folder="templates", static_folder="static")
     app.request_class = InMemoryRequest
     # Flask reads FLASK_DEBUG from the environment; this app never runs in debug mode.
@@ -302,6 +349,8 @@ def create_app(model_dir: str, max_upload_mb: float = ServeConfig.max_upload_mb,
                                             known=facts_of_form(flask.request.form))
         except RejectedFile as error:
             raise UploadError(422, f"{name} cannot be read as a radiograph: {error}") from error
+        except Busy as error:
+            raise UploadError(503, f"the server is busy ({error}): try again in a moment") from error
         if results and result.source_format == images.DICOM:
             try:
                 archive = dicom_results.zip_archive(upload_reading.dicom_results(data, result), result.image_id)
@@ -319,6 +368,23 @@ def create_app(model_dir: str, max_upload_mb: float = ServeConfig.max_upload_mb,
             model=upload_reading.reading.name, threshold=upload_reading.threshold,
         )
         return html, status
+
+    @app.before_request
+    def same_site_only():
+        """Only requests naming a host this server answers to (against DNS rebinding: a page whose own name
+        resolves to this machine), and POSTs only from its own pages. Browsers say where a request comes
+        from in Sec-Fetch-Site (same-origin, or none when typed in); older ones only in Origin, which is
+        "null" from a page whose referrer policy is no-referrer (this page's): refused too."""
+        host = flask.request.host
+        name = host[1:host.find("]")] if host.startswith("[") else host.rpartition(":")[0] or host
+        if not (_is_ip_address(name) or host_is_trusted(name, trusted_hosts)):
+            flask.abort(400, f"this server does not answer to the host {name} (--trusted_hosts)")
+        if flask.request.method != "POST":
+            return
+        site, origin = flask.request.headers.get("Sec-Fetch-Site"), flask.request.headers.get("Origin")
+        if site not in (None, "same-origin", "none") or (
+                site is None and origin is not None and urllib.parse.urlsplit(origin).netloc != host):
+            flask.abort(403, f"a POST from another site ({origin or site}) is refused")
 
     @app.after_request
     def security_headers(response):
@@ -382,3 +448,46 @@ def create_app(model_dir: str, max_upload_mb: float = ServeConfig.max_upload_mb,
         return error
 
     return app
+
+
+def _trusted_hosts(config: ServeConfig) -> list[str]:
+    """The host names requests may name: localhost, --host, this machine's names when it listens on every
+    interface, and --trusted_hosts."""
+    names = ["localhost", *config.trusted_hosts]
+    if config.host in ("", "0.0.0.0", "::"):
+        names += [socket.gethostname(), socket.getfqdn()]
+    elif not _is_ip_address(config.host):
+        names.append(config.host)
+    return names
+
+
+def _is_ip_address(text: str) -> bool:
+    try:
+        ipaddress.ip_address(text)
+    except ValueError:
+        return False
+    return True
+
+
+# Multipart framing around the file: the WSGI server admits this much more than --max_upload_mb, so the app
+# answers an upload just over the limit with its own message.
+MULTIPART_ALLOWANCE = 2**20
+
+
+def make_server(app, config: ServeConfig):
+    """A waitress server of `app` at config.host:port (call .run(); .close() stops it; .effective_port).
+
+    --threads request threads (the most requests in the app at once); a connection silent for --timeout
+    seconds is closed; a request body over --max_upload_mb (plus MULTIPART_ALLOWANCE) is refused with 413
+    before the app sees it, and a body is kept in memory, never spooled to a temporary file.
+    """
+    import waitress
+
+    body = int(config.max_upload_mb * 2**20) + MULTIPART_ALLOWANCE
+    try:
+        return waitress.create_server(
+            app, host=config.host, port=config.port, threads=config.threads, channel_timeout=config.timeout,
+            cleanup_interval=max(1.0, min(30.0, config.timeout / 2)), max_request_body_size=body,
+            inbuf_overflow=body, ident="pneumo_tf")
+    except OSError as error:
+        raise UserError(f"cannot listen on {config.host}:{config.port}: {error.strerror or error}") from error

@@ -91,7 +91,8 @@ class Radiograph:
     facts: dicom.HeaderFacts  # an image file's: its size, the rest unknown
     passthrough: bytes | None  # a JPEG stream that is the image as it is, stored unchanged at source size
     jpeg_stream: bytes | None  # a JPEG stream of the image, decoded at 1/2..1/8 scale when pre-resizing
-    grey_pixels: Callable[[int], np.ndarray]  # bit_depth -> grey pixels at source size (pixels.to_bit_depth)
+    grey_pixels: Callable[[int], np.ndarray]  # bit_depth -> grey pixels at source size (pixels.to_bit_depth),
+    # decoded once per bit depth: the web page shows the pixels it converted
 
 
 def _read_bytes(source, count: int = -1) -> bytes:
@@ -122,7 +123,7 @@ def read_radiograph(source, limit: int = pixels.MAX_DECODED_BYTES) -> Radiograph
         dicom.check_decoded_size(ds, limit)
         frame = dicom.passthrough_frame(ds)
         return Radiograph(images.DICOM, dicom.header_facts(ds), frame, frame,
-                          functools.partial(dicom.grey_pixels, ds))
+                          functools.cache(functools.partial(dicom.grey_pixels, ds)))
     if not head:
         raise RejectedFile("empty file")
     if source_format is None:
@@ -132,7 +133,7 @@ def read_radiograph(source, limit: int = pixels.MAX_DECODED_BYTES) -> Radiograph
                               pixel_spacing=(0.0, 0.0))
     return Radiograph(source_format, facts, images.passthrough_frame(image),
                       image.data if source_format == images.JPEG else None,
-                      functools.partial(images.grey_pixels, image))
+                      functools.cache(functools.partial(images.grey_pixels, image)))
 
 
 def with_known_facts(facts: dicom.HeaderFacts, known: PatientFacts | None) -> dicom.HeaderFacts:
@@ -151,12 +152,13 @@ def with_known_facts(facts: dicom.HeaderFacts, known: PatientFacts | None) -> di
 
 def convert_file(source, image_id: str, labels: PatientLabels | None, options: ConvertOptions,
                  known: PatientFacts | None = None):
-    """One DICOM, PNG or JPEG file (a path or a binary file object) -> (Record, facts dict).
+    """One DICOM, PNG or JPEG file (a path, a binary file object, or a Radiograph read_radiograph read
+    from one) -> (Record, facts dict).
 
     `known`: facts from a metadata CSV (or a form) for a file whose header lacks them (`with_known_facts`).
     Pure: the same file, facts and options give the same record. Raises RejectedFile with the reason.
     """
-    radiograph = read_radiograph(source, options.limit.bytes)
+    radiograph = source if isinstance(source, Radiograph) else read_radiograph(source, options.limit.bytes)
     facts = with_known_facts(radiograph.facts, known)
     size = options.image_size
     if radiograph.passthrough is not None and size == 0:
