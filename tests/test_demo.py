@@ -35,7 +35,8 @@ def test_demo_runs_the_whole_path_and_writes_its_summary(tmp_path):
     # The model card says synthetic, with the demo's counts, and holds the demo's evaluation.
     card = model_card.read_file(os.path.join(summary["model_dir"], "model_card.json"))
     assert card["data"]["synthetic"]["settings"] == {"num_images": 24, "num_test_images": 4, "seed": 0,
-                                                     "image_size": 1024, "difficulty": "easy"}
+                                                     "image_size": 1024, "difficulty": "easy",
+                                                     "opacity_view_ratio": 1.0}
     manifest = read_manifest(summary["records_dir"])
     assert card["data"]["splits"] == {split: {"records": entry["records"], "positive": entry["positive"]}
                                       for split, entry in manifest["splits"].items()}

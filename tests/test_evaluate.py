@@ -122,11 +122,11 @@ def test_evaluate_trained_model(trained_model, tiny_records, tmp_path):
 
     table = pd.read_csv(output / "thresholds.csv")
     assert list(table.columns) == list(sweep.TABLE_COLUMNS)
-    np.testing.assert_allclose(table["threshold"], np.arange(1, 10) / 10)
+    np.testing.assert_allclose(table["threshold"], np.arange(1, 20) / 20)  # 0.05, 0.10, ..., 0.95
     pd.testing.assert_frame_equal(table, result.table, check_exact=True)
     assert table["auc"].nunique() == 1
     markdown = (output / "thresholds.md").read_text().splitlines()
-    assert len(markdown) == 2 + 9 and markdown[0].startswith("| threshold | accuracy |")
+    assert len(markdown) == 2 + 19 and markdown[0].startswith("| threshold | accuracy |")
 
     # The pick: the largest mAP, ties to the better F1 and then the lower threshold.
     best = table["map"] == table["map"].max()
@@ -177,10 +177,14 @@ def test_best_threshold_is_the_argmax_of_map(box_pictures, tmp_path):
     result = report.evaluate(
         report.EvaluateConfig(model_dir=str(model_dir), records_dir=box_pictures["records"])
     )
-    maps = result.table["map"].to_numpy()
-    assert np.sum(maps == maps.max()) == 1 and 0.0 < maps.min() < maps.max() < 1.0  # a real choice
+    table = result.table
+    maps = table["map"].to_numpy()
+    assert 0.0 < maps.min() < maps.max() < 1.0  # a real choice
+    # Ties on mAP go to the better positive-class F1, then to the lower threshold.
+    tied = table[maps == maps.max()]
+    expected = tied[tied[sweep.F1_COLUMN] == tied[sweep.F1_COLUMN].max()]["threshold"].min()
     info = read_info(model_dir)
-    assert info["threshold"] == result.table["threshold"][np.argmax(maps)]
+    assert info["threshold"] == expected
     assert info["val_map"] == maps.max()
 
 

@@ -110,7 +110,11 @@ def check_matches_reference(result: dict, reference) -> None:
     # The submission rounds coordinates to 0.1 px and confidences to 1e-4.
     np.testing.assert_allclose(served, boxes, atol=0.05 + 1e-6)
     np.testing.assert_allclose([box["confidence"] for box in result["boxes"]], confidences, atol=5e-5 + 1e-6)
-    assert result["prediction_string"] == submission.format_prediction_string(boxes, confidences)
+    # The same text up to one rounding step: a confidence within 5e-5 of a rounding edge may round
+    # either way when the model reads one image rather than a batch of them.
+    string_boxes, string_confidences = submission.parse_prediction_string(result["prediction_string"])
+    np.testing.assert_allclose(string_boxes.reshape(-1, 4), boxes, atol=0.1 + 1e-6)
+    np.testing.assert_allclose(string_confidences, confidences, atol=1e-4 + 1e-9)
 
 
 def test_healthz(app, trained_model):
