@@ -239,7 +239,7 @@ PRESETS = {
 }
 
 
-def _anchors(image_size: int, options: MaskRCNNOptions) -> np.ndarray:
+def anchors(image_size: int, options: MaskRCNNOptions) -> np.ndarray:
     """float32 [A, 4] normalised yxyx, in the order of the RPN's outputs (level, row, column, ratio)."""
     per_level = []
     for level, side in zip(LEVELS, options.rpn_anchor_scales):
@@ -356,7 +356,7 @@ class MaskRCNN(keras.Model):
                             f"(its coarsest level, P6); got {image_size}")
         self.image_size = image_size
         self.options = options
-        self.anchors = _anchors(image_size, self.options)
+        self.anchors = anchors(image_size, self.options)
         if len(self.anchors) < self.options.rpn_train_anchors_per_image:
             raise UserError(f"mask_rcnn at {image_size} px has {len(self.anchors)} anchors, fewer than "
                             f"rpn_train_anchors_per_image={self.options.rpn_train_anchors_per_image}")

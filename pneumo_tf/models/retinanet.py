@@ -271,6 +271,15 @@ class RetinaNetNetwork(keras.Model):
         return cls(**config)
 
 
+def anchor_generator(options: RetinaNetOptions) -> AnchorGenerator:
+    """The anchors of every level: keras-hub's 3 scales and 3 ratios, as float32 layers (pixel coordinates lose
+    whole pixels in 16 bits)."""
+    return AnchorGenerator(
+        "yxyx", min_level=options.min_level, max_level=options.max_level, num_scales=3, aspect_ratios=[0.5, 1.0, 2.0],
+        anchor_size=options.anchor_size, dtype="float32",
+    )
+
+
 def build(image_size: int, options: RetinaNetOptions = RetinaNetOptions()) -> RetinaNetNetwork:
     """Builds RetinaNet for [image_size, image_size, 1] images in [0, 1], randomly initialised or from a preset.
 
@@ -311,11 +320,7 @@ def build(image_size: int, options: RetinaNetOptions = RetinaNetOptions()) -> Re
         )
     except ValueError as error:  # keras-hub's checks of the stacks against the levels
         raise UserError(f"retinanet options do not fit together: {error}") from error
-    # keras-hub's defaults, as float32 layers: pixel coordinates lose whole pixels in 16 bits.
-    anchors = AnchorGenerator(
-        "yxyx", min_level=options.min_level, max_level=options.max_level, num_scales=3, aspect_ratios=[0.5, 1.0, 2.0],
-        anchor_size=options.anchor_size, dtype="float32",
-    )
+    anchors = anchor_generator(options)
     detector = keras_hub.models.RetinaNetObjectDetector(
         backbone=backbone,
         num_classes=1,
