@@ -149,6 +149,31 @@ def test_golden_counts_match_hand_arithmetic():
     assert GOLDEN_PARAMS["vgg16"] == 14_714_688 + (2 * 2 * 512 * 64 + 64) + (64 + 1)
 
 
+@pytest.mark.parametrize("shapes_features", [False, True])
+def test_image_head_loss_reaches_the_shared_features_only_when_asked(shapes_features):
+    import tensorflow as tf
+
+    model = build_model("mask_resnet", SIZE, channels=4, n_blocks=1, depth=2, image_head="three_class",
+                        image_head_shapes_features=shapes_features)
+    images = np.random.default_rng(0).random((2, SIZE, SIZE, 1), dtype=np.float32)
+    labels = {"class": np.array([2, 0], np.int32), "mask": np.zeros_like(images)}
+    with tf.GradientTape() as tape:
+        loss = models.get("mask_resnet").loss(model, {"image": images}, labels, model({"image": images},
+                                                                                       training=True), True)["image"]
+    head = {"image_logits/kernel", "image_logits/bias"}
+    gradients = {weight.path: gradient for weight, gradient in
+                 zip(model.trainable_weights, tape.gradient(loss, model.trainable_weights))}
+    assert all(np.abs(gradients[path]).max() > 0 for path in head)
+    # The mask's 1x1 logits are not below the head; every other weight computes the features it pools.
+    features = {path: gradient for path, gradient in gradients.items() if path not in head
+                and not path.startswith("mask_logits/")}
+    assert len(features) == len(model.trainable_weights) - 4
+    if shapes_features:
+        assert all(gradient is not None and np.abs(gradient).max() > 0 for gradient in features.values())
+    else:  # detached: no gradient at all from the head's loss
+        assert all(gradient is None for gradient in features.values())
+
+
 def test_cnn_width_scales_every_layer():
     assert build_model("cnn", SIZE, width=0.25).count_params() == 100_097
 

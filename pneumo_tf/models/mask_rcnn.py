@@ -301,7 +301,8 @@ def _first_stage(image_size: int, options: MaskRCNNOptions, resnet=None,
     if metadata is not None:
         outputs[METADATA_BIAS] = metadata_bias(metadata)
     if options.image_head != "none":
-        outputs[IMAGE_LOGITS] = image_head_logits(features[f"P{LEVELS[-1]}"], metadata, options.image_head)
+        outputs[IMAGE_LOGITS] = image_head_logits(features[f"P{LEVELS[-1]}"], metadata, options.image_head,
+                                                  options.image_head_shapes_features)
     return keras.Model(network_inputs(image, metadata), outputs, name="first_stage")
 
 

@@ -111,7 +111,8 @@ def build(image_size: int, options: MaskResNetOptions = MaskResNetOptions()) -> 
     if options.box_extent_ratio != 1.0:
         outputs[EXTENT_RATIO] = ConstantPerImage(options.box_extent_ratio, name=EXTENT_RATIO)(image)
     if options.image_head != "none":
-        outputs[architecture.IMAGE_LOGITS] = architecture.image_head_logits(features, metadata, options.image_head)
+        outputs[architecture.IMAGE_LOGITS] = architecture.image_head_logits(
+            features, metadata, options.image_head, options.image_head_shapes_features)
     return keras.Model(architecture.network_inputs(image, metadata), outputs, name="mask_resnet")
 
 

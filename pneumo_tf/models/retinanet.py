@@ -213,7 +213,8 @@ class RetinaNetNetwork(keras.Model):
 
     def __init__(self, detector, pre_nms_top_k: int = 1000, nms_iou_threshold: float = 0.5,
                  max_detections: int = 4, min_confidence: float = 0.05, metadata_width: int = 0,
-                 image_head: str = "none", conversion: dict | None = None, **kwargs):
+                 image_head: str = "none", image_head_shapes_features: bool = False, conversion: dict | None = None,
+                 **kwargs):
         height, width, channels = detector.backbone.image_shape
         image = keras.Input((height, width, 1), name="image")
         metadata = keras.Input((metadata_width,), name=METADATA) if metadata_width else None
@@ -233,7 +234,8 @@ class RetinaNetNetwork(keras.Model):
         outputs = {"bbox_regression": keras.layers.Concatenate(axis=1, dtype="float32", name="bbox_regression")(boxes),
                    "cls_logits": logits}
         if image_head != "none":
-            outputs[IMAGE_LOGITS] = image_head_logits(list(features.values())[-1], metadata, image_head)
+            outputs[IMAGE_LOGITS] = image_head_logits(list(features.values())[-1], metadata, image_head,
+                                                  image_head_shapes_features)
         super().__init__(inputs=network_inputs(image, metadata), outputs=outputs, **kwargs)
         self.detector = detector
         self.pre_nms_top_k = pre_nms_top_k
@@ -242,6 +244,7 @@ class RetinaNetNetwork(keras.Model):
         self.min_confidence = min_confidence
         self.metadata_width = metadata_width
         self.image_head = image_head
+        self.image_head_shapes_features = image_head_shapes_features
         self.conversion = conversion
         for layer in detector.backbone.image_encoder.layers:  # where keras-hub's RetinaNet has them
             if isinstance(layer, keras.layers.BatchNormalization):
@@ -260,6 +263,7 @@ class RetinaNetNetwork(keras.Model):
             "min_confidence": self.min_confidence,
             "metadata_width": self.metadata_width,
             "image_head": self.image_head,
+            "image_head_shapes_features": self.image_head_shapes_features,
             "name": self.name,
             **({"conversion": self.conversion} if self.conversion is not None else {}),
         }
@@ -342,6 +346,7 @@ def build(image_size: int, options: RetinaNetOptions = RetinaNetOptions()) -> Re
     network = RetinaNetNetwork(detector, pre_nms_top_k=options.pre_nms_top_k, nms_iou_threshold=options.nms_iou_threshold,
                                max_detections=options.max_detections, min_confidence=options.min_confidence,
                                metadata_width=metadata_lib.width(options.metadata), image_head=options.image_head,
+                               image_head_shapes_features=options.image_head_shapes_features,
                                conversion=None if conversion is None else conversion.as_dict(), name="retinanet")
     if options.freezes_batch_norm:
         ARCHITECTURE.set_trainable_layers(network, options, "all")
