@@ -53,6 +53,9 @@ class DetectorsConfig:
     models: tuple[str, ...] = option(("mask_resnet", "retinanet", "mask_rcnn"), "Models to compare.",
                                      choices=models_lib.NAMES)
     seed: int = option(0, "Seed of the data and of every training.")
+    difficulty: str = option("hard", "The synthetic setting (python -m pneumo_tf.synthesise --help): hard, or faint "
+                             "(opacities fainter than the ribs, where side inputs have room to help); the target "
+                             "below is the hard setting's.", choices=("hard", "faint"))
     opacity_view_ratio: float = option(1.0, "How many times as frequent opacities are on AP films as on PA films in the "
                                        "synthetic data (RSNA: about 4); 1: the view says nothing (see python -m "
                                        "pneumo_tf.synthesise --help).", exclusive_minimum=0.0)
@@ -77,13 +80,14 @@ MAX_MINUTES = 30.0
 def records(config: DetectorsConfig, work_dir: str) -> str:
     """The hard synthetic data set converted once (passthrough frames), reused when present."""
     data_dir = os.path.join(work_dir, f"data_{config.num_images}_{config.source_size}_{config.seed}"
-                                      f"_{config.opacity_view_ratio:g}")
+                                      f"_{config.opacity_view_ratio:g}" + ("" if config.difficulty == "hard" else
+                                                                           f"_{config.difficulty}"))
     records_dir = data_dir + "_records"
     if not os.path.isfile(os.path.join(records_dir, "manifest.json")):
         shutil.rmtree(data_dir, ignore_errors=True)
         shutil.rmtree(records_dir, ignore_errors=True)
         paths = synthetic.write_dataset(data_dir, synthetic.SyntheticConfig(
-            config.num_images, seed=config.seed, image_size=config.source_size, difficulty="hard",
+            config.num_images, seed=config.seed, image_size=config.source_size, difficulty=config.difficulty,
             opacity_view_ratio=config.opacity_view_ratio))
         shards.convert(paths["train_dir"], records_dir, paths["train_labels"], paths["detailed_class_info"],
                        options=radiograph.ConvertOptions(seed=config.seed))
@@ -137,7 +141,8 @@ def benchmark(config: DetectorsConfig) -> int:
     with common.work_folder("detectors_", config.work) as work_dir:
         print(common.describe(("tensorflow", "keras", "keras-hub", "numpy")), flush=True)
         records_dir = records(config, work_dir)
-        print(f"data: {config.num_images} hard synthetic images at {config.source_size} px -> {records_dir} "
+        print(f"data: {config.num_images} {config.difficulty} synthetic images at {config.source_size} px -> "
+              f"{records_dir} "
               f"({time.perf_counter() - started:.0f} s)", flush=True)
         results = []
         for train in trainings:

@@ -836,6 +836,21 @@ def test_hard_synthetic_setting_keeps_the_labels_and_changes_only_the_pictures(t
     # Opacities lose at least the 70 - 24 grey levels of contrast (more where they are patchy).
     assert len(lifted) >= 8 and min(lifted) > 25
     assert 5 <= nodules <= sum(not entry.boxes for entry in labels.values()) - 5
+    # The faint setting is the hard one with opacities of 10 grey levels instead of 24: the same labels,
+    # the same pictures where there is no opacity (nodules included), fainter ones where there is.
+    faint = synthetic.write_dataset(str(tmp_path / "faint"), synthetic.SyntheticConfig(
+        40, seed=5, image_size=128, difficulty="faint"), workers=1)
+    assert open(faint["train_labels"]).read() == open(hard["train_labels"]).read()
+    dimmed = []
+    for image_id, entry in labels.items():
+        pixels = {name: pydicom.dcmread(os.path.join(paths["train_dir"], f"{image_id}.dcm")).pixel_array.astype(float)
+                  for name, paths in (("hard", hard), ("faint", faint))}
+        if not entry.boxes:
+            np.testing.assert_array_equal(pixels["faint"], pixels["hard"])
+        for x, y, w, h in (tuple(int(v) for v in box) for box in entry.boxes):
+            inside = (slice(y + h // 4, y + 3 * h // 4), slice(x + w // 4, x + 3 * w // 4))
+            dimmed.append((pixels["hard"][inside] - pixels["faint"][inside]).mean())
+    assert len(dimmed) == len(lifted) and 3 < min(dimmed) and max(dimmed) < 14 * 1.1 + 1  # the film's gain: 0.9-1.1
 
 
 def test_shards_and_their_folder_reach_the_disk_around_the_rename(synthetic_rsna, tmp_path, monkeypatch):

@@ -14,7 +14,8 @@ brightness varies from 20% to 100% across the box, so what is visible does not o
 the labelled box), and half of the
 images without opacity hold one to three small, sharp, round nodules that are NOT
 labelled, so a detector must learn what an opacity looks like rather than "anything
-bright".
+bright". `--difficulty=faint` is hard with opacities of under the ribs' amplitude: the
+image alone leaves many decisions uncertain, so side inputs (the view) have room to help.
 
     python -m pneumo_tf.synthesise --output_dir=/tmp/rsna --num_images=200
 
@@ -55,7 +56,7 @@ GENERATOR = "pneumo_tf.records.synthetic"
 # RSNA's shares: 33% Normal, 44% No Lung Opacity / Not Normal, 23% Lung Opacity.
 CLASS_SHARES = (0.33, 0.44, 0.23)
 # Peak brightness added by an opacity, in grey levels (ribs add 14, noise has sigma 6).
-OPACITY_CONTRAST = {"easy": 70.0, "hard": 24.0}
+OPACITY_CONTRAST = {"easy": 70.0, "hard": 24.0, "faint": 10.0}
 NODULE_CONTRAST = 60.0
 # Share of AP films (RSNA's: about 47%); the rest are PA.
 AP_SHARE = 0.47
@@ -68,7 +69,8 @@ class SyntheticConfig:
     seed: int = cli.option(0, "Seed: the same seed writes the same files.")
     image_size: int = cli.option(1024, "Width and height of the radiographs in pixels.")
     difficulty: str = cli.option("easy", "easy: clear opacities; hard: subtle opacities plus unlabelled sharp "
-                                 "nodules in images without opacity (for comparing models).",
+                                 "nodules in images without opacity (for comparing models); faint: hard with "
+                                 "opacities fainter than the ribs.",
                                  choices=tuple(OPACITY_CONTRAST))
     opacity_view_ratio: float = cli.option(
         1.0, "How many times as frequent opacities are on AP films as on PA films (RSNA: about 4); the share of AP "
@@ -134,14 +136,14 @@ def make_radiograph(rng: np.random.Generator, boxes, size: int = 1024, difficult
         du = (u - (x + w / 2) / size) / (w / 2 / size)
         dv = (v - (y + h / 2) / size) / (h / 2 / size)
         bump = np.exp(-(du**4 + dv**4) * 1.5)
-        if difficulty == "hard":
+        if difficulty != "easy":
             # Patchy, as consolidation is: brightness varies smoothly from 20% to 100% across
             # the box, so the opacity's visible extent is not the box's.
             waves = sum(np.sin(rng.uniform(2, 5) * du * np.cos(a) + rng.uniform(2, 5) * dv * np.sin(a)
                                + rng.uniform(0, 6.3)) for a in rng.uniform(0, np.pi, 3))
             bump = bump * (0.6 + 0.4 * np.clip(waves / 1.5, -1.0, 1.0))
         image += OPACITY_CONTRAST[difficulty] * bump
-    if difficulty == "hard" and not boxes and rng.random() < 0.5:
+    if difficulty != "easy" and not boxes and rng.random() < 0.5:
         for _ in range(rng.integers(1, 4)):
             # A small round nodule with a sharp edge, anywhere in a lung field; never labelled.
             centre = rng.choice([0.3, 0.7]) + rng.uniform(-0.06, 0.06), rng.uniform(0.3, 0.65)
