@@ -54,7 +54,7 @@ class DetectorsConfig:
                                      choices=models_lib.NAMES)
     seed: int = option(0, "Seed of the data and of every training.")
     difficulty: str = option("hard", "The synthetic setting (python -m pneumo_tf.synthesise --help): hard, or faint "
-                             "(opacities fainter than the ribs, where side inputs have room to help); the target "
+                             "(opacities as faint as the ribs, where side inputs have room to help); the target "
                              "below is the hard setting's.", choices=("hard", "faint"))
     opacity_view_ratio: float = option(1.0, "How many times as frequent opacities are on AP films as on PA films in the "
                                        "synthetic data (RSNA: about 4); 1: the view says nothing (see python -m "

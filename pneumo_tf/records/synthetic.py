@@ -14,8 +14,9 @@ brightness varies from 20% to 100% across the box, so what is visible does not o
 the labelled box), and half of the
 images without opacity hold one to three small, sharp, round nodules that are NOT
 labelled, so a detector must learn what an opacity looks like rather than "anything
-bright". `--difficulty=faint` is hard with opacities of under the ribs' amplitude: the
-image alone leaves many decisions uncertain, so side inputs (the view) have room to help.
+bright". `--difficulty=faint` is hard with opacities of 16 grey levels, about the ribs'
+amplitude: the image alone leaves many decisions uncertain, so side inputs (the view) have
+room to help.
 
     python -m pneumo_tf.synthesise --output_dir=/tmp/rsna --num_images=200
 
@@ -56,7 +57,7 @@ GENERATOR = "pneumo_tf.records.synthetic"
 # RSNA's shares: 33% Normal, 44% No Lung Opacity / Not Normal, 23% Lung Opacity.
 CLASS_SHARES = (0.33, 0.44, 0.23)
 # Peak brightness added by an opacity, in grey levels (ribs add 14, noise has sigma 6).
-OPACITY_CONTRAST = {"easy": 70.0, "hard": 24.0, "faint": 10.0}
+OPACITY_CONTRAST = {"easy": 70.0, "hard": 24.0, "faint": 16.0}
 NODULE_CONTRAST = 60.0
 # Share of AP films (RSNA's: about 47%); the rest are PA.
 AP_SHARE = 0.47
@@ -70,7 +71,7 @@ class SyntheticConfig:
     image_size: int = cli.option(1024, "Width and height of the radiographs in pixels.")
     difficulty: str = cli.option("easy", "easy: clear opacities; hard: subtle opacities plus unlabelled sharp "
                                  "nodules in images without opacity (for comparing models); faint: hard with "
-                                 "opacities fainter than the ribs.",
+                                 "opacities as faint as the ribs.",
                                  choices=tuple(OPACITY_CONTRAST))
     opacity_view_ratio: float = cli.option(
         1.0, "How many times as frequent opacities are on AP films as on PA films (RSNA: about 4); the share of AP "
