@@ -13,12 +13,11 @@ import pytest
 import tensorflow as tf
 
 import tiny_models  # tests/tiny_models.py
+from pneumo_tf.errors import UserError
 from pneumo_tf.evaluation import metric
 from pneumo_tf.evaluation.collect import yxyx_to_xywh
+from pneumo_tf.models import detection_ops as ops, mask_rcnn
 from pneumo_tf.records.boxes import MAX_BOXES
-from pneumo_tf.errors import UserError
-from pneumo_tf.models import detection_ops as ops
-from pneumo_tf.models import mask_rcnn
 from pneumo_tf.training import distribute
 
 SIZE = 64

@@ -7,7 +7,6 @@ import numpy as np
 import pytest
 
 import keras2_h5  # tests/keras2_h5.py
-from tiny_models import TINY
 from pneumo_tf import models
 from pneumo_tf.data import metadata
 from pneumo_tf.errors import UserError
@@ -16,6 +15,7 @@ from pneumo_tf.models.losses import iou_bce_loss, mean_iou
 from pneumo_tf.models.mask_resnet import boxes_from_mask
 from pneumo_tf.records import boxes
 from pneumo_tf.records.boxes import MAX_BOXES
+from tiny_models import TINY
 
 SIZE = 64
 

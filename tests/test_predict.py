@@ -198,7 +198,8 @@ DAMAGE = {
                            "pneumo_tf.json lacks 'model': re-export the model"),
     "info_not_an_object": (lambda folder: (folder / "pneumo_tf.json").write_text("[1, 2]"),
                            "pneumo_tf.json is not a pneumo_tf model's info (a JSON object)"),
-    "model_truncated": (lambda folder: (folder / "model.keras").write_bytes((folder / "model.keras").read_bytes()[:5000]),
+    "model_truncated": (lambda folder: (folder / "model.keras").write_bytes(
+                            (folder / "model.keras").read_bytes()[:5000]),
                         "model.keras is not a Keras archive (cut short or overwritten): re-export the model"),
     "model_missing": (lambda folder: (folder / "model.keras").unlink(), "model.keras is missing: re-export"),
     "model_broken_inside": (lambda folder: _rewrite_zip_member(folder / "model.keras", "config.json", b"{"),

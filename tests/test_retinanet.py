@@ -327,7 +327,8 @@ def test_keras_file_keeps_the_decoding_options_and_synchronised_batch_norm(tmp_p
     ({"positive_threshold": 1.5}, r"retinanet option positive_threshold must be in \(0, 1\], not 1.5"),
     ({"stackwise_num_blocks": "(1, 1, x)"}, "retinanet option stackwise_num_blocks: expected a tuple of int"),
     ({"use_p5": "maybe"}, "retinanet option use_p5: expected true or false, got 'maybe'"),
-    ({"pre_nms": 5}, "unknown retinanet option.s. pre_nms; known: anchor_size, backbone_preset, block_type, box_variance"),
+    ({"pre_nms": 5},
+     "unknown retinanet option.s. pre_nms; known: anchor_size, backbone_preset, block_type, box_variance"),
 ])
 def test_option_errors_are_user_errors(options, message):
     options = {**TINY.as_dict(), **options}

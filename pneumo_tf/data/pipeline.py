@@ -38,9 +38,9 @@ import contextlib
 import tensorflow as tf
 
 from pneumo_tf.data import remote
-from pneumo_tf.records.boxes import MAX_BOXES
 from pneumo_tf.errors import UserError
 from pneumo_tf.records import schema
+from pneumo_tf.records.boxes import MAX_BOXES
 from pneumo_tf.records.manifest import checked_shard_paths, read_manifest, shard_paths
 
 # Scales `tf.io.decode_jpeg` can decode at directly (libjpeg's DCT scaling).

@@ -48,7 +48,13 @@ from pneumo_tf.data import pipeline
 from pneumo_tf.errors import UserError
 from pneumo_tf.evaluation.collect import collect_readings
 from pneumo_tf.evaluation.sweep import (
-    DEFAULT_THRESHOLDS, F1_COLUMN, MAP_COLUMN, both_classes, confusion_matrices, pick_threshold, reading_rows,
+    DEFAULT_THRESHOLDS,
+    F1_COLUMN,
+    MAP_COLUMN,
+    both_classes,
+    confusion_matrices,
+    pick_threshold,
+    reading_rows,
     threshold_table,
 )
 from pneumo_tf.evaluation.visualize import curve_pngs, write_tensorboard
@@ -209,7 +215,8 @@ def evaluate(config: EvaluateConfig) -> Evaluation:
         "files": files,
     }
     if readings is not None:
-        summary["readings"] = [{key: _number(value) if isinstance(value, float) else value for key, value in row.items()}
+        summary["readings"] = [{key: _number(value) if isinstance(value, float) else value
+                                for key, value in row.items()}
                                for row in readings.to_dict("records")]
     table_markdown = to_markdown(table)
     _write_csv(table, output("thresholds.csv"))

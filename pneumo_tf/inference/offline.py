@@ -25,6 +25,7 @@ import tempfile
 
 import numpy as np
 from PIL import Image, ImageDraw
+from tqdm import tqdm
 
 from pneumo_tf.cli import check_constraints, option
 from pneumo_tf.data import pipeline
@@ -33,10 +34,9 @@ from pneumo_tf.evaluation import submission
 from pneumo_tf.evaluation.collect import challenge_detections, run_batches
 from pneumo_tf.evaluation.visualize import PREDICTED_BOX_COLOR
 from pneumo_tf.fileio import atomic_open
+from pneumo_tf.inference import dicom_results
 from pneumo_tf.models import card as model_card, reading as reading_lib
 from pneumo_tf.models.reading import Reading, ReadingConfig
-from tqdm import tqdm
-from pneumo_tf.inference import dicom_results
 from pneumo_tf.records import images, manifest as manifest_lib, plan, radiograph, shards
 from pneumo_tf.records.manifest import REJECTS_NAME
 

@@ -23,10 +23,10 @@ An upload goes through the code training and predict use: records.radiograph.con
 (converted as the model's training records were, pneumo_tf.json "conversion") ->
 schema.serialize_example -> pipeline.parse_batch + pipeline.decode_image (at each member's
 size) -> the reading's networks -> collect.challenge_detections and the reading's
-image probability, at the threshold evaluation saved. So the page shows exactly what `python -m pneumo_tf.predict --dicom_dir`
-writes for the same file. The page's picture and facts come from radiograph.read_radiograph,
-the converter's reader of every format. Uploads stay in memory (never spooled to a temporary file) and
-the page draws the boxes as SVG over the radiograph, sent inline as a data: URI PNG:
+image probability, at the threshold evaluation saved. So the page shows exactly what
+`python -m pneumo_tf.predict --dicom_dir` writes for the same file. The page's picture and facts come from
+radiograph.read_radiograph, the converter's reader of every format. Uploads stay in memory (never spooled to a
+temporary file) and the page draws the boxes as SVG over the radiograph, sent inline as a data: URI PNG:
 nothing is written to disk, so simultaneous users never see each other's results.
 
 Hostile uploads and slow clients. The server is waitress (`make_server`; BUILD.md says why): a
@@ -59,13 +59,12 @@ from werkzeug.sansio.utils import host_is_trusted
 
 from pneumo_tf.cli import check_constraints, option
 from pneumo_tf.data import metadata, pipeline
+from pneumo_tf.errors import RejectedFile, UserError
 from pneumo_tf.evaluation import collect, submission
 from pneumo_tf.inference import dicom_results
 from pneumo_tf.models import card as model_card, reading as reading_lib
 from pneumo_tf.models.reading import ReadingConfig
-from pneumo_tf.errors import RejectedFile, UserError
-from pneumo_tf.records import dicom, images, labels as labels_lib, pixels, radiograph as radiograph_lib
-from pneumo_tf.records import schema
+from pneumo_tf.records import dicom, images, labels as labels_lib, pixels, radiograph as radiograph_lib, schema
 from pneumo_tf.records.labels import PatientFacts
 
 DISPLAY_MAX_SIZE = 1024  # the page's radiograph is downscaled to this many pixels on its long side

@@ -83,13 +83,25 @@ from keras_hub.layers import AnchorGenerator
 from keras_hub.src.models.retinanet.retinanet_label_encoder import RetinaNetLabelEncoder
 
 from pneumo_tf.cli import option
-from pneumo_tf.errors import UserError
 from pneumo_tf.data import metadata as metadata_lib
-from pneumo_tf.models.architecture import (
-    IMAGE_LOGITS, METADATA, REAL_DATA_TRAINING, BoxDetector, BoxModelOptions, Preset, detector_outputs, image_head_logits, image_head_loss,
-    metadata_bias, network_inputs, replica_count, sum_over_replicas, with_image_probability,
-)
+from pneumo_tf.errors import UserError
 from pneumo_tf.models import pretrained
+from pneumo_tf.models.architecture import (
+    IMAGE_LOGITS,
+    METADATA,
+    REAL_DATA_TRAINING,
+    BoxDetector,
+    BoxModelOptions,
+    Preset,
+    detector_outputs,
+    image_head_logits,
+    image_head_loss,
+    metadata_bias,
+    network_inputs,
+    replica_count,
+    sum_over_replicas,
+    with_image_probability,
+)
 from pneumo_tf.models.detection_ops import BOX_DELTA_SCALES, padded_nms
 
 # One class, lung opacity, with keras-hub's label encoder's class values for the rest.
@@ -343,8 +355,9 @@ def build(image_size: int, options: RetinaNetOptions = RetinaNetOptions()) -> Re
     _initialise_the_heads_as_the_paper(detector, options.classification_head_prior_probability)
     if source is not None:
         _take_all_but_the_class_logits(source, detector)
-    network = RetinaNetNetwork(detector, pre_nms_top_k=options.pre_nms_top_k, nms_iou_threshold=options.nms_iou_threshold,
-                               max_detections=options.max_detections, min_confidence=options.min_confidence,
+    network = RetinaNetNetwork(detector, pre_nms_top_k=options.pre_nms_top_k,
+                               nms_iou_threshold=options.nms_iou_threshold, max_detections=options.max_detections,
+                               min_confidence=options.min_confidence,
                                metadata_width=metadata_lib.width(options.metadata), image_head=options.image_head,
                                image_head_shapes_features=options.image_head_shapes_features,
                                conversion=None if conversion is None else conversion.as_dict(), name="retinanet")
