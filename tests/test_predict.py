@@ -126,7 +126,8 @@ def test_cli_reports_rejected_dicoms(trained_model, synthetic_rsna, test_ids, tm
     dicom_dir = shutil.copytree(synthetic_rsna["test_dir"], tmp_path / "dicom")
     (dicom_dir / "broken.dcm").write_bytes(b"not a DICOM file")
     output = tmp_path / "submission.csv"
-    result = run_predict(f"--model_dir={trained_model}", f"--dicom_dir={dicom_dir}", f"--output={output}",
+    # Through --dicom_dir's format-neutral name, as convert has it.
+    result = run_predict(f"--model_dir={trained_model}", f"--input_dir={dicom_dir}", f"--output={output}",
                          "--workers=1")
     assert result.returncode == 0, result.stderr[-3000:]
     rejected = [line for line in result.stderr.splitlines() if line.startswith("rejected ")]

@@ -52,7 +52,8 @@ class PredictConfig:
     split: str = option("test", "Split of --records_dir to predict.")
     verify_records: bool = option(False, manifest_lib.VERIFY_HELP)
     dicom_dir: str | None = option(None, "Folder of DICOM, PNG or JPEG files to predict (every file is predicted or "
-                                   "reported as rejected; a file's id is its name without the extension).")
+                                   "reported as rejected; a file's id is its name without the extension).",
+                                   aliases=("input_dir",))
     threshold: float | None = option(None, "Confidence threshold (default: the one python -m pneumo_tf.evaluate "
                                      "saved in the model's pneumo_tf.json or the ensemble folder).",
                                      exclusive_minimum=0.0, exclusive_maximum=1.0)
