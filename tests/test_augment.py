@@ -1,4 +1,4 @@
-"""Tests for pneumo_tf.augment: exact geometry, box/mask agreement, determinism, graph/XLA/replicas."""
+"""Tests for pneumo_tf.data.augment: exact geometry, box/mask agreement, determinism, graph/XLA/replicas."""
 import dataclasses
 import subprocess
 import sys
@@ -28,7 +28,7 @@ STRONG = AugmentConfig(rotation_range=15.0, zoom_range=0.2, width_shift_range=0.
 
 
 def make_batch():
-    """A batch whose mask is exactly the rasterised boxes (pneumo_tf.boxes convention)."""
+    """A batch whose mask is exactly the rasterised boxes (pneumo_tf.records.boxes convention)."""
     rng = np.random.default_rng(0)
     batch_size = len(PIXEL_BOXES)
     boxes = np.zeros((batch_size, MAX_BOXES, 4), np.float32)

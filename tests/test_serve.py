@@ -65,7 +65,7 @@ def reference_boxes(model_dir, dicom_dir, scratch) -> dict:
 @pytest.fixture(scope="module")
 def real(trained_model, shared_rsna, tmp_path_factory) -> dict:
     """The model with its threshold at the median probability of the 10 real DICOMs (so both decisions
-    occur), its app, and what pneumo_tf.prediction gives for each of those files."""
+    occur), its app, and what `python -m pneumo_tf.predict` gives for each of those files."""
     scratch = tmp_path_factory.mktemp("real_reference")
     dicom_dir = shared_rsna / "dicom"
     probabilities = reference_probabilities(trained_model, dicom_dir, str(scratch / "probabilities"))
