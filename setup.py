@@ -44,7 +44,7 @@ setup(
         "keras-tuner>=1.4.7,<1.5",
     ],
     extras_require={
-        "dev": ["pytest", "selenium"],
+        "dev": ["pytest", "selenium", "ruff>=0.17,<0.18"],
         "gpu": ["tensorflow[and-cuda]>=2.21,<2.22"],
         # Conversion as a Beam pipeline (--beam_pipeline_options); on Dataflow add apache-beam[gcp].
         "beam": ["apache-beam>=2.77,<2.78"],

@@ -56,8 +56,8 @@ class DetectorsConfig:
     difficulty: str = option("hard", "The synthetic setting (python -m pneumo_tf.synthesise --help): hard, or faint "
                              "(opacities as faint as the ribs, where side inputs have room to help); the target "
                              "below is the hard setting's.", choices=("hard", "faint"))
-    opacity_view_ratio: float = option(1.0, "How many times as frequent opacities are on AP films as on PA films in the "
-                                       "synthetic data (RSNA: about 4); 1: the view says nothing (see python -m "
+    opacity_view_ratio: float = option(1.0, "How many times as frequent opacities are on AP films as on PA films in "
+                                       "the synthetic data (RSNA: about 4); 1: the view says nothing (see python -m "
                                        "pneumo_tf.synthesise --help).", exclusive_minimum=0.0)
     preset: str = option("demo", "Each model's preset: its model options, peak learning rate and any other "
                          "training setting but the budget above (image size, batch, steps, epochs, warm-up, seed), "

@@ -37,6 +37,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
+
 import common  # noqa: E402  benchmarks/common.py (this folder is on sys.path when run as a script)
 import pipeline_throughput  # noqa: E402
 from pneumo_tf import cli, models  # noqa: E402
@@ -44,7 +45,6 @@ from pneumo_tf.cli import option  # noqa: E402
 from pneumo_tf.data import pipeline  # noqa: E402
 from pneumo_tf.data.augment import AugmentConfig  # noqa: E402
 from pneumo_tf.training.loop import Trainer  # noqa: E402
-
 
 
 @dataclasses.dataclass(frozen=True)
@@ -99,7 +99,7 @@ def benchmark(config: InputBoundConfig) -> int:
         arms = {"pipeline": iter(real), "memory": iter(real.take(1).cache().repeat())}
 
         started = time.perf_counter()
-        for name, iterator in arms.items():  # the first call traces the train function
+        for iterator in arms.values():  # the first call traces the train function
             for _ in range(config.warmup_steps):
                 model.train_on_batch(*next(iterator))
         print(f"warm-up (trace + {config.warmup_steps} steps per arm) {time.perf_counter() - started:.0f} s",

@@ -18,7 +18,6 @@ import sys
 import time
 
 import common  # benchmarks/common.py (the script's folder is on sys.path)
-
 from pneumo_tf import cli
 from pneumo_tf.cli import option
 from pneumo_tf.records import shards, synthetic

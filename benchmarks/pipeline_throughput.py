@@ -64,6 +64,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
+
 import common  # noqa: E402  benchmarks/common.py (the script's folder is on sys.path)
 from pneumo_tf import cli  # noqa: E402
 from pneumo_tf.cli import option  # noqa: E402
@@ -606,7 +607,8 @@ def where_time_goes(runs: dict[str, list[Measurement]]) -> list[str]:
         lines += [
             f"{title}: {total:.2f} ms per image",
             f"  {image_text:<44} {image_ms:6.2f} ms {image_ms / total:5.0%}",
-            f"  {'rest of decode_example: image cast, mask':<44} {beyond_image_ms:6.2f} ms {beyond_image_ms / total:5.0%}",
+            f"  {'rest of decode_example: image cast, mask':<44} {beyond_image_ms:6.2f} ms "
+            f"{beyond_image_ms / total:5.0%}",
             f"  {'the rest: read, parse, shuffle, batch':<44} {rest_ms:6.2f} ms {rest_ms / total:5.0%}",
         ]
     lines.append(f"  (ImageDataGenerator: {ms[BASELINE]:.2f} ms per image, in one thread)")

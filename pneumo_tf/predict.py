@@ -4,7 +4,8 @@
         --output=submission.csv
 
 A folder of DICOM, PNG or JPEG files is converted into temporary records first (same pipeline and
-preprocessing as training; removed afterwards); a converted records folder is read
+preprocessing as training; removed afterwards; --input_dir is --dicom_dir under a name that does not
+say DICOM, as in convert); a converted records folder is read
 directly with --records_dir (and --split, default test). The threshold defaults to
 the one `python -m pneumo_tf.evaluate` saved into the model's pneumo_tf.json.
 --verbosity=1 shows TensorFlow's start-up logging.

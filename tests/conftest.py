@@ -69,8 +69,8 @@ def real_trained_model(shared_rsna, tmp_path_factory) -> str:
 
     root = tmp_path_factory.mktemp("real_trained")
     shards.convert(str(shared_rsna / "dicom"), str(root / "records"), str(shared_rsna / "stage_2_train_labels.csv"),
-                   str(shared_rsna / "stage_2_detailed_class_info.csv"), options=radiograph.ConvertOptions(image_size=64),
-                   writer=shards.LocalPool(1))
+                   str(shared_rsna / "stage_2_detailed_class_info.csv"),
+                   options=radiograph.ConvertOptions(image_size=64), writer=shards.LocalPool(1))
     loop.train_and_evaluate(loop.TrainConfig(
         records_dir=str(root / "records"), model_dir=str(root / "model"), model="mask_resnet",
         model_options={"channels": 4, "n_blocks": 1, "depth": 2}, image_size=64, batch_size=4, epochs=1,

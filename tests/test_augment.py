@@ -1,4 +1,4 @@
-"""Tests for pneumo_tf.augment: exact geometry, box/mask agreement, determinism, graph/XLA/replicas."""
+"""Tests for pneumo_tf.data.augment: exact geometry, box/mask agreement, determinism, graph/XLA/replicas."""
 import dataclasses
 import subprocess
 import sys
@@ -11,8 +11,8 @@ import tensorflow as tf
 
 from pneumo_tf.data import augment
 from pneumo_tf.data.augment import AugmentConfig, augment_batch
-from pneumo_tf.records.boxes import MAX_BOXES, rasterize
 from pneumo_tf.errors import UserError
+from pneumo_tf.records.boxes import MAX_BOXES, rasterize
 
 SIZE = 64
 # Boxes per image as pixel (top, left, bottom, right), far enough apart that their
@@ -28,7 +28,7 @@ STRONG = AugmentConfig(rotation_range=15.0, zoom_range=0.2, width_shift_range=0.
 
 
 def make_batch():
-    """A batch whose mask is exactly the rasterised boxes (pneumo_tf.boxes convention)."""
+    """A batch whose mask is exactly the rasterised boxes (pneumo_tf.records.boxes convention)."""
     rng = np.random.default_rng(0)
     batch_size = len(PIXEL_BOXES)
     boxes = np.zeros((batch_size, MAX_BOXES, 4), np.float32)
@@ -154,7 +154,8 @@ def test_box_partly_out_of_frame_is_clipped():
 def blob_boxes(mask):
     """Pixel-edge boxes (top, left, bottom, right) of the mask's connected blobs."""
     labels, _ = scipy.ndimage.label(mask)
-    return np.array([(rows.start, cols.start, rows.stop, cols.stop) for rows, cols in scipy.ndimage.find_objects(labels)])
+    return np.array([(rows.start, cols.start, rows.stop, cols.stop)
+                     for rows, cols in scipy.ndimage.find_objects(labels)])
 
 
 # A blob's box differs from the mapped box by pixel quantisation (up to 0.5 px) and,

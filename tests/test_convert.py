@@ -22,11 +22,22 @@ from pydicom.dataset import FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage
 
 from pneumo_tf.data import pipeline
-from pneumo_tf.records import boxes as box_lib
 from pneumo_tf.errors import RejectedFile, UserError
 from pneumo_tf.fileio import write_json_atomic
-from pneumo_tf.records import beam, dicom, jpeg, labels as labels_lib, manifest as manifest_lib, masks, plan, radiograph
-from pneumo_tf.records import schema, shards, synthetic
+from pneumo_tf.records import (
+    beam,
+    boxes as box_lib,
+    dicom,
+    jpeg,
+    labels as labels_lib,
+    manifest as manifest_lib,
+    masks,
+    plan,
+    radiograph,
+    schema,
+    shards,
+    synthetic,
+)
 
 
 def read_records(records_dir):
@@ -138,7 +149,8 @@ def test_manifest_counts(converted):
 
 
 def test_val_split_is_stratified_by_class():
-    labels = {f"id{i:03d}": labels_lib.PatientLabels(int(i % 10 < 2), (0 if i % 10 >= 6 else 1) if i % 10 >= 2 else 2, ())
+    labels = {f"id{i:03d}": labels_lib.PatientLabels(int(i % 10 < 2),
+                                                     (0 if i % 10 >= 6 else 1) if i % 10 >= 2 else 2, ())
               for i in range(100)}
     train, val = plan.split_ids(labels, list(labels), 0.2, seed=3)
     assert len(val) == 20 and len(train) == 80 and not set(train) & set(val)
@@ -150,7 +162,8 @@ def test_val_split_is_stratified_by_class():
 
 def test_folds_partition_the_patients_stratified_by_class():
     # 101 patients: 40 Normal, 40 Not Normal, 21 Lung Opacity.
-    labels = {f"id{i:03d}": labels_lib.PatientLabels(int(i % 10 < 2), (0 if i % 10 >= 6 else 1) if i % 10 >= 2 else 2, ())
+    labels = {f"id{i:03d}": labels_lib.PatientLabels(int(i % 10 < 2),
+                                                     (0 if i % 10 >= 6 else 1) if i % 10 >= 2 else 2, ())
               for i in range(101)}
     vals = [plan.split_ids(labels, list(labels), 0.2, seed=3, folds=5, fold=fold) for fold in range(5)]
     for train, val in vals:
@@ -180,8 +193,10 @@ def test_real_csvs_facts(shared_rsna):
     assert len(labels) == 26684
     assert sum(label.target for label in labels.values()) == 6012
     assert sum(len(label.boxes) for label in labels.values()) == 9555
-    assert pd.Series([l.label_class for l in labels.values()]).value_counts().to_dict() == {1: 11821, 0: 8851, 2: 6012}
-    per_positive = pd.Series([len(l.boxes) for l in labels.values() if l.target]).value_counts().to_dict()
+    assert pd.Series([patient.label_class for patient in labels.values()]).value_counts().to_dict() == {
+        1: 11821, 0: 8851, 2: 6012}
+    per_positive = pd.Series([len(patient.boxes) for patient in labels.values() if patient.target])
+    per_positive = per_positive.value_counts().to_dict()
     assert per_positive == {1: 2614, 2: 3266, 3: 119, 4: 13}
 
 
@@ -203,7 +218,8 @@ def test_real_dicoms_convert_exactly(shared_rsna, tmp_path):
         frame = next(pydicom.encaps.generate_frames(ds.PixelData, number_of_frames=1))
         assert record[schema.IMAGE_ENCODED][0] == frame
         rows = raw[raw.patientId == image_id].dropna()
-        expected = sorted((r.x / 1024, r.y / 1024, (r.x + r.width) / 1024, (r.y + r.height) / 1024) for r in rows.itertuples())
+        expected = sorted((r.x / 1024, r.y / 1024, (r.x + r.width) / 1024, (r.y + r.height) / 1024)
+                          for r in rows.itertuples())
         got = sorted(zip(*(record[k] for k in schema.BOX_KEYS)))
         assert len(got) == len(expected) == (2 if image_id[:8] in expected_positive else 0)
         np.testing.assert_allclose(np.reshape(got, (-1, 4)), np.reshape(expected, (-1, 4)), atol=1e-7)
@@ -427,7 +443,8 @@ def test_pydicom_corpus_each_file_one_record_or_one_reject(tmp_path):
     reject_files = {os.path.basename(r["file"]) for r in rejects}
     all_files = {f"{i:03d}_{n}" for i, n in enumerate(names)}
     assert len(records) + len(rejects) == len(names) == manifest["records"] + manifest["rejects"]
-    assert {radiograph.image_id_of(f) for f in reject_files} | record_files == {radiograph.image_id_of(f) for f in all_files}
+    assert {radiograph.image_id_of(f) for f in reject_files} | record_files == {
+        radiograph.image_id_of(f) for f in all_files}
     assert all(r["reason"] for r in rejects)
     assert len(records) >= 40  # most of pydicom's corpus holds decodable pixels
 
@@ -479,7 +496,8 @@ def test_two_processes_give_identical_shards_and_resume_after_kill(source, tmp_p
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )
     deadline = time.time() + 120
-    while time.time() < deadline and not any(n.endswith(".tfrecord") for n in (os.listdir(killed) if killed.exists() else [])):
+    while time.time() < deadline and not any(
+            n.endswith(".tfrecord") for n in (os.listdir(killed) if killed.exists() else [])):
         time.sleep(0.001)
     os.kill(process.pid, signal.SIGKILL)
     process.wait()
@@ -617,7 +635,8 @@ def test_beam_writes_to_and_reads_from_urls(with_a_bad_file, tmp_path):
             tf.io.gfile.copy(path, url)
         url_inputs.append(url)
     try:
-        manifest = _convert(url_inputs, "ram://records", beam.BeamPipeline(f"{BEAM_RUNNER},direct_running_mode=in_memory"))
+        manifest = _convert(url_inputs, "ram://records",
+                            beam.BeamPipeline(f"{BEAM_RUNNER},direct_running_mode=in_memory"))
         assert sorted(fileio.listdir("ram://records")) == sorted(os.listdir(tmp_path / "local"))
         for name in os.listdir(tmp_path / "local"):
             if name.endswith(".tfrecord"):
@@ -652,7 +671,8 @@ def test_beam_options_without_apache_beam_name_the_extra(synthetic_rsna, tmp_pat
 def test_an_unknown_beam_runner_is_refused_before_writing(synthetic_rsna, tmp_path):
     pytest.importorskip("apache_beam")
     with pytest.raises(UserError, match="runner NoSuchRunner cannot start: Unexpected pipeline runner"):
-        shards.convert(synthetic_rsna["train_dir"], str(tmp_path / "out"), writer=beam.BeamPipeline("runner=NoSuchRunner"))
+        shards.convert(synthetic_rsna["train_dir"], str(tmp_path / "out"),
+                       writer=beam.BeamPipeline("runner=NoSuchRunner"))
     assert not (tmp_path / "out").exists()
 
 

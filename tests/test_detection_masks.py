@@ -6,8 +6,7 @@ import tensorflow as tf
 
 from pneumo_tf import models
 from pneumo_tf.data import metadata
-from pneumo_tf.models import architecture, exported, mask_rcnn
-from pneumo_tf.models import reading as reading_lib
+from pneumo_tf.models import architecture, exported, mask_rcnn, reading as reading_lib
 
 MASK_RESNET = models.get("mask_resnet")
 MASK_RCNN = mask_rcnn.ARCHITECTURE

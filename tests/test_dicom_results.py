@@ -3,7 +3,6 @@ highdicom and pydicom with the predicted boxes and masks and the source's UIDs; 
 a presentation state applied to a real DICOM, rendered; the web page's download."""
 import importlib.metadata
 import io
-import json
 import os
 import shutil
 import subprocess

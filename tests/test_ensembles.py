@@ -257,7 +257,8 @@ def test_served_hflip_reading_matches_predict(trained_model, synthetic_rsna, tmp
     (dict(model_dir="a,b"), "give --ensemble_dir, or --nosave_threshold with --output_dir"),
     (dict(model_dir="a", reading=ReadingConfig(tta="hflip"), save_threshold=False), "give --ensemble_dir"),
     (dict(model_dir="a", ensemble_dir="e"), "--ensemble_dir saves a fused reading"),
-    (dict(model_dir="a,b", ensemble_dir="e", reading=ReadingConfig(weights=(1.0, -1.0))), "--weights must be greater than 0, not -1"),
+    (dict(model_dir="a,b", ensemble_dir="e", reading=ReadingConfig(weights=(1.0, -1.0))),
+     "--weights must be greater than 0, not -1"),
     (dict(model_dir="a", reading=ReadingConfig(tta="hflip", fusion_iou=1.5)), "--fusion_iou must be between"),
 ])
 def test_evaluate_config_errors(config, message):

@@ -11,8 +11,16 @@ import tensorflow as tf
 from PIL import Image
 
 from pneumo_tf.errors import RejectedFile
-from pneumo_tf.records import boxes as box_lib
-from pneumo_tf.records import images, jpeg, manifest as manifest_lib, radiograph, schema, shards, synthetic
+from pneumo_tf.records import (
+    boxes as box_lib,
+    images,
+    jpeg,
+    manifest as manifest_lib,
+    radiograph,
+    schema,
+    shards,
+    synthetic,
+)
 from test_convert import decode_png, read_records, run_cli, stored_mask, synthetic_args
 
 # tf.io.decode_jpeg (the pipeline's decoder, libjpeg's fast integer DCT) against Pillow's decode
@@ -59,7 +67,8 @@ def test_image_folders_give_the_records_of_their_dicoms(image_format, exported, 
         assert result.returncode == 0, result.stderr[-3000:]
     else:
         shards.convert(data["train_dir"], str(output), data["train_labels"], data["detailed_class_info"],
-                       data["test_dir"], radiograph.ConvertOptions(num_shards=2), writer=shards.LocalPool(1, progress_stream=io.StringIO()))
+                       data["test_dir"], radiograph.ConvertOptions(num_shards=2),
+                       writer=shards.LocalPool(1, progress_stream=io.StringIO()))
     manifest = manifest_lib.read_manifest(str(output))
     records = read_records(str(output))
     assert manifest["formats"] == {"dicom": 0, "png": 0, "jpeg": 0, image_format: 27}
@@ -158,8 +167,8 @@ EXPECTED_REJECTS = {
 
 
 def _convert(folder, output, **options):
-    manifest = shards.convert(str(folder), str(output), options=radiograph.ConvertOptions(**options), writer=shards.LocalPool(1,
-                              progress_stream=io.StringIO()))
+    manifest = shards.convert(str(folder), str(output), options=radiograph.ConvertOptions(**options),
+                              writer=shards.LocalPool(1, progress_stream=io.StringIO()))
     with open(output / manifest_lib.REJECTS_NAME, newline="") as handle:
         rejects = {os.path.basename(row["file"]): row["reason"] for row in csv.DictReader(handle)}
     return manifest, read_records(str(output)), rejects
@@ -201,7 +210,8 @@ def test_mixed_folder_counts_rejects_and_pixels(mixed, tmp_path):
     assert baseline[schema.IMAGE_FORMAT] == [b"jpeg"] and baseline[schema.IMAGE_ENCODED] == [files["baseline.jpg"]]
     assert records["progressive"][schema.IMAGE_FORMAT] == [b"png"]
     # Progressive coding reorders the same quantised coefficients: the baseline file's pixels exactly.
-    np.testing.assert_array_equal(_pixels(records["progressive"]), np.asarray(Image.open(io.BytesIO(files["baseline.jpg"]))))
+    np.testing.assert_array_equal(_pixels(records["progressive"]),
+                                  np.asarray(Image.open(io.BytesIO(files["baseline.jpg"]))))
     # A colour JPEG gives its luma, as tf.io.decode_jpeg(channels=1) gives it.
     luma = tf.io.decode_jpeg(files["colour.JPG"], channels=1).numpy()[..., 0].astype(int)
     assert np.abs(_pixels(records["colour"]) - luma).max() <= JPEG_DECODER_TOLERANCE
@@ -224,7 +234,8 @@ def test_mixed_folder_counts_rejects_and_pixels(mixed, tmp_path):
     manifest32, records32, _ = _convert(mixed["folder"], tmp_path / "out32", image_size=32)
     assert manifest32["passthrough_records"] == 0 and manifest32["formats"] == manifest["formats"]
     for image_id, record in records32.items():
-        assert _pixels(record).shape == (32, 32) and record[schema.SOURCE_HEIGHT] == records[image_id][schema.SOURCE_HEIGHT]
+        assert _pixels(record).shape == (32, 32)
+        assert record[schema.SOURCE_HEIGHT] == records[image_id][schema.SOURCE_HEIGHT]
 
 
 def test_boxes_are_normalised_by_each_images_own_size(tmp_path):
@@ -237,7 +248,8 @@ def test_boxes_are_normalised_by_each_images_own_size(tmp_path):
     labels = tmp_path / "labels.csv"
     labels.write_text("patientId,x,y,width,height,Target\nwide,30,20,60,40,1\ntall,20,30,40,60,1\nclear,,,,,0\n")
     manifest = shards.convert(str(folder), str(tmp_path / "out"), str(labels),
-                              options=radiograph.ConvertOptions(val_fraction=0.0), writer=shards.LocalPool(1, progress_stream=io.StringIO()))
+                              options=radiograph.ConvertOptions(val_fraction=0.0),
+                              writer=shards.LocalPool(1, progress_stream=io.StringIO()))
     records = read_records(str(tmp_path / "out"))
     assert manifest["splits"]["train"]["records"] == 3 and manifest["splits"]["train"]["boxes"] == 2
     for image_id, (height, width) in (("wide", (200, 300)), ("tall", (300, 200))):

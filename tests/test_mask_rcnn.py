@@ -1,4 +1,5 @@
-"""The mask_rcnn architecture (models/mask_rcnn.py) and its ops (models/detection_ops.py), on 64-px inputs."""
+"""What is specific to the mask_rcnn architecture (models/mask_rcnn.py) and its ops (models/detection_ops.py), on
+64-px inputs. What every architecture shares is in tests/test_contract.py."""
 from __future__ import annotations
 
 import dataclasses
@@ -11,24 +12,17 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-import replicas  # tests/replicas.py
+import tiny_models  # tests/tiny_models.py
+from pneumo_tf.errors import UserError
 from pneumo_tf.evaluation import metric
 from pneumo_tf.evaluation.collect import yxyx_to_xywh
+from pneumo_tf.models import detection_ops as ops, mask_rcnn
 from pneumo_tf.records.boxes import MAX_BOXES
-from pneumo_tf.errors import UserError
-from pneumo_tf.models import detection_ops as ops
-from pneumo_tf.models import mask_rcnn
+from pneumo_tf.training import distribute
 
 SIZE = 64
-# The narrowest network keras-hub's ResNet allows (64 filters per stack, one basic block
-# each), with anchors 16..256 px for 64-px images, small heads and few proposals.
-TINY = mask_rcnn.MaskRCNNOptions(
-    backbone="resnet18", backbone_blocks=(1, 1, 1, 1), backbone_filters=(64, 64, 64, 64),
-    top_down_pyramid_size=32, rpn_conv_size=32, rpn_anchor_scales=(16, 32, 64, 128, 256),
-    rpn_train_anchors_per_image=64, pre_nms_limit=256, post_nms_rois_training=64,
-    post_nms_rois_inference=64, train_rois_per_image=16, roi_positive_ratio=0.25,
-    fpn_classif_fc_layers_size=64, mask_head_size=16, mask_head_convs=1,
-)
+# tests/tiny_models.py's: a resnet18-like backbone of 64 filters, anchors 16..256 px, small heads.
+TINY = tiny_models.options("mask_rcnn")
 ARCH = mask_rcnn.ARCHITECTURE
 
 
@@ -60,7 +54,7 @@ def _heads_params(c_stages, fpn, rpn, anchors_per_cell, pool, fc, mask_pool, mas
     return fpn_params + rpn_params + box + mask + 1  # + the sampler's step counter
 
 
-GOLDEN_TINY = 488_359  # TINY at 64 px
+GOLDEN_TINY = tiny_models.TINY["mask_rcnn"].params  # TINY at 64 px
 GOLDEN_SEED = 45_202_007  # the seed's ResNet-50 configuration (the defaults) at 256 px
 RESNET50_ONE_CHANNEL = 23_554_880  # keras-hub's ResNet-50 without head, one input channel
 
@@ -72,9 +66,8 @@ def test_golden_counts_match_hand_arithmetic():
         (256, 512, 1024, 2048), 256, 512, 3, 7, 1024, 14, 256, 4)
 
 
-def test_golden_parameter_count_tiny():
+def test_tiny_backbone_count():
     network = mask_rcnn.build(SIZE, TINY)
-    assert network.count_params() == GOLDEN_TINY
     assert network.first_stage.get_layer("backbone").count_params() == _resnet18ish_params(1)
 
 
@@ -399,8 +392,6 @@ def train_step(network, optimizer, inputs, labels):
 
 def test_to_fit_and_outputs_follow_the_contract():
     inputs, labels = synthetic_batch()
-    # The target (and the class, when the batch has it) ride along for an image head.
-    assert set(inputs) == {"image"} and set(labels) == {"boxes", "num_boxes", "mask", "target"}
     network = mask_rcnn.build(SIZE, replace(TINY, detection_min_confidence=0.0))
     outputs = ARCH.infer(network, {"image": inputs["image"]})
     assert {key: (value.shape, value.dtype) for key, value in outputs.items()} == {
@@ -452,107 +443,41 @@ def test_seed_loss_weights_and_overrides():
     assert float(terms["mrcnn_mask"]) == pytest.approx(float(seed_terms["mrcnn_mask"]))
 
 
-@pytest.fixture(params=["mixed_bfloat16", "mixed_float16"])
-def mixed_policy(request):
-    previous = keras.mixed_precision.global_policy()
-    keras.mixed_precision.set_global_policy(request.param)
-    try:
-        yield request.param
-    finally:
-        keras.mixed_precision.set_global_policy(previous)
-
-
-def test_one_train_step_in_mixed_precision(mixed_policy):
+def test_one_train_step_in_mixed_float16():
+    """mixed_float16 (GPU) with the loss scaling Keras' compile adds; tests/test_contract.py steps in
+    mixed_bfloat16."""
     inputs, labels = synthetic_batch()
-    network = mask_rcnn.build(SIZE, TINY)
-    assert network.first_stage.get_layer("rpn_conv_shared").compute_dtype == mixed_policy.removeprefix("mixed_")
-    optimizer = keras.optimizers.SGD(0.01)
-    if mixed_policy == "mixed_float16":
-        # As Keras' compile does, at a loss scale where this step's float16 gradients stay finite.
-        optimizer = keras.optimizers.LossScaleOptimizer(optimizer, initial_scale=128.0)
+    keras.utils.set_random_seed(0)
+    with distribute.precision("mixed_float16"):
+        network = mask_rcnn.build(SIZE, TINY)
+    reference = mask_rcnn.build(SIZE, TINY)
+    reference.set_weights(network.get_weights())
+    assert network.first_stage.get_layer("rpn_conv_shared").compute_dtype == "float16"
+    # At a loss scale where this step's float16 gradients stay finite.
+    optimizer = keras.optimizers.LossScaleOptimizer(keras.optimizers.SGD(0.01), initial_scale=128.0)
     before = [np.array(w) for w in network.trainable_weights]
     terms = train_step(network, optimizer, inputs, labels)
-    assert all(value.dtype == tf.float32 and np.isfinite(float(value)) for value in terms.values()), terms
+    # Both networks draw the same sample (the same step, the same images): float16's rounding apart
+    # (measured: mrcnn_class 1.4%, the other terms under 0.06%).
+    want = ARCH.loss(reference, inputs, labels, reference(inputs, training=True), training=True)
+    assert {key: value.dtype for key, value in terms.items()} == {key: tf.float32 for key in mask_rcnn.LOSS_NAMES}
+    assert {key: float(value) for key, value in terms.items()} == pytest.approx(
+        {key: float(value) for key, value in want.items()}, rel=0.03)
     changed = [not np.array_equal(a, np.array(b)) for a, b in zip(before, network.trainable_weights)]
     assert all(changed), [w.path for w, c in zip(network.trainable_weights, changed) if not c]
     outputs = ARCH.infer(network, {"image": inputs["image"]})
-    assert {value.dtype for value in outputs.values()} == {tf.float32, tf.int32}
+    assert {key: value.dtype for key, value in outputs.items()} == {
+        "boxes": tf.float32, "scores": tf.float32, "num_detections": tf.int32, "masks": tf.float32}
 
 
-@pytest.mark.slow
-def test_train_step_and_infer_compile_with_xla():
-    inputs, labels = synthetic_batch()
-    network = mask_rcnn.build(SIZE, TINY)
-    optimizer = keras.optimizers.SGD(0.01)
-    step = tf.function(lambda x, y: train_step(network, optimizer, x, y), jit_compile=True)
-    terms = step(inputs, labels)
-    assert all(np.isfinite(float(value)) for value in terms.values())
-    infer = tf.function(lambda images: ARCH.infer(network, {"image": images}), jit_compile=True)
-    compiled = infer(inputs["image"])
-    eager = ARCH.infer(network, {"image": inputs["image"]})
-    np.testing.assert_array_equal(compiled["num_detections"], eager["num_detections"])
-    np.testing.assert_allclose(compiled["scores"], eager["scores"], atol=1e-4)
-    np.testing.assert_allclose(compiled["masks"], eager["masks"], atol=1e-4)
-
-
-def test_keras_file_round_trip_gives_identical_inference(tmp_path):
+def test_keras_file_keeps_the_options_and_the_samplers_step(tmp_path):
     inputs, labels = synthetic_batch()
     network = mask_rcnn.build(SIZE, replace(TINY, detection_min_confidence=0.0, loss_weights={"mrcnn_mask": 2.0}))
-    # A step moves the weights and batch-norm statistics off their initial values.
     train_step(network, keras.optimizers.SGD(0.01), inputs, labels)
     network.save(tmp_path / "mask_rcnn.keras")
     loaded = keras.models.load_model(tmp_path / "mask_rcnn.keras", compile=False)
     assert isinstance(loaded, mask_rcnn.MaskRCNN) and loaded.options == network.options
     assert int(loaded.sampler_step.numpy()) == 1
-    expected, actual = ARCH.infer(network, {"image": inputs["image"]}), ARCH.infer(loaded, {"image": inputs["image"]})
-    assert expected["num_detections"].numpy().tolist() == [3, 3, 3, 3]
-    for key in expected:
-        np.testing.assert_array_equal(actual[key], expected[key])
-
-
-def test_saved_model_serves_infer_for_any_batch_size(tmp_path):
-    """The serving signature (images [None, S, S, 1] -> detector outputs) exports and reloads."""
-    inputs, labels = synthetic_batch()
-    network = mask_rcnn.build(SIZE, replace(TINY, detection_min_confidence=0.0))
-    train_step(network, keras.optimizers.SGD(0.01), inputs, labels)
-    archive = keras.export.ExportArchive()
-    archive.track(network)
-    archive.add_endpoint("serve", lambda images: ARCH.infer(network, {"image": images}),
-                         input_signature=[tf.TensorSpec([None, SIZE, SIZE, 1], tf.float32)])
-    archive.write_out(str(tmp_path / "saved_model"), verbose=False)
-    served = tf.saved_model.load(str(tmp_path / "saved_model"))
-    for images in (inputs["image"], inputs["image"][:1]):
-        expected, actual = ARCH.infer(network, {"image": images}), served.serve(images)
-        assert expected.keys() == actual.keys()
-        for key in expected:
-            np.testing.assert_allclose(actual[key], expected[key], rtol=1e-5, atol=1e-6)
-
-
-# The same batch and initial weights on one device and on MirroredStrategy over two
-# logical CPUs (two images per replica): same loss terms, same weights after one step.
-def mirrored_matches_one_device():
-    """Two images per replica; the samplers draw the same RoIs and anchors on one device and on two."""
-    inputs, labels = synthetic_batch(count=4)
-    results = replicas.one_step_on_one_and_two_replicas(lambda: mask_rcnn.build(SIZE, TINY), ARCH, inputs, labels,
-                                                        learning_rate=0.05)
-    (_, logs_one, initial, weights_one), (_, logs_two, _, weights_two) = results
-    assert all(logs_one[f"{name}_loss"][0] > 0 for name in mask_rcnn.LOSS_NAMES), logs_one
-    for key in ("loss", *(f"{name}_loss" for name in mask_rcnn.LOSS_NAMES)):
-        np.testing.assert_allclose(logs_two[key], logs_one[key], rtol=1e-5, err_msg=key)
-    # The same update: float sums in another order differ by ~1e-7 of the gradient.
-    worst = 0.0
-    for start, a, b in zip(initial, weights_one, weights_two):
-        if np.issubdtype(a.dtype, np.floating) and np.abs(a - start).max() > 0:
-            worst = max(worst, np.linalg.norm(b - a) / np.linalg.norm(a - start))
-        np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-5)
-    print("largest relative difference of an update", worst)
-    assert worst < 1e-4, worst
-    print("same")
-
-
-@pytest.mark.slow
-def test_mirrored_over_two_cpus_matches_one_device():
-    replicas.check_in_fresh_process("test_mask_rcnn", "mirrored_matches_one_device")
 
 
 def _xywh(boxes):

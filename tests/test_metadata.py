@@ -151,4 +151,5 @@ def test_bad_form_facts_are_a_400(metadata_model):
     response = app.post("/api/predict", data={"file": (io.BytesIO(_jpeg(1)), "x.jpg"), "sex": "X", "age": "12"},
                         content_type="multipart/form-data")
     assert response.status_code == 400
-    assert response.json["error"] == "sex must be M, F, O or empty and age whole years (0-150) or empty, not 'X' and '12'"
+    assert response.json["error"] == (
+        "sex must be M, F, O or empty and age whole years (0-150) or empty, not 'X' and '12'")

@@ -1,4 +1,5 @@
-"""The challenge metric on hand-worked cases (DESIGN.md section 5), plus cross-checks against plain loops."""
+"""The challenge metric on hand-worked cases (the rule pneumo_tf/evaluation/metric.py's docstring states), plus
+cross-checks against plain loops."""
 from fractions import Fraction
 
 import numpy as np
@@ -140,7 +141,7 @@ def test_iou_matrix_matches_a_plain_loop():
 
 
 def reference_precisions(pred_boxes, scores, gt_boxes):
-    """DESIGN.md section 5 as plain loops, one threshold at a time."""
+    """The rule of metric.py's docstring as plain loops, one threshold at a time."""
     order = sorted(range(len(scores)), key=lambda i: -scores[i])
     precisions = []
     for t in metric.IOU_THRESHOLDS:

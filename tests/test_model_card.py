@@ -140,8 +140,9 @@ def test_warnings_by_kind_and_count_of_training_images():
     assert "synthetic pictures" in model_card.warnings(card_with({"settings": {}}, 26_684))[0]
     assert "Not known whether its 5,000" in model_card.warnings(card_with(None, 5000))[0]
     assert "unknown" in model_card.warnings({"kind": "model", "name": "m", "data": None})[0]
-    ensemble = {"kind": "ensemble", "name": "e", "members": [{"card": {**card_with(False, 26_684), "name": "a"}},
-                                                             {"card": {**card_with({"settings": {}}, 10), "name": "b"}}]}
+    members = [{"card": {**card_with(False, 26_684), "name": "a"}},
+               {"card": {**card_with({"settings": {}}, 10), "name": "b"}}]
+    ensemble = {"kind": "ensemble", "name": "e", "members": members}
     assert [warning[:14] for warning in model_card.warnings(ensemble)] == ["Member 2 (b): "]
 
 

@@ -1,7 +1,6 @@
-"""Model registry, builders, losses/metrics and mask post-processing, on 32-64 px inputs."""
+"""What is specific to cnn, vgg16 and mask_resnet (their parameter arithmetic, options, shapes), the registry,
+losses and mask post-processing, on 32-64 px inputs. What every architecture shares is in tests/test_contract.py."""
 from __future__ import annotations
-
-import dataclasses
 
 import keras
 import numpy as np
@@ -10,55 +9,20 @@ import pytest
 import keras2_h5  # tests/keras2_h5.py
 from pneumo_tf import models
 from pneumo_tf.data import metadata
-from pneumo_tf.data.augment import AugmentConfig
 from pneumo_tf.errors import UserError
 from pneumo_tf.models import vgg16
 from pneumo_tf.models.losses import iou_bce_loss, mean_iou
 from pneumo_tf.models.mask_resnet import boxes_from_mask
 from pneumo_tf.records import boxes
 from pneumo_tf.records.boxes import MAX_BOXES
-from pneumo_tf.training import distribute
-from pneumo_tf.training.loop import Trainer
+from tiny_models import TINY
 
 SIZE = 64
-
-# count_params() of each registered model at 64 px with default options.
-GOLDEN_PARAMS = {
-    "cnn": 1_494_017,
-    "vgg16": 14_845_889,
-    "mask_resnet": 12_727_969,
-}
-
-# Every registered model, slimmed where an option allows to keep steps fast on a
-# shared CPU; mask_resnet with its image head and the metadata side input, to cover both
-# outputs and both inputs; cnn with the metadata in its dense head.
-CASES = [
-    pytest.param("cnn", {"width": 0.25, "metadata": ("view", "age")}, id="cnn"),
-    pytest.param("vgg16", {}, id="vgg16"),
-    pytest.param(
-        "mask_resnet",
-        {"channels": 4, "n_blocks": 1, "depth": 2, "image_head": "three_class", "metadata": ("view", "sex", "age")},
-        id="mask_resnet",
-    ),
-]
 
 
 def build_model(name, image_size, **options):
     architecture = models.get(name)
     return architecture.build(image_size, architecture.make_options(options))
-
-
-@pytest.mark.parametrize("name", models.NAMES)
-def test_every_model_declares_typed_checked_options(name):
-    architecture = models.get(name)
-    defaults = architecture.make_options()
-    assert isinstance(defaults, architecture.options_type) and architecture.make_options(defaults) is defaults
-    known = sorted(field.name for field in dataclasses.fields(architecture.options_type))
-    with pytest.raises(UserError, match=f"^unknown {name} option\\(s\\) colour; known: {', '.join(known)}$"):
-        architecture.make_options({"colour": "red"})
-    # Texts (from --model_option) are parsed by each field's type and give the default back.
-    texts = {field: str(value) for field, value in defaults.as_dict().items()}
-    assert architecture.make_options(texts) == defaults
 
 
 def _batch(seed: int = 0, n: int = 2, fields=()) -> dict:
@@ -77,13 +41,6 @@ def _batch(seed: int = 0, n: int = 2, fields=()) -> dict:
         "age": np.arange(n, dtype=np.int32) + 30,
     }
     return {key: np.asarray(value) for key, value in metadata.with_metadata(batch, fields).items()}
-
-
-def _trainer(name, options):
-    architecture = models.get(name)
-    trainer = Trainer(build_model(name, SIZE, **options), architecture, AugmentConfig.off())
-    trainer.compile(optimizer=keras.optimizers.Adam(1e-3))
-    return trainer
 
 
 # Parameter counts from layer shapes. BatchNormalization holds 4 vectors (gamma,
@@ -107,46 +64,43 @@ def _mask_resnet_params(channels, n_blocks, depth, head_classes=0, metadata_widt
     return total + head_classes * (channels + metadata_width + 1) + metadata_bias
 
 
-def _cnn_params_at_64():
-    # At 64 px six halvings leave 1x1x512 to flatten.
-    total = _conv(3, 1, 128) + _conv(3, 128, 128)
+def _cnn_params_at_64(width=1.0, metadata_width=0):
+    # At 64 px six halvings leave 1x1xC to flatten; width scales every layer.
+    def scaled(count):
+        return round(count * width)
+
+    total = _conv(3, 1, scaled(128)) + _conv(3, scaled(128), scaled(128))
     for cin, cout in [(128, 256), (256, 256), (256, 256), (256, 256), (256, 512)]:
-        total += _separable(cin, cout) + _separable(cout, cout) + 4 * cout
-    for cin, cout in [(512, 512), (512, 256), (256, 128), (128, 1)]:
-        total += cin * cout + cout
+        total += _separable(scaled(cin), scaled(cout)) + _separable(scaled(cout), scaled(cout)) + 4 * scaled(cout)
+    for index, (cin, cout) in enumerate([(512, 512), (512, 256), (256, 128), (128, 1)]):
+        inputs = scaled(cin) + (metadata_width if index == 0 else 0)  # the metadata joins the flattened features
+        total += inputs * (scaled(cout) if cout > 1 else 1) + (scaled(cout) if cout > 1 else 1)
     return total
 
 
-# The detectors' golden counts, bfloat16 steps and round trips are in their own test files.
-DETECTORS = {"retinanet", "mask_rcnn"}
+# VGG16 without top has 14,714,688 parameters; 64 px leaves 2x2x512 to flatten into a 64-unit layer.
+_VGG16_HEAD = (2 * 2 * 512 * 64 + 64) + (64 + 1)
 
 
-def test_golden_counts_and_cases_cover_every_registered_model():
-    assert set(GOLDEN_PARAMS) | DETECTORS == set(models.NAMES)
-    assert {case.values[0] for case in CASES} | DETECTORS == set(models.NAMES)
-
-
-@pytest.mark.parametrize("name", sorted(GOLDEN_PARAMS))
-def test_golden_parameter_count(name):
-    assert build_model(name, SIZE).count_params() == GOLDEN_PARAMS[name]
-
-
-def test_golden_counts_match_hand_arithmetic():
+def test_golden_counts_are_the_hand_arithmetic():
+    """tests/tiny_models.py's golden counts (which tests/test_contract.py checks the builds against), and
+    the default options' counts, from layer shapes."""
     # channels=4, n_blocks=1, depth=2: stem 36; level 1 (8 ch) 16+32+2*(32+576) = 1264;
     # level 2 (16 ch) 32+128+2*(64+2304) = 4896; head 64+17 = 81; total 6277.
-    assert _mask_resnet_params(4, 1, 2) == 6277
-    small = build_model("mask_resnet", SIZE, channels=4, n_blocks=1, depth=2)
-    assert small.count_params() == 6277
-    assert GOLDEN_PARAMS["mask_resnet"] == _mask_resnet_params(32, 2, 4)
+    assert TINY["mask_resnet"].options == {"channels": 4, "n_blocks": 1, "depth": 2}
+    assert TINY["mask_resnet"].params == _mask_resnet_params(4, 1, 2) == 6277
+    # Three classes from the 16 pooled channels and the 8 metadata values; the metadata's logit bias.
+    assert TINY["mask_resnet"].side_params == _mask_resnet_params(4, 1, 2, 3, 8) == 6277 + 3 * 25 + 9
+    assert build_model("mask_resnet", SIZE).count_params() == _mask_resnet_params(32, 2, 4) == 12_727_969
     with_head = build_model("mask_resnet", SIZE, channels=4, n_blocks=1, depth=2, image_head="binary")
     assert with_head.count_params() == _mask_resnet_params(4, 1, 2, head_classes=1) == 6277 + 17
-    # Three classes from the 16 pooled channels and the 8 metadata values; the metadata's logit bias.
-    with_metadata = build_model("mask_resnet", SIZE, channels=4, n_blocks=1, depth=2, image_head="three_class",
-                                metadata="view,sex,age")
-    assert with_metadata.count_params() == _mask_resnet_params(4, 1, 2, 3, 8) == 6277 + 3 * 25 + 9
-    assert GOLDEN_PARAMS["cnn"] == _cnn_params_at_64()
-    # VGG16 without top has 14,714,688 parameters; 64 px leaves 2x2x512 to flatten.
-    assert GOLDEN_PARAMS["vgg16"] == 14_714_688 + (2 * 2 * 512 * 64 + 64) + (64 + 1)
+    assert TINY["cnn"].options == {"width": 0.25}
+    assert TINY["cnn"].params == _cnn_params_at_64(0.25) == 100_097
+    assert TINY["cnn"].side_params == _cnn_params_at_64(0.25, metadata_width=8)
+    assert build_model("cnn", SIZE).count_params() == _cnn_params_at_64() == 1_494_017
+    assert TINY["vgg16"].options == {}
+    assert TINY["vgg16"].params == 14_714_688 + _VGG16_HEAD
+    assert TINY["vgg16"].side_params == 14_714_688 + _VGG16_HEAD + 8 * 64
 
 
 @pytest.mark.parametrize("shapes_features", [False, True])
@@ -174,17 +128,12 @@ def test_image_head_loss_reaches_the_shared_features_only_when_asked(shapes_feat
         assert all(gradient is None for gradient in features.values())
 
 
-def test_cnn_width_scales_every_layer():
-    assert build_model("cnn", SIZE, width=0.25).count_params() == 100_097
-
-
 def test_vgg16_frozen_backbone_fine_tunes_only_block5_conv2_and_conv3():
     model = build_model("vgg16", SIZE)
     trainable = sum(int(np.prod(w.shape)) for w in model.trainable_weights)
-    head = (2 * 2 * 512 * 64 + 64) + (64 + 1)
-    assert trainable == 2 * _conv(3, 512, 512) + head
+    assert trainable == 2 * _conv(3, 512, 512) + _VGG16_HEAD
     unfrozen = build_model("vgg16", SIZE, freeze_backbone=False)
-    assert sum(int(np.prod(w.shape)) for w in unfrozen.trainable_weights) == GOLDEN_PARAMS["vgg16"]
+    assert sum(int(np.prod(w.shape)) for w in unfrozen.trainable_weights) == TINY["vgg16"].params
 
 
 @pytest.mark.parametrize(
@@ -213,80 +162,12 @@ def test_input_and_output_contract(name, options, outputs):
         "image": (None, SIZE, SIZE, 1), **({"metadata": (None, metadata.width(fields))} if fields else {})
     }
     assert {key: tuple(t.shape[1:]) for key, t in model.output.items()} == outputs
-    assert {t.dtype for t in model.output.values()} == {"float32"}
 
 
 def test_mask_resnet_mask_has_the_input_shape():
     model = build_model("mask_resnet", SIZE, depth=4)
     prediction = model({"image": _batch()["image"]}, training=False)
     assert prediction["mask"].shape == (2, SIZE, SIZE, 1)
-
-
-@pytest.mark.parametrize(("name", "options"), CASES)
-def test_mixed_bfloat16_outputs_float32_and_trains(name, options):
-    with distribute.precision("mixed_bfloat16"):
-        trainer = _trainer(name, options)
-    # The policy was the block's only: models built after it are float32 again.
-    assert keras.config.dtype_policy().name == "float32"
-    assert build_model("cnn", SIZE, width=0.25).layers[1].compute_dtype == "float32"
-    assert any(layer.compute_dtype == "bfloat16" for layer in trainer.network.layers)
-    inputs, labels = models.get(name).to_fit(_batch(fields=options.get("metadata", ())))
-    for key, value in trainer.network(inputs, training=False).items():
-        assert value.dtype == "float32", key
-        if key in labels:
-            assert value.shape[1:] == labels[key].shape[1:]
-    before = [np.array(w) for w in trainer.network.trainable_weights]
-    history = trainer.fit(tf_dataset(inputs, labels), epochs=1, steps_per_epoch=1, verbose=0, shuffle=False)
-    assert history.history["loss"][0] > 0
-    assert any(not np.array_equal(a, np.array(b)) for a, b in zip(before, trainer.network.trainable_weights))
-
-
-def tf_dataset(inputs, labels):
-    import tensorflow as tf
-
-    return tf.data.Dataset.from_tensors((inputs, labels)).repeat()
-
-
-# One test for both, as each needs a traced training step (seconds on a shared CPU).
-@pytest.mark.parametrize(("name", "options"), CASES)
-def test_one_training_step_then_keras_file_round_trip(tmp_path, name, options):
-    architecture = models.get(name)
-    trainer = _trainer(name, options)
-    inputs, labels = architecture.to_fit(_batch(fields=options.get("metadata", ())))
-    network = trainer.network
-    # The first step's reported loss is the architecture's loss of the initial weights on the
-    # batch (training mode), term by term: the trainer adds nothing and drops nothing. Dropout
-    # draws from the layers' seed generators: their state is put back for the step.
-    generators = [layer.seed_generator for layer in network.layers if hasattr(layer, "seed_generator")]
-    states = [np.array(generator.state) for generator in generators]
-    terms = {key: float(value) for key, value in architecture.loss(
-        network, inputs, labels, network(inputs, training=True), training=True).items()}
-    for generator, state in zip(generators, states):
-        generator.state.assign(state)
-    if network.losses:
-        terms["regularization"] = float(sum(network.losses))
-    history = trainer.fit(tf_dataset(inputs, labels), epochs=1, steps_per_epoch=1, verbose=0, shuffle=False)
-    logged = {key.removesuffix("_loss"): values[0] for key, values in history.history.items()
-              if key.endswith("_loss")}
-    assert logged == pytest.approx(terms, rel=1e-5)
-    assert history.history["loss"][0] == pytest.approx(sum(terms.values()), rel=1e-5)
-    expected_metrics = {metric.name for found in architecture.metrics(network).values() for metric in found}
-    assert expected_metrics <= set(history.history)
-    # The step also moved BatchNormalization statistics off their initial values, so the
-    # round trip below has to carry them.
-    path = tmp_path / f"{name}.keras"
-    network.save(path)
-    loaded = keras.saving.load_model(path)
-    # Eager calls: predict/evaluate would trace each model again, for seconds.
-    expected, actual = network(inputs, training=False), loaded(inputs, training=False)
-    assert expected.keys() == actual.keys()
-    for key in expected:
-        np.testing.assert_array_equal(np.asarray(actual[key]), np.asarray(expected[key]))
-    original, reloaded = (
-        {key: float(value) for key, value in architecture.loss(m, inputs, labels, outputs, training=False).items()}
-        for m, outputs in ((network, expected), (loaded, actual))
-    )
-    assert reloaded == original
 
 
 def test_unknown_model_name_lists_known_names():

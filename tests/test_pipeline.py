@@ -13,10 +13,10 @@ import pytest
 import tensorflow as tf
 
 from pneumo_tf.data import pipeline
-from pneumo_tf.records.boxes import MAX_BOXES, rasterize
 from pneumo_tf.errors import UserError
-from pneumo_tf.records import manifest as manifest_lib, masks, schema
 from pneumo_tf.fileio import write_json_atomic
+from pneumo_tf.records import manifest as manifest_lib, masks, schema
+from pneumo_tf.records.boxes import MAX_BOXES, rasterize
 from pneumo_tf.records.manifest import FORMAT_VERSION, MANIFEST_NAME
 
 SIZE = 64
@@ -122,7 +122,8 @@ def collect(dataset) -> dict[str, np.ndarray]:
 
 
 def by_id(epoch: dict[str, np.ndarray]) -> dict[str, dict[str, np.ndarray]]:
-    return {image_id.decode(): {key: value[i] for key, value in epoch.items()} for i, image_id in enumerate(epoch["id"])}
+    return {image_id.decode(): {key: value[i] for key, value in epoch.items()}
+            for i, image_id in enumerate(epoch["id"])}
 
 
 @pytest.fixture(scope="module")
@@ -373,7 +374,8 @@ def test_user_mistakes_raise_user_errors(folder, tmp_path):
 
 @pytest.mark.parametrize(("manifest", "message"), [
     ({"format_version": 1, "splits": {}},
-     f"holds records of format version 1, but this pneumo_tf reads version {FORMAT_VERSION}: reconvert the images into a new folder"),
+     f"holds records of format version 1, but this pneumo_tf reads version {FORMAT_VERSION}: reconvert the images "
+     "into a new folder"),
     ({"splits": {}}, "is not a pneumo_tf records manifest"),
     ([1, 2], "is not a pneumo_tf records manifest"),
 ])

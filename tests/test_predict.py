@@ -126,7 +126,8 @@ def test_cli_reports_rejected_dicoms(trained_model, synthetic_rsna, test_ids, tm
     dicom_dir = shutil.copytree(synthetic_rsna["test_dir"], tmp_path / "dicom")
     (dicom_dir / "broken.dcm").write_bytes(b"not a DICOM file")
     output = tmp_path / "submission.csv"
-    result = run_predict(f"--model_dir={trained_model}", f"--dicom_dir={dicom_dir}", f"--output={output}",
+    # Through --dicom_dir's format-neutral name, as convert has it.
+    result = run_predict(f"--model_dir={trained_model}", f"--input_dir={dicom_dir}", f"--output={output}",
                          "--workers=1")
     assert result.returncode == 0, result.stderr[-3000:]
     rejected = [line for line in result.stderr.splitlines() if line.startswith("rejected ")]
@@ -198,7 +199,8 @@ DAMAGE = {
                            "pneumo_tf.json lacks 'model': re-export the model"),
     "info_not_an_object": (lambda folder: (folder / "pneumo_tf.json").write_text("[1, 2]"),
                            "pneumo_tf.json is not a pneumo_tf model's info (a JSON object)"),
-    "model_truncated": (lambda folder: (folder / "model.keras").write_bytes((folder / "model.keras").read_bytes()[:5000]),
+    "model_truncated": (lambda folder: (folder / "model.keras").write_bytes(
+                            (folder / "model.keras").read_bytes()[:5000]),
                         "model.keras is not a Keras archive (cut short or overwritten): re-export the model"),
     "model_missing": (lambda folder: (folder / "model.keras").unlink(), "model.keras is missing: re-export"),
     "model_broken_inside": (lambda folder: _rewrite_zip_member(folder / "model.keras", "config.json", b"{"),

@@ -258,7 +258,8 @@ def test_a_detector_preset_keeps_all_but_the_class_logits(detector_preset, tmp_p
     network = retinanet.build(SIZE, replace(TINY_RETINANET, detector_preset=folder))
     detector = network.detector
     # The preset's layout and box encoding, not the options': P3-P5, anchors of 4 * stride, variance 1.
-    assert (detector.backbone.min_level, detector.backbone.max_level, detector.anchor_generator.anchor_size) == (3, 5, 4)
+    assert (detector.backbone.min_level, detector.backbone.max_level,
+            detector.anchor_generator.anchor_size) == (3, 5, 4)
     assert list(detector.label_encoder.box_variance) == list(source.label_encoder.box_variance)
     assert detector.pre_logits_num_conv_layers == 2
     for mine, theirs in [(detector.backbone, source.backbone), (detector.box_head, source.box_head)]:
@@ -456,7 +457,8 @@ def test_matterport_weights_land_in_their_layers(matterport_network, tmp_path):
     for level in (2, 3, 4, 5):
         np.testing.assert_array_equal(fpn.lateral_conv_layers[f"P{level}"].kernel.numpy(),
                                       tensors[f"fpn_c{level}p{level}"]["kernel"])
-        np.testing.assert_array_equal(fpn.output_conv_layers[f"P{level}"].bias.numpy(), tensors[f"fpn_p{level}"]["bias"])
+        np.testing.assert_array_equal(fpn.output_conv_layers[f"P{level}"].bias.numpy(),
+                                      tensors[f"fpn_p{level}"]["bias"])
 
     # RPN: our sigmoid is matterport's softmax foreground probability of the anchor of the same shape (matterport's
     # ratios are width / height, ours height / width).
@@ -540,7 +542,8 @@ def test_a_wrong_shaped_or_missing_layer_is_one_clear_error_and_loads_nothing(ma
     message = str(caught.value)
     assert message.startswith(f"cannot load matterport weights {tmp_path / 'wrong.h5'} into mask_rcnn: ")
     assert "stack1_block0_2_conv needs matterport layer(s) res3a_branch2b, not in the file" in message
-    assert "output_conv_P3 needs shapes [(3, 3, 32, 32), (32,)], matterport's fpn_p3 give [(3, 3, 8, 8), (32,)]" in message
+    assert ("output_conv_P3 needs shapes [(3, 3, 32, 32), (32,)], matterport's fpn_p3 give [(3, 3, 8, 8), (32,)]"
+            in message)
     for value, weight in zip(before, network.weights, strict=True):
         np.testing.assert_array_equal(weight.numpy(), value)
     (tmp_path / "not.h5").write_bytes(b"not hdf5")

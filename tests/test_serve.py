@@ -25,11 +25,9 @@ from PIL import Image
 from pydicom.dataset import FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, RLELossless, SecondaryCaptureImageStorage, generate_uid
 
-from pneumo_tf.inference import web
 from pneumo_tf.data import pipeline
-from pneumo_tf.evaluation import collect
-from pneumo_tf.inference import offline
-from pneumo_tf.evaluation import submission
+from pneumo_tf.evaluation import collect, submission
+from pneumo_tf.inference import offline, web
 from pneumo_tf.models import card as model_card, exported
 from pneumo_tf.records import dicom, radiograph, shards, synthetic
 
@@ -46,7 +44,7 @@ def reference_probabilities(model_dir, dicom_dir, scratch) -> dict:
     pipeline's records, collect.run_batches (a submission holds no probability)."""
     model = exported.load(str(model_dir))
     records = os.path.join(scratch, "records")
-    shards.convert(str(dicom_dir), records, options=model.conversion_options(), 
+    shards.convert(str(dicom_dir), records, options=model.conversion_options(),
                    writer=shards.LocalPool(1, progress_stream=io.StringIO()))
     dataset = pipeline.make_dataset(records, "test", 4, model.image_size, training=False)
     probabilities = {}
@@ -67,7 +65,7 @@ def reference_boxes(model_dir, dicom_dir, scratch) -> dict:
 @pytest.fixture(scope="module")
 def real(trained_model, shared_rsna, tmp_path_factory) -> dict:
     """The model with its threshold at the median probability of the 10 real DICOMs (so both decisions
-    occur), its app, and what pneumo_tf.prediction gives for each of those files."""
+    occur), its app, and what `python -m pneumo_tf.predict` gives for each of those files."""
     scratch = tmp_path_factory.mktemp("real_reference")
     dicom_dir = shared_rsna / "dicom"
     probabilities = reference_probabilities(trained_model, dicom_dir, str(scratch / "probabilities"))

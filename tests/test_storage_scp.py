@@ -6,7 +6,6 @@ import sys
 import threading
 import time
 
-import numpy as np
 import pydicom
 import pytest
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
@@ -44,8 +43,8 @@ def wait_until(condition, seconds=120):
 
 
 def run_node(upload_reading, **options):
-    node = storage_scp.DicomNode(storage_scp.NodeConfig(model_dir=upload_reading.reading.model_dirs[0], port=0, **options),
-                                upload_reading)
+    config = storage_scp.NodeConfig(model_dir=upload_reading.reading.model_dirs[0], port=0, **options)
+    node = storage_scp.DicomNode(config, upload_reading)
     node.start()
     return node
 

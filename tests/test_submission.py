@@ -5,8 +5,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pneumo_tf.evaluation import submission
 from pneumo_tf.errors import UserError
+from pneumo_tf.evaluation import submission
 from pneumo_tf.records.labels import read_labels
 
 RSNA_DIR = Path(__file__).resolve().parents[2] / "shared" / "data" / "rsna"

@@ -1,4 +1,5 @@
 """Training end to end: export, strategies, precision, resume, CLI errors."""
+import dataclasses
 import json
 import os
 import signal
@@ -6,8 +7,6 @@ import socket
 import subprocess
 import sys
 import time
-
-import dataclasses
 import xml.etree.ElementTree as ElementTree
 
 import h5py
@@ -22,10 +21,10 @@ from tensorboard.plugins.hparams import metadata as hparams_metadata
 import replicas  # tests/replicas.py
 from pneumo_tf import cli, models
 from pneumo_tf.data import augment, metadata, pipeline
+from pneumo_tf.errors import UserError
 from pneumo_tf.models import exported
 from pneumo_tf.models.mask_resnet import MaskResNetOptions
 from pneumo_tf.training import loop
-from pneumo_tf.errors import UserError
 from pneumo_tf.training.config import TrainConfig, with_preset
 
 TINY_MASK = ["--model=mask_resnet", "--model_option=channels=4", "--model_option=n_blocks=1",
@@ -143,13 +142,14 @@ def test_multi_worker_mirrored_as_two_local_processes(tiny_records, tmp_path):
     workers = [f"127.0.0.1:{port}" for port in _free_ports(2)]
     processes = []
     for index in range(2):
-        env = dict(os.environ, TF_CONFIG=json.dumps({"cluster": {"worker": workers}, "task": {"type": "worker", "index": index}}))
+        env = dict(os.environ, TF_CONFIG=json.dumps({"cluster": {"worker": workers},
+                                                     "task": {"type": "worker", "index": index}}))
         command = [sys.executable, "-m", "pneumo_tf.train", f"--records_dir={tiny_records}",
                    f"--model_dir={tmp_path / 'run'}", "--strategy=multi_worker_mirrored", *TINY_MASK,
                    "--epochs=1", "--steps_per_epoch=2", "--validation_steps=1"]
         processes.append(subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
     outputs = [p.communicate(timeout=600) for p in processes]
-    for process, (out, err) in zip(processes, outputs):
+    for process, (_, err) in zip(processes, outputs):
         assert process.returncode == 0, err[-3000:]
     with open(tmp_path / "run" / "pneumo_tf.json") as handle:
         info = json.load(handle)
@@ -269,7 +269,8 @@ def test_cli_errors(tiny_records, tmp_path, args, message):
 def test_an_unknown_model_is_refused_with_the_known_names(tiny_records, tmp_path):
     result = run_train(tiny_records, tmp_path / "run", "--model=resnet9000")
     assert result.returncode != 0 and not (tmp_path / "run").exists()
-    assert "flag --model=resnet9000: value should be one of <cnn|vgg16|mask_resnet|retinanet|mask_rcnn>" in result.stderr
+    assert ("flag --model=resnet9000: value should be one of <cnn|vgg16|mask_resnet|retinanet|mask_rcnn>"
+            in result.stderr)
 
 
 def test_help_and_train_config_agree_on_every_default():

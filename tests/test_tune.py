@@ -88,8 +88,9 @@ def test_flags_from_config_round_trip():
 def test_objective_and_oracles():
     assert search.objective("mask_resnet").name == "val_map" and search.objective("cnn").name == "val_target_auc"
     space = search.search_space(["learning_rate=log:1e-4:3e-3"])
-    oracles = {algorithm: search.make_oracle(search.TuneConfig(search=("x",), tune_dir="t", trials=5, algorithm=algorithm),
-                                           BASE, space) for algorithm in search.ALGORITHMS}
+    oracles = {algorithm: search.make_oracle(
+        search.TuneConfig(search=("x",), tune_dir="t", trials=5, algorithm=algorithm), BASE, space)
+        for algorithm in search.ALGORITHMS}
     assert isinstance(oracles["random"], keras_tuner.oracles.RandomSearchOracle)
     assert isinstance(oracles["bayesian"], keras_tuner.oracles.BayesianOptimizationOracle)
     assert oracles["random"].max_trials == 5 and oracles["hyperband"].max_epochs == BASE.epochs

@@ -10,7 +10,7 @@ Each image gets one random affine map (horizontal flip, rotation, zoom, shift).
 Image and mask are resampled once through it together, the boxes are mapped
 through the same map, and brightness/contrast jitter touches the image only.
 
-Coordinates: boxes follow `pneumo_tf.boxes` (normalised ymin, xmin, ymax, xmax,
+Coordinates: boxes follow `pneumo_tf.records.boxes` (normalised ymin, xmin, ymax, xmax,
 where 0 and 1 are the outer edges of the image); the resampler works in pixel
 indices, where pixel (row, col) has its centre at (row, col). Both describe the
 same map: forward (input to output) for boxes, inverse (output to input) for pixels.

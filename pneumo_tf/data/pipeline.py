@@ -38,9 +38,9 @@ import contextlib
 import tensorflow as tf
 
 from pneumo_tf.data import remote
-from pneumo_tf.records.boxes import MAX_BOXES
 from pneumo_tf.errors import UserError
 from pneumo_tf.records import schema
+from pneumo_tf.records.boxes import MAX_BOXES
 from pneumo_tf.records.manifest import checked_shard_paths, read_manifest, shard_paths
 
 # Scales `tf.io.decode_jpeg` can decode at directly (libjpeg's DCT scaling).
@@ -311,40 +311,59 @@ def make_dataset(
         # of 6 files delivered 3 and 2 files, one of them twice).
         input_context=None if data_service else input_context,
     )
+
+    def decode(stream):
+        return decode_records(stream, batch_size, image_size, bit_depth, deterministic=not training)
+
+    dataset = _sampled_stream(records, positive_fraction, training=training, repeat=repeat, cache=cache,
+                              shuffle_buffer=shuffle_buffer, seed=seed, decode=decode)
+    if not cache:
+        dataset = decode(dataset)
+    dataset = dataset.batch(batch_size, drop_remainder=drop_remainder)
+    if data_service:
+        return _through_service(dataset, training, data_service, shared_by)
+    return _tuned(dataset, training)
+
+
+def _sampled_stream(records, positive_fraction, *, training, repeat, cache, shuffle_buffer, seed, decode):
+    """The serialized records in the order training or evaluation reads them: per class when
+    `positive_fraction` samples the classes, each stream decoded and cached (by `decode`) when `cache`,
+    shuffled when training, repeated when `repeat`."""
     streams = split_by_target(records) if positive_fraction is not None else (records,)
 
     def prepare(stream):
         if cache:
             # Decode before the cache so later epochs only shuffle and batch.
-            stream = decode_records(stream, batch_size, image_size, bit_depth, deterministic=not training).cache()
+            stream = decode(stream).cache()
         if training:
             stream = stream.shuffle(shuffle_buffer, seed=seed, reshuffle_each_iteration=True)
         return stream.repeat() if repeat else stream
 
     streams = [prepare(stream) for stream in streams]
     if positive_fraction is None:
-        dataset = streams[0]
-    else:
-        # Stopping on an empty stream (one pipeline's share without positives) ends the
-        # data visibly instead of silently sampling only the other class.
-        dataset = tf.data.Dataset.sample_from_datasets(
-            streams, weights=[positive_fraction, 1.0 - positive_fraction], seed=seed, stop_on_empty_dataset=True
-        )
-    if not cache:
-        dataset = decode_records(dataset, batch_size, image_size, bit_depth, deterministic=not training)
-    dataset = dataset.batch(batch_size, drop_remainder=drop_remainder)
-    if data_service:
-        dataset = dataset.map(lambda batch: {**batch, "mask": tf.cast(batch["mask"], MASK_WIRE_DTYPE)})
+        return streams[0]
+    # Stopping on an empty stream (one pipeline's share without positives) ends the
+    # data visibly instead of silently sampling only the other class.
+    return tf.data.Dataset.sample_from_datasets(
+        streams, weights=[positive_fraction, 1.0 - positive_fraction], seed=seed, stop_on_empty_dataset=True
+    )
+
+
+def _tuned(dataset: tf.data.Dataset, training: bool) -> tf.data.Dataset:
+    """Autotuned and prefetched; in order unless training."""
     options = tf.data.Options()
     # Autotune picks the AUTOTUNE parallelism and prefetch buffer sizes above.
     options.autotune.enabled = True
     options.deterministic = not training
-    dataset = dataset.prefetch(tf.data.AUTOTUNE).with_options(options)
-    if data_service:
-        dataset = remote.distribute(dataset, data_service, shared_by)
-        dataset = dataset.map(lambda batch: {**batch, "mask": tf.cast(batch["mask"], tf.float32)})
-        dataset = dataset.prefetch(tf.data.AUTOTUNE)
-    return dataset
+    return dataset.prefetch(tf.data.AUTOTUNE).with_options(options)
+
+
+def _through_service(dataset: tf.data.Dataset, training: bool, data_service: str, shared_by) -> tf.data.Dataset:
+    """The batches made by the tf.data service's workers, masks sent as MASK_WIRE_DTYPE."""
+    dataset = dataset.map(lambda batch: {**batch, "mask": tf.cast(batch["mask"], MASK_WIRE_DTYPE)})
+    dataset = remote.distribute(_tuned(dataset, training), data_service, shared_by)
+    dataset = dataset.map(lambda batch: {**batch, "mask": tf.cast(batch["mask"], tf.float32)})
+    return dataset.prefetch(tf.data.AUTOTUNE)
 
 
 def _check_positive_fraction(positive_fraction, training, repeat, split_entry, split):

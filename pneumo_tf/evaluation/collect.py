@@ -29,7 +29,8 @@ def yxyx_to_xywh(boxes_yxyx, source_height: int, source_width: int) -> np.ndarra
 
 
 def to_challenge(detections: Detections, source_height: int, source_width: int) -> metric.Prediction:
-    """One image's detections in the challenge's space: (boxes xywh float64 [N, 4] in source pixels, scores float64 [N])."""
+    """One image's detections in the challenge's space: (boxes xywh float64 [N, 4] in source pixels, scores
+    float64 [N])."""
     boxes_yxyx, scores = detections
     boxes = yxyx_to_xywh(boxes_yxyx, source_height, source_width)
     scores = np.asarray(scores, dtype=np.float64).reshape(-1)

@@ -52,44 +52,32 @@ def iou_matrix(a, b) -> np.ndarray:
     return np.divide(intersection, union, out=np.zeros_like(intersection), where=union > 0)
 
 
-def _ranked_true_positives(pred_boxes, scores, gt_boxes) -> tuple[np.ndarray, np.ndarray, int]:
-    """Greedy matching of one image at every IoU threshold at once.
+def image_precisions(pred_boxes, scores, gt_boxes) -> np.ndarray | None:
+    """precision(t) for each of IOU_THRESHOLDS, or None when the image is left out (no boxes at all).
 
-    Returns the confidences in matching order [K], the true positives among the
-    first k predictions for k = 0..K [K + 1, 8], and the number of ground-truth
-    boxes.
+    The greedy matching runs at every IoU threshold at once.
     """
     pred = as_xywh_array(pred_boxes)
     gt = as_xywh_array(gt_boxes)
     scores = np.asarray(scores, dtype=np.float64)
     if scores.shape != (len(pred),):
         raise ValueError(f"need one confidence per predicted box: {len(pred)} boxes, scores of shape {scores.shape}")
-    order = np.argsort(-scores, kind="stable")
-    ious = iou_matrix(pred[order], gt)
-
+    if len(pred) == 0 and len(gt) == 0:
+        return None
+    ious = iou_matrix(pred[np.argsort(-scores, kind="stable")], gt)
     rows = np.arange(len(IOU_THRESHOLDS))
     matched = np.zeros((len(IOU_THRESHOLDS), len(gt)), dtype=bool)
-    true_positives = np.zeros((len(pred) + 1, len(IOU_THRESHOLDS)), dtype=np.int64)
-    # Without ground truth every prediction is a false positive: the counts stay 0.
+    tp = np.zeros(len(IOU_THRESHOLDS), dtype=np.int64)
+    # Without ground truth every prediction is a false positive: TP stays 0.
     for k in range(len(pred) if len(gt) else 0):
         # A matched box gets IoU -1: it never beats a free box and never passes a threshold.
         candidates = np.where(matched, -1.0, ious[k])
         best = candidates.argmax(axis=1)
         hit = candidates[rows, best] > IOU_THRESHOLDS
         matched[rows[hit], best[hit]] = True
-        true_positives[k + 1] = true_positives[k] + hit
-    return scores[order], true_positives, len(gt)
-
-
-def image_precisions(pred_boxes, scores, gt_boxes) -> np.ndarray | None:
-    """precision(t) for each of IOU_THRESHOLDS, or None when the image is left out (no boxes at all)."""
-    _, true_positives, num_gt = _ranked_true_positives(pred_boxes, scores, gt_boxes)
-    num_pred = len(true_positives) - 1
-    if num_pred == 0 and num_gt == 0:
-        return None
-    tp = true_positives[-1]
-    # TP + FP + FN = num_pred + num_gt - TP.
-    return tp / (num_pred + num_gt - tp)
+        tp += hit
+    # TP + FP + FN = predictions + ground-truth boxes - TP.
+    return tp / (len(pred) + len(gt) - tp)
 
 
 def image_score(pred_boxes, scores, gt_boxes) -> float | None:

@@ -48,7 +48,13 @@ from pneumo_tf.data import pipeline
 from pneumo_tf.errors import UserError
 from pneumo_tf.evaluation.collect import collect_readings
 from pneumo_tf.evaluation.sweep import (
-    DEFAULT_THRESHOLDS, F1_COLUMN, MAP_COLUMN, both_classes, confusion_matrices, pick_threshold, reading_rows,
+    DEFAULT_THRESHOLDS,
+    F1_COLUMN,
+    MAP_COLUMN,
+    both_classes,
+    confusion_matrices,
+    pick_threshold,
+    reading_rows,
     threshold_table,
 )
 from pneumo_tf.evaluation.visualize import curve_pngs, write_tensorboard
@@ -209,8 +215,27 @@ def evaluate(config: EvaluateConfig) -> Evaluation:
         "files": files,
     }
     if readings is not None:
-        summary["readings"] = [{key: _number(value) if isinstance(value, float) else value for key, value in row.items()}
+        summary["readings"] = [{key: _number(value) if isinstance(value, float) else value
+                                for key, value in row.items()}
                                for row in readings.to_dict("records")]
+    table_markdown, pngs = _write_reports(output, collected, table, chosen, confusion, confusion_by_class, readings)
+    # A plain model's at its last trained epoch, the step of validation's own PR curves.
+    step = int((reading.members[0].model.info.get("epochs") or [0])[-1]) if reading.is_plain else 0
+    write_tensorboard(summary["log_dir"], step, collected, table_markdown, pngs, summary)
+    if config.save_threshold:
+        summary["threshold_dir"] = reading_lib.save_threshold(reading, threshold_info(summary), config.ensemble_dir)
+    # The folder the reading lives in keeps the figures in its card; a fused reading saved nowhere has none.
+    card_dir = summary.get("threshold_dir") or reading.ensemble_dir or (home if reading.is_plain else None)
+    if card_dir is not None:
+        summary["model_card"] = model_card.record_evaluation(
+            card_dir, reading, model_card.evaluation_entry(summary, config.records_dir))
+    write_json_atomic(output("summary.json"), summary)
+    return Evaluation(summary, table, confusion, confusion_by_class, readings)
+
+
+def _write_reports(output, collected, table, chosen, confusion, confusion_by_class, readings) -> tuple[str, dict]:
+    """Writes the threshold table (CSV and Markdown), the confusion matrices, the per-reading rows, every image's
+    probability and the curves, each to `output(name)`; returns the table's Markdown and the curves' PNGs."""
     table_markdown = to_markdown(table)
     _write_csv(table, output("thresholds.csv"))
     _write_bytes((table_markdown + "\n").encode(), output("thresholds.md"))
@@ -225,18 +250,7 @@ def evaluate(config: EvaluateConfig) -> Evaluation:
     pngs = curve_pngs(collected, chosen) if both_classes(collected.targets) else {}
     for name, png in pngs.items():
         _write_bytes(png, output(f"{name}.png"))
-    # A plain model's at its last trained epoch, the step of validation's own PR curves.
-    step = int((reading.members[0].model.info.get("epochs") or [0])[-1]) if reading.is_plain else 0
-    write_tensorboard(summary["log_dir"], step, collected, table_markdown, pngs, summary)
-    if config.save_threshold:
-        summary["threshold_dir"] = reading_lib.save_threshold(reading, threshold_info(summary), config.ensemble_dir)
-    # The folder the reading lives in keeps the figures in its card; a fused reading saved nowhere has none.
-    card_dir = summary.get("threshold_dir") or reading.ensemble_dir or (home if reading.is_plain else None)
-    if card_dir is not None:
-        summary["model_card"] = model_card.record_evaluation(
-            card_dir, reading, model_card.evaluation_entry(summary, config.records_dir))
-    write_json_atomic(output("summary.json"), summary)
-    return Evaluation(summary, table, confusion, confusion_by_class, readings)
+    return table_markdown, pngs
 
 
 def threshold_info(summary: dict) -> dict:

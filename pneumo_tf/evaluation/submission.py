@@ -14,8 +14,8 @@ from collections.abc import Iterable
 
 import numpy as np
 
-from pneumo_tf.evaluation import metric
 from pneumo_tf.errors import UserError
+from pneumo_tf.evaluation import metric
 from pneumo_tf.fileio import atomic_open
 from pneumo_tf.records.labels import read_labels
 

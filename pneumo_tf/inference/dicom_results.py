@@ -40,8 +40,8 @@ import zipfile
 import highdicom as hd
 import numpy as np
 import pydicom
-from pydicom.sr.coding import Code
 from pydicom.sr.codedict import codes
+from pydicom.sr.coding import Code
 from pydicom.valuerep import format_number_as_ds
 
 from pneumo_tf.fileio import atomic_open

@@ -25,6 +25,7 @@ import tempfile
 
 import numpy as np
 from PIL import Image, ImageDraw
+from tqdm import tqdm
 
 from pneumo_tf.cli import check_constraints, option
 from pneumo_tf.data import pipeline
@@ -33,10 +34,9 @@ from pneumo_tf.evaluation import submission
 from pneumo_tf.evaluation.collect import challenge_detections, run_batches
 from pneumo_tf.evaluation.visualize import PREDICTED_BOX_COLOR
 from pneumo_tf.fileio import atomic_open
+from pneumo_tf.inference import dicom_results
 from pneumo_tf.models import card as model_card, reading as reading_lib
 from pneumo_tf.models.reading import Reading, ReadingConfig
-from tqdm import tqdm
-from pneumo_tf.inference import dicom_results
 from pneumo_tf.records import images, manifest as manifest_lib, plan, radiograph, shards
 from pneumo_tf.records.manifest import REJECTS_NAME
 
@@ -52,7 +52,8 @@ class PredictConfig:
     split: str = option("test", "Split of --records_dir to predict.")
     verify_records: bool = option(False, manifest_lib.VERIFY_HELP)
     dicom_dir: str | None = option(None, "Folder of DICOM, PNG or JPEG files to predict (every file is predicted or "
-                                   "reported as rejected; a file's id is its name without the extension).")
+                                   "reported as rejected; a file's id is its name without the extension).",
+                                   aliases=("input_dir",))
     threshold: float | None = option(None, "Confidence threshold (default: the one python -m pneumo_tf.evaluate "
                                      "saved in the model's pneumo_tf.json or the ensemble folder).",
                                      exclusive_minimum=0.0, exclusive_maximum=1.0)

@@ -43,13 +43,19 @@ import threading
 import weakref
 
 import pydicom
-from pydicom.uid import AllTransferSyntaxes, ExplicitVRLittleEndian, ImplicitVRLittleEndian, UID
+from pydicom.uid import UID, AllTransferSyntaxes, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import AE, AllStoragePresentationContexts, evt
 from pynetdicom.pdu import P_DATA_TF
-from pynetdicom.sop_class import (ComprehensiveSRStorage, ComputedRadiographyImageStorage,
-                                  DigitalXRayImageStorageForPresentation, DigitalXRayImageStorageForProcessing,
-                                  GrayscaleSoftcopyPresentationStateStorage, SecondaryCaptureImageStorage,
-                                  SegmentationStorage, Verification)
+from pynetdicom.sop_class import (
+    ComprehensiveSRStorage,
+    ComputedRadiographyImageStorage,
+    DigitalXRayImageStorageForPresentation,
+    DigitalXRayImageStorageForProcessing,
+    GrayscaleSoftcopyPresentationStateStorage,
+    SecondaryCaptureImageStorage,
+    SegmentationStorage,
+    Verification,
+)
 
 from pneumo_tf.cli import check_constraints, option
 from pneumo_tf.errors import RejectedFile, UserError

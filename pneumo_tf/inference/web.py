@@ -23,10 +23,10 @@ An upload goes through the code training and predict use: records.radiograph.con
 (converted as the model's training records were, pneumo_tf.json "conversion") ->
 schema.serialize_example -> pipeline.parse_batch + pipeline.decode_image (at each member's
 size) -> the reading's networks -> collect.challenge_detections and the reading's
-image probability, at the threshold evaluation saved. So the page shows exactly what `python -m pneumo_tf.predict --dicom_dir`
-writes for the same file. The page's picture and facts come from radiograph.read_radiograph,
-the converter's reader of every format. Uploads stay in memory (never spooled to a temporary file) and
-the page draws the boxes as SVG over the radiograph, sent inline as a data: URI PNG:
+image probability, at the threshold evaluation saved. So the page shows exactly what
+`python -m pneumo_tf.predict --dicom_dir` writes for the same file. The page's picture and facts come from
+radiograph.read_radiograph, the converter's reader of every format. Uploads stay in memory (never spooled to a
+temporary file) and the page draws the boxes as SVG over the radiograph, sent inline as a data: URI PNG:
 nothing is written to disk, so simultaneous users never see each other's results.
 
 Hostile uploads and slow clients. The server is waitress (`make_server`; BUILD.md says why): a
@@ -59,13 +59,12 @@ from werkzeug.sansio.utils import host_is_trusted
 
 from pneumo_tf.cli import check_constraints, option
 from pneumo_tf.data import metadata, pipeline
+from pneumo_tf.errors import RejectedFile, UserError
 from pneumo_tf.evaluation import collect, submission
 from pneumo_tf.inference import dicom_results
 from pneumo_tf.models import card as model_card, reading as reading_lib
 from pneumo_tf.models.reading import ReadingConfig
-from pneumo_tf.errors import RejectedFile, UserError
-from pneumo_tf.records import dicom, images, labels as labels_lib, pixels, radiograph as radiograph_lib
-from pneumo_tf.records import schema
+from pneumo_tf.records import dicom, images, labels as labels_lib, pixels, radiograph as radiograph_lib, schema
 from pneumo_tf.records.labels import PatientFacts
 
 DISPLAY_MAX_SIZE = 1024  # the page's radiograph is downscaled to this many pixels on its long side
@@ -318,56 +317,34 @@ def _page_facts(facts: dicom.HeaderFacts, source_format: str) -> list[tuple[str,
     ]
 
 
-def create_app(model_dir: str, **settings) -> flask.Flask:
-    """The Flask app serving the exported model (or ensemble) in `model_dir` (see the module docstring);
-    `settings` are ServeConfig's other fields (max_upload_mb=..., reading=..., ...)."""
-    config = ServeConfig(model_dir, **settings)
-    check_constraints(config)
-    upload_reading = UploadReading(model_dir, config.reading, config.limit, config.max_conversions, config.timeout)
-    max_upload_mb = config.max_upload_mb
-    trusted_hosts = _trusted_hosts(config)
-    app = flask.Flask(__name__, template_folder="templates", static_folder="static")
-    app.request_class = InMemoryRequest
-    # Flask reads FLASK_DEBUG from the environment; this app never runs in debug mode.
-    app.config["DEBUG"] = False
-    app.config["MAX_CONTENT_LENGTH"] = int(max_upload_mb * 2**20)
-    app.extensions["pneumo_tf.reading"] = upload_reading
-    limit = f"{max_upload_mb:g} MB"
-
-    def read_upload(results: bool = False) -> Result:
-        """The upload's reading; with `results`, a DICOM's result objects too (zipped)."""
-        upload = flask.request.files.get("file")
-        data = upload.read() if upload is not None else b""
-        if not data and not (upload and upload.filename):  # a browser sends an empty, unnamed part
-            raise UploadError(400, "no file: choose a DICOM (.dcm), PNG or JPEG file and upload it in the form field "
-                              "'file'")
-        name = upload.filename or "upload"
-        if not data:
-            raise UploadError(400, f"{name} is empty")
+def _read_upload(upload_reading: UploadReading, results: bool = False) -> Result:
+    """The request's upload read by `upload_reading`; with `results`, a DICOM's result objects too (zipped)."""
+    upload = flask.request.files.get("file")
+    data = upload.read() if upload is not None else b""
+    if not data and not (upload and upload.filename):  # a browser sends an empty, unnamed part
+        raise UploadError(400, "no file: choose a DICOM (.dcm), PNG or JPEG file and upload it in the form field "
+                          "'file'")
+    name = upload.filename or "upload"
+    if not data:
+        raise UploadError(400, f"{name} is empty")
+    try:
+        result = upload_reading.predict(data, radiograph_lib.image_id_of(name), with_mask=results,
+                                        known=facts_of_form(flask.request.form))
+    except RejectedFile as error:
+        raise UploadError(422, f"{name} cannot be read as a radiograph: {error}") from error
+    except Busy as error:
+        raise UploadError(503, f"the server is busy ({error}): try again in a moment") from error
+    if results and result.source_format == images.DICOM:
         try:
-            result = upload_reading.predict(data, radiograph_lib.image_id_of(name), with_mask=results,
-                                            known=facts_of_form(flask.request.form))
-        except RejectedFile as error:
-            raise UploadError(422, f"{name} cannot be read as a radiograph: {error}") from error
-        except Busy as error:
-            raise UploadError(503, f"the server is busy ({error}): try again in a moment") from error
-        if results and result.source_format == images.DICOM:
-            try:
-                archive = dicom_results.zip_archive(upload_reading.dicom_results(data, result), result.image_id)
-            except Exception:  # noqa: BLE001 - a header without what results copy (UIDs): the reading still shows
-                return result
-            result = dataclasses.replace(result, dicom_results=archive)
-        return result
+            archive = dicom_results.zip_archive(upload_reading.dicom_results(data, result), result.image_id)
+        except Exception:  # noqa: BLE001 - a header without what results copy (UIDs): the reading still shows
+            return result
+        result = dataclasses.replace(result, dicom_results=archive)
+    return result
 
-    def page(result: Result | None = None, error: str | None = None, status: int = 200):
-        image = base64.b64encode(result.display_png).decode("ascii") if result else None
-        archive = base64.b64encode(result.dicom_results).decode("ascii") if result and result.dicom_results else None
-        html = flask.render_template(
-            "index.html", result=result, image=image, dicom_results=archive, error=error, limit=limit,
-            facts=_page_facts(result.facts, result.source_format) if result else [],
-            model=upload_reading.reading.name, threshold=upload_reading.threshold,
-        )
-        return html, status
+
+def _add_request_guards(app: flask.Flask, trusted_hosts) -> None:
+    """Registers the checks of every request and the security headers of every response."""
 
     @app.before_request
     def same_site_only():
@@ -395,6 +372,35 @@ def create_app(model_dir: str, **settings) -> flask.Flask:
             response.headers["Cache-Control"] = "no-store"
         return response
 
+
+def create_app(model_dir: str, **settings) -> flask.Flask:
+    """The Flask app serving the exported model (or ensemble) in `model_dir` (see the module docstring);
+    `settings` are ServeConfig's other fields (max_upload_mb=..., reading=..., ...)."""
+    config = ServeConfig(model_dir, **settings)
+    check_constraints(config)
+    upload_reading = UploadReading(model_dir, config.reading, config.limit, config.max_conversions, config.timeout)
+    max_upload_mb = config.max_upload_mb
+    trusted_hosts = _trusted_hosts(config)
+    app = flask.Flask(__name__, template_folder="templates", static_folder="static")
+    app.request_class = InMemoryRequest
+    # Flask reads FLASK_DEBUG from the environment; this app never runs in debug mode.
+    app.config["DEBUG"] = False
+    app.config["MAX_CONTENT_LENGTH"] = int(max_upload_mb * 2**20)
+    app.extensions["pneumo_tf.reading"] = upload_reading
+    limit = f"{max_upload_mb:g} MB"
+
+    def page(result: Result | None = None, error: str | None = None, status: int = 200):
+        image = base64.b64encode(result.display_png).decode("ascii") if result else None
+        archive = base64.b64encode(result.dicom_results).decode("ascii") if result and result.dicom_results else None
+        html = flask.render_template(
+            "index.html", result=result, image=image, dicom_results=archive, error=error, limit=limit,
+            facts=_page_facts(result.facts, result.source_format) if result else [],
+            model=upload_reading.reading.name, threshold=upload_reading.threshold,
+        )
+        return html, status
+
+    _add_request_guards(app, trusted_hosts)
+
     @app.get("/")
     def index():
         return page()
@@ -402,14 +408,14 @@ def create_app(model_dir: str, **settings) -> flask.Flask:
     @app.post("/")
     def upload_page():
         try:
-            return page(read_upload(results=True))
+            return page(_read_upload(upload_reading, results=True))
         except UploadError as error:
             return page(error=error.message, status=error.status)
 
     @app.post("/api/dicom_results")
     def api_dicom_results():
         try:
-            result = read_upload(results=True)
+            result = _read_upload(upload_reading, results=True)
         except UploadError as error:
             return flask.jsonify(error=error.message), error.status
         if result.dicom_results is None and result.source_format != images.DICOM:
@@ -424,7 +430,7 @@ def create_app(model_dir: str, **settings) -> flask.Flask:
     @app.post("/api/predict")
     def api_predict():
         try:
-            return flask.jsonify(read_upload().to_json())
+            return flask.jsonify(_read_upload(upload_reading).to_json())
         except UploadError as error:
             return flask.jsonify(error=error.message), error.status
 

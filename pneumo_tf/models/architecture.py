@@ -30,7 +30,7 @@ The flow of one batch (pipeline batch: see pneumo_tf.data.pipeline):
              masks(outputs, threshold, sizes)   # only when gives_masks: what a segmentation holds
 
 Conventions: images float32 [B, S, S, 1] in [0, 1]; boxes normalised (ymin, xmin, ymax,
-xmax) (pneumo_tf.data.boxes); everything a loss or an output returns is float32, also
+xmax) (pneumo_tf.records.boxes); everything a loss or an output returns is float32, also
 under a mixed precision policy.
 
 Losses and replicas: each term is what this replica contributes, scaled so that the

@@ -63,8 +63,7 @@ import shlex
 from pneumo_tf import cli, fileio
 from pneumo_tf.cli import option
 from pneumo_tf.errors import UserError
-from pneumo_tf.models import exported
-from pneumo_tf.models import reading as reading_lib
+from pneumo_tf.models import exported, reading as reading_lib
 from pneumo_tf.records import manifest as manifest_lib
 
 CARD_VERSION = 1
@@ -444,7 +443,8 @@ def _lines(card: dict, indent: str = "") -> list[str]:
              line("created", card.get("created") or UNKNOWN)]
     if card["kind"] == "ensemble":
         reading = card["reading"]
-        lines.append(line("reading", f"tta {reading['tta']}, fusion {reading['fusion']} at IoU {reading['fusion_iou']:g}"))
+        lines.append(line("reading",
+                          f"tta {reading['tta']}, fusion {reading['fusion']} at IoU {reading['fusion_iou']:g}"))
         for index, member in enumerate(card["members"], start=1):
             lines.append(line(f"member {index}", f"{member['model_dir']}, weight {member['weight']:g}"))
             lines += _lines(member["card"], indent + "    ")

@@ -58,7 +58,9 @@ def build(image_size: int, options: CNNOptions = CNNOptions()) -> keras.Model:
             x = layers.SeparableConv2D(
                 _scaled(filters, width), 3, padding="same", activation="relu"
             )(x)
-        x = layers.BatchNormalization()(x)
+        # Synchronised across replicas, as in the other architectures: N replicas train the model one
+        # device trains on the same global batch. On one device it is plain batch norm.
+        x = layers.BatchNormalization(synchronized=True)(x)
         x = layers.MaxPool2D(2)(x)
         if dropout is not None:
             x = layers.Dropout(dropout)(x)

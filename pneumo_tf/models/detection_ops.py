@@ -1,7 +1,7 @@
 """Two-stage detector ops that compile with XLA: static shapes, gathers, padded NMS.
 
 Boxes are normalised (ymin, xmin, ymax, xmax) everywhere (the batch convention of
-pneumo_tf.boxes); padded rows travel with a boolean `valid` mask instead of being cut
+pneumo_tf.records.boxes); padded rows travel with a boolean `valid` mask instead of being cut
 off, so every tensor keeps the shape it was traced with. Nothing here holds weights:
 pneumo_tf.models.mask_rcnn wires these functions to its layers.
 

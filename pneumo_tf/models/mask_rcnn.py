@@ -78,16 +78,30 @@ import keras_hub
 import numpy as np
 import tensorflow as tf
 from keras import layers
-from PIL import Image
 from keras_hub.src.models.retinanet.feature_pyramid import FeaturePyramid
+from PIL import Image
 
 from pneumo_tf.cli import option
 from pneumo_tf.errors import UserError
 from pneumo_tf.models import detection_ops as ops, matterport, pretrained
 from pneumo_tf.models.architecture import (
-    BOXES, IMAGE_LOGITS, NUM_DETECTIONS, REAL_DATA_TRAINING, SCORES, BoxDetector, BoxModelOptions, Preset, detector_outputs,
-    image_head_logits, image_head_loss, metadata_bias, metadata_input, network_inputs, replica_count,
-    sum_over_replicas, with_image_probability,
+    BOXES,
+    IMAGE_LOGITS,
+    NUM_DETECTIONS,
+    REAL_DATA_TRAINING,
+    SCORES,
+    BoxDetector,
+    BoxModelOptions,
+    Preset,
+    detector_outputs,
+    image_head_logits,
+    image_head_loss,
+    metadata_bias,
+    metadata_input,
+    network_inputs,
+    replica_count,
+    sum_over_replicas,
+    with_image_probability,
 )
 
 # The first stage's output with the metadata's logit bias per image [B, 1] (see `classify`).
@@ -171,8 +185,8 @@ class MaskRCNNOptions(BoxModelOptions):
         None, "A matterport Mask R-CNN .h5 (its COCO weights, github.com/matterport/Mask_RCNN/releases/download/v2.0/"
         "mask_rcnn_coco.h5, or your own) loaded by layer name into a resnet50/resnet101 backbone and the heads; grey "
         "images are repeated to three channels less matterport's mean pixel.")
-    matterport_exclude: tuple[str, ...] = option(matterport.SEED_EXCLUDE, "matterport layers not loaded (the seed's: the "
-                                                 "class-specific ones of an 81-class file); () loads them all.")
+    matterport_exclude: tuple[str, ...] = option(matterport.SEED_EXCLUDE, "matterport layers not loaded (the seed's: "
+                                                 "the class-specific ones of an 81-class file); () loads them all.")
     train_bn: bool = option(False, pretrained.TRAIN_BN_HELP)
 
     @property

@@ -140,7 +140,7 @@ def boxes_from_mask(
     pixel above `threshold` (with the default ratio 1: every component of `probability_mask > threshold`).
 
     Returns (boxes, scores): boxes float32 [N, 4] as normalised (ymin, xmin, ymax,
-    xmax), the batch convention of pneumo_tf.boxes, covering whole pixels (a box
+    xmax), the batch convention of pneumo_tf.records.boxes, covering whole pixels (a box
     spanning rows r0..r1 has ymin = r0 / H, ymax = (r1 + 1) / H, the inverse of
     boxes.rasterize); scores float32 [N], the mean probability inside the
     component, sorted descending. Components smaller than `min_area_fraction` of

@@ -144,7 +144,8 @@ def _rpn_anchor_order(ratios) -> list[int]:
         matches = [index for index, theirs in enumerate(RPN_ANCHOR_RATIOS) if np.isclose(theirs, 1.0 / ratio)]
         if not matches:
             raise UserError(f"mask_rcnn rpn_anchor_ratios {tuple(ratios)} (height / width) must be among matterport's "
-                            f"width / height ratios' inverses {tuple(1 / r for r in RPN_ANCHOR_RATIOS)} to load its RPN")
+                            f"width / height ratios' inverses {tuple(1 / r for r in RPN_ANCHOR_RATIOS)} "
+                            "to load its RPN")
         order.append(matches[0])
     return order
 

@@ -55,13 +55,12 @@ from collections.abc import Sequence
 import numpy as np
 import tensorflow as tf
 
+from pneumo_tf import fileio
 from pneumo_tf.cli import check_constraints, option
 from pneumo_tf.data import metadata, pipeline
 from pneumo_tf.errors import UserError
-from pneumo_tf import fileio
 from pneumo_tf.fileio import write_json_atomic
-from pneumo_tf.models import exported
-from pneumo_tf.models import fusion as box_fusion
+from pneumo_tf.models import exported, fusion as box_fusion
 from pneumo_tf.models.architecture import Detections, no_detections
 from pneumo_tf.records.radiograph import ConvertOptions
 

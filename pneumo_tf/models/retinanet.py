@@ -83,13 +83,10 @@ from keras_hub.layers import AnchorGenerator
 from keras_hub.src.models.retinanet.retinanet_label_encoder import RetinaNetLabelEncoder
 
 from pneumo_tf.cli import option
-from pneumo_tf.errors import UserError
 from pneumo_tf.data import metadata as metadata_lib
-from pneumo_tf.models.architecture import (
-    IMAGE_LOGITS, METADATA, REAL_DATA_TRAINING, BoxDetector, BoxModelOptions, Preset, detector_outputs, image_head_logits, image_head_loss,
-    metadata_bias, network_inputs, replica_count, sum_over_replicas, with_image_probability,
-)
-from pneumo_tf.models import pretrained
+from pneumo_tf.errors import UserError
+from pneumo_tf.models import architecture, pretrained
+from pneumo_tf.models.architecture import IMAGE_LOGITS, METADATA, Preset, detector_outputs, sum_over_replicas
 from pneumo_tf.models.detection_ops import BOX_DELTA_SCALES, padded_nms
 
 # One class, lung opacity, with keras-hub's label encoder's class values for the rest.
@@ -107,7 +104,7 @@ BLOCK_TYPES = ("basic_block", "bottleneck_block", "basic_block_vd", "bottleneck_
 
 
 @dataclasses.dataclass(frozen=True)
-class RetinaNetOptions(BoxModelOptions):
+class RetinaNetOptions(architecture.BoxModelOptions):
     """Defaults: ResNet-50 (bottleneck blocks 3, 4, 6, 3), pyramid levels P3-P7 with 256 channels and
     four 256-channel head convolutions, keras-hub's `retinanet_resnet50_fpn_coco` layout with one
     class and one input channel. ResNet-18 is block_type="basic_block", stackwise_num_blocks=(2, 2, 2,
@@ -195,7 +192,7 @@ PRESETS = {
         "The recipe for real radiographs on a CPU budget (benchmarks/real.py): the demo's network, 24 passes at "
         "128 px with the decoded images cached, Adam 3e-4 after a 50-step warm-up.",
         model_options={**_SMALL_RESNET, "anchor_size": 2.0},
-        train={"learning_rate": 3e-4, "warmup_steps": 50, **REAL_DATA_TRAINING}),
+        train={"learning_rate": 3e-4, "warmup_steps": 50, **architecture.REAL_DATA_TRAINING}),
 }
 
 
@@ -229,14 +226,14 @@ class RetinaNetNetwork(keras.Model):
         # float32 from the raw outputs on, so loss and decoding are exact under a mixed policy.
         logits = keras.layers.Concatenate(axis=1, dtype="float32", name="cls_logits")(classes)
         if metadata is not None:
-            bias = keras.layers.Reshape((1, 1), dtype="float32")(metadata_bias(metadata))
+            bias = keras.layers.Reshape((1, 1), dtype="float32")(architecture.metadata_bias(metadata))
             logits = keras.layers.Add(dtype="float32", name="cls_logits_with_metadata")([logits, bias])
         outputs = {"bbox_regression": keras.layers.Concatenate(axis=1, dtype="float32", name="bbox_regression")(boxes),
                    "cls_logits": logits}
         if image_head != "none":
-            outputs[IMAGE_LOGITS] = image_head_logits(list(features.values())[-1], metadata, image_head,
-                                                  image_head_shapes_features)
-        super().__init__(inputs=network_inputs(image, metadata), outputs=outputs, **kwargs)
+            outputs[IMAGE_LOGITS] = architecture.image_head_logits(list(features.values())[-1], metadata, image_head,
+                                                                image_head_shapes_features)
+        super().__init__(inputs=architecture.network_inputs(image, metadata), outputs=outputs, **kwargs)
         self.detector = detector
         self.pre_nms_top_k = pre_nms_top_k
         self.nms_iou_threshold = nms_iou_threshold
@@ -343,8 +340,9 @@ def build(image_size: int, options: RetinaNetOptions = RetinaNetOptions()) -> Re
     _initialise_the_heads_as_the_paper(detector, options.classification_head_prior_probability)
     if source is not None:
         _take_all_but_the_class_logits(source, detector)
-    network = RetinaNetNetwork(detector, pre_nms_top_k=options.pre_nms_top_k, nms_iou_threshold=options.nms_iou_threshold,
-                               max_detections=options.max_detections, min_confidence=options.min_confidence,
+    network = RetinaNetNetwork(detector, pre_nms_top_k=options.pre_nms_top_k,
+                               nms_iou_threshold=options.nms_iou_threshold, max_detections=options.max_detections,
+                               min_confidence=options.min_confidence,
                                metadata_width=metadata_lib.width(options.metadata), image_head=options.image_head,
                                image_head_shapes_features=options.image_head_shapes_features,
                                conversion=None if conversion is None else conversion.as_dict(), name="retinanet")
@@ -440,7 +438,7 @@ def anchor_boxes(network: RetinaNetNetwork) -> tf.Tensor:
     return tf.concat(list(network.detector.anchor_generator(_shape_of_images(network)).values()), axis=0)
 
 
-class RetinaNet(BoxDetector):
+class RetinaNet(architecture.BoxDetector):
     """The `retinanet` architecture: keras-hub's RetinaNet under the model contract."""
 
     name = "retinanet"
@@ -470,13 +468,13 @@ class RetinaNet(BoxDetector):
         )  # [B, A]
         huber = keras.losses.huber(box_targets, deltas, delta=HUBER_DELTA)  # [B, A], mean of 4 deltas
         positives = sum_over_replicas(tf.reduce_sum(tf.cast(positive, tf.float32)))
-        scale = replica_count() / tf.maximum(positives, 1.0)
+        scale = architecture.replica_count() / tf.maximum(positives, 1.0)
         terms = {
             "classification": tf.reduce_sum(tf.where(tf.equal(classes, IGNORED), 0.0, focal)) * scale,
             "box": tf.reduce_sum(tf.where(positive, huber, 0.0)) * scale,
         }
         if IMAGE_LOGITS in raw:
-            terms["image"] = image_head_loss(labels, raw[IMAGE_LOGITS])
+            terms["image"] = architecture.image_head_loss(labels, raw[IMAGE_LOGITS])
         return terms
 
     def outputs(self, network, inputs: dict, raw: dict) -> dict:
@@ -501,7 +499,7 @@ class RetinaNet(BoxDetector):
         kept, count = padded_nms(normalised, scores, network.max_detections, network.nms_iou_threshold,
                                  network.min_confidence)
         valid = tf.range(network.max_detections)[None, :] < count[:, None]
-        return with_image_probability(
+        return architecture.with_image_probability(
             detector_outputs(tf.where(valid[..., None], tf.gather(normalised, kept, batch_dims=1), 0.0),
                              tf.where(valid, tf.gather(scores, kept, batch_dims=1), 0.0), count), raw)
 

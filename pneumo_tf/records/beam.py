@@ -1,7 +1,8 @@
 """Conversion as an Apache Beam pipeline: one conversion spread over many machines by an engine
 people already run (Dataflow, Flink, Spark; TensorFlow Datasets builds large data sets the same way).
 
-    python -m pneumo_tf.convert ... --beam_pipeline_options="runner=DirectRunner,direct_num_workers=2,direct_running_mode=multi_processing"
+    python -m pneumo_tf.convert ... \\
+        --beam_pipeline_options="runner=DirectRunner,direct_num_workers=2,direct_running_mode=multi_processing"
 
 Only the writing of shards moves to Beam: `BeamPipeline` is a `shards.ShardWriter`, which the
 command passes to `shards.convert` in place of the local process pool. The launching process

@@ -20,8 +20,7 @@ from PIL import Image
 from pneumo_tf import fileio
 from pneumo_tf.cli import check_constraints, option
 from pneumo_tf.errors import RejectedFile, UserError
-from pneumo_tf.records import boxes as box_lib
-from pneumo_tf.records import dicom, images, jpeg, masks, pixels, schema
+from pneumo_tf.records import boxes as box_lib, dicom, images, jpeg, masks, pixels, schema
 from pneumo_tf.records.labels import PatientFacts, PatientLabels
 
 IMAGE_EXTENSIONS = (".dcm", ".png", ".jpg", ".jpeg")

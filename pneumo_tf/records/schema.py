@@ -11,7 +11,7 @@ import dataclasses
 
 from pneumo_tf.records.tfrecord import encode_example, encode_feature
 
-# Keys (DESIGN.md section 4).
+# Keys (BUILD.md, "The record schema", says what each holds).
 IMAGE_ENCODED = "image/encoded"
 IMAGE_FORMAT = "image/format"
 IMAGE_HEIGHT = "image/height"

@@ -329,7 +329,8 @@ class TrainableLayers(keras.callbacks.Callback):
 
     def on_epoch_end(self, epoch, logs=None):
         if logs is not None:
-            logs["trainable_parameters"] = float(sum(np.prod(weight.shape) for weight in self.model.trainable_variables))
+            logs["trainable_parameters"] = float(sum(np.prod(weight.shape)
+                                                     for weight in self.model.trainable_variables))
 
 
 def log_hparams(log_dir: str, hparams: Mapping[str, object],

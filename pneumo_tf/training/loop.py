@@ -153,6 +153,74 @@ def _best_so_far(path: str, resuming: bool) -> tuple[int | None, float | None]:
     return saved["epoch"], saved["value"]
 
 
+def _datasets(config: TrainConfig, strategy, architecture: Architecture, fields) -> tuple:
+    """(train, val): the distributed training stream and this worker's validation pass."""
+    train_data = pipeline.distributed_dataset(
+        strategy, config.records_dir, "train", config.batch_size, config.image_size, training=True,
+        map_fn=lambda batch: architecture.to_fit(metadata.with_metadata(batch, fields)),
+        positive_fraction=config.positive_fraction or None, cache=config.cache,
+        seed=config.seed, data_service=config.data_service or None,
+    )
+    # Validation streams the val split once per epoch, on this worker's own pipeline: loss,
+    # metrics, challenge mAP and the TensorBoard images all come from that one pass.
+    val_data = pipeline.make_dataset(
+        config.records_dir, "val", config.batch_size, config.image_size, training=False, cache=config.cache
+    ).map(lambda batch: metadata.with_metadata(batch, fields))
+    if config.validation_steps:
+        val_data = val_data.take(config.validation_steps)
+    return train_data, val_data
+
+
+def _fit_callbacks(config: TrainConfig, architecture: Architecture, network, options, val_data, output_dir: str,
+                   log_dir: str, best_checkpoint, best_record) -> list:
+    """The callbacks of the run, in the order they must run."""
+    monitor, mode = architecture.monitor
+    checkpoints = os.path.join(output_dir, "checkpoints")
+    return [
+        keras.callbacks.TerminateOnNaN(),
+        *([callbacks_lib.TrainableLayers(
+            lambda layers: architecture.set_trainable_layers(network, options, layers), config.trainable_layers,
+            config.trainable_layers_epochs)] if config.trainable_layers != "all" else []),
+        callbacks_lib.StepScalars(log_dir, config.batch_size, every_n_steps=config.log_every_steps),
+        # Before TensorBoard, the checkpoints and early stopping: it adds the val_* logs they read.
+        callbacks_lib.EpochEvaluation(val_data, log_dir, architecture, network, max_images=config.validation_images),
+        keras.callbacks.TensorBoard(
+            log_dir, update_freq="epoch", profile_batch=config.profile_steps or 0, write_graph=False
+        ),
+        keras.callbacks.ModelCheckpoint(os.path.join(checkpoints, "epoch-{epoch:03d}.weights.h5"),
+                                        save_weights_only=True),
+        best_checkpoint,
+        best_record,
+        keras.callbacks.EarlyStopping(
+            monitor=monitor, mode=mode, patience=config.early_stopping_patience, min_delta=0.0005,
+        ),
+        *([callbacks_lib.StallWatchdog(config.data_service_timeout, (
+            f"no training batch for {config.data_service_timeout:g} s from the tf.data service at "
+            f"{config.data_service}: its workers are gone or stuck. Start workers (python -m pneumo_tf.data_service "
+            f"--role=worker --dispatcher=...) and rerun: training resumes after its last finished epoch "
+            "(--data_service_timeout sets the wait)"))] if config.data_service else []),
+        # Last: an epoch counts as done (a resume starts after it) only once its evaluation, checkpoints
+        # and best.json are written; a kill before then repeats the epoch instead of losing its metrics.
+        WholeBackup(os.path.join(output_dir, "backup")),
+    ]
+
+
+def _hparams(config: TrainConfig, options, peak_rate: float, replicas: int) -> dict:
+    """The run's settings for TensorBoard's HParams dashboard."""
+    return {
+        "model": config.model, "preset": config.preset, "image_size": config.image_size,
+        "batch_size": config.batch_size,
+        "learning_rate": peak_rate, "warmup_steps": config.warmup_steps, "optimizer": config.optimizer,
+        "precision": config.precision, "replicas": replicas, "positive_fraction": config.positive_fraction,
+        "augment": config.augment, "augment_strength": config.augment_strength, "epochs": config.epochs,
+        "seed": config.seed, "trainable_layers": config.trainable_layers,
+        "trainable_layers_epochs": config.trainable_layers_epochs,
+        # The architecture options the run sets (its own and its preset's), so searches over them compare
+        # in TensorBoard's HParams dashboard.
+        **{f"model_option.{name}": getattr(options, name) for name in config.model_options},
+    }
+
+
 def train_and_evaluate(config: TrainConfig, arguments: list[str] | None = None) -> dict:
     """Trains `config.model` on `config.records_dir` and exports it to `config.model_dir`.
 
@@ -187,68 +255,18 @@ def train_and_evaluate(config: TrainConfig, arguments: list[str] | None = None) 
         trainer.compile(optimizer=optimizer)
 
     fields = options.metadata  # the header's facts the network takes beside the image, encoded per batch
-    train_data = pipeline.distributed_dataset(
-        strategy, config.records_dir, "train", config.batch_size, config.image_size, training=True,
-        map_fn=lambda batch: architecture.to_fit(metadata.with_metadata(batch, fields)),
-        positive_fraction=config.positive_fraction or None, cache=config.cache,
-        seed=config.seed, data_service=config.data_service or None,
-    )
-    # Validation streams the val split once per epoch, on this worker's own pipeline: loss,
-    # metrics, challenge mAP and the TensorBoard images all come from that one pass.
-    val_data = pipeline.make_dataset(
-        config.records_dir, "val", config.batch_size, config.image_size, training=False, cache=config.cache
-    ).map(lambda batch: metadata.with_metadata(batch, fields))
-    if config.validation_steps:
-        val_data = val_data.take(config.validation_steps)
+    train_data, val_data = _datasets(config, strategy, architecture, fields)
     monitor, mode = architecture.monitor
-    checkpoints = os.path.join(output_dir, "checkpoints")
-    best_json = os.path.join(checkpoints, "best.json")
+    best_json = os.path.join(output_dir, "checkpoints", "best.json")
     best_epoch, best_value = _best_so_far(best_json, os.path.isdir(os.path.join(output_dir, "backup")))
     best_checkpoint = keras.callbacks.ModelCheckpoint(
-        os.path.join(checkpoints, "best.weights.h5"), monitor=monitor, mode=mode, save_best_only=True,
+        os.path.join(output_dir, "checkpoints", "best.weights.h5"), monitor=monitor, mode=mode, save_best_only=True,
         save_weights_only=True, initial_value_threshold=best_value,
     )
     best_record = callbacks_lib.BestEpochRecord(best_checkpoint, best_json, best_epoch)
-    fit_callbacks = [
-        keras.callbacks.TerminateOnNaN(),
-        *([callbacks_lib.TrainableLayers(
-            lambda layers: architecture.set_trainable_layers(network, options, layers), config.trainable_layers,
-            config.trainable_layers_epochs)] if config.trainable_layers != "all" else []),
-        callbacks_lib.StepScalars(log_dir, config.batch_size, every_n_steps=config.log_every_steps),
-        # Before TensorBoard, the checkpoints and early stopping: it adds the val_* logs they read.
-        callbacks_lib.EpochEvaluation(val_data, log_dir, architecture, network, max_images=config.validation_images),
-        keras.callbacks.TensorBoard(
-            log_dir, update_freq="epoch", profile_batch=config.profile_steps or 0, write_graph=False
-        ),
-        keras.callbacks.ModelCheckpoint(os.path.join(checkpoints, "epoch-{epoch:03d}.weights.h5"),
-                                        save_weights_only=True),
-        best_checkpoint,
-        best_record,
-        keras.callbacks.EarlyStopping(
-            monitor=monitor, mode=mode, patience=config.early_stopping_patience, min_delta=0.0005,
-        ),
-        *([callbacks_lib.StallWatchdog(config.data_service_timeout, (
-            f"no training batch for {config.data_service_timeout:g} s from the tf.data service at "
-            f"{config.data_service}: its workers are gone or stuck. Start workers (python -m pneumo_tf.data_service "
-            f"--role=worker --dispatcher=...) and rerun: training resumes after its last finished epoch "
-            "(--data_service_timeout sets the wait)"))] if config.data_service else []),
-        # Last: an epoch counts as done (a resume starts after it) only once its evaluation, checkpoints
-        # and best.json are written; a kill before then repeats the epoch instead of losing its metrics.
-        WholeBackup(os.path.join(output_dir, "backup")),
-    ]
-    hparams = {
-        "model": config.model, "preset": config.preset, "image_size": config.image_size,
-        "batch_size": config.batch_size,
-        "learning_rate": peak_rate, "warmup_steps": config.warmup_steps, "optimizer": config.optimizer,
-        "precision": config.precision, "replicas": replicas, "positive_fraction": config.positive_fraction,
-        "augment": config.augment, "augment_strength": config.augment_strength, "epochs": config.epochs,
-        "seed": config.seed, "trainable_layers": config.trainable_layers,
-        "trainable_layers_epochs": config.trainable_layers_epochs,
-        # The architecture options the run sets (its own and its preset's), so searches over them compare
-        # in TensorBoard's HParams dashboard.
-        **{f"model_option.{name}": getattr(options, name) for name in config.model_options},
-    }
-    callbacks_lib.log_hparams(log_dir, hparams)
+    fit_callbacks = _fit_callbacks(config, architecture, network, options, val_data, output_dir, log_dir,
+                                   best_checkpoint, best_record)
+    callbacks_lib.log_hparams(log_dir, _hparams(config, options, peak_rate, replicas))
 
     started = time.perf_counter()
     with pipeline.naming_bad_records(config.records_dir, ("train", "val"), config.image_size):
