@@ -77,25 +77,25 @@ def test_a_png_within_the_limit_is_read_and_a_lower_limit_refuses_it():
         images.read(data, images.PNG, limit=5 * 2**20)
 
 
+def traced_peak(function, *args):
+    """(function(*args), the peak bytes Python allocated while it ran)."""
+    tracemalloc.start()
+    try:
+        result = function(*args)
+        return result, tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+
+
 def test_stretching_grey_levels_takes_one_float32_copy():
     values = np.random.default_rng(0).integers(0, 65536, (1000, 1000), dtype=np.uint16)
     expected = np.round((values - values.min()) * (255 / (int(values.max()) - int(values.min())))).astype(np.uint8)
-    tracemalloc.start()
-    try:
-        stretched = pixels.to_bit_depth(values, 65535, 8)
-        _, peak = tracemalloc.get_traced_memory()
-    finally:
-        tracemalloc.stop()
+    stretched, peak = traced_peak(pixels.to_bit_depth, values, 65535, 8)
     assert np.abs(stretched.astype(int) - expected).max() <= 1 and (stretched == expected).mean() > 0.999
     # float32 copy (4 bytes a sample) and the result (1): float64 and its temporaries took 8 each.
     assert peak < 5.5 * values.size
     twelve_bit = values >> 4
-    tracemalloc.start()
-    try:
-        scaled = pixels.to_bit_depth(twelve_bit, 4095, 16)
-        _, peak = tracemalloc.get_traced_memory()
-    finally:
-        tracemalloc.stop()
+    scaled, peak = traced_peak(pixels.to_bit_depth, twelve_bit, 4095, 16)
     np.testing.assert_array_equal(scaled, np.round(twelve_bit * (65535 / 4095)).astype(np.uint16))
     assert peak < 2.5 * values.size  # the result (2 bytes a sample) and a table, no float copy
 

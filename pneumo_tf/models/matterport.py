@@ -197,6 +197,18 @@ def _backbone_transfers(backbone) -> list[_Transfer]:
     return transfers
 
 
+def _folded_convs(head, layer_prefix: str, source_prefix: str, indices) -> list[_Transfer]:
+    """Transfers into `head`'s layers `{layer_prefix}{i}` from matterport's `{source_prefix}_conv{i}` with its
+    `{source_prefix}_bn{i}` folded in, for each i of `indices`."""
+    transfers = []
+    for index in indices:
+        layer = head.get_layer(f"{layer_prefix}{index}")
+        conv, norm = f"{source_prefix}_conv{index}", f"{source_prefix}_bn{index}"
+        transfers.append(_Transfer(layer, (conv, norm),
+                                   lambda t, c=conv, n=norm, s=layer.kernel.shape: _conv_folded(t, c, n, s)))
+    return transfers
+
+
 def _transfers(network) -> list[_Transfer]:
     """Every layer of `network` (pneumo_tf.models.mask_rcnn.MaskRCNN) that has a matterport counterpart."""
     first_stage, options = network.first_stage, network.options
@@ -215,21 +227,13 @@ def _transfers(network) -> list[_Transfer]:
         _Transfer(first_stage.get_layer("rpn_bbox"), ("rpn_bbox_pred",), lambda t: _rpn_deltas(t, order)),
     ]
     box, mask = network.box_head, network.mask_head
-    for index in (1, 2):
-        layer = box.get_layer(f"mrcnn_fc{index}")
-        transfers.append(_Transfer(layer, (f"mrcnn_class_conv{index}", f"mrcnn_class_bn{index}"),
-                                   lambda t, i=index, s=layer.kernel.shape: _conv_folded(
-                                       t, f"mrcnn_class_conv{i}", f"mrcnn_class_bn{i}", s)))
+    transfers += _folded_convs(box, "mrcnn_fc", "mrcnn_class", (1, 2))
     transfers += [
         _Transfer(box.get_layer("mrcnn_class_logits"), ("mrcnn_class_logits",),
                   lambda t: _direct(t, "mrcnn_class_logits")),
         _Transfer(box.get_layer("mrcnn_bbox"), ("mrcnn_bbox_fc",), lambda t: _opacity_columns(t, "mrcnn_bbox_fc", 4)),
     ]
-    for index in range(1, options.mask_head_convs + 1):
-        layer = mask.get_layer(f"mrcnn_mask_conv{index}")
-        transfers.append(_Transfer(layer, (f"mrcnn_mask_conv{index}", f"mrcnn_mask_bn{index}"),
-                                   lambda t, i=index, s=layer.kernel.shape: _conv_folded(
-                                       t, f"mrcnn_mask_conv{i}", f"mrcnn_mask_bn{i}", s)))
+    transfers += _folded_convs(mask, "mrcnn_mask_conv", "mrcnn_mask", range(1, options.mask_head_convs + 1))
     transfers += [
         _Transfer(mask.get_layer("mrcnn_mask_deconv"), ("mrcnn_mask_deconv",),
                   lambda t: _direct(t, "mrcnn_mask_deconv")),
