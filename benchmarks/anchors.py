@@ -25,6 +25,7 @@ import common  # noqa: E402  benchmarks/common.py (the script's folder is on sys
 from pneumo_tf import cli, models as models_lib  # noqa: E402
 from pneumo_tf.cli import option  # noqa: E402
 from pneumo_tf.errors import UserError  # noqa: E402
+from pneumo_tf.evaluation import metric  # noqa: E402
 from pneumo_tf.records import labels as labels_lib  # noqa: E402
 
 SHARED_LABELS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "shared", "data", "rsna",
@@ -51,25 +52,17 @@ class AnchorsConfig:
 
 
 def real_boxes(labels_csv: str, image_size: int) -> np.ndarray:
-    """[N, 4] yxyx pixel boxes at `image_size` of every box in the label CSV."""
+    """[N, 4] (x, y, width, height) pixel boxes at `image_size` of every box in the label CSV."""
     found = [box for patient in labels_lib.read_labels(labels_csv).values() for box in patient.boxes]
-    x, y, width, height = np.array(found, np.float64).reshape(-1, 4).T * (image_size / SOURCE_SIZE)
-    return np.stack([y, x, y + height, x + width], axis=1)
+    return np.array(found, np.float64).reshape(-1, 4) * (image_size / SOURCE_SIZE)
 
 
-def best_iou(boxes: np.ndarray, anchors: np.ndarray, chunk: int = 512) -> np.ndarray:
-    """[N] the largest IoU of each yxyx box with any of the yxyx anchors (same units)."""
-    anchors = np.asarray(anchors, np.float64)
-    anchor_area = (anchors[:, 2] - anchors[:, 0]) * (anchors[:, 3] - anchors[:, 1])
-    best = []
-    for start in range(0, len(boxes), chunk):
-        part = boxes[start:start + chunk, None, :]
-        height = np.clip(np.minimum(part[..., 2], anchors[:, 2]) - np.maximum(part[..., 0], anchors[:, 0]), 0, None)
-        width = np.clip(np.minimum(part[..., 3], anchors[:, 3]) - np.maximum(part[..., 1], anchors[:, 1]), 0, None)
-        inter = height * width
-        area = (part[..., 2] - part[..., 0]) * (part[..., 3] - part[..., 1])
-        best.append((inter / (area + anchor_area - inter)).max(axis=1))
-    return np.concatenate(best) if best else np.zeros(0)
+def best_iou(boxes: np.ndarray, anchors_yxyx: np.ndarray, chunk: int = 512) -> np.ndarray:
+    """[N] the largest IoU (the challenge metric's iou_matrix) of each (x, y, w, h) box with any anchor."""
+    top, left, bottom, right = np.asarray(anchors_yxyx, np.float64).T
+    anchors = np.stack([left, top, right - left, bottom - top], axis=1)
+    return np.concatenate([metric.iou_matrix(boxes[start:start + chunk], anchors).max(axis=1)
+                           for start in range(0, len(boxes), chunk)] or [np.zeros(0)])
 
 
 def retinanet_anchors(image_size: int, options) -> np.ndarray:
@@ -104,7 +97,7 @@ def variants(config: AnchorsConfig):
 def benchmark(config: AnchorsConfig) -> int:
     config.validate()
     boxes = real_boxes(config.labels_csv, config.image_size)
-    sides = np.sqrt((boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1]))
+    sides = np.sqrt(boxes[:, 2] * boxes[:, 3])
     print(common.describe(("tensorflow", "keras-hub", "numpy")))
     print(f"{len(boxes)} real boxes at {config.image_size} px: side (square root of the area) "
           f"5th/50th/95th percentile {np.percentile(sides, 5):.1f} / {np.median(sides):.1f} / "
