@@ -3,6 +3,7 @@
     python benchmarks/real.py                 # 3 folds x (mask_resnet, retinanet, mask_rcnn) + their ensemble
     python benchmarks/real.py --quick         # one fold, two epochs: a look at the whole path
     python benchmarks/real.py --models=mask_resnet --folds=5 --model_option=mask_resnet.channels=8
+    python benchmarks/real.py --first_fold=3 --folds=2   # the two folds no recipe was chosen on
 
 The 1,000 real challenge radiographs (1024-px grey JPEGs, 250 with boxes) are converted the way a
 user converts an image folder: `python -m pneumo_tf.convert --input_dir=jpg --labels_csv=...
@@ -12,8 +13,9 @@ trains on each fold's 800 with its preset (--preset, "real" by default: the reci
 pneumo_tf/models/<model>.py, which sets everything a run needs, image size and schedule included)
 and is evaluated on the fold's val split with the challenge metric, the threshold chosen there by
 `python -m pneumo_tf.evaluate`'s sweep, plainly and with flip test-time augmentation. Then the
-models of each fold are read together, their boxes fused by weighted boxes fusion (`evaluate
---model_dir=a,b,c --tta=hflip --ensemble_dir=...`).
+models of each fold are read together, each with flip TTA and its scores aligned to its own
+threshold, their boxes fused by weighted boxes fusion (`evaluate --model_dir=a,b,c --tta=hflip
+--score_alignment=threshold --ensemble_dir=...`).
 
 Prints per model and for the ensemble: each fold's val mAP, the mean and the standard deviation
 over folds, the mean AUC, and training minutes; then the targets of issue 20 (best single model
@@ -38,6 +40,7 @@ from pneumo_tf import cli, models as models_lib  # noqa: E402
 from pneumo_tf.cli import option  # noqa: E402
 from pneumo_tf.errors import UserError  # noqa: E402
 from pneumo_tf.evaluation import report  # noqa: E402
+from pneumo_tf.models.fusion import ALIGNMENTS  # noqa: E402
 from pneumo_tf.models.reading import ReadingConfig  # noqa: E402
 from pneumo_tf.records import radiograph, shards  # noqa: E402
 from pneumo_tf.training.config import TrainConfig, with_preset  # noqa: E402
@@ -54,7 +57,9 @@ class RealConfig:
     models: tuple[str, ...] = option(("mask_resnet", "retinanet", "mask_rcnn"), "Models to train on every fold.",
                                      choices=models_lib.NAMES)
     preset: str = option("real", "Each model's preset: its whole training recipe.", details=models_lib.presets_help)
-    folds: int = option(3, "Folds to train and evaluate (the first ones of --num_folds).", minimum=1)
+    folds: int = option(3, "Folds to train and evaluate: --first_fold and the ones after it.", minimum=1)
+    first_fold: int = option(0, "The first fold to train and evaluate (0-based). The recipes were chosen on folds "
+                             "0-2 of 5; --first_fold=3 --folds=2 checks them on the two others.", minimum=0)
     num_folds: int = option(5, "Folds the 1,000 patients are cut into (each fold's val split is a 1/num_folds "
                             "share).", minimum=2)
     seed: int = option(0, "Seed of the folds and of every training.")
@@ -65,14 +70,19 @@ class RealConfig:
                                  parse=cli.parse_key_values, unparse=cli.unparse_key_values)
     ensemble: bool = option(True, "Also read each fold's models together, flipped too, boxes fused by weighted boxes "
                             "fusion.")
+    ensemble_alignment: str = option("threshold", "The ensemble's --score_alignment (python -m pneumo_tf.evaluate "
+                                     "--help): threshold reads each model at its own threshold; none fuses raw "
+                                     "scores.", choices=ALIGNMENTS)
     quick: bool = option(False, "One fold, two epochs per model: the whole path in a few minutes, numbers meaningless.")
     deterministic: bool = option(True, "TensorFlow's op determinism: a rerun gives the same numbers (mask_rcnn's "
                                  "still vary a little, from oneDNN's kernels).")
 
     def validate(self) -> None:
         cli.check_constraints(self)
-        if self.folds > self.num_folds:
-            raise UserError(f"--folds {self.folds} is more than the --num_folds {self.num_folds} there are")
+        if self.first_fold + self.folds > self.num_folds:
+            raise UserError(f"--first_fold {self.first_fold} and --folds {self.folds} need folds up to "
+                            f"{self.first_fold + self.folds - 1}, and --num_folds {self.num_folds} has 0-"
+                            f"{self.num_folds - 1}")
         missing = [name for name in ("jpg", "jpg_metadata.csv", "stage_2_train_labels.csv",
                                      "stage_2_detailed_class_info.csv") if not os.path.exists(os.path.join(
                                          self.data_dir, name))]
@@ -103,10 +113,12 @@ def train_config(config: RealConfig, model: str, records_dir: str, model_dir: st
     return resolved
 
 
-def evaluate(model_dir: str, records_dir: str, tta: str, output_dir: str, ensemble_dir: str | None = None) -> dict:
+def evaluate(model_dir: str, records_dir: str, tta: str, output_dir: str, ensemble_dir: str | None = None,
+             score_alignment: str = "none") -> dict:
     """The challenge mAP and AUC of a reading on the val split, at the best threshold of the sweep."""
     evaluated = report.evaluate(report.EvaluateConfig(
-        model_dir=model_dir, records_dir=records_dir, reading=ReadingConfig(tta=tta), ensemble_dir=ensemble_dir,
+        model_dir=model_dir, records_dir=records_dir, reading=ReadingConfig(tta=tta, score_alignment=score_alignment),
+        ensemble_dir=ensemble_dir,
         save_threshold=ensemble_dir is not None or tta == "none", output_dir=output_dir))
     return {key: evaluated.summary[key] for key in ("map", "auc", "threshold")}
 
@@ -114,7 +126,7 @@ def evaluate(model_dir: str, records_dir: str, tta: str, output_dir: str, ensemb
 def benchmark(config: RealConfig) -> int:
     started = time.perf_counter()
     config.validate()
-    folds = 1 if config.quick else config.folds
+    folds = range(config.first_fold, config.first_fold + (1 if config.quick else config.folds))
     # Every model's recipe is resolved and checked (a malformed --model_option too) before any work.
     for model in config.models:
         train_config(config, model, "records", "model")
@@ -124,7 +136,7 @@ def benchmark(config: RealConfig) -> int:
     results: dict[str, list[dict]] = {}
     with common.work_folder("real_", config.work) as work_dir:
         print(common.describe(("tensorflow", "keras", "keras-hub", "numpy")), flush=True)
-        for fold in range(folds):
+        for fold in folds:
             records_dir = fold_records(config, fold, work_dir)
             model_dirs = []
             for model in config.models:
@@ -143,7 +155,7 @@ def benchmark(config: RealConfig) -> int:
             if config.ensemble and len(model_dirs) > 1:
                 ensemble_dir = os.path.join(work_dir, f"fold{fold}", "ensemble")
                 fused = evaluate(",".join(model_dirs), records_dir, "hflip", os.path.join(ensemble_dir, "evaluation"),
-                                 ensemble_dir)
+                                 ensemble_dir, config.ensemble_alignment)
                 results.setdefault("ensemble", []).append({"fold": fold, **fused, "map_hflip": fused["map"],
                                                            "train_minutes": 0.0})
                 print(f"=== fold {fold}, ensemble: val mAP {fused['map']:.3f}", flush=True)

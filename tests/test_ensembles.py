@@ -69,6 +69,20 @@ def test_fusion_of_nothing_and_of_one(method):
     np.testing.assert_allclose(scores, [0.4 if method == "wbf" else 0.8], rtol=1e-6)
 
 
+def test_score_alignment_by_hand():
+    # Anchor 0.2: [0, 0.2] stretches onto [0, 0.5], [0.2, 1] onto [0.5, 1].
+    np.testing.assert_allclose(fusion.align_scores([0.0, 0.1, 0.2, 0.6, 1.0], 0.2), [0.0, 0.25, 0.5, 0.75, 1.0],
+                               rtol=1e-6)
+    np.testing.assert_allclose([fusion.aligned_threshold(t, 0.2) for t in (0.0, 0.25, 0.5, 0.75, 1.0)],
+                               [0.0, 0.1, 0.2, 0.6, 1.0], rtol=1e-12)
+    # At 0.5 a member reads exactly at its anchor (no rounding: the grid's thresholds are saved as they are).
+    assert all(fusion.aligned_threshold(0.5, anchor) == anchor for anchor in (0.05, 0.2, 0.55, 0.95))
+    for anchor in (0.05, 0.75, 0.95):
+        for threshold in np.linspace(0.05, 0.95, 19):
+            assert fusion.align_scores([fusion.aligned_threshold(threshold, anchor)], anchor)[0] \
+                == pytest.approx(threshold, rel=1e-6)
+
+
 def test_mirroring_is_exact_and_its_own_inverse():
     boxes, scores = fusion.mirror(detections([[0.125, 0.25, 0.5, 0.375], [0.0, 0.0, 1.0, 0.5]], [0.9, 0.3]))
     np.testing.assert_array_equal(boxes, [[0.125, 0.625, 0.5, 0.75], [0.0, 0.5, 1.0, 1.0]])
@@ -80,9 +94,15 @@ def test_mirroring_is_exact_and_its_own_inverse():
 # The reading on hand-made outputs (the host side: no network runs).
 
 
-def offline_member(architecture, weight=1.0, tta="none", image_size=16) -> Member:
+def offline_member(architecture, weight=1.0, tta="none", image_size=16, anchor=None) -> Member:
     model = exported.ExportedModel("hand-made", None, architecture, {"image_size": image_size, "threshold": 0.5})
-    return Member(model, weight, tta)
+    return Member(model, weight, tta, anchor)
+
+
+def one_box(score: float) -> dict:
+    """A detector's outputs for one image: one box [0.1, 0.2, 0.3, 0.5] at `score`."""
+    return {"boxes": np.array([[[0.1, 0.2, 0.3, 0.5]]], np.float32), "scores": np.array([[score]], np.float32),
+            "num_detections": np.array([1], np.int32)}
 
 
 def block_mask(row: int, col: int, value: float = 0.9, size: int = 16) -> np.ndarray:
@@ -134,6 +154,29 @@ def test_hflip_views_are_split_mirrored_back_and_fused():
     assert flip_label == plain_label + " + hflip"
     np.testing.assert_allclose(plain.detections(views, 0.5)[0][1], [0.9])
     np.testing.assert_allclose(flip.detections(views, 0.5)[0][1], [0.8], rtol=1e-6)
+
+
+def test_aligned_members_are_read_at_their_own_thresholds():
+    # Two detectors find the same box: one scores it 0.3 and chose 0.2 alone, the other 0.9 and chose 0.8.
+    detector = BoxDetector()
+    outputs = [[one_box(0.3)], [one_box(0.9)]]
+    plain = Reading([offline_member(detector), offline_member(detector)])
+    # Unaligned, at 0.5 the first drops its box and the second's alone is halved to 0.45: nothing is kept.
+    assert len(plain.detections(outputs, 0.5)[0][1]) == 0
+    aligned = Reading([offline_member(detector, anchor=0.2), offline_member(detector, anchor=0.8)])
+    assert aligned.name.endswith(", aligned, wbf") and not aligned.is_plain
+    # Aligned, 0.3 on the first's scale is 0.5 + 0.1 x 0.5 / 0.8 = 0.5625, 0.9 on the second's 0.75;
+    # both are read at 0.5 (at their anchors) and fused to their mean.
+    boxes, scores = aligned.detections(outputs, 0.5)[0]
+    np.testing.assert_allclose(boxes, [[0.1, 0.2, 0.3, 0.5]], atol=1e-6)
+    np.testing.assert_allclose(scores, [(0.5625 + 0.75) / 2], rtol=1e-6)
+    np.testing.assert_allclose(aligned.image_probability(outputs), [(0.5625 + 0.75) / 2], rtol=1e-6)
+    # At 0.55 the first reads at 0.2 + 0.05 x 0.8 / 0.5 = 0.28 and keeps its box; at 0.6 it reads at 0.36 and
+    # drops it, and the second's alone is halved to 0.375: nothing is kept.
+    np.testing.assert_allclose(aligned.detections(outputs, 0.55)[0][1], [(0.5625 + 0.75) / 2], rtol=1e-6)
+    assert len(aligned.detections(outputs, 0.6)[0][1]) == 0
+    with pytest.raises(UserError, match="strictly between 0 and 1"):
+        offline_member(detector, anchor=1.0)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -203,8 +246,10 @@ def test_evaluate_writes_an_ensemble_folder_that_predict_and_serve_read(box_pict
 
     saved = json.loads((ensemble_dir / reading.ENSEMBLE_FILE).read_text())
     relative = os.path.relpath(model_dir, ensemble_dir)
-    assert saved["members"] == [{"model_dir": relative, "weight": 2.0}, {"model_dir": relative, "weight": 1.0}]
-    assert (saved["tta"], saved["fusion"], saved["fusion_iou"]) == ("none", "wbf", 0.55)
+    assert saved["members"] == [{"model_dir": relative, "weight": 2.0, "anchor": None},
+                                {"model_dir": relative, "weight": 1.0, "anchor": None}]
+    assert (saved["tta"], saved["fusion"], saved["fusion_iou"], saved["score_alignment"]) \
+        == ("none", "wbf", 0.55, "none")
     assert saved["threshold"] == result.summary["threshold"] and saved["val_map"] == result.summary["map"]
     # The members' own pneumo_tf.json is untouched.
     assert exported.read_info(model_dir)["threshold"] == 0.5
@@ -230,6 +275,38 @@ def test_evaluate_writes_an_ensemble_folder_that_predict_and_serve_read(box_pict
     # The folder fixes its reading; flags that would change it are refused.
     with pytest.raises(UserError, match="drop --tta"):
         reading.load(str(ensemble_dir), ReadingConfig(tta="hflip"))
+
+
+def test_an_aligned_ensemble_reads_each_model_at_its_saved_threshold(box_pictures, tmp_path):
+    model_dir = str(shutil.copytree(box_pictures["model_dir"], tmp_path / "model"))
+    with pytest.raises(UserError, match="has none yet: run python -m pneumo_tf.evaluate"):
+        reading.load(f"{model_dir},{model_dir}", ReadingConfig(score_alignment="threshold"))
+    single = report.evaluate(report.EvaluateConfig(model_dir=model_dir, records_dir=box_pictures["records"]))
+    anchor = single.summary["threshold"]
+    assert exported.read_info(model_dir)["threshold"] == anchor != 0.5
+    ensemble_dir = tmp_path / "ensemble"
+    result = report.evaluate(report.EvaluateConfig(
+        model_dir=f"{model_dir},{model_dir}", records_dir=box_pictures["records"], ensemble_dir=str(ensemble_dir),
+        reading=ReadingConfig(score_alignment="threshold")))
+    # Two copies aligned: at 0.5 both read at the model's own threshold, so the row is the model's there.
+    at_half = result.table.set_index("threshold").loc[0.5]
+    at_anchor = single.table.set_index("threshold").loc[anchor]
+    for column in ("map", "accuracy", "f1_positive"):
+        assert at_half[column] == at_anchor[column], column
+    saved = json.loads((ensemble_dir / reading.ENSEMBLE_FILE).read_text())
+    assert saved["score_alignment"] == "threshold"
+    assert [member["anchor"] for member in saved["members"]] == [anchor, anchor]
+    card = model_card.of_folder(str(ensemble_dir))
+    assert card["reading"]["score_alignment"] == "threshold"
+    assert [member["anchor"] for member in card["members"]] == [anchor, anchor]
+    assert f"its threshold {anchor:g} read as 0.5" in model_card.to_text(card)
+    # The anchors are the ensemble's: evaluating the model again later does not move them.
+    exported.update_info(model_dir, {"threshold": 0.05})
+    assert [member.anchor for member in reading.load(str(ensemble_dir)).members] == [anchor, anchor]
+    # One model aligned is a fused reading too: its threshold is never written over its own.
+    with pytest.raises(UserError, match="give --ensemble_dir"):
+        report.EvaluateConfig(model_dir=model_dir, records_dir="records",
+                              reading=ReadingConfig(score_alignment="threshold")).validate()
 
 
 def test_served_hflip_reading_matches_predict(trained_model, synthetic_rsna, tmp_path):

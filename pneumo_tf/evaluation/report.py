@@ -91,11 +91,12 @@ class EvaluateConfig:
         check_constraints(self)
         fused = reading_lib.is_new_fused_reading(self.model_dir, self.reading)
         if self.ensemble_dir and not fused:
-            raise UserError("--ensemble_dir saves a fused reading (several --model_dir models or --tta=hflip); "
-                            f"{self.model_dir} read as asked keeps its threshold itself")
+            raise UserError("--ensemble_dir saves a fused reading (several --model_dir models, --tta=hflip or "
+                            f"--score_alignment); {self.model_dir} read as asked keeps its threshold itself")
         if fused and not self.ensemble_dir and (self.save_threshold or not self.output_dir):
-            raise UserError("a fused reading (several --model_dir models or --tta=hflip) keeps its threshold in an "
-                            "ensemble folder: give --ensemble_dir, or --nosave_threshold with --output_dir")
+            raise UserError("a fused reading (several --model_dir models, --tta=hflip or --score_alignment) keeps "
+                            "its threshold in an ensemble folder: give --ensemble_dir, or --nosave_threshold with "
+                            "--output_dir")
         if not self.thresholds:
             raise UserError("--thresholds needs at least one threshold")
 

@@ -38,7 +38,7 @@ card built from its pneumo_tf.json, with data, recipe, versions and created null
                 threshold_split, threshold_saved, reading
   members       ensembles: [{model_dir, weight, card_sha256, card}], each member's card without its
                 evaluations, as it was when the ensemble's card was written
-  reading       ensembles: tta, fusion, fusion_iou
+  reading       ensembles: tta, fusion, fusion_iou, score_alignment (members carry their anchors)
   prediction    only in the copy beside a submission: date, submission, threshold, images, source
 
 The digest is the SHA-256 of the canonical JSON (sorted keys, no spaces) of the card without its
@@ -211,14 +211,16 @@ def ensemble_card(reading, folder: str | None = None) -> dict:
     """The card of a fused reading (pneumo_tf.models.reading.Reading): its members' cards and how they are
     read. Members' folders are relative to `folder` (the ensemble folder) when given."""
     members = []
-    for model_dir, weight in zip(reading.model_dirs, reading.weights):
+    for one in reading.members:
+        model_dir = one.model.model_dir
         member = of_folder(model_dir)
         shown = os.path.relpath(os.path.abspath(model_dir), os.path.abspath(folder)) if folder else model_dir
-        members.append({"model_dir": shown, "weight": weight, "card_sha256": digest(member),
+        members.append({"model_dir": shown, "weight": one.weight, "anchor": one.anchor, "card_sha256": digest(member),
                         "card": provenance(member)})
     return {"card_version": CARD_VERSION, "kind": "ensemble", "name": reading.name, "created": now(),
             "members": members, "reading": {"tta": reading.tta, "fusion": reading.fusion,
-                                            "fusion_iou": reading.fusion_iou},
+                                            "fusion_iou": reading.fusion_iou,
+                                            "score_alignment": reading.score_alignment},
             "versions": package_versions(), "evaluations": []}
 
 
@@ -443,10 +445,12 @@ def _lines(card: dict, indent: str = "") -> list[str]:
              line("created", card.get("created") or UNKNOWN)]
     if card["kind"] == "ensemble":
         reading = card["reading"]
-        lines.append(line("reading",
-                          f"tta {reading['tta']}, fusion {reading['fusion']} at IoU {reading['fusion_iou']:g}"))
+        aligned = reading.get("score_alignment", "none") == "threshold"
+        lines.append(line("reading", f"tta {reading['tta']}, fusion {reading['fusion']} at IoU "
+                                     f"{reading['fusion_iou']:g}" + (", scores aligned" if aligned else "")))
         for index, member in enumerate(card["members"], start=1):
-            lines.append(line(f"member {index}", f"{member['model_dir']}, weight {member['weight']:g}"))
+            anchor = f", its threshold {member['anchor']:g} read as 0.5" if member.get("anchor") is not None else ""
+            lines.append(line(f"member {index}", f"{member['model_dir']}, weight {member['weight']:g}{anchor}"))
             lines += _lines(member["card"], indent + "    ")
     else:
         model = card["model"]

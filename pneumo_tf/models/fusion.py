@@ -18,6 +18,13 @@ What each method returns (iou = `iou_threshold`; weights default to 1 per readin
   soft_nms  ensemble-boxes' Gaussian soft-NMS (sigma 0.5) on the same scaled scores: overlapping
             boxes are dropped only when their decayed score falls under 0.001, and the scores
             returned are the undecayed ones, so it removes far less than nms does.
+
+Score alignment (`align_scores`, `aligned_threshold`): members of an ensemble score on their own
+scales (on real radiographs one detector's best threshold is 0.2, another's 0.75, the mask
+network's 0.95), and fusion under one threshold then reads each at a different point of its
+curve. Aligned, each member's scores go through the piecewise-linear map that sends 0 -> 0, its
+own chosen threshold (its anchor) -> 0.5 and 1 -> 1, so the ensemble's threshold 0.5 reads
+every member at its own best threshold and moves all of them together from there.
 """
 from __future__ import annotations
 
@@ -32,6 +39,24 @@ DEFAULT_FUSION = "wbf"
 DEFAULT_IOU_THRESHOLD = 0.55  # ensemble-boxes' default for weighted boxes fusion
 
 _YXYX_TO_XYXY = [1, 0, 3, 2]  # the same permutation maps back
+
+ALIGNMENTS = ("none", "threshold")
+ALIGNED_ANCHOR = 0.5  # where every member's own threshold lands
+
+
+def align_scores(scores, anchor: float) -> np.ndarray:
+    """float32 scores in [0, 1] -> the same through the piecewise-linear map 0 -> 0, anchor -> 0.5, 1 -> 1."""
+    scores = np.asarray(scores, np.float64)
+    low = scores * (ALIGNED_ANCHOR / anchor)
+    high = ALIGNED_ANCHOR + (scores - anchor) * ((1.0 - ALIGNED_ANCHOR) / (1.0 - anchor))
+    return np.where(scores <= anchor, low, high).astype(np.float32)
+
+
+def aligned_threshold(threshold: float, anchor: float) -> float:
+    """The threshold on a member's own scale that `align_scores` maps to `threshold` (its inverse)."""
+    if threshold <= ALIGNED_ANCHOR:
+        return float(threshold * anchor / ALIGNED_ANCHOR)
+    return float(anchor + (threshold - ALIGNED_ANCHOR) * (1.0 - anchor) / (1.0 - ALIGNED_ANCHOR))
 
 
 def mirror(detections: Detections) -> Detections:

@@ -31,14 +31,20 @@ every view finds at t keeps its score; one that only some find is scored down (w
 boxes fusion) and dropped once that falls to t or below. A single view's detections are returned
 as the architecture gives them, untouched.
 
+Score alignment (--score_alignment=threshold, pneumo_tf.models.fusion): members that score on
+different scales are read at matching points. Each member's anchor is the threshold evaluation
+saved for it alone; at the reading's threshold t each member reads its outputs at the threshold
+of its own that maps to t (its anchor at t = 0.5), and its scores and image probability go
+through the same map before fusion and averaging.
+
 Where a reading's threshold lives: one model read plainly keeps it in its pneumo_tf.json. Any
 fused reading (hflip, several models) keeps it in an ensemble folder, written by
 `python -m pneumo_tf.evaluate --ensemble_dir` together with everything that reading is:
 
     ensemble_dir/
-      pneumo_tf_ensemble.json  members (model folders, relative to ensemble_dir), weights, tta,
-                               fusion method and IoU, the threshold evaluation chose, and the
-                               evaluation's numbers
+      pneumo_tf_ensemble.json  members (model folders, relative to ensemble_dir), weights and
+                               anchors, tta, fusion method and IoU, score alignment, the
+                               threshold evaluation chose, and the evaluation's numbers
       evaluation/, logs/       the evaluation report and its TensorBoard events
 
 `load(ensemble_dir)` reads it back as the same reading; predict and serve take it as their
@@ -85,6 +91,11 @@ class ReadingConfig:
     fusion_iou: float | None = option(None, "IoU above which fusion takes two boxes for the same opacity; default "
                                       f"{box_fusion.DEFAULT_IOU_THRESHOLD}; an ensemble folder uses its own.",
                                       exclusive_minimum=0.0, exclusive_maximum=1.0)
+    score_alignment: str | None = option(
+        None, "none, or threshold: before fusion, each model's scores are mapped piecewise linearly so that its own "
+        "saved threshold (python -m pneumo_tf.evaluate on it alone) becomes 0.5, and models that score on different "
+        "scales are read at matching points (pneumo_tf.models.fusion). Default none; an ensemble folder uses its own.",
+        choices=box_fusion.ALIGNMENTS)
 
     def given(self) -> list[str]:
         """The flags set to something other than their defaults."""
@@ -93,15 +104,20 @@ class ReadingConfig:
 
 
 class Member:
-    """One exported model of a reading, with its weight and its views (1, or 2 with hflip).
+    """One exported model of a reading, with its weight, its views (1, or 2 with hflip) and, when
+    the reading aligns scores, its anchor: the threshold of its own that the reading's 0.5 stands for.
 
     `call` is in-graph: with hflip it runs the network once on the images and their mirror
     images concatenated along the batch; `views` splits the (numpy) outputs back per view.
     Every output of the contract is batch-major, so the split is a slice.
     """
 
-    def __init__(self, model: exported.ExportedModel, weight: float = 1.0, tta: str = "none"):
+    def __init__(self, model: exported.ExportedModel, weight: float = 1.0, tta: str = "none",
+                 anchor: float | None = None):
         self.model, self.weight, self.tta = model, float(weight), tta
+        if anchor is not None and not 0.0 < anchor < 1.0:
+            raise UserError(f"{model.model_dir}: an anchor threshold must lie strictly between 0 and 1, not {anchor}")
+        self.anchor = None if anchor is None else float(anchor)
         self.architecture = model.architecture
         self.image_size = model.image_size
         self.view_count = 2 if tta == "hflip" else 1
@@ -120,13 +136,23 @@ class Member:
         return [{name: value[view * count:(view + 1) * count] for name, value in outputs.items()}
                 for view in range(self.view_count)]
 
+    def own_threshold(self, threshold: float) -> float:
+        """The threshold on this member's own scale that the reading's `threshold` stands for."""
+        return threshold if self.anchor is None else box_fusion.aligned_threshold(threshold, self.anchor)
+
+    def _aligned(self, scores) -> np.ndarray:
+        return np.asarray(scores, np.float32) if self.anchor is None else box_fusion.align_scores(scores, self.anchor)
+
     def view_detections(self, views: list[dict], threshold: float) -> list[list[Detections]]:
-        """Per view, per image, the detections at `threshold` in the original image's frame."""
-        found = [self.architecture.detections(view, threshold) for view in views]
+        """Per view, per image, the detections at `threshold` in the original image's frame (scores aligned)."""
+        own = self.own_threshold(threshold)
+        found = [[(boxes, self._aligned(scores)) for boxes, scores in self.architecture.detections(view, own)]
+                 for view in views]
         return [found[0]] + [[box_fusion.mirror(detections) for detections in mirrored] for mirrored in found[1:]]
 
     def image_probability(self, views: list[dict]) -> np.ndarray:
-        return np.mean([self.architecture.image_probability(view) for view in views], axis=0).astype(np.float32)
+        """float32 [B]: the mean of its views' probabilities (aligned)."""
+        return self._aligned(np.mean([self.architecture.image_probability(view) for view in views], axis=0))
 
 
 class Reading:
@@ -149,6 +175,10 @@ class Reading:
         return self.members[0].tta
 
     @property
+    def score_alignment(self) -> str:
+        return "none" if self.members[0].anchor is None else "threshold"
+
+    @property
     def weights(self) -> list[float]:
         return [member.weight for member in self.members]
 
@@ -158,8 +188,8 @@ class Reading:
 
     @property
     def is_plain(self) -> bool:
-        """One model read as it is: its threshold lives in its own pneumo_tf.json."""
-        return len(self.members) == 1 and self.tta == "none"
+        """One model read as it is (no TTA, its own scores): its threshold lives in its own pneumo_tf.json."""
+        return len(self.members) == 1 and self.tta == "none" and self.score_alignment == "none"
 
     @property
     def name(self) -> str:
@@ -168,6 +198,7 @@ class Reading:
             return self.members[0].architecture.name
         names = sorted({member.architecture.name for member in self.members})
         parts = [f"{len(self.members)} x {'+'.join(names)}"] + (["hflip"] if self.tta == "hflip" else [])
+        parts += ["aligned"] if self.score_alignment == "threshold" else []
         return ", ".join(parts + [self.fusion])
 
     # --------------------------------------------------------------------------------------------
@@ -246,7 +277,7 @@ class Reading:
             if not member.architecture.gives_masks:
                 continue
             for index, view in enumerate(views):
-                found = member.architecture.masks(view, threshold, sizes)
+                found = member.architecture.masks(view, member.own_threshold(threshold), sizes)
                 if index == 1:  # the mirrored view
                     found = [mask[:, ::-1] for mask in found]
                 weighted = [member.weight * mask for mask in found]
@@ -280,7 +311,8 @@ class Reading:
     def describe(self) -> dict:
         """What this reading is, as the evaluation summary records it."""
         return {"name": self.name, "model_dirs": self.model_dirs, "weights": self.weights, "tta": self.tta,
-                "fusion": self.fusion, "fusion_iou": self.fusion_iou,
+                "fusion": self.fusion, "fusion_iou": self.fusion_iou, "score_alignment": self.score_alignment,
+                "anchors": [member.anchor for member in self.members],
                 "image_sizes": list(self.image_sizes)}
 
 
@@ -330,7 +362,7 @@ def is_new_fused_reading(model_dir: str, config: ReadingConfig) -> bool:
     dirs = _model_dirs(model_dir)
     if len(dirs) == 1 and is_ensemble(dirs[0]):
         return False
-    return len(dirs) > 1 or (config.tta or "none") != "none"
+    return len(dirs) > 1 or (config.tta or "none") != "none" or (config.score_alignment or "none") != "none"
 
 
 def load(model_dir: str, config: ReadingConfig = ReadingConfig()) -> Reading:
@@ -350,9 +382,19 @@ def load(model_dir: str, config: ReadingConfig = ReadingConfig()) -> Reading:
         raise UserError(f"--weights gives {len(weights)} weights for {len(dirs)} models in --model_dir")
     models = [exported.load(folder) for folder in dirs]
     tta = config.tta or "none"
-    members = [Member(model, weight, tta) for model, weight in zip(models, weights)]
-    # A model's saved threshold was chosen for its plain reading; it stands in for its hflip reading.
-    threshold = models[0].threshold if len(models) == 1 else None
+    anchors = [None] * len(models)
+    if (config.score_alignment or "none") == "threshold":
+        unevaluated = [model.model_dir for model in models if "threshold_split" not in model.info]
+        if unevaluated:
+            raise UserError(f"--score_alignment=threshold reads each model's own saved threshold, and "
+                            f"{unevaluated[0]} has none yet: run python -m pneumo_tf.evaluate --model_dir on it first")
+        anchors = [model.threshold for model in models]
+    members = [Member(model, weight, tta, anchor) for model, weight, anchor in zip(models, weights, anchors)]
+    # A model's saved threshold was chosen for its plain reading; it stands in for its hflip reading
+    # (aligned, its threshold is where the alignment puts it).
+    threshold = None
+    if len(models) == 1:
+        threshold = models[0].threshold if anchors[0] is None else box_fusion.ALIGNED_ANCHOR
     return Reading(members, config.fusion or box_fusion.DEFAULT_FUSION,
                      box_fusion.DEFAULT_IOU_THRESHOLD if config.fusion_iou is None else config.fusion_iou, threshold)
 
@@ -362,8 +404,9 @@ def read_ensemble(ensemble_dir: str) -> Reading:
     path = os.path.join(ensemble_dir, ENSEMBLE_FILE)
     info = _read_ensemble_file(ensemble_dir)
     try:
-        entries = [(os.path.normpath(os.path.join(ensemble_dir, entry["model_dir"])), float(entry["weight"]))
-                   for entry in info["members"]]
+        # Files written before score alignment have no anchors: their members are read unaligned.
+        entries = [(os.path.normpath(os.path.join(ensemble_dir, entry["model_dir"])), float(entry["weight"]),
+                    None if entry.get("anchor") is None else float(entry["anchor"])) for entry in info["members"]]
         fields = info["tta"], info["fusion"], info["fusion_iou"], info["threshold"]
     except KeyError as error:
         raise UserError(f"{path} lacks {error}: write it again with python -m pneumo_tf.evaluate --ensemble_dir") \
@@ -372,7 +415,7 @@ def read_ensemble(ensemble_dir: str) -> Reading:
         raise UserError(f"{path} is not a pneumo_tf ensemble file ({error}): write it again with python -m "
                         "pneumo_tf.evaluate --ensemble_dir") from error
     tta, fusion, fusion_iou, threshold = fields
-    members = [Member(exported.load(folder), weight, tta) for folder, weight in entries]
+    members = [Member(exported.load(folder), weight, tta, anchor) for folder, weight, anchor in entries]
     return Reading(members, fusion, fusion_iou, threshold, ensemble_dir)
 
 
@@ -388,8 +431,8 @@ def save_threshold(reading: Reading, changes: dict, ensemble_dir: str | None = N
     path = os.path.join(folder, ENSEMBLE_FILE)
     saved = _read_ensemble_file(folder) if os.path.isfile(path) and folder == reading.ensemble_dir else {}
     os.makedirs(folder, exist_ok=True)
-    members = [{"model_dir": os.path.relpath(os.path.abspath(model_dir), os.path.abspath(folder)), "weight": weight}
-               for model_dir, weight in zip(reading.model_dirs, reading.weights)]
-    write_json_atomic(path, {**saved, **changes, "members": members, "tta": reading.tta,
-                             "fusion": reading.fusion, "fusion_iou": reading.fusion_iou})
+    members = [{"model_dir": os.path.relpath(os.path.abspath(member.model.model_dir), os.path.abspath(folder)),
+                "weight": member.weight, "anchor": member.anchor} for member in reading.members]
+    write_json_atomic(path, {**saved, **changes, "members": members, "tta": reading.tta, "fusion": reading.fusion,
+                             "fusion_iou": reading.fusion_iou, "score_alignment": reading.score_alignment})
     return folder
