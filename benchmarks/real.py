@@ -74,9 +74,9 @@ class RealConfig:
                                      "--help): threshold reads each model at its own threshold; none fuses raw "
                                      "scores.", choices=ALIGNMENTS)
     quick: bool = option(False, "One fold, two epochs per model: the whole path in a few minutes, numbers meaningless.")
-    deterministic: bool = option(True, "TensorFlow's op determinism. Reruns still differ: the parallel converter "
-                                 "may write the patients in another shard order, and training then sees another "
-                                 "data order (a fold moved by up to 0.03 between two runs).")
+    deterministic: bool = option(True, "TensorFlow's op determinism. Reruns still differ: a fold moved by up to "
+                                 "0.03 between two runs of this script (retinanet's folds did not move; the source "
+                                 "is not pinned down).")
 
     def validate(self) -> None:
         cli.check_constraints(self)
