@@ -123,6 +123,11 @@ class ExportedModel:
         """The decision threshold evaluation saved (0.5 until it has)."""
         return float(self.info["threshold"])
 
+    @property
+    def threshold_chosen(self) -> bool:
+        """Whether evaluation has saved a threshold (python -m pneumo_tf.evaluate records the split it chose it on)."""
+        return "threshold_split" in self.info
+
     def conversion_options(self, image_size: int | None = None) -> ConvertOptions:
         """How to convert source files for this model: as its training records were (pneumo_tf.json
         "conversion"), so its inputs get their pixels exactly, unless `image_size` says otherwise."""

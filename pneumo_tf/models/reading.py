@@ -384,7 +384,7 @@ def load(model_dir: str, config: ReadingConfig = ReadingConfig()) -> Reading:
     tta = config.tta or "none"
     anchors = [None] * len(models)
     if (config.score_alignment or "none") == "threshold":
-        unevaluated = [model.model_dir for model in models if "threshold_split" not in model.info]
+        unevaluated = [model.model_dir for model in models if not model.threshold_chosen]
         if unevaluated:
             raise UserError(f"--score_alignment=threshold reads each model's own saved threshold, and "
                             f"{unevaluated[0]} has none yet: run python -m pneumo_tf.evaluate --model_dir on it first")
