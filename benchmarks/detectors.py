@@ -53,9 +53,11 @@ class DetectorsConfig:
     models: tuple[str, ...] = option(("mask_resnet", "retinanet", "mask_rcnn"), "Models to compare.",
                                      choices=models_lib.NAMES)
     seed: int = option(0, "Seed of the data and of every training.")
-    difficulty: str = option("hard", "The synthetic setting (python -m pneumo_tf.synthesise --help): hard, or faint "
-                             "(opacities as faint as the ribs, where side inputs have room to help); the target "
-                             "below is the hard setting's.", choices=("hard", "faint"))
+    difficulty: str = option("hard", "The synthetic setting (python -m pneumo_tf.synthesise --help): hard; faint "
+                             "(opacities as faint as the ribs); or lookalike (hard, and every 'Not Normal' picture "
+                             "also holds unlabelled opacities drawn as labelled ones, so only side inputs such as "
+                             "the view can tell them apart). The target below is the hard setting's.",
+                             choices=("hard", "faint", "lookalike"))
     opacity_view_ratio: float = option(1.0, "How many times as frequent opacities are on AP films as on PA films in "
                                        "the synthetic data (RSNA: about 4); 1: the view says nothing (see python -m "
                                        "pneumo_tf.synthesise --help).", exclusive_minimum=0.0)

@@ -856,7 +856,7 @@ def test_hard_synthetic_setting_keeps_the_labels_and_changes_only_the_pictures(t
     # Opacities lose at least the 70 - 24 grey levels of contrast (more where they are patchy).
     assert len(lifted) >= 8 and min(lifted) > 25
     assert 5 <= nodules <= sum(not entry.boxes for entry in labels.values()) - 5
-    # The faint setting is the hard one with opacities of 10 grey levels instead of 24: the same labels,
+    # The faint setting is the hard one with opacities of 16 grey levels instead of 24: the same labels,
     # the same pictures where there is no opacity (nodules included), fainter ones where there is.
     faint = synthetic.write_dataset(str(tmp_path / "faint"), synthetic.SyntheticConfig(
         40, seed=5, image_size=128, difficulty="faint"), workers=1)
@@ -871,6 +871,33 @@ def test_hard_synthetic_setting_keeps_the_labels_and_changes_only_the_pictures(t
             inside = (slice(y + h // 4, y + 3 * h // 4), slice(x + w // 4, x + 3 * w // 4))
             dimmed.append((pixels["hard"][inside] - pixels["faint"][inside]).mean())
     assert len(dimmed) == len(lifted) and 2 < min(dimmed) and max(dimmed) < 8 * 1.1 + 1  # the film's gain: 0.9-1.1
+
+
+def test_lookalike_setting_adds_unlabelled_opacities_to_the_not_normal_pictures_only(tmp_path):
+    hard = synthetic.write_dataset(str(tmp_path / "hard"), synthetic.SyntheticConfig(
+        40, seed=5, image_size=128, difficulty="hard"), workers=1)
+    lookalike = synthetic.write_dataset(str(tmp_path / "lookalike"), synthetic.SyntheticConfig(
+        40, seed=5, image_size=128, difficulty="lookalike"), workers=1)
+    for key in ("train_labels", "detailed_class_info"):
+        assert open(lookalike[key]).read() == open(hard[key]).read()
+    labels = labels_lib.read_labels(hard["train_labels"], hard["detailed_class_info"])
+    not_normal = 0
+    for image_id, entry in labels.items():
+        pixels = {name: pydicom.dcmread(os.path.join(paths["train_dir"], f"{image_id}.dcm")).pixel_array.astype(float)
+                  for name, paths in (("hard", hard), ("lookalike", lookalike))}
+        if entry.label_class != schema.NOT_NORMAL:
+            np.testing.assert_array_equal(pixels["lookalike"], pixels["hard"])
+            continue
+        # The same picture plus opacities of the hard setting's 24 grey levels (times the film's gain
+        # of 0.9-1.1, patchy down to 20%; a third box may overlap the first) inside the lung fields'
+        # rows; the rest differs by JPEG's rounding only.
+        not_normal += 1
+        added = pixels["lookalike"] - pixels["hard"]
+        rows = np.nonzero((added > 8).sum(axis=1) > 3)[0]
+        assert (added > 8).sum() > 100 and added.max() < 2 * 24 * 1.1 + 6
+        assert 0.05 * 128 <= rows.min() and rows.max() <= 0.95 * 128
+        assert np.abs(added[added <= 8]).mean() < 3
+    assert not_normal == sum(entry.label_class == schema.NOT_NORMAL for entry in labels.values()) >= 8
 
 
 def test_shards_and_their_folder_reach_the_disk_around_the_rename(synthetic_rsna, tmp_path, monkeypatch):

@@ -40,6 +40,7 @@ BOX_KEYS = (XMIN, YMIN, XMAX, YMAX)
 # label/class values; -1 marks an unlabeled (test) image for both target and class.
 CLASS_NAMES = ("Normal", "No Lung Opacity / Not Normal", "Lung Opacity")
 LUNG_OPACITY = CLASS_NAMES.index("Lung Opacity")  # the class of every image with a box (target 1)
+NOT_NORMAL = CLASS_NAMES.index("No Lung Opacity / Not Normal")  # abnormal, but no opacity (look-alikes)
 UNLABELED = -1
 
 SPLITS = ("train", "val", "test")

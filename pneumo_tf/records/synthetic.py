@@ -16,7 +16,11 @@ images without opacity hold one to three small, sharp, round nodules that are NO
 labelled, so a detector must learn what an opacity looks like rather than "anything
 bright". `--difficulty=faint` is hard with opacities of 16 grey levels, about the ribs'
 amplitude: the image alone leaves many decisions uncertain, so side inputs (the view) have
-room to help.
+room to help. `--difficulty=lookalike` is the hard setting's data where every "No Lung Opacity /
+Not Normal" picture also holds one to three opacities drawn exactly as labelled ones but NOT
+labelled, as the challenge's look-alikes: no picture tells them apart, so the image alone
+cannot decide and only side inputs can (with `--opacity_view_ratio`, the view says how likely an
+opacity is to be labelled). Its labels and its other pictures are the hard setting's.
 
     python -m pneumo_tf.synthesise --output_dir=/tmp/rsna --num_images=200
 
@@ -57,7 +61,7 @@ GENERATOR = "pneumo_tf.records.synthetic"
 # RSNA's shares: 33% Normal, 44% No Lung Opacity / Not Normal, 23% Lung Opacity.
 CLASS_SHARES = (0.33, 0.44, 0.23)
 # Peak brightness added by an opacity, in grey levels (ribs add 14, noise has sigma 6).
-OPACITY_CONTRAST = {"easy": 70.0, "hard": 24.0, "faint": 16.0}
+OPACITY_CONTRAST = {"easy": 70.0, "hard": 24.0, "faint": 16.0, "lookalike": 24.0}
 NODULE_CONTRAST = 60.0
 # Share of AP films (RSNA's: about 47%); the rest are PA.
 AP_SHARE = 0.47
@@ -71,7 +75,8 @@ class SyntheticConfig:
     image_size: int = cli.option(1024, "Width and height of the radiographs in pixels.")
     difficulty: str = cli.option("easy", "easy: clear opacities; hard: subtle opacities plus unlabelled sharp "
                                  "nodules in images without opacity (for comparing models); faint: hard with "
-                                 "opacities as faint as the ribs.",
+                                 "opacities as faint as the ribs; lookalike: hard, and every 'Not Normal' "
+                                 "picture also holds unlabelled opacities drawn as labelled ones.",
                                  choices=tuple(OPACITY_CONTRAST))
     opacity_view_ratio: float = cli.option(
         1.0, "How many times as frequent opacities are on AP films as on PA films (RSNA: about 4); the share of AP "
@@ -116,9 +121,27 @@ def sample_boxes(rng: np.random.Generator, size: int) -> list[tuple[int, int, in
     return boxes
 
 
-def make_radiograph(rng: np.random.Generator, boxes, size: int = 1024, difficulty: str = "easy") -> np.ndarray:
-    """A chest-like uint8 picture of size x size with an opacity in each (x, y, w, h) box
-    (see the module docstring for `difficulty`)."""
+def _opacity(rng: np.random.Generator, u, v, box, size: int, difficulty: str) -> np.ndarray:
+    """The brightness an opacity in the (x, y, w, h) pixel box adds, float32 [size, size]: a flat-topped
+    bump that fills the box and fades at its edges; patchy unless `difficulty` is easy."""
+    x, y, w, h = box
+    du = (u - (x + w / 2) / size) / (w / 2 / size)
+    dv = (v - (y + h / 2) / size) / (h / 2 / size)
+    bump = np.exp(-(du**4 + dv**4) * 1.5)
+    if difficulty != "easy":
+        # Patchy, as consolidation is: brightness varies smoothly from 20% to 100% across
+        # the box, so the opacity's visible extent is not the box's.
+        waves = sum(np.sin(rng.uniform(2, 5) * du * np.cos(a) + rng.uniform(2, 5) * dv * np.sin(a)
+                           + rng.uniform(0, 6.3)) for a in rng.uniform(0, np.pi, 3))
+        bump = bump * (0.6 + 0.4 * np.clip(waves / 1.5, -1.0, 1.0))
+    return OPACITY_CONTRAST[difficulty] * bump
+
+
+def make_radiograph(rng: np.random.Generator, boxes, size: int = 1024, difficulty: str = "easy",
+                    lookalikes=(), lookalike_rng: np.random.Generator | None = None) -> np.ndarray:
+    """A chest-like uint8 picture of size x size with an opacity in each (x, y, w, h) box (see the
+    module docstring for `difficulty`), and one drawn alike in each box of `lookalikes` (unlabelled)
+    from `lookalike_rng`, so that the picture is otherwise the one drawn without them."""
     axis = (np.arange(size, dtype=np.float32) + 0.5) / size
     u, v = axis[None, :], axis[:, None]
     shift_u, shift_v = rng.uniform(-0.02, 0.02, size=2)
@@ -132,18 +155,10 @@ def make_radiograph(rng: np.random.Generator, boxes, size: int = 1024, difficult
     ribs = np.maximum(0.0, np.sin(v * 45.0 + 8.0 * (u - 0.5) ** 2 + rng.uniform(0, 6.3)))
     image += 14.0 * ribs * lungs
     image += 45.0 * (np.abs(u - 0.5 - shift_u) < 0.045) * (v > 0.12)  # spine
-    for x, y, w, h in boxes:
-        # A flat-topped bump that fills the box and fades at its edges.
-        du = (u - (x + w / 2) / size) / (w / 2 / size)
-        dv = (v - (y + h / 2) / size) / (h / 2 / size)
-        bump = np.exp(-(du**4 + dv**4) * 1.5)
-        if difficulty != "easy":
-            # Patchy, as consolidation is: brightness varies smoothly from 20% to 100% across
-            # the box, so the opacity's visible extent is not the box's.
-            waves = sum(np.sin(rng.uniform(2, 5) * du * np.cos(a) + rng.uniform(2, 5) * dv * np.sin(a)
-                               + rng.uniform(0, 6.3)) for a in rng.uniform(0, np.pi, 3))
-            bump = bump * (0.6 + 0.4 * np.clip(waves / 1.5, -1.0, 1.0))
-        image += OPACITY_CONTRAST[difficulty] * bump
+    for box in boxes:
+        image += _opacity(rng, u, v, box, size, difficulty)
+    for box in lookalikes:
+        image += _opacity(lookalike_rng, u, v, box, size, difficulty)
     if difficulty != "easy" and not boxes and rng.random() < 0.5:
         for _ in range(rng.integers(1, 4)):
             # A small round nodule with a sharp edge, anywhere in a lung field; never labelled.
@@ -185,10 +200,10 @@ def encode_dicom(pixels: np.ndarray, patient_id: str, view: str, age: int, sex: 
 
 
 def _write_one(job) -> None:
-    path, patient_id, boxes, seed, size, difficulty, ap_probability = job
+    path, patient_id, boxes, lookalikes, seed, size, difficulty, ap_probability = job
     dicom.quiet_pydicom()
     rng = np.random.default_rng(seed)
-    pixels = make_radiograph(rng, boxes, size, difficulty)
+    pixels = make_radiograph(rng, boxes, size, difficulty, lookalikes, np.random.default_rng([seed, 1]))
     view = "AP" if rng.random() < ap_probability else "PA"
     ds = encode_dicom(pixels, patient_id, view, int(rng.integers(18, 90)), "M" if rng.random() < 0.57 else "F")
     tmp = f"{path}.tmp"
@@ -204,6 +219,8 @@ def write_dataset(output_dir: str, config: SyntheticConfig = SyntheticConfig(), 
     """
     num_images, num_test_images, image_size = config.num_images, config.num_test_images, config.image_size
     rng = np.random.default_rng(config.seed)
+    # Its own stream, so that the look-alikes leave every label and every other picture as they were.
+    lookalike_rng = np.random.default_rng([config.seed, 1])
     train_dir, test_dir = os.path.join(output_dir, TRAIN_DIR), os.path.join(output_dir, TEST_DIR)
     os.makedirs(train_dir, exist_ok=True)
     if num_test_images:
@@ -214,18 +231,20 @@ def write_dataset(output_dir: str, config: SyntheticConfig = SyntheticConfig(), 
         patient_id = str(uuid.UUID(bytes=rng.bytes(16), version=4))
         job_seed = int(rng.integers(2**32))
         if index >= num_images:
-            jobs.append((os.path.join(test_dir, f"{patient_id}.dcm"), patient_id, [], job_seed, image_size,
+            jobs.append((os.path.join(test_dir, f"{patient_id}.dcm"), patient_id, [], [], job_seed, image_size,
                          config.difficulty, AP_SHARE))
             continue
         label_class = int(rng.choice(3, p=CLASS_SHARES))
         boxes = sample_boxes(rng, image_size) if label_class == schema.LUNG_OPACITY else []
+        lookalikes = (sample_boxes(lookalike_rng, image_size)
+                      if config.difficulty == "lookalike" and label_class == schema.NOT_NORMAL else [])
         for box in boxes or [None]:
             coords = [f"{float(c):.1f}" for c in box] if box else ["", "", "", ""]
             label_rows.append([patient_id, *coords, int(bool(boxes))])
             class_rows.append([patient_id, schema.CLASS_NAMES[label_class]])
         ap_probability = AP_SHARE if config.opacity_view_ratio == 1.0 else ap_with if boxes else ap_without
-        jobs.append((os.path.join(train_dir, f"{patient_id}.dcm"), patient_id, boxes, job_seed, image_size,
-                     config.difficulty, ap_probability))
+        jobs.append((os.path.join(train_dir, f"{patient_id}.dcm"), patient_id, boxes, lookalikes, job_seed,
+                     image_size, config.difficulty, ap_probability))
 
     _run_jobs(_write_one, jobs, workers, progress)
     # Before the labels: labels without their marker would be taken for real ones.
