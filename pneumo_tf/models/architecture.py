@@ -100,7 +100,9 @@ class ModelOptions:
     metadata: tuple[str, ...] = cli.option(
         (), "Header facts the network takes as a side input, comma separated: any of view, sex, age "
         "(pneumo_tf.data.metadata; unknown values, e.g. of PNG/JPEG files without a metadata CSV, have their own "
-        "encoding). Empty: the image only.", choices=metadata_lib.FIELDS)
+        "encoding). Empty: the image only. Box models read it through their image head (image_head=binary): "
+        "without one it only shifts each image's opacity logits, and that shift did not learn the view on "
+        "synthetic look-alikes (benchmarks/README.md).", choices=metadata_lib.FIELDS)
 
     def __post_init__(self):
         hints = typing.get_type_hints(type(self))
