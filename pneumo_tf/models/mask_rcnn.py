@@ -247,9 +247,11 @@ PRESETS = {
         train={"learning_rate": 1e-3}),
     "real": Preset(
         "The recipe for real radiographs on a CPU budget (benchmarks/real.py): the demo's network, 24 passes at "
-        "128 px with the decoded images cached, Adam 1e-3 after a 50-step warm-up.",
+        "128 px with the decoded images cached, 40% of each batch positive (positive_fraction 0.4: val mAP up on "
+        "each of the 5 folds, fold mean 0.132 -> 0.152 on the 3 the recipe was chosen on), Adam 1e-3 after a 50-step "
+        "warm-up.",
         model_options=_SMALL,
-        train={"learning_rate": 1e-3, "warmup_steps": 50, **REAL_DATA_TRAINING}),
+        train={"learning_rate": 1e-3, "warmup_steps": 50, "positive_fraction": 0.4, **REAL_DATA_TRAINING}),
 }
 
 
