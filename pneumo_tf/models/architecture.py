@@ -147,8 +147,9 @@ class BoxModelOptions(ModelOptions):
 
 
 # The training the box models' "real" presets share (benchmarks/real.py measured them): 24 passes over
-# the training split at 128 px, the decoded images cached after the first (8 x 128^2 bytes an image).
-REAL_DATA_TRAINING = {"image_size": 128, "epochs": 24, "cache": True}
+# the training split at 128 px, the decoded images cached after the first (8 x 128^2 bytes an image),
+# batches 40% positive (25% of the real images are): that raised every model on every real fold measured.
+REAL_DATA_TRAINING = {"image_size": 128, "epochs": 24, "cache": True, "positive_fraction": 0.4}
 
 
 @dataclasses.dataclass(frozen=True)

@@ -49,7 +49,8 @@ PRESETS = {
     "real": architecture.Preset(
         "The recipe for real radiographs on a CPU budget (benchmarks/real.py): twice the demo's channels and one "
         "more level (16 to 256 channels, an 8 x 8 bottleneck at 128 px), 24 passes at 128 px with the decoded "
-        "images cached (about 8 x 128^2 bytes an image: fine for thousands, not for the full 26,684); Adam 2e-3.",
+        "images cached (about 8 x 128^2 bytes an image: fine for thousands, not for the full 26,684), 40% of each "
+        "batch positive (positive_fraction 0.4: val mAP up on every real fold measured); Adam 2e-3.",
         model_options={"channels": 16, "n_blocks": 1, "depth": 4, "upsampling": "bilinear"},
         train={"learning_rate": 2e-3, **architecture.REAL_DATA_TRAINING}),
 }
